@@ -1,0 +1,225 @@
+"""The ``ferry`` command line: a thin adapter over the core."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ferry.config import Settings, load_settings
+from ferry.deploy import DeployReport, Ferry, deploy
+from ferry.errors import FerryError
+from ferry.repository import ModelDir
+from ferry.runtime import server
+from ferry.state import read_current, read_history
+from ferry.status import list_models, model_status
+
+app = typer.Typer(help="Move model versions from the MLflow Model Registry into Triton, safely.", no_args_is_help=True)
+triton_app = typer.Typer(help="The local Triton server (from the nvidia-pytriton wheel).", no_args_is_help=True)
+app.add_typer(triton_app, name="triton")
+# Piped output (CI logs, scripts) is not squeezed into 80 columns.
+_WIDTH = None if sys.stdout.isatty() else 200
+out = Console(soft_wrap=True, width=_WIDTH)
+err = Console(stderr=True, soft_wrap=True, width=_WIDTH)
+
+EXIT_FAILED = 1  # the deploy ran and was rolled back
+EXIT_REJECTED = 2  # bad input or an unreachable dependency: nothing was changed
+
+JsonOption = typer.Option(False, "--json", help="Print one JSON document instead of text.")
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except FerryError as error:
+        _fail(error)
+
+
+def _fail(error: FerryError, code: int = EXIT_REJECTED) -> None:
+    err.print(f"[red]error:[/red] {error.message}", highlight=False)
+    if error.hint:
+        err.print(f"  hint: {error.hint}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _print_json(data: object) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _show_step(step: str, status: str, seconds: float, detail: str) -> None:
+    if status == "start":
+        return
+    mark = "[green]✓[/green]" if status == "ok" else "[red]✗[/red]"
+    out.print(f"  {mark} {step:<12} {seconds:7.3f} s  {detail}", highlight=False)
+
+
+def _finish(report: DeployReport, as_json: bool) -> None:
+    if as_json:
+        _print_json(report.model_dump(mode="json"))
+    elif report.outcome == "committed":
+        out.print(f"[green]committed[/green] {report.model} v{report.version} "
+                  f"(was {f'v{report.previous_version}' if report.previous_version else 'nothing'}) "
+                  f"in {sum(report.steps.values()):.2f} s")
+    elif report.outcome == "noop":
+        out.print(f"{report.model}: v{report.version} is already active, nothing to do")
+    for warning in report.warnings if not as_json and report.outcome != "noop" else []:
+        err.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
+    if report.outcome == "rolled_back":
+        rollback = report.rollback
+        state = "previous state restored" if rollback and rollback.verified else "ROLLBACK NOT VERIFIED"
+        err.print(f"[red]failed at {report.failed_step}:[/red] {report.error} ({state}; "
+                  f"quarantined: {', '.join(rollback.quarantined) if rollback and rollback.quarantined else 'nothing'})",
+                  highlight=False)
+        for problem in rollback.problems if rollback else []:
+            err.print(f"  rollback problem: {problem}", highlight=False)
+        raise typer.Exit(EXIT_FAILED)
+    if report.outcome == "rejected":
+        _fail(FerryError(report.error or "rejected", report.hint or ""))
+
+
+def _run_deploy(model: str, alias: Optional[str], version: Optional[int], as_json: bool) -> None:
+    ferry = Ferry(_settings())
+    try:
+        report = deploy(ferry, model, alias=alias, version=version, on_event=None if as_json else _show_step)
+    except FerryError as error:
+        _fail(error)
+    _finish(report, as_json)
+
+
+@app.command("deploy")
+def deploy_command(
+    model: str = typer.Argument(..., help="Registered model name (also the Triton model name)."),
+    alias: str = typer.Option(..., "--alias", "-a", help="MLflow alias naming the version to deploy."),
+    as_json: bool = JsonOption,
+) -> None:
+    """Deploy the version an MLflow alias points at: load, ready, smoke, then commit or roll back."""
+    _run_deploy(model, alias, None, as_json)
+
+
+@app.command("rollback")
+def rollback_command(
+    model: str = typer.Argument(...),
+    to: Optional[int] = typer.Option(None, "--to", help="Version to go back to (default: the previous one)."),
+    as_json: bool = JsonOption,
+) -> None:
+    """Go back to an earlier good version, through the same validation chain."""
+    settings = _settings()
+    if to is None:
+        try:
+            current = read_current(ModelDir(settings.repository, model))
+        except FerryError as error:
+            _fail(error)
+        if current is None or current.previous_version is None:
+            _fail(FerryError(f"'{model}' has no previous version recorded in current.json", "give one with --to VERSION"))
+        to = current.previous_version
+    _run_deploy(model, None, to, as_json)
+
+
+@app.command("status")
+def status_command(model: Optional[str] = typer.Argument(None), as_json: bool = JsonOption) -> None:
+    """The committed version (current.json), the versions Triton serves, and any drift between them."""
+    settings = _settings()
+    ferry = Ferry(settings)
+    try:
+        models = [ModelDir(settings.repository, model).model] if model else list_models(settings.repository)
+    except FerryError as error:
+        _fail(error)
+    reports = [model_status(settings.repository, ferry.triton, name) for name in models]
+    if as_json:
+        _print_json([r.model_dump(mode="json") for r in reports])
+    else:
+        _print_status_table(reports, settings)
+    if any(r.drift or r.current_error or r.triton_error for r in reports):
+        raise typer.Exit(EXIT_FAILED)
+
+
+def _print_status_table(reports: list, settings: Settings) -> None:
+    if not reports:
+        out.print(f"no models in {settings.repository}")
+        return
+    table = Table("model", "active", "alias", "run", "updated (UTC)", "Triton serves", "drift", "quarantined")
+    for r in reports:
+        current = r.current
+        serving = r.triton_error and "[red]unreachable[/red]" or ", ".join(f"v{v}" for v in r.serving) or "nothing"
+        table.add_row(
+            r.model,
+            f"v{current.active_version}" if current else (r.current_error and "[red]unreadable[/red]" or "none"),
+            current.alias or "-" if current else "-",
+            current.run_id[:8] if current else "-",
+            current.updated_at_utc if current else "-",
+            serving,
+            f"[red]{r.drift}[/red]" if r.drift else "none",
+            str(len(r.quarantined)),
+        )
+    out.print(table)
+    for r in reports:
+        for problem in (r.current_error, r.triton_error):
+            if problem:
+                err.print(f"[red]{r.model}:[/red] {problem}", highlight=False)
+
+
+@app.command("history")
+def history_command(
+    model: str = typer.Argument(...),
+    limit: int = typer.Option(20, "--limit", "-n", help="How many of the latest attempts to show."),
+    as_json: bool = JsonOption,
+) -> None:
+    """Every deploy attempt of a model: who, when, what, the step timings and the outcome."""
+    settings = _settings()
+    try:
+        records = read_history(ModelDir(settings.repository, model), limit)
+    except FerryError as error:
+        _fail(error)
+    if as_json:
+        _print_json(records)
+        return
+    table = Table("started (UTC)", "who", "target", "version", "outcome", "failed step", "seconds", "error")
+    for r in records:
+        colour = {"committed": "green", "noop": "dim", "rolled_back": "red", "rejected": "yellow"}.get(r["outcome"], "")
+        table.add_row(
+            r.get("started_at_utc", ""), r.get("who", ""), r.get("target", ""),
+            f"v{r['version']}" if r.get("version") else "-", f"[{colour}]{r['outcome']}[/{colour}]",
+            r.get("failed_step") or "-", f"{sum(r.get('steps', {}).values()):.2f}", (r.get("error") or "")[:80],
+        )
+    out.print(table)
+
+
+@triton_app.command("up")
+def triton_up(as_json: bool = JsonOption) -> None:
+    """Start tritonserver (explicit model control, loopback) and wait until it is ready."""
+    settings = _settings()
+    try:
+        state = server.up(settings)
+    except FerryError as error:
+        _fail(error)
+    if as_json:
+        _print_json(state.as_dict())
+    else:
+        out.print(f"Triton ready at {state.url} (pid {state.pid}, metrics {state.metrics_url}, log {state.log})")
+
+
+@triton_app.command("down")
+def triton_down() -> None:
+    """Stop the tritonserver that `ferry triton up` started."""
+    stopped = server.down(_settings())
+    out.print("Triton stopped" if stopped else "Triton was not running")
+
+
+@triton_app.command("status")
+def triton_status(as_json: bool = JsonOption) -> None:
+    """Whether the local tritonserver runs and is ready."""
+    state = server.status(_settings())
+    if as_json:
+        _print_json(state.as_dict())
+    else:
+        out.print(f"running: {state.running}  ready: {state.ready}  pid: {state.pid}  url: {state.url}  log: {state.log}")
+    if not state.ready:
+        raise typer.Exit(EXIT_FAILED)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,97 @@
+"""Settings: embedded defaults, overridden by a TOML file (FERRY_CONFIG) and then by FERRY_* variables."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from ferry.errors import FerryError
+
+RUNTIMES = ("python", "onnxruntime")
+
+
+def default_home() -> Path:
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "ferry"
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    repository: Path
+    tracking_uri: str
+    triton_url: str = "http://127.0.0.1:8000"
+    triton_grpc_port: int = 0
+    triton_metrics_port: int = 0
+    runtime: str = "python"
+    python_runner: Path | None = None
+    triton_timeout_s: float = 10.0
+    load_timeout_s: float = 120.0
+    ready_timeout_s: float = 30.0
+    max_artifact_mb: float = 1024.0
+    lock_wait_s: float = 0.0
+    rtol: float = 1e-4
+    atol: float = 1e-5
+
+    @property
+    def triton_http_port(self) -> int:
+        return int(self.triton_url.rsplit(":", 1)[1].split("/")[0])
+
+    @property
+    def max_artifact_bytes(self) -> int:
+        return int(self.max_artifact_mb * 1024 * 1024)
+
+    @property
+    def triton_dir(self) -> Path:
+        """Where `ferry triton up` keeps the server's pid file, log and backend directory."""
+        return self.home / "triton"
+
+    def with_overrides(self, **changes: Any) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+
+# FERRY_<NAME> variables and TOML keys map onto these fields.
+_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+
+
+def _coerce(name: str, raw: Any) -> Any:
+    kind = _FIELDS[name].type
+    try:
+        if "Path" in str(kind):
+            return Path(str(raw)).expanduser()
+        if kind == "float":
+            return float(raw)
+        if kind == "int":
+            return int(raw)
+        return str(raw)
+    except ValueError:
+        raise FerryError(f"setting {name} = {raw!r} is not a valid {kind}", "fix the FERRY_* variable or config file")
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    config_file = env.get("FERRY_CONFIG")
+    if config_file:
+        try:
+            values.update(tomllib.loads(Path(config_file).read_text()).get("ferry", {}))
+        except (OSError, tomllib.TOMLDecodeError) as error:
+            raise FerryError(f"cannot read config file {config_file}: {error}", "fix or unset FERRY_CONFIG")
+    for name in _FIELDS:
+        if f"FERRY_{name.upper()}" in env:
+            values[name] = env[f"FERRY_{name.upper()}"]
+    unknown = set(values) - set(_FIELDS)
+    if unknown:
+        raise FerryError(f"unknown settings {sorted(unknown)}", f"known settings: {sorted(_FIELDS)}")
+    typed = {name: _coerce(name, raw) for name, raw in values.items()}
+    home = typed.pop("home", None) or default_home()
+    typed.setdefault("repository", home / "repository")
+    typed.setdefault("tracking_uri", env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}")
+    settings = Settings(home=home, **typed)
+    if settings.runtime not in RUNTIMES:
+        raise FerryError(f"unknown runtime {settings.runtime!r}", f"set FERRY_RUNTIME to one of {RUNTIMES}")
+    return settings

@@ -1,0 +1,524 @@
+"""The deploy transaction: snapshot -> materialize -> load -> ready -> smoke -> commit, or rollback.
+
+Each step is a plain function over JSON-able records, so the CLI's :func:`deploy` and
+the Airflow DAG's tasks run exactly the same code. A step that fails raises
+:class:`StepFailed`; :func:`rollback` then puts back the state the snapshot recorded.
+"""
+
+from __future__ import annotations
+
+import getpass
+import importlib.resources
+import json
+import shutil
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Callable
+
+import onnx
+from filelock import FileLock, Timeout
+from pydantic import BaseModel
+
+from ferry.config import Settings
+from ferry.errors import FerryError, LockBusy, StepFailed
+from ferry.fsutil import atomic_write, sha256_file
+from ferry.model_config import (
+    build_config,
+    config_signature,
+    from_pbtxt,
+    onnx_signature,
+    signature_mismatches,
+    to_override_json,
+    to_pbtxt,
+    with_versions,
+)
+from ferry.registry import Registry, VersionRef
+from ferry.repository import MANIFEST, ModelDir, check_name
+from ferry.runtime.stubs import stop_stubs_of
+from ferry.smoke import SMOKE_FILE, load_sample, output_problems, synthetic_sample
+from ferry.state import CurrentState, append_history, read_current, restore_current, utc_stamp, write_current
+from ferry.triton import Triton, TritonError, TritonTimeout
+
+STEPS = ("snapshot", "materialize", "load", "ready", "smoke", "commit")
+
+
+@dataclass
+class Ferry:
+    """The services a deploy talks to, built from settings."""
+
+    settings: Settings
+
+    @cached_property
+    def triton(self) -> Triton:
+        s = self.settings
+        return Triton(s.triton_url, timeout_s=s.triton_timeout_s, load_timeout_s=s.load_timeout_s)
+
+    @cached_property
+    def registry(self) -> Registry:
+        return Registry(self.settings.tracking_uri)
+
+    def model_dir(self, model: str) -> ModelDir:
+        return ModelDir(self.settings.repository, model)
+
+
+class Snapshot(BaseModel):
+    model: str
+    deploy_id: str
+    started_at_utc: str
+    current: CurrentState | None
+    config_text: str | None
+    triton_ready: list[int]
+
+    @property
+    def active_version(self) -> int | None:
+        return self.current.active_version if self.current else None
+
+
+class Candidate(BaseModel):
+    model: str
+    version: int
+    run_id: str
+    alias: str | None
+    sha256: str
+    size_bytes: int
+    config_pbtxt: str  # the model's config (without version policy) the candidate runs under
+    already_active: bool = False
+    reused: bool = False  # the version directory was staged by an earlier deploy and verified again
+
+
+class RollbackReport(BaseModel):
+    actions: list[str]
+    quarantined: list[str]
+    verified: bool
+    serving: list[int]
+    problems: list[str]
+
+
+class DeployReport(BaseModel):
+    deploy_id: str
+    model: str
+    kind: str  # "deploy" (from an alias) or "rollback" (to a version)
+    target: str
+    outcome: str  # committed | noop | rolled_back | rejected
+    version: int | None = None
+    previous_version: int | None = None
+    run_id: str | None = None
+    failed_step: str | None = None
+    error: str | None = None
+    hint: str | None = None
+    steps: dict[str, float] = {}
+    rollback: RollbackReport | None = None
+    current: CurrentState | None = None
+    warnings: list[str] = []
+    who: str = ""
+    started_at_utc: str = ""
+    finished_at_utc: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome in ("committed", "noop")
+
+
+def _step_failure(step: str, error: Exception) -> StepFailed:
+    if isinstance(error, StepFailed):
+        return error
+    if isinstance(error, FerryError):
+        return StepFailed(step, error.message, error.hint)
+    return StepFailed(step, f"unexpected {type(error).__name__}: {error}", "this is a bug in ferry; the history has the details")
+
+
+# ---------------------------------------------------------------- snapshot
+
+
+def take_snapshot(ferry: Ferry, model: str) -> Snapshot:
+    """Record what is committed and what Triton serves. Raises FerryError if either cannot be read."""
+    model_dir = ferry.model_dir(model)
+    current = read_current(model_dir)
+    ready = ferry.triton.ready_versions(model)
+    return Snapshot(
+        model=model,
+        deploy_id=f"{utc_stamp()}-{uuid.uuid4().hex[:6]}",
+        started_at_utc=utc_stamp(),
+        current=current,
+        config_text=model_dir.read_config_text(),
+        triton_ready=ready,
+    )
+
+
+# ---------------------------------------------------------------- materialize
+
+
+def resolve(ferry: Ferry, model: str, alias: str | None, version: int | None) -> VersionRef:
+    if alias is not None:
+        return ferry.registry.resolve_alias(model, check_name("alias", alias))
+    if version is None:
+        raise FerryError("nothing to deploy: give an alias or a version")
+    return ferry.registry.get_version(model, version)
+
+
+def materialize(ferry: Ferry, snapshot: Snapshot, alias: str | None = None, version: int | None = None) -> Candidate:
+    """Resolve the target in MLflow and stage its files as ``<model>/<version>/``, verified.
+
+    A target that cannot be resolved raises FerryError (nothing was touched); a version that
+    cannot be staged raises StepFailed, with what was downloaded left for the rollback to quarantine.
+    """
+    ref = resolve(ferry, snapshot.model, alias, version)
+    model_dir = ferry.model_dir(snapshot.model)
+    if ref.version == snapshot.active_version:
+        return Candidate(
+            model=ref.model, version=ref.version, run_id=ref.run_id, alias=alias, sha256=snapshot.current.sha256,
+            size_bytes=0, config_pbtxt=snapshot.config_text or "", already_active=True,
+        )
+    try:
+        if model_dir.version_dir(ref.version).exists():
+            return _reuse(model_dir, ref, snapshot)
+        return _stage(ferry, model_dir, ref, snapshot)
+    except Exception as error:
+        failure = _step_failure("materialize", error)
+        failure.version = ref.version
+        raise failure from error
+
+
+def _model_config(snapshot: Snapshot, onnx_model: onnx.ModelProto, runtime: str):
+    """The config the candidate must run under: the model's existing one, else one built from the ONNX."""
+    if snapshot.config_text is not None:
+        return with_versions(from_pbtxt(snapshot.config_text), [])
+    return build_config(snapshot.model, onnx_signature(onnx_model), runtime)
+
+
+def _verify_onnx(path: Path, snapshot: Snapshot, runtime: str):
+    try:
+        onnx_model = onnx.load(str(path))
+        onnx.checker.check_model(onnx_model)
+    except Exception as error:
+        raise StepFailed("materialize", f"model.onnx is not a readable ONNX model: {error}".strip()[:500],
+                         "the registered artifact is damaged: log the model again")
+    config = _model_config(snapshot, onnx_model, runtime)
+    problems = signature_mismatches(onnx_signature(onnx_model), config_signature(config))
+    if problems:
+        raise StepFailed("materialize", "model.onnx does not match the model's config: " + "; ".join(problems),
+                         "a version must keep the model's inputs and outputs; a new signature needs a new model name")
+    return config
+
+
+def _stage(ferry: Ferry, model_dir: ModelDir, ref: VersionRef, snapshot: Snapshot) -> Candidate:
+    limit = ferry.settings.max_artifact_bytes
+    sizes = ferry.registry.artifact_sizes(ref)
+    if "model.onnx" not in sizes:
+        raise StepFailed("materialize", f"version {ref.version} has no model.onnx at {ref.artifact_uri}",
+                         "log the model with ferry.publish.log_onnx_model")
+    if sizes["model.onnx"] > limit:
+        raise StepFailed("materialize", f"model.onnx is {sizes['model.onnx']} bytes, over the limit of {limit}",
+                         "raise FERRY_MAX_ARTIFACT_MB if the model really is that large")
+    model_dir.ensure()
+    staging = model_dir.new_staging_dir(ref.version, snapshot.deploy_id)
+    onnx_path = ferry.registry.download(ref, "model.onnx", staging)
+    if SMOKE_FILE in sizes:
+        ferry.registry.download(ref, SMOKE_FILE, staging)
+    size = onnx_path.stat().st_size
+    if size > limit:
+        raise StepFailed("materialize", f"model.onnx is {size} bytes, over the limit of {limit}")
+    config = _verify_onnx(onnx_path, snapshot, ferry.settings.runtime)
+    if (staging / SMOKE_FILE).exists():
+        _check_sample(staging / SMOKE_FILE, config)
+    if ferry.settings.runtime == "python":
+        runner = ferry.settings.python_runner or importlib.resources.files("ferry.runtime") / "onnx_runner.py"
+        shutil.copyfile(str(runner), staging / "model.py")
+    digest = sha256_file(onnx_path)
+    manifest = {
+        "model": ref.model, "version": ref.version, "run_id": ref.run_id, "source": ref.source,
+        "sha256": digest, "size_bytes": size, "deploy_id": snapshot.deploy_id, "staged_at_utc": utc_stamp(),
+        "runtime": ferry.settings.runtime,
+    }
+    atomic_write(staging / MANIFEST, json.dumps(manifest, indent=1).encode())
+    model_dir.publish_version(staging, ref.version)
+    return Candidate(model=ref.model, version=ref.version, run_id=ref.run_id, alias=ref.alias, sha256=digest,
+                     size_bytes=size, config_pbtxt=to_pbtxt(config))
+
+
+def _check_sample(path: Path, config) -> None:
+    try:
+        sample = load_sample(path)
+    except ValueError as error:
+        raise StepFailed("materialize", str(error), "log the smoke sample again with ferry.publish.log_onnx_model")
+    wanted = {t.name for t in config_signature(config).inputs}
+    if set(sample.inputs) != wanted:
+        raise StepFailed("materialize", f"smoke.json gives inputs {sorted(sample.inputs)}, the model takes {sorted(wanted)}")
+
+
+def _reuse(model_dir: ModelDir, ref: VersionRef, snapshot: Snapshot) -> Candidate:
+    """A version directory already exists: use it only if ferry staged it from the same run, intact."""
+    folder = model_dir.version_dir(ref.version)
+    manifest = model_dir.read_manifest(ref.version)
+    hint = f"ferry did not stage it for this run: move {folder} out of the repository and deploy again"
+    if manifest is None or manifest.get("run_id") != ref.run_id:
+        raise FerryError(f"{folder} exists but holds no ferry manifest for run {ref.run_id}", hint)
+    if sha256_file(folder / "model.onnx") != manifest["sha256"]:
+        raise FerryError(f"{folder}/model.onnx changed since ferry staged it (sha256 differs)", hint)
+    onnx_model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    config = _model_config(snapshot, onnx_model, manifest.get("runtime", "python"))
+    return Candidate(model=ref.model, version=ref.version, run_id=ref.run_id, alias=ref.alias,
+                     sha256=manifest["sha256"], size_bytes=manifest["size_bytes"], config_pbtxt=to_pbtxt(config),
+                     reused=True)
+
+
+# ---------------------------------------------------------------- load, ready, smoke
+
+
+def load(ferry: Ferry, snapshot: Snapshot, candidate: Candidate) -> None:
+    """Load the candidate beside the active version: both serve, production still reaches only the active one."""
+    if candidate.already_active:
+        return
+    versions = [v for v in (snapshot.active_version, candidate.version) if v is not None]
+    config = with_versions(from_pbtxt(candidate.config_pbtxt), versions)
+    try:
+        ferry.triton.load(snapshot.model, to_override_json(config))
+    except TritonTimeout as error:
+        raise StepFailed("load", f"load of v{candidate.version} timed out: {error.message}",
+                         "a backend that cannot start hangs the load; see the Triton log") from error
+    except TritonError as error:
+        raise StepFailed("load", f"Triton could not load v{candidate.version}: {error.message}") from error
+
+
+def wait_ready(ferry: Ferry, snapshot: Snapshot, candidate: Candidate) -> None:
+    if candidate.already_active:
+        return
+    deadline = time.monotonic() + ferry.settings.ready_timeout_s
+    while True:
+        try:
+            if ferry.triton.version_ready(snapshot.model, candidate.version):
+                return
+        except TritonError as error:
+            raise StepFailed("ready", error.message) from error
+        if time.monotonic() > deadline:
+            states = {v.version: f"{v.state} {v.reason}".strip() for v in ferry.triton.versions(snapshot.model)}
+            raise StepFailed("ready", f"v{candidate.version} not ready after {ferry.settings.ready_timeout_s:g} s: "
+                             f"{states.get(candidate.version, 'unknown to Triton')}")
+        time.sleep(0.05)
+
+
+def smoke(ferry: Ferry, snapshot: Snapshot, candidate: Candidate) -> dict:
+    """Infer on the candidate version alone; check outputs against the config and the golden outputs."""
+    if candidate.already_active:
+        return {}
+    signature = config_signature(from_pbtxt(candidate.config_pbtxt))
+    sample_path = ferry.model_dir(snapshot.model).version_dir(candidate.version) / SMOKE_FILE
+    sample = load_sample(sample_path) if sample_path.exists() else synthetic_sample(signature)
+    datatypes = {t.name: t.datatype for t in signature.inputs}
+    try:
+        outputs = ferry.triton.infer(snapshot.model, candidate.version, sample.inputs, datatypes)
+    except TritonError as error:
+        raise StepFailed("smoke", f"inference on v{candidate.version} failed: {error.message}") from error
+    rtol = sample.rtol if sample.rtol is not None else ferry.settings.rtol
+    atol = sample.atol if sample.atol is not None else ferry.settings.atol
+    problems = output_problems(signature, outputs, sample.golden, rtol, atol)
+    if problems:
+        raise StepFailed("smoke", "; ".join(problems))
+    return {"golden": sample.golden is not None, "outputs": {name: list(v.shape) for name, v in outputs.items()}}
+
+
+# ---------------------------------------------------------------- commit
+
+
+def commit(ferry: Ferry, snapshot: Snapshot, candidate: Candidate) -> tuple[CurrentState, list[str]]:
+    """Write current.json (the commit point), then pin the config to the new version and retire the old one."""
+    model_dir = ferry.model_dir(snapshot.model)
+    if candidate.already_active:
+        return snapshot.current, []
+    state = CurrentState(
+        active_version=candidate.version, run_id=candidate.run_id, alias=candidate.alias,
+        updated_at_utc=utc_stamp(), model=snapshot.model, previous_version=snapshot.active_version,
+        sha256=candidate.sha256, deploy_id=snapshot.deploy_id,
+    )
+    try:
+        write_current(model_dir, state)
+    except OSError as error:
+        raise StepFailed("commit", f"cannot write {model_dir.current_path}: {error}") from error
+    config = with_versions(from_pbtxt(candidate.config_pbtxt), [candidate.version])
+    warnings = []
+    try:
+        model_dir.write_config(config)
+        ferry.triton.load(snapshot.model, to_override_json(config))  # Triton drains the old version, then unloads it
+    except (OSError, TritonError) as error:
+        warnings.append(f"committed v{candidate.version}, but retiring v{snapshot.active_version} failed: {error}")
+    return state, warnings
+
+
+# ---------------------------------------------------------------- rollback
+
+
+def _quarantine_failed(model_dir: ModelDir, snapshot: Snapshot, version: int | None, reason: dict) -> list[str]:
+    """Quarantine what this deploy staged (and the candidate version, if ferry's): never delete it."""
+    folders = dict(model_dir.staging_dirs(snapshot.deploy_id))
+    if version is not None and version != snapshot.active_version and model_dir.read_manifest(version) is not None:
+        folders[model_dir.version_dir(version)] = version
+    return [str(model_dir.quarantine(folder, v, {**reason, "version": v})) for folder, v in folders.items()]
+
+
+def _serve_only_active(ferry: Ferry, snapshot: Snapshot) -> None:
+    if snapshot.current is None:
+        ferry.triton.unload(snapshot.model)
+    else:
+        config = with_versions(from_pbtxt(snapshot.config_text or ""), [snapshot.current.active_version])
+        ferry.triton.load(snapshot.model, to_override_json(config))
+
+
+def _verify_serving(ferry: Ferry, snapshot: Snapshot, timeout_s: float = 5.0) -> tuple[bool, list[int]]:
+    """True once Triton serves exactly the active version (a version that is unloading no longer counts)."""
+    wanted = [snapshot.active_version] if snapshot.current else []
+    deadline = time.monotonic() + timeout_s
+    while True:
+        serving = ferry.triton.ready_versions(snapshot.model)
+        if serving == wanted or time.monotonic() > deadline:
+            return serving == wanted, serving
+        time.sleep(0.05)
+
+
+def rollback(ferry: Ferry, snapshot: Snapshot, failure: StepFailed, version: int | None) -> RollbackReport:
+    """Restore the snapshot's state, quarantine the failed version, and make Triton serve the active one.
+
+    Best effort: every action is tried even if an earlier one failed, and the report says what worked.
+    """
+    model_dir = ferry.model_dir(snapshot.model)
+    actions: list[str] = []
+    problems: list[str] = []
+    reason = {
+        "deploy_id": snapshot.deploy_id, "model": snapshot.model, "failed_step": failure.step,
+        "error": failure.message, "hint": failure.hint, "failed_at_utc": utc_stamp(),
+    }
+
+    def attempt(what: str, action: Callable[[], object]) -> object:
+        try:
+            result = action()
+        except Exception as error:  # best effort: record it and go on with the next action
+            problems.append(f"{what}: {error}")
+            return None
+        actions.append(what)
+        return result
+
+    if attempt("checked current.json", lambda: restore_current(model_dir, snapshot.current)):
+        actions.append("restored current.json")
+    attempt("restored config.pbtxt", lambda: model_dir.restore_config_text(snapshot.config_text))
+    if failure.step == "load" and version is not None:
+        attempt("stopped the candidate's backend stubs", lambda: stop_stubs_of(model_dir.version_dir(version)))
+    quarantined = attempt("quarantined the failed version", lambda: _quarantine_failed(model_dir, snapshot, version, reason))
+    attempt("asked Triton to serve only the active version", lambda: _serve_only_active(ferry, snapshot))
+    verified, serving = False, []
+    try:
+        verified, serving = _verify_serving(ferry, snapshot)
+        if not verified:
+            problems.append(f"Triton serves {serving}, expected {[snapshot.active_version] if snapshot.current else []}")
+    except FerryError as error:
+        problems.append(f"could not verify what Triton serves: {error}")
+    return RollbackReport(actions=actions, quarantined=quarantined or [], verified=verified, serving=serving, problems=problems)
+
+
+# ---------------------------------------------------------------- the whole transaction
+
+EventHandler = Callable[[str, str, float, str], None]  # (step, "start" | "ok" | "failed", seconds, detail)
+
+
+def _who() -> str:
+    return f"{getpass.getuser()}@{socket.gethostname()}"
+
+
+def _model_lock(ferry: Ferry, model_dir: ModelDir) -> FileLock:
+    model_dir.ensure()
+    return FileLock(str(model_dir.lock_path), timeout=ferry.settings.lock_wait_s)
+
+
+def deploy(
+    ferry: Ferry, model: str, alias: str | None = None, version: int | None = None, on_event: EventHandler | None = None
+) -> DeployReport:
+    """Run the whole transaction under the model's lock; always leave exactly one history record.
+
+    Raises FerryError only for a model name that cannot be used at all; every other outcome
+    (committed, noop, rolled_back, rejected) comes back as the report.
+    """
+    model_dir = ferry.model_dir(model)
+    report = DeployReport(
+        deploy_id="", model=model, kind="deploy" if alias is not None else "rollback",
+        target=f"@{alias}" if alias is not None else f"v{version}", outcome="rejected",
+        who=_who(), started_at_utc=utc_stamp(),
+    )
+    try:
+        with _model_lock(ferry, model_dir):
+            _run(ferry, model, alias, version, report, on_event or (lambda *args: None))
+    except Timeout:
+        report.error = f"another deploy of '{model}' is running (it holds {model_dir.lock_path})"
+        report.hint = f"wait for it (see `ferry history {model}`), or set FERRY_LOCK_WAIT_S to queue behind it"
+    report.finished_at_utc = utc_stamp()
+    append_history(model_dir, report.model_dump(mode="json"))
+    return report
+
+
+def _run(ferry: Ferry, model: str, alias: str | None, version: int | None, report: DeployReport, emit: EventHandler) -> None:
+    def timed(step: str, action: Callable[[], object], detail: Callable[[object], str] = lambda _: "") -> object:
+        emit(step, "start", 0.0, "")
+        began = time.perf_counter()
+        try:
+            result = action()
+        except Exception as error:
+            report.steps[step] = round(time.perf_counter() - began, 4)
+            emit(step, "failed", report.steps[step], str(error))
+            raise
+        report.steps[step] = round(time.perf_counter() - began, 4)
+        emit(step, "ok", report.steps[step], detail(result))
+        return result
+
+    try:
+        snapshot = timed("snapshot", lambda: take_snapshot(ferry, model),
+                         lambda s: f"active v{s.active_version}" if s.current else "nothing active yet")
+    except FerryError as error:
+        report.error, report.hint = error.message, error.hint
+        return
+    report.deploy_id = snapshot.deploy_id
+    report.previous_version = snapshot.active_version
+    candidate: Candidate | None = None
+    step = "materialize"
+    try:
+        candidate = timed("materialize", lambda: materialize(ferry, snapshot, alias, version), _describe_candidate)
+        report.version, report.run_id = candidate.version, candidate.run_id
+        if candidate.already_active:
+            report.outcome, report.current = "noop", snapshot.current
+            report.warnings.append(f"v{candidate.version} is already active: nothing to do")
+            return
+        for step, action in (("load", load), ("ready", wait_ready), ("smoke", smoke)):
+            timed(step, lambda action=action: action(ferry, snapshot, candidate))
+        step = "commit"
+        report.current, report.warnings = timed("commit", lambda: commit(ferry, snapshot, candidate),
+                                                lambda r: f"current.json -> v{r[0].active_version}")
+        report.outcome = "committed"
+    except FerryError as error:
+        if not isinstance(error, StepFailed):  # the target could not be resolved: nothing was touched
+            report.error, report.hint = error.message, error.hint
+            return
+        _roll_back(ferry, snapshot, error, candidate, report, emit)
+    except Exception as error:
+        _roll_back(ferry, snapshot, _step_failure(step, error), candidate, report, emit)
+
+
+def _describe_candidate(candidate: Candidate) -> str:
+    if candidate.already_active:
+        return f"v{candidate.version} is already active"
+    origin = "reused" if candidate.reused else f"{candidate.size_bytes} bytes"
+    return f"v{candidate.version} (run {candidate.run_id[:8]}, {origin}, sha256 {candidate.sha256[:12]})"
+
+
+def _roll_back(ferry: Ferry, snapshot: Snapshot, failure: StepFailed, candidate: Candidate | None,
+               report: DeployReport, emit: EventHandler) -> None:
+    report.outcome, report.failed_step = "rolled_back", failure.step
+    report.error, report.hint = failure.message, failure.hint
+    version = candidate.version if candidate else failure.version
+    report.version = version
+    emit("rollback", "start", 0.0, "")
+    began = time.perf_counter()
+    report.rollback = rollback(ferry, snapshot, failure, version)
+    report.steps["rollback"] = round(time.perf_counter() - began, 4)
+    status = "ok" if report.rollback.verified else "failed"
+    emit("rollback", status, report.steps["rollback"], "; ".join(report.rollback.problems) or
+         f"serving {report.rollback.serving or 'nothing'}")

@@ -1,0 +1,26 @@
+"""Errors that ferry reports to its users: each one says what was wrong and what to do."""
+
+
+class FerryError(Exception):
+    """A problem found before or outside a deploy step; nothing was changed."""
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+class StepFailed(FerryError):
+    """A step of the deploy transaction failed; the deploy is rolled back."""
+
+    def __init__(self, step: str, message: str, hint: str = "", version: int | None = None) -> None:
+        super().__init__(message, hint)
+        self.step = step
+        self.version = version
+
+
+class LockBusy(FerryError):
+    """Another deploy of the same model holds its lock."""

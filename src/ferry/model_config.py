@@ -1,0 +1,139 @@
+"""The model's signature (read from ONNX) and its one Triton ``config.pbtxt``.
+
+The config is kept as Triton's own protobuf message so that the file on disk and
+the JSON config override sent with every load are rendered from the same object.
+Triton restarts an already-loaded version when a load brings a config that differs
+in more than its version policy, so ferry always renders configs the same way.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import onnx
+from google.protobuf import json_format, text_format
+from tritonclient.grpc import model_config_pb2
+
+# ONNX element type -> Triton API datatype. BYTES is Triton's name for strings.
+_ONNX_TO_TRITON = {
+    onnx.TensorProto.FLOAT: "FP32",
+    onnx.TensorProto.DOUBLE: "FP64",
+    onnx.TensorProto.FLOAT16: "FP16",
+    onnx.TensorProto.INT8: "INT8",
+    onnx.TensorProto.INT16: "INT16",
+    onnx.TensorProto.INT32: "INT32",
+    onnx.TensorProto.INT64: "INT64",
+    onnx.TensorProto.UINT8: "UINT8",
+    onnx.TensorProto.UINT16: "UINT16",
+    onnx.TensorProto.UINT32: "UINT32",
+    onnx.TensorProto.UINT64: "UINT64",
+    onnx.TensorProto.BOOL: "BOOL",
+    onnx.TensorProto.STRING: "BYTES",
+}
+
+
+def config_type(datatype: str) -> str:
+    return "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"
+
+
+def api_datatype(config_data_type: int) -> str:
+    name = model_config_pb2.DataType.Name(config_data_type).removeprefix("TYPE_")
+    return "BYTES" if name == "STRING" else name
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    datatype: str  # Triton API datatype: FP32, INT64, ...
+    dims: tuple[int, ...]  # -1 for a dimension that is not fixed
+
+    def describe(self) -> str:
+        return f"{self.name} {self.datatype}{list(self.dims)}"
+
+
+@dataclass(frozen=True)
+class Signature:
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+
+def _tensor_spec(value: onnx.ValueInfoProto) -> TensorSpec:
+    tensor = value.type.tensor_type
+    if tensor.elem_type not in _ONNX_TO_TRITON:
+        raise ValueError(f"tensor '{value.name}' has an ONNX type ({tensor.elem_type}) Triton cannot carry")
+    dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim)
+    return TensorSpec(value.name, _ONNX_TO_TRITON[tensor.elem_type], dims)
+
+
+def onnx_signature(model: onnx.ModelProto) -> Signature:
+    initializers = {init.name for init in model.graph.initializer}
+    inputs = tuple(_tensor_spec(v) for v in model.graph.input if v.name not in initializers)
+    return Signature(inputs, tuple(_tensor_spec(v) for v in model.graph.output))
+
+
+def config_signature(config: model_config_pb2.ModelConfig) -> Signature:
+    def specs(tensors) -> tuple[TensorSpec, ...]:
+        return tuple(TensorSpec(t.name, api_datatype(t.data_type), tuple(t.dims)) for t in tensors)
+
+    return Signature(specs(config.input), specs(config.output))
+
+
+def _dims_compatible(declared: tuple[int, ...], configured: tuple[int, ...]) -> bool:
+    if len(declared) != len(configured):
+        return False
+    return all(d == c or d == -1 or c == -1 for d, c in zip(declared, configured))
+
+
+def signature_mismatches(declared: Signature, configured: Signature) -> list[str]:
+    """What in an ONNX model's declared signature contradicts the model's config (empty when they agree)."""
+    problems = []
+    for kind, ours, theirs in (("input", declared.inputs, configured.inputs), ("output", declared.outputs, configured.outputs)):
+        by_name = {t.name: t for t in ours}
+        for want in theirs:
+            got = by_name.pop(want.name, None)
+            if got is None:
+                problems.append(f"{kind} '{want.name}' is missing")
+            elif got.datatype != want.datatype or not _dims_compatible(got.dims, want.dims):
+                problems.append(f"{kind} is {got.describe()}, the config says {want.describe()}")
+        problems += [f"{kind} '{name}' is not in the config" for name in by_name]
+    return problems
+
+
+def build_config(model: str, signature: Signature, runtime: str) -> model_config_pb2.ModelConfig:
+    def tensors(specs: tuple[TensorSpec, ...]) -> list[dict]:
+        return [{"name": t.name, "data_type": config_type(t.datatype), "dims": list(t.dims)} for t in specs]
+
+    fields: dict = {
+        "name": model,
+        "max_batch_size": 0,
+        "input": tensors(signature.inputs),
+        "output": tensors(signature.outputs),
+        "instance_group": [{"kind": "KIND_CPU", "count": 1}],
+    }
+    if runtime == "python":
+        fields["backend"] = "python"
+    else:
+        fields["platform"] = "onnxruntime_onnx"
+        fields["default_model_filename"] = "model.onnx"
+    return json_format.ParseDict(fields, model_config_pb2.ModelConfig())
+
+
+def with_versions(config: model_config_pb2.ModelConfig, versions: list[int]) -> model_config_pb2.ModelConfig:
+    pinned = model_config_pb2.ModelConfig()
+    pinned.CopyFrom(config)
+    pinned.version_policy.specific.versions[:] = sorted(set(versions))
+    return pinned
+
+
+def to_pbtxt(config: model_config_pb2.ModelConfig) -> str:
+    return text_format.MessageToString(config)
+
+
+def from_pbtxt(text: str) -> model_config_pb2.ModelConfig:
+    return text_format.Parse(text, model_config_pb2.ModelConfig())
+
+
+def to_override_json(config: model_config_pb2.ModelConfig) -> str:
+    """The config as the JSON body of a load request. Triton replaces the whole config with it."""
+    return json.dumps(json_format.MessageToDict(config, preserving_proto_field_name=True))

@@ -1,0 +1,136 @@
+"""One model's directory in the Triton model repository, and ferry's files beside its versions.
+
+    <repository>/<model>/config.pbtxt        the one config, its version policy = the active version
+    <repository>/<model>/<N>/                a staged version (model.onnx, model.py, smoke.json, ferry.json)
+    <repository>/<model>/current.json        the committed state, read by the gateway, operators and rollbacks
+    <repository>/<model>/history.jsonl       one line per deploy attempt
+    <repository>/<model>/quarantine/         failed versions, <N>.failed_<UTC>/ with reason.json
+    <repository>/<model>/.staging/           versions being written, renamed into place when complete
+
+Triton takes any directory whose name starts with digits for a version, so
+everything that is not a live version lives under names that start with a letter or a dot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from ferry.errors import FerryError
+from ferry.fsutil import atomic_write, fsync_dir, fsync_tree
+from ferry.model_config import from_pbtxt, model_config_pb2, to_pbtxt
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+MANIFEST = "ferry.json"
+
+
+def check_name(kind: str, value: str) -> str:
+    if not NAME_PATTERN.match(value) or ".." in value:
+        raise FerryError(
+            f"{kind} {value!r} is not a valid name",
+            "use letters, digits, '_', '-' and '.', starting with a letter or digit, no '..'",
+        )
+    return value
+
+
+class ModelDir:
+    def __init__(self, repository: Path, model: str) -> None:
+        self.model = check_name("model name", model)
+        self.path = repository / model
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.pbtxt"
+
+    @property
+    def current_path(self) -> Path:
+        return self.path / "current.json"
+
+    @property
+    def history_path(self) -> Path:
+        return self.path / "history.jsonl"
+
+    @property
+    def quarantine_root(self) -> Path:
+        return self.path / "quarantine"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path / ".deploy.lock"
+
+    def version_dir(self, version: int) -> Path:
+        return self.path / str(version)
+
+    def ensure(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def read_config_text(self) -> str | None:
+        try:
+            return self.config_path.read_text()
+        except FileNotFoundError:
+            return None
+
+    def read_config(self) -> model_config_pb2.ModelConfig | None:
+        text = self.read_config_text()
+        if text is None:
+            return None
+        try:
+            return from_pbtxt(text)
+        except Exception as error:  # protobuf's text parser raises its own ParseError
+            raise FerryError(f"{self.config_path} is not a valid Triton config: {error}", "fix or restore the file")
+
+    def write_config(self, config: model_config_pb2.ModelConfig) -> None:
+        atomic_write(self.config_path, to_pbtxt(config).encode())
+
+    def restore_config_text(self, text: str | None) -> None:
+        if text is None:
+            self.config_path.unlink(missing_ok=True)
+        elif self.read_config_text() != text:
+            atomic_write(self.config_path, text.encode())
+
+    def read_manifest(self, version: int) -> dict | None:
+        try:
+            return json.loads((self.version_dir(version) / MANIFEST).read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def new_staging_dir(self, version: int, deploy_id: str) -> Path:
+        staging = self.path / ".staging" / f"v{version}-{deploy_id}"
+        staging.mkdir(parents=True)
+        return staging
+
+    def publish_version(self, staging: Path, version: int) -> Path:
+        """Make a fully written staging directory version ``version`` with one atomic rename."""
+        fsync_tree(staging)
+        target = self.version_dir(version)
+        os.rename(staging, target)  # fails if the target exists: a version is never overwritten
+        fsync_dir(self.path)
+        return target
+
+    def quarantine(self, folder: Path, version: int, reason: dict) -> Path:
+        """Move a failed version's folder (staged or live) to quarantine/<version>.failed_<UTC>/ with reason.json."""
+        from ferry.state import utc_stamp
+
+        self.quarantine_root.mkdir(exist_ok=True)
+        target = self.quarantine_root / f"{version}.failed_{utc_stamp()}"
+        suffix = 1
+        while target.exists():
+            suffix += 1
+            target = self.quarantine_root / f"{version}.failed_{utc_stamp()}-{suffix}"
+        os.rename(folder, target)
+        atomic_write(target / "reason.json", json.dumps(reason, indent=2).encode())
+        fsync_dir(self.path)
+        return target
+
+    def staging_dirs(self, deploy_id: str) -> dict[Path, int]:
+        """The staging folders a deploy left, with the version each was for."""
+        root = self.path / ".staging"
+        if not root.exists():
+            return {}
+        return {path: int(path.name[1:].split("-", 1)[0]) for path in root.glob(f"v*-{deploy_id}")}
+
+    def discard_staging(self, staging: Path) -> None:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,55 @@
+"""Triton Python-backend model that runs ``model.onnx`` with onnxruntime.
+
+ferry copies this file as ``model.py`` into every version directory it stages
+for the ``python`` runtime. It runs inside Triton's Python stub, so it may only
+import what the stub's environment has (numpy, onnxruntime, the backend utils).
+"""
+
+import json
+import os
+
+import numpy as np
+import onnxruntime as ort
+import triton_python_backend_utils as pb_utils
+
+
+def _expected_dims(config: dict) -> dict:
+    return {out["name"]: [int(d) for d in out["dims"]] for out in config.get("output", [])}
+
+
+def _shape_matches(shape: tuple, dims: list) -> bool:
+    return len(shape) == len(dims) and all(d == -1 or d == s for s, d in zip(shape, dims))
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        config = json.loads(args["model_config"])
+        path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
+        options = ort.SessionOptions()
+        threads = config.get("parameters", {}).get("intra_op_threads", {}).get("string_value", "1")
+        options.intra_op_num_threads = int(threads)
+        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.output_dims = _expected_dims(config)
+        if config.get("max_batch_size", 0) > 0:
+            self.output_dims = {name: [-1, *dims] for name, dims in self.output_dims.items()}
+
+    def execute(self, requests: list) -> list:
+        return [self._run(request) for request in requests]
+
+    def _run(self, request):
+        feeds = {name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in self.input_names}
+        try:
+            results = self.session.run(self.output_names, feeds)
+        except Exception as error:  # onnxruntime raises its own exception types
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"onnxruntime: {error}"))
+        tensors = []
+        for name, value in zip(self.output_names, results):
+            dims = self.output_dims.get(name)
+            # Triton does not check a Python model's output shape: refuse to answer with the wrong shape.
+            if dims is not None and not _shape_matches(value.shape, dims):
+                message = f"output '{name}' has shape {list(value.shape)}, the model config says {dims}"
+                return pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
+            tensors.append(pb_utils.Tensor(name, np.ascontiguousarray(value)))
+        return pb_utils.InferenceResponse(output_tensors=tensors)

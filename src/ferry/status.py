@@ -1,0 +1,56 @@
+"""What is committed for a model, what Triton serves, and whether the two agree."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from ferry.errors import FerryError
+from ferry.repository import ModelDir
+from ferry.state import CurrentState, read_current
+from ferry.triton import Triton, VersionState
+
+
+class ModelStatus(BaseModel):
+    model: str
+    current: CurrentState | None = None
+    current_error: str | None = None
+    triton: list[VersionState] | None = None
+    triton_error: str | None = None
+    serving: list[int] = []
+    drift: str | None = None  # None when Triton serves exactly the committed version
+    quarantined: list[str] = []
+
+
+def list_models(repository: Path) -> list[str]:
+    if not repository.exists():
+        return []
+    return sorted(p.name for p in repository.iterdir() if (p / "current.json").exists() or (p / "config.pbtxt").exists())
+
+
+def model_status(repository: Path, triton: Triton, model: str) -> ModelStatus:
+    model_dir = ModelDir(repository, model)
+    report = ModelStatus(model=model)
+    try:
+        report.current = read_current(model_dir)
+    except FerryError as error:
+        report.current_error = str(error)
+    try:
+        report.triton = triton.versions(model)
+        report.serving = sorted(v.version for v in report.triton if v.state == "READY")
+    except FerryError as error:
+        report.triton_error = str(error)
+    if model_dir.quarantine_root.exists():
+        report.quarantined = sorted(p.name for p in model_dir.quarantine_root.iterdir())
+    report.drift = _drift(report)
+    return report
+
+
+def _drift(report: ModelStatus) -> str | None:
+    if report.triton is None or report.current_error:
+        return None  # cannot tell
+    committed = [report.current.active_version] if report.current else []
+    if report.serving == committed:
+        return None
+    return f"current.json names {committed or 'no version'}, Triton serves {report.serving or 'nothing'}"

@@ -1,0 +1,145 @@
+"""Fixtures: a real Triton server and a real MLflow (sqlite) per test, and the invariants every scenario must keep."""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from filelock import FileLock
+
+from ferry.config import Settings
+from ferry.deploy import DeployReport, Ferry, deploy
+from ferry.repository import ModelDir
+from ferry.runtime import server
+from ferry.state import read_current, read_history
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+from train_model import train_and_register  # noqa: E402
+
+FAKES = Path(__file__).parent / "fakes"
+
+
+def _free_port_block(size: int = 3) -> int:
+    """A base port with ``size`` consecutive free ports (Triton's http, grpc and metrics)."""
+    for _ in range(200):
+        base = random.randint(20000, 60000)
+        try:
+            sockets = []
+            for port in range(base, base + size):
+                s = socket.socket()
+                sockets.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise RuntimeError("no free port block on 127.0.0.1")
+
+
+def make_settings(home: Path, **overrides) -> Settings:
+    settings = Settings(
+        home=home,
+        repository=home / "repository",
+        tracking_uri=f"sqlite:///{home / 'mlflow.db'}",
+        triton_url=f"http://127.0.0.1:{_free_port_block()}",
+        load_timeout_s=30.0,
+        ready_timeout_s=10.0,
+    )
+    return settings.with_overrides(**overrides)
+
+
+@dataclass
+class World:
+    """One isolated ferry installation: its own repository, MLflow database and Triton server."""
+
+    settings: Settings
+    model: str = "iris"
+
+    @property
+    def ferry(self) -> Ferry:
+        return Ferry(self.settings)
+
+    @property
+    def model_dir(self) -> ModelDir:
+        return ModelDir(self.settings.repository, self.model)
+
+    def register(self, breakage: str = "none", alias: str = "champion", trees: int = 0) -> int:
+        return train_and_register(self.model, alias, breakage, trees, self.settings.tracking_uri)
+
+    def deploy(self, alias: str = "champion", **overrides) -> DeployReport:
+        ferry = Ferry(self.settings.with_overrides(**overrides)) if overrides else self.ferry
+        return deploy(ferry, self.model, alias=alias)
+
+    def current_bytes(self) -> bytes | None:
+        path = self.model_dir.current_path
+        return path.read_bytes() if path.exists() else None
+
+    def env(self) -> dict[str, str]:
+        s = self.settings
+        return {
+            "FERRY_HOME": str(s.home), "FERRY_REPOSITORY": str(s.repository), "MLFLOW_TRACKING_URI": s.tracking_uri,
+            "FERRY_TRITON_URL": s.triton_url, "FERRY_LOAD_TIMEOUT_S": str(s.load_timeout_s),
+        }
+
+
+@pytest.fixture
+def world(tmp_path: Path):
+    settings = make_settings(tmp_path)
+    server.up(settings)
+    try:
+        yield World(settings)
+    finally:
+        server.down(settings)
+
+
+def assert_invariants(world: World, attempts: int) -> None:
+    """The invariants of DESIGN.md, checked against the files and against Triton's repository index."""
+    model_dir = world.model_dir
+    ferry = world.ferry
+    # 1. current.json parses and names a version whose files exist and that Triton serves.
+    current = read_current(model_dir)
+    serving = ferry.triton.ready_versions(world.model)
+    if current is None:
+        assert serving == [], f"nothing is committed but Triton serves {serving}"
+        assert not model_dir.config_path.exists(), "a config.pbtxt was left for a model with nothing committed"
+    else:
+        version_dir = model_dir.version_dir(current.active_version)
+        assert (version_dir / "model.onnx").is_file(), f"the active version's files are missing in {version_dir}"
+        manifest = json.loads((version_dir / "ferry.json").read_text())
+        assert manifest["sha256"] == current.sha256
+        # 2. Production reaches only the committed version: at rest, Triton serves it alone.
+        assert serving == [current.active_version], f"current.json says v{current.active_version}, Triton serves {serving}"
+        policy = list(model_dir.read_config().version_policy.specific.versions)
+        assert policy == [current.active_version], f"config.pbtxt pins {policy}"
+    # 3. Failed candidates are quarantined with their reason, never live, never beside the versions.
+    history = read_history(model_dir)
+    for record in history:
+        if record["outcome"] != "rolled_back":
+            continue
+        assert record["rollback"]["verified"], f"rollback not verified: {record['rollback']}"
+        for folder in map(Path, record["rollback"]["quarantined"]):
+            reason = json.loads((folder / "reason.json").read_text())
+            assert reason["failed_step"] == record["failed_step"] and reason["error"]
+            assert folder.parent == model_dir.quarantine_root
+        if record["version"] is not None:
+            assert record["version"] not in serving
+    for entry in model_dir.path.iterdir() if model_dir.path.exists() else []:
+        if entry.name[:1].isdigit():
+            assert entry.name.isdigit(), f"{entry} would be read by Triton as a version"
+    staging = model_dir.path / ".staging"
+    assert not staging.exists() or not any(staging.iterdir()), "a deploy left a staging directory"
+    # 4. No deploy holds the model's lock.
+    with FileLock(str(model_dir.lock_path), timeout=0):
+        pass
+    # 5. Exactly one history record per attempt.
+    assert len(history) == attempts, f"{len(history)} history records for {attempts} attempts"
+    assert len({r["deploy_id"] for r in history if r["deploy_id"]}) == len([r for r in history if r["deploy_id"]])

@@ -1,0 +1,163 @@
+"""The deploy transaction end to end, on a real Triton and a real MLflow."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import FAKES, World, assert_invariants, make_settings
+from ferry.deploy import Ferry, deploy
+from ferry.errors import FerryError
+from ferry.state import read_current, read_history
+
+
+def _infer(world: World, version: int) -> np.ndarray:
+    sample = {"X": np.array([[5.1, 3.5, 1.4, 0.2]], dtype=np.float32)}
+    return world.ferry.triton.infer(world.model, version, sample, {"X": "FP32"})["probabilities"]
+
+
+def test_first_deploy_commits_and_serves(world: World) -> None:
+    world.register()
+    report = world.deploy()
+    assert report.outcome == "committed", report.error
+    assert report.version == 1 and report.previous_version is None
+    assert set(report.steps) == {"snapshot", "materialize", "load", "ready", "smoke", "commit"}
+    current = read_current(world.model_dir)
+    assert (current.active_version, current.alias, current.model) == (1, "champion", "iris")
+    assert len(current.updated_at_utc) == 15 and current.updated_at_utc[8] == "T"
+    assert _infer(world, 1).shape == (1, 3)
+    assert_invariants(world, attempts=1)
+
+
+def test_upgrade_commits_new_version_and_retires_old(world: World) -> None:
+    world.register()
+    world.deploy()
+    world.register(trees=5)
+    report = world.deploy()
+    assert report.outcome == "committed", report.error
+    current = read_current(world.model_dir)
+    assert (current.active_version, current.previous_version) == (2, 1)
+    assert world.model_dir.version_dir(1).is_dir(), "the previous version's files are kept for rollbacks"
+    assert_invariants(world, attempts=2)
+
+
+def test_redeploying_the_active_version_is_a_noop(world: World) -> None:
+    world.register()
+    world.deploy()
+    before = world.current_bytes()
+    report = world.deploy()
+    assert report.outcome == "noop" and report.ok
+    assert "already active" in report.warnings[0]
+    assert world.current_bytes() == before
+    assert_invariants(world, attempts=2)
+
+
+@pytest.mark.parametrize(
+    ("breakage", "step", "message"),
+    [
+        ("corrupt-bytes", "materialize", "not a readable ONNX model"),
+        ("unknown-op", "load", "is not a registered function/op"),
+        ("output-shape", "smoke", "output 'probabilities' has shape [3, 4]"),
+        ("golden-mismatch", "smoke", "differs from the golden output"),
+    ],
+)
+def test_broken_version_fails_at_its_step_and_rolls_back(world: World, breakage: str, step: str, message: str) -> None:
+    world.register()
+    world.deploy()
+    before = world.current_bytes()
+    broken = world.register(breakage)
+    report = world.deploy()
+    assert report.outcome == "rolled_back"
+    assert report.failed_step == step
+    assert message in report.error
+    assert report.version == broken
+    assert world.current_bytes() == before, "current.json changed although the deploy failed"
+    assert report.rollback.verified and report.rollback.serving == [1]
+    assert _infer(world, 1).shape == (1, 3), "the active version stopped serving"
+    [folder] = report.rollback.quarantined
+    assert folder.endswith(f"/quarantine/{broken}.failed_{folder.rsplit('.failed_', 1)[1]}")
+    reason = json.loads((world.model_dir.quarantine_root / folder.rsplit("/", 1)[1] / "reason.json").read_text())
+    assert (reason["version"], reason["failed_step"]) == (broken, step)
+    assert (world.model_dir.quarantine_root / folder.rsplit("/", 1)[1] / "model.onnx").is_file(), "files not kept"
+    assert_invariants(world, attempts=2)
+
+
+def test_failed_first_deploy_leaves_nothing_serving(world: World) -> None:
+    world.register("golden-mismatch")
+    report = world.deploy()
+    assert report.outcome == "rolled_back" and report.failed_step == "smoke"
+    assert report.previous_version is None
+    assert report.rollback.verified and report.rollback.serving == []
+    assert world.current_bytes() is None
+    assert_invariants(world, attempts=1)
+
+
+@pytest.mark.parametrize(
+    ("model", "alias", "message"),
+    [("iris", "no-such-alias", "has no alias 'no-such-alias'"), ("no-such-model", "champion", "no-such-model")],
+)
+def test_unknown_alias_or_model_is_rejected_and_nothing_changes(world: World, model: str, alias: str, message: str) -> None:
+    world.register()
+    world.deploy()
+    before = world.current_bytes()
+    report = deploy(world.ferry, model, alias=alias)
+    assert report.outcome == "rejected" and not report.ok
+    assert message in report.error and report.hint
+    assert world.current_bytes() == before
+    assert world.ferry.triton.ready_versions("iris") == [1]
+    assert not world.model_dir.quarantine_root.exists()
+    assert_invariants(world, attempts=2 if model == "iris" else 1)
+
+
+def test_names_with_path_separators_are_refused_before_anything(world: World) -> None:
+    with pytest.raises(FerryError, match="not a valid name"):
+        deploy(world.ferry, "../etc", alias="champion")
+    world.register()
+    report = deploy(world.ferry, "iris", alias="../../x")
+    assert report.outcome == "rejected" and "not a valid name" in report.error
+    assert not (world.settings.repository.parent / "etc").exists()
+
+
+def test_triton_not_running_is_rejected_and_nothing_changes(world: World, tmp_path) -> None:
+    world.register()
+    world.deploy()
+    before = world.current_bytes()
+    unreachable = world.settings.with_overrides(triton_url=make_settings(tmp_path).triton_url)
+    report = deploy(Ferry(unreachable), world.model, alias="champion")
+    assert report.outcome == "rejected"
+    assert "not reachable" in report.error and "ferry triton up" in report.hint
+    assert world.current_bytes() == before
+    assert_invariants(world, attempts=2)
+
+
+def test_load_that_hangs_times_out_then_rolls_back(world: World) -> None:
+    world.register()
+    world.deploy()
+    before = world.current_bytes()
+    world.register(trees=5)
+    report = world.deploy(python_runner=FAKES / "fake_hanging_runner.py", load_timeout_s=3.0)
+    assert report.outcome == "rolled_back" and report.failed_step == "load"
+    assert "timed out" in report.error
+    assert report.rollback.verified and report.rollback.serving == [1]
+    assert world.current_bytes() == before
+    assert_invariants(world, attempts=2)
+    # Triton is not left stuck: the next deploy goes through.
+    world.register(trees=5)
+    assert world.deploy().outcome == "committed"
+    assert_invariants(world, attempts=3)
+
+
+def test_rollback_to_an_earlier_version_goes_through_validation(world: World) -> None:
+    world.register()
+    world.deploy()
+    world.register(trees=5)
+    world.deploy()
+    report = deploy(world.ferry, world.model, version=1)
+    assert report.outcome == "committed" and report.kind == "rollback"
+    assert set(report.steps) >= {"load", "ready", "smoke", "commit"}
+    current = read_current(world.model_dir)
+    assert (current.active_version, current.previous_version) == (1, 2)
+    assert_invariants(world, attempts=3)
+    assert [r["outcome"] for r in read_history(world.model_dir)] == ["committed"] * 3
