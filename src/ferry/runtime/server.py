@@ -203,19 +203,30 @@ def down(settings: Settings) -> bool:
         if _alive(pid):
             os.killpg(pid, signal.SIGKILL)
         stopped = True
-    _reap_group(pid)
+    _kill_group(pid)
+    _reap(pid)
     _pid_file(settings).unlink(missing_ok=True)
     clean_shared_memory(settings)
     return stopped
 
 
-def _reap_group(pid: int | None) -> None:
+def _kill_group(pid: int | None) -> None:
     """Kill what is left of the server's process group (backend stubs of a killed server)."""
     if pid is None:
         return
     try:
         os.killpg(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _reap(pid: int | None) -> None:
+    """Collect the exit status when the server is our own child (started by `up` in this process)."""
+    if pid is None:
+        return
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
         pass
 
 

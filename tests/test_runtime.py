@@ -1,0 +1,80 @@
+"""The local Triton launcher and the config renderer."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import onnx
+import pytest
+
+from conftest import World, make_settings
+from ferry.config import load_settings
+from ferry.errors import FerryError
+from ferry.model_config import (
+    build_config,
+    config_signature,
+    from_pbtxt,
+    onnx_signature,
+    signature_mismatches,
+    to_pbtxt,
+    with_versions,
+)
+from ferry.runtime import server
+
+
+def test_up_is_idempotent_and_down_stops_everything(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    first = server.up(settings)
+    try:
+        assert first.running and first.ready
+        assert server.up(settings).pid == first.pid, "a second `up` must not start a second server"
+    finally:
+        assert server.down(settings)
+    after = server.status(settings)
+    assert not after.running and not after.ready
+    assert not list(Path("/dev/shm").glob(f"{server.shm_prefix(settings)}*")), "shared memory left behind"
+    with pytest.raises(ProcessLookupError):
+        os.kill(first.pid, 0)
+
+
+def test_up_refuses_a_port_another_server_holds(world: World, tmp_path: Path) -> None:
+    intruder = make_settings(tmp_path / "other").with_overrides(triton_url=world.settings.triton_url)
+    with pytest.raises(FerryError, match="another server already answers"):
+        server.up(intruder)
+
+
+def _iris_signature(world: World):
+    world.register()
+    [onnx_path] = Path(world.settings.home).rglob("model.onnx")
+    return onnx_signature(onnx.load(str(onnx_path)))
+
+
+def test_config_renders_for_both_runtimes(world: World) -> None:
+    signature = _iris_signature(world)
+    python = from_pbtxt(to_pbtxt(with_versions(build_config("iris", signature, "python"), [3])))
+    assert python.backend == "python" and list(python.version_policy.specific.versions) == [3]
+    ort = from_pbtxt(to_pbtxt(build_config("iris", signature, "onnxruntime")))
+    assert ort.platform == "onnxruntime_onnx" and ort.default_model_filename == "model.onnx"
+    assert signature_mismatches(signature, config_signature(ort)) == []
+
+
+def test_signature_mismatch_names_each_difference(world: World) -> None:
+    signature = _iris_signature(world)
+    config = build_config("iris", signature, "python")
+    config.output[1].dims[1] = 4
+    config.input[0].name = "features"
+    problems = signature_mismatches(signature, config_signature(config))
+    assert "input 'features' is missing" in problems
+    assert "input 'X' is not in the config" in problems
+    assert "output is probabilities FP32[-1, 3], the config says probabilities FP32[-1, 4]" in problems
+
+
+def test_settings_come_from_the_environment_and_refuse_bad_values(tmp_path: Path) -> None:
+    settings = load_settings({"FERRY_HOME": str(tmp_path), "FERRY_LOAD_TIMEOUT_S": "7", "FERRY_RUNTIME": "onnxruntime"})
+    assert settings.repository == tmp_path / "repository" and settings.load_timeout_s == 7.0
+    assert settings.tracking_uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(FerryError, match="FERRY_RUNTIME"):
+        load_settings({"FERRY_HOME": str(tmp_path), "FERRY_RUNTIME": "tensorrt"})
+    with pytest.raises(FerryError, match="not a valid float"):
+        load_settings({"FERRY_HOME": str(tmp_path), "FERRY_LOAD_TIMEOUT_S": "soon"})
