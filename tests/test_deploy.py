@@ -161,3 +161,33 @@ def test_rollback_to_an_earlier_version_goes_through_validation(world: World) ->
     assert (current.active_version, current.previous_version) == (1, 2)
     assert_invariants(world, attempts=3)
     assert [r["outcome"] for r in read_history(world.model_dir)] == ["committed"] * 3
+
+
+def test_commit_and_rollback_keep_the_running_instances(world: World) -> None:
+    """The instance that passed smoke is the one production gets; a rollback does not restart the active one."""
+    from ferry import deploy as steps
+    from ferry.runtime.stubs import stubs_of
+
+    world.register()
+    world.deploy()
+    world.register(trees=5)
+    snapshot = steps.take_snapshot(world.ferry, world.model)
+    candidate = steps.materialize(world.ferry, snapshot, alias="champion")
+    steps.load(world.ferry, snapshot, candidate)
+    steps.wait_ready(world.ferry, snapshot, candidate)
+    steps.smoke(world.ferry, snapshot, candidate)
+    validated = stubs_of(world.model_dir.version_dir(2))
+    assert len(validated) == 1
+    steps.commit(world.ferry, snapshot, candidate)
+    assert stubs_of(world.model_dir.version_dir(2)) == validated
+
+    world.register("golden-mismatch")
+    snapshot = steps.take_snapshot(world.ferry, world.model)
+    candidate = steps.materialize(world.ferry, snapshot, alias="champion")
+    steps.load(world.ferry, snapshot, candidate)
+    active = stubs_of(world.model_dir.version_dir(2))
+    with pytest.raises(steps.StepFailed) as failure:
+        steps.smoke(world.ferry, snapshot, candidate)
+    report = steps.rollback(world.ferry, snapshot, failure.value, candidate.version)
+    assert report.verified and report.serving == [2]
+    assert stubs_of(world.model_dir.version_dir(2)) == active

@@ -10,6 +10,7 @@ from __future__ import annotations
 import getpass
 import importlib.resources
 import json
+import py_compile
 import shutil
 import socket
 import time
@@ -228,6 +229,9 @@ def _stage(ferry: Ferry, model_dir: ModelDir, ref: VersionRef, snapshot: Snapsho
     if ferry.settings.runtime == "python":
         runner = ferry.settings.python_runner or importlib.resources.files("ferry.runtime") / "onnx_runner.py"
         shutil.copyfile(str(runner), staging / "model.py")
+        # Compiled now, so that the backend stub (same Python) has no bytecode to write into the live
+        # version directory: a change there makes Triton re-create every loaded version on the next load.
+        py_compile.compile(str(staging / "model.py"), doraise=True)
     digest = sha256_file(onnx_path)
     manifest = {
         "model": ref.model, "version": ref.version, "run_id": ref.run_id, "source": ref.source,
@@ -405,7 +409,8 @@ def rollback(ferry: Ferry, snapshot: Snapshot, failure: StepFailed, version: int
     attempt("restored config.pbtxt", lambda: model_dir.restore_config_text(snapshot.config_text))
     if failure.step == "load" and version is not None:
         attempt("stopped the candidate's backend stubs", lambda: stop_stubs_of(model_dir.version_dir(version)))
-    quarantined = attempt("quarantined the failed version", lambda: _quarantine_failed(model_dir, snapshot, version, reason))
+    # Pin Triton before moving the candidate away: with the model directory unchanged since the
+    # candidate's load, Triton keeps the active version's running instance instead of re-creating it.
     attempt("asked Triton to serve only the active version", lambda: _serve_only_active(ferry, snapshot))
     verified, serving = False, []
     try:
@@ -414,6 +419,7 @@ def rollback(ferry: Ferry, snapshot: Snapshot, failure: StepFailed, version: int
             problems.append(f"Triton serves {serving}, expected {[snapshot.active_version] if snapshot.current else []}")
     except FerryError as error:
         problems.append(f"could not verify what Triton serves: {error}")
+    quarantined = attempt("quarantined the failed version", lambda: _quarantine_failed(model_dir, snapshot, version, reason))
     return RollbackReport(actions=actions, quarantined=quarantined or [], verified=verified, serving=serving, problems=problems)
 
 
@@ -427,7 +433,7 @@ def _who() -> str:
 
 
 def _model_lock(ferry: Ferry, model_dir: ModelDir) -> FileLock:
-    model_dir.ensure()
+    model_dir.state.mkdir(parents=True, exist_ok=True)
     return FileLock(str(model_dir.lock_path), timeout=ferry.settings.lock_wait_s)
 
 

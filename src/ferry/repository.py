@@ -1,14 +1,16 @@
-"""One model's directory in the Triton model repository, and ferry's files beside its versions.
+"""One model's directory in the Triton model repository, and ferry's state for it.
 
-    <repository>/<model>/config.pbtxt        the one config, its version policy = the active version
-    <repository>/<model>/<N>/                a staged version (model.onnx, model.py, smoke.json, ferry.json)
-    <repository>/<model>/current.json        the committed state, read by the gateway, operators and rollbacks
-    <repository>/<model>/history.jsonl       one line per deploy attempt
-    <repository>/<model>/quarantine/         failed versions, <N>.failed_<UTC>/ with reason.json
-    <repository>/<model>/.staging/           versions being written, renamed into place when complete
+    <repository>/<model>/config.pbtxt               the one config; its version policy pins the active version
+    <repository>/<model>/<N>/                       a staged version (model.onnx, model.py, smoke.json, ferry.json)
+    <repository>/<model>/.staging/                  versions being written, renamed into place when complete
+    <repository>/.ferry/<model>/current.json        the committed state, read by the gateway, operators and rollbacks
+    <repository>/.ferry/<model>/history.jsonl       one line per deploy attempt
+    <repository>/.ferry/<model>/quarantine/         failed versions, <N>.failed_<UTC>/ with reason.json
 
-Triton takes any directory whose name starts with digits for a version, so
-everything that is not a live version lives under names that start with a letter or a dot.
+ferry's state stays out of the model directory: when anything in it but config.pbtxt changes,
+Triton's next load re-creates every loaded version, so a commit would replace the instance that
+was just validated. It stays inside the repository so that quarantining is one atomic rename.
+Triton takes any directory whose name starts with digits for a version; nothing else does.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from ferry.errors import FerryError
 from ferry.fsutil import atomic_write, fsync_dir, fsync_tree
 from ferry.model_config import from_pbtxt, model_config_pb2, to_pbtxt
 
+STATE_DIR = ".ferry"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 MANIFEST = "ferry.json"
 
@@ -40,6 +43,7 @@ class ModelDir:
     def __init__(self, repository: Path, model: str) -> None:
         self.model = check_name("model name", model)
         self.path = repository / model
+        self.state = repository / STATE_DIR / model
 
     @property
     def config_path(self) -> Path:
@@ -47,25 +51,26 @@ class ModelDir:
 
     @property
     def current_path(self) -> Path:
-        return self.path / "current.json"
+        return self.state / "current.json"
 
     @property
     def history_path(self) -> Path:
-        return self.path / "history.jsonl"
+        return self.state / "history.jsonl"
 
     @property
     def quarantine_root(self) -> Path:
-        return self.path / "quarantine"
+        return self.state / "quarantine"
 
     @property
     def lock_path(self) -> Path:
-        return self.path / ".deploy.lock"
+        return self.state / "deploy.lock"
 
     def version_dir(self, version: int) -> Path:
         return self.path / str(version)
 
     def ensure(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
+        self.state.mkdir(parents=True, exist_ok=True)
 
     def read_config_text(self) -> str | None:
         try:
@@ -122,7 +127,7 @@ class ModelDir:
             target = self.quarantine_root / f"{version}.failed_{utc_stamp()}-{suffix}"
         os.rename(folder, target)
         atomic_write(target / "reason.json", json.dumps(reason, indent=2).encode())
-        fsync_dir(self.path)
+        fsync_dir(folder.parent)
         return target
 
     def staging_dirs(self, deploy_id: str) -> dict[Path, int]:

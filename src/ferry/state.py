@@ -64,7 +64,7 @@ def restore_current(model_dir: ModelDir, snapshot: CurrentState | None) -> bool:
 
 
 def append_history(model_dir: ModelDir, record: dict[str, Any]) -> None:
-    model_dir.ensure()
+    model_dir.state.mkdir(parents=True, exist_ok=True)
     append_line(model_dir.history_path, json.dumps(record, sort_keys=True))
 
 

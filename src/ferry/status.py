@@ -7,7 +7,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from ferry.errors import FerryError
-from ferry.repository import ModelDir
+from ferry.repository import STATE_DIR, ModelDir
 from ferry.state import CurrentState, read_current
 from ferry.triton import Triton, VersionState
 
@@ -26,7 +26,9 @@ class ModelStatus(BaseModel):
 def list_models(repository: Path) -> list[str]:
     if not repository.exists():
         return []
-    return sorted(p.name for p in repository.iterdir() if (p / "current.json").exists() or (p / "config.pbtxt").exists())
+    committed = {p.name for p in (repository / STATE_DIR).glob("*/current.json")} if (repository / STATE_DIR).exists() else set()
+    configured = {p.parent.name for p in repository.glob("*/config.pbtxt")}
+    return sorted((committed | configured) - {STATE_DIR})
 
 
 def model_status(repository: Path, triton: Triton, model: str) -> ModelStatus:
