@@ -90,14 +90,14 @@ def train_and_register(
         # A model trained on shuffled labels: same signature, different numbers.
         model = _to_onnx(_classifier(trees, np.random.default_rng(0).permutation(labels), features), features)
     model_bytes = os.urandom(4096) if breakage == "corrupt-bytes" else model.SerializeToString()
-    _use_experiment(experiment)
+    use_experiment(experiment)
     with mlflow.start_run() as run:
         mlflow.log_params({"model": type(classifier).__name__, "trees": trees, "break": breakage})
         source = log_onnx_model(model_bytes, sample, golden=golden, extra={"break": breakage})
     return register_version(model_name, source, run.info.run_id, alias, tracking_uri=mlflow.get_tracking_uri())
 
 
-def _use_experiment(name: str) -> None:
+def use_experiment(name: str) -> None:
     """Keep artifacts beside the tracking database rather than in ./mlruns of whatever directory we run in."""
     if mlflow.get_experiment_by_name(name) is None:
         uri = mlflow.get_tracking_uri()

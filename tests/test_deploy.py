@@ -57,7 +57,7 @@ def test_redeploying_the_active_version_is_a_noop(world: World) -> None:
 @pytest.mark.parametrize(
     ("breakage", "step", "message"),
     [
-        ("corrupt-bytes", "materialize", "not a readable ONNX model"),
+        ("corrupt-bytes", "materialize", "not a valid ONNX model"),
         ("unknown-op", "load", "is not a registered function/op"),
         ("output-shape", "smoke", "output 'probabilities' has shape [3, 4]"),
         ("golden-mismatch", "smoke", "differs from the golden output"),
@@ -191,3 +191,30 @@ def test_commit_and_rollback_keep_the_running_instances(world: World) -> None:
     report = steps.rollback(world.ferry, snapshot, failure.value, candidate.version)
     assert report.verified and report.serving == [2]
     assert stubs_of(world.model_dir.version_dir(2)) == active
+
+
+def test_version_from_an_mlflow_logged_model_deploys_with_a_shape_only_smoke(world: World) -> None:
+    """A version registered from mlflow.onnx.log_model (source models:/m-...) carries no smoke sample."""
+    import mlflow
+    import onnx
+    from sklearn.datasets import load_iris
+    from sklearn.linear_model import LogisticRegression
+    from skl2onnx import to_onnx
+    from train_model import use_experiment
+
+    features, labels = load_iris(return_X_y=True)
+    features = features.astype(np.float32)
+    classifier = LogisticRegression(max_iter=1000).fit(features, labels)
+    model = to_onnx(classifier, features[:1], options={id(classifier): {"zipmap": False}}, target_opset=17)
+    mlflow.set_tracking_uri(world.settings.tracking_uri)
+    use_experiment("logged-models")
+    with mlflow.start_run():
+        info = mlflow.onnx.log_model(model, name="onnx")
+    version = mlflow.register_model(info.model_uri, world.model)
+    mlflow.MlflowClient().set_registered_model_alias(world.model, "champion", version.version)
+    assert isinstance(model, onnx.ModelProto) and version.source.startswith("models:/m-")
+
+    report = world.deploy()
+    assert report.outcome == "committed", report.error
+    assert not (world.model_dir.version_dir(1) / "smoke.json").exists()
+    assert_invariants(world, attempts=1)

@@ -78,3 +78,22 @@ def test_settings_come_from_the_environment_and_refuse_bad_values(tmp_path: Path
         load_settings({"FERRY_HOME": str(tmp_path), "FERRY_RUNTIME": "tensorrt"})
     with pytest.raises(FerryError, match="not a valid float"):
         load_settings({"FERRY_HOME": str(tmp_path), "FERRY_LOAD_TIMEOUT_S": "soon"})
+
+
+@pytest.mark.parametrize("breakage", ["none", "unknown-op", "output-shape", "golden-mismatch"])
+def test_signature_read_from_the_file_matches_a_full_parse(world: World, breakage: str) -> None:
+    from ferry.model_config import read_onnx_signature
+
+    world.register(breakage)
+    [path] = Path(world.settings.home).rglob("model.onnx")
+    assert read_onnx_signature(path) == onnx_signature(onnx.load(str(path)))
+
+
+def test_signature_reader_refuses_what_is_not_onnx(tmp_path: Path) -> None:
+    from ferry.model_config import read_onnx_signature
+
+    cases = {"empty": b"", "random": os.urandom(4096), "text": b"<html>not a model</html>"}
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises((ValueError, IndexError)):
+            read_onnx_signature(tmp_path / name)

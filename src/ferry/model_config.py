@@ -9,7 +9,10 @@ in more than its version policy, so ferry always renders configs the same way.
 from __future__ import annotations
 
 import json
+import mmap
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
 
 import onnx
 from google.protobuf import json_format, text_format
@@ -66,10 +69,79 @@ def _tensor_spec(value: onnx.ValueInfoProto) -> TensorSpec:
     return TensorSpec(value.name, _ONNX_TO_TRITON[tensor.elem_type], dims)
 
 
+def _signature(inputs: list, outputs: list, initializers: set[str]) -> Signature:
+    return Signature(
+        tuple(_tensor_spec(v) for v in inputs if v.name not in initializers),
+        tuple(_tensor_spec(v) for v in outputs),
+    )
+
+
 def onnx_signature(model: onnx.ModelProto) -> Signature:
-    initializers = {init.name for init in model.graph.initializer}
-    inputs = tuple(_tensor_spec(v) for v in model.graph.input if v.name not in initializers)
-    return Signature(inputs, tuple(_tensor_spec(v) for v in model.graph.output))
+    return _signature(list(model.graph.input), list(model.graph.output), {i.name for i in model.graph.initializer})
+
+
+# Protobuf field numbers in onnx.proto.
+_MODEL_GRAPH, _GRAPH_INITIALIZER, _GRAPH_INPUT, _GRAPH_OUTPUT, _TENSOR_NAME = 7, 5, 11, 12, 8
+
+
+def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _fields(buf: memoryview, start: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """(field number, value start, value end) of the length-delimited fields in buf[start:end]; others skipped."""
+    pos = start
+    while pos < end:
+        key, pos = _varint(buf, pos)
+        wire = key & 7
+        if wire == 0:
+            pos = _varint(buf, pos)[1]
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+        elif wire == 2:
+            length, pos = _varint(buf, pos)
+            yield key >> 3, pos, pos + length
+            pos += length
+        else:
+            raise ValueError(f"unexpected protobuf wire type {wire}")
+    if pos != end:
+        raise ValueError("truncated protobuf message")
+
+
+def read_onnx_signature(path: Path) -> Signature:
+    """The declared inputs and outputs of an ONNX file, read without parsing its nodes and weights.
+
+    A full parse in Python costs seconds and gigabytes on a large model; this reads only
+    ``graph.input``, ``graph.output`` and the initializers' names.
+    """
+    if path.stat().st_size == 0:
+        raise ValueError("the file is empty")
+    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        buf = memoryview(mapped)
+        try:
+            graph = [(s, e) for field, s, e in _fields(buf, 0, len(buf)) if field == _MODEL_GRAPH]
+            if not graph:
+                raise ValueError("it has no graph")
+            inputs, outputs, initializers = [], [], set()
+            for field, s, e in _fields(buf, *graph[-1]):
+                if field == _GRAPH_INPUT:
+                    inputs.append(onnx.ValueInfoProto.FromString(bytes(buf[s:e])))
+                elif field == _GRAPH_OUTPUT:
+                    outputs.append(onnx.ValueInfoProto.FromString(bytes(buf[s:e])))
+                elif field == _GRAPH_INITIALIZER:
+                    initializers.update(bytes(buf[a:b]).decode() for f, a, b in _fields(buf, s, e) if f == _TENSOR_NAME)
+            if not outputs:
+                raise ValueError("its graph declares no outputs")
+            return _signature(inputs, outputs, initializers)
+        finally:
+            buf.release()
 
 
 def config_signature(config: model_config_pb2.ModelConfig) -> Signature:

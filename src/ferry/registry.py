@@ -42,7 +42,9 @@ class Registry:
         )
 
     def _ref(self, found, alias: str | None) -> VersionRef:
-        uri = self.client.get_model_version_download_uri(found.name, str(found.version))
+        source = found.source or ""
+        # A run's artifacts are found through the run; other sources may be stored elsewhere.
+        uri = source if source.startswith("runs:/") else self.client.get_model_version_download_uri(found.name, str(found.version))
         return VersionRef(found.name, int(found.version), found.run_id or "", found.source or "", alias, uri)
 
     def _aliases(self, model: str) -> dict[str, int]:
@@ -52,11 +54,13 @@ class Registry:
             raise self._fail(f"reading registered model '{model}'", error)
 
     def resolve_alias(self, model: str, alias: str) -> VersionRef:
-        aliases = self._aliases(model)
-        if alias not in aliases:
-            known = ", ".join(f"{a} -> v{v}" for a, v in sorted(aliases.items())) or "none"
-            raise FerryError(f"model '{model}' has no alias '{alias}' in MLflow", f"its aliases: {known}")
-        return self.get_version(model, aliases[alias], alias)
+        try:
+            return self._ref(self.client.get_model_version_by_alias(model, alias), alias)
+        except Exception as error:
+            if getattr(error, "error_code", "") != "INVALID_PARAMETER_VALUE":
+                raise self._fail(f"resolving '{model}@{alias}'", error)
+        known = ", ".join(f"{a} -> v{v}" for a, v in sorted(self._aliases(model).items())) or "none"
+        raise FerryError(f"model '{model}' has no alias '{alias}' in MLflow", f"its aliases: {known}")
 
     def get_version(self, model: str, version: int, alias: str | None = None) -> VersionRef:
         try:
@@ -64,23 +68,55 @@ class Registry:
         except Exception as error:
             raise self._fail(f"reading version {version} of '{model}'", error)
 
-    def artifact_sizes(self, ref: VersionRef) -> dict[str, int]:
-        """File name -> size in bytes of the version's top-level artifacts."""
-        import mlflow
+    def _open(self, ref: VersionRef, uri: str) -> "Artifacts":
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
         try:
-            listing = mlflow.artifacts.list_artifacts(artifact_uri=ref.artifact_uri, tracking_uri=self.tracking_uri)
+            repository = get_artifact_repository(uri, self.tracking_uri, self.tracking_uri)
         except Exception as error:
-            raise self._fail(f"listing the artifacts of {ref.artifact_uri}", error)
-        return {Path(f.path).name: (f.file_size or 0) for f in listing if not f.is_dir}
+            raise self._fail(f"opening the artifacts at {uri}", error)
+        return Artifacts(self, ref, uri, repository)
 
-    def download(self, ref: VersionRef, name: str, destination: Path) -> Path:
-        import mlflow
+    def artifacts(self, ref: VersionRef, expected: str = "model.onnx") -> "Artifacts":
+        """The version's artifact folder. A runs:/ URI is resolved once to the run's own store, which
+        MLflow's runs:/ repository would look up again (with its logged models) on every call; it is
+        still the fallback when the run's store does not hold the files."""
+        if ref.artifact_uri.startswith("runs:/"):
+            from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
+            from mlflow.tracking.artifact_utils import get_artifact_uri
 
+            try:
+                run_id, path = RunsArtifactRepository.parse_runs_uri(ref.artifact_uri)
+                direct = self._open(ref, get_artifact_uri(run_id, path, tracking_uri=self.tracking_uri))
+                if expected in direct.sizes():
+                    return direct
+            except Exception:  # FerryError included: the runs:/ repository below reports it with the user's URI
+                pass
+        return self._open(ref, ref.artifact_uri)
+
+
+class Artifacts:
+    """One version's artifact folder, resolved once for the listing and every download."""
+
+    def __init__(self, registry: Registry, ref: VersionRef, uri: str, repository) -> None:
+        self.registry = registry
+        self.ref = ref
+        self.uri = uri
+        self.repository = repository
+        self._sizes: dict[str, int] | None = None
+
+    def sizes(self) -> dict[str, int]:
+        """File name -> size in bytes of the files at the top of the folder."""
+        if self._sizes is None:
+            try:
+                listing = self.repository.list_artifacts()
+            except Exception as error:
+                raise self.registry._fail(f"listing the artifacts of {self.uri}", error)
+            self._sizes = {Path(f.path).name: (f.file_size or 0) for f in listing if not f.is_dir}
+        return self._sizes
+
+    def download(self, name: str, destination: Path) -> Path:
         try:
-            path = mlflow.artifacts.download_artifacts(
-                artifact_uri=f"{ref.artifact_uri}/{name}", dst_path=str(destination), tracking_uri=self.tracking_uri
-            )
+            return Path(self.repository.download_artifacts(name, dst_path=str(destination)))
         except Exception as error:
-            raise self._fail(f"downloading {name} of {ref.artifact_uri}", error)
-        return Path(path)
+            raise self.registry._fail(f"downloading {name} of {self.uri}", error)
