@@ -62,6 +62,13 @@ def test_failures_exit_non_zero_with_a_one_line_reason(world: World) -> None:
     assert no_previous.returncode == 2 and "--to VERSION" in no_previous.stderr
 
 
+def test_a_failed_first_deploy_says_nothing_serves(world: World) -> None:
+    world.register("golden-mismatch")
+    failed = run(world, "deploy", "iris", "--alias", "champion")
+    assert failed.returncode == 1
+    assert "failed at smoke" in failed.stderr and "nothing was active before, so nothing serves now" in failed.stderr
+
+
 def test_status_reports_drift_when_triton_serves_something_else(world: World) -> None:
     world.register()
     assert run(world, "deploy", "iris", "--alias", "champion").returncode == 0

@@ -218,3 +218,18 @@ def test_version_from_an_mlflow_logged_model_deploys_with_a_shape_only_smoke(wor
     assert report.outcome == "committed", report.error
     assert not (world.model_dir.version_dir(1) / "smoke.json").exists()
     assert_invariants(world, attempts=1)
+
+
+def test_a_version_directory_ferry_did_not_write_is_refused_and_left_alone(world: World) -> None:
+    world.register()
+    world.deploy()
+    world.register(trees=5)
+    foreign = world.model_dir.version_dir(2)
+    foreign.mkdir()
+    (foreign / "model.onnx").write_bytes(b"someone else's file")
+    report = world.deploy()
+    assert report.outcome == "rolled_back" and report.failed_step == "materialize"
+    assert "holds no ferry manifest" in report.error and "move" in report.hint
+    assert (foreign / "model.onnx").read_bytes() == b"someone else's file", "a directory ferry did not write was touched"
+    assert report.rollback.quarantined == []
+    assert world.ferry.triton.ready_versions(world.model) == [1]

@@ -97,3 +97,13 @@ def test_signature_reader_refuses_what_is_not_onnx(tmp_path: Path) -> None:
         (tmp_path / name).write_bytes(content)
         with pytest.raises((ValueError, IndexError)):
             read_onnx_signature(tmp_path / name)
+
+
+def test_a_batching_config_is_compared_with_its_batch_dimension(world: World) -> None:
+    signature = _iris_signature(world)
+    config = build_config("iris", signature, "python")
+    config.max_batch_size = 8
+    for tensor in [*config.input, *config.output]:
+        del tensor.dims[0]  # with batching on, Triton's dims leave the batch dimension out
+    assert config_signature(config) == signature
+    assert signature_mismatches(signature, config_signature(config)) == []

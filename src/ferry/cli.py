@@ -70,7 +70,12 @@ def _finish(report: DeployReport, as_json: bool) -> None:
         err.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
     if report.outcome == "rolled_back":
         rollback = report.rollback
-        state = "previous state restored" if rollback and rollback.verified else "ROLLBACK NOT VERIFIED"
+        if not (rollback and rollback.verified):
+            state = "ROLLBACK NOT VERIFIED: check `ferry status`"
+        elif report.previous_version is None:
+            state = "nothing was active before, so nothing serves now"
+        else:
+            state = f"v{report.previous_version} still active and serving"
         err.print(f"[red]failed at {report.failed_step}:[/red] {report.error} ({state}; "
                   f"quarantined: {', '.join(rollback.quarantined) if rollback and rollback.quarantined else 'nothing'})",
                   highlight=False)

@@ -26,7 +26,7 @@ from google.protobuf.message import DecodeError
 from pydantic import BaseModel
 
 from ferry.config import Settings
-from ferry.errors import FerryError, LockBusy, StepFailed
+from ferry.errors import FerryError, StepFailed
 from ferry.fsutil import atomic_write, sha256_file
 from ferry.model_config import (
     Signature,
@@ -362,11 +362,11 @@ def commit(ferry: Ferry, snapshot: Snapshot, candidate: Candidate) -> tuple[Curr
 # ---------------------------------------------------------------- rollback
 
 
-def _quarantine_failed(model_dir: ModelDir, snapshot: Snapshot, version: int | None, reason: dict) -> list[str]:
-    """Quarantine what this deploy staged (and the candidate version, if ferry's): never delete it."""
+def _quarantine_failed(model_dir: ModelDir, snapshot: Snapshot, candidate: int | None, reason: dict) -> list[str]:
+    """Quarantine what this deploy staged and the candidate version, if there was one: never delete them."""
     folders = dict(model_dir.staging_dirs(snapshot.deploy_id))
-    if version is not None and version != snapshot.active_version and model_dir.read_manifest(version) is not None:
-        folders[model_dir.version_dir(version)] = version
+    if candidate is not None and candidate != snapshot.active_version and model_dir.version_dir(candidate).exists():
+        folders[model_dir.version_dir(candidate)] = candidate
     return [str(model_dir.quarantine(folder, v, {**reason, "version": v})) for folder, v in folders.items()]
 
 
@@ -389,10 +389,12 @@ def _verify_serving(ferry: Ferry, snapshot: Snapshot, timeout_s: float = 5.0) ->
         time.sleep(0.05)
 
 
-def rollback(ferry: Ferry, snapshot: Snapshot, failure: StepFailed, version: int | None) -> RollbackReport:
+def rollback(ferry: Ferry, snapshot: Snapshot, failure: StepFailed, candidate: int | None) -> RollbackReport:
     """Restore the snapshot's state, quarantine the failed version, and make Triton serve the active one.
 
-    Best effort: every action is tried even if an earlier one failed, and the report says what worked.
+    ``candidate`` is the version materialize produced (staged or reused), None if it produced none;
+    what this deploy left half-staged is found by its deploy id. Best effort: every action is tried
+    even if an earlier one failed, and the report says what worked.
     """
     model_dir = ferry.model_dir(snapshot.model)
     actions: list[str] = []
@@ -414,8 +416,8 @@ def rollback(ferry: Ferry, snapshot: Snapshot, failure: StepFailed, version: int
     if attempt("checked current.json", lambda: restore_current(model_dir, snapshot.current)):
         actions.append("restored current.json")
     attempt("restored config.pbtxt", lambda: model_dir.restore_config_text(snapshot.config_text))
-    if failure.step == "load" and version is not None:
-        attempt("stopped the candidate's backend stubs", lambda: stop_stubs_of(model_dir.version_dir(version)))
+    if failure.step == "load" and candidate is not None:
+        attempt("stopped the candidate's backend stubs", lambda: stop_stubs_of(model_dir.version_dir(candidate)))
     # Pin Triton before moving the candidate away: with the model directory unchanged since the
     # candidate's load, Triton keeps the active version's running instance instead of re-creating it.
     attempt("asked Triton to serve only the active version", lambda: _serve_only_active(ferry, snapshot))
@@ -426,7 +428,7 @@ def rollback(ferry: Ferry, snapshot: Snapshot, failure: StepFailed, version: int
             problems.append(f"Triton serves {serving}, expected {[snapshot.active_version] if snapshot.current else []}")
     except FerryError as error:
         problems.append(f"could not verify what Triton serves: {error}")
-    quarantined = attempt("quarantined the failed version", lambda: _quarantine_failed(model_dir, snapshot, version, reason))
+    quarantined = attempt("quarantined the failed version", lambda: _quarantine_failed(model_dir, snapshot, candidate, reason))
     return RollbackReport(actions=actions, quarantined=quarantined or [], verified=verified, serving=serving, problems=problems)
 
 
@@ -526,11 +528,10 @@ def _roll_back(ferry: Ferry, snapshot: Snapshot, failure: StepFailed, candidate:
                report: DeployReport, emit: EventHandler) -> None:
     report.outcome, report.failed_step = "rolled_back", failure.step
     report.error, report.hint = failure.message, failure.hint
-    version = candidate.version if candidate else failure.version
-    report.version = version
+    report.version = candidate.version if candidate else failure.version
     emit("rollback", "start", 0.0, "")
     began = time.perf_counter()
-    report.rollback = rollback(ferry, snapshot, failure, version)
+    report.rollback = rollback(ferry, snapshot, failure, candidate.version if candidate else None)
     report.steps["rollback"] = round(time.perf_counter() - began, 4)
     status = "ok" if report.rollback.verified else "failed"
     emit("rollback", status, report.steps["rollback"], "; ".join(report.rollback.problems) or

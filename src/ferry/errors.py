@@ -21,6 +21,3 @@ class StepFailed(FerryError):
         self.step = step
         self.version = version
 
-
-class LockBusy(FerryError):
-    """Another deploy of the same model holds its lock."""

@@ -145,8 +145,11 @@ def read_onnx_signature(path: Path) -> Signature:
 
 
 def config_signature(config: model_config_pb2.ModelConfig) -> Signature:
+    """The full tensor shapes a config describes: with batching on, Triton's dims leave out the batch dimension."""
+    batch = (-1,) if config.max_batch_size > 0 else ()
+
     def specs(tensors) -> tuple[TensorSpec, ...]:
-        return tuple(TensorSpec(t.name, api_datatype(t.data_type), tuple(t.dims)) for t in tensors)
+        return tuple(TensorSpec(t.name, api_datatype(t.data_type), (*batch, *t.dims)) for t in tensors)
 
     return Signature(specs(config.input), specs(config.output))
 
