@@ -34,6 +34,8 @@ class Settings:
     ready_timeout_s: float = 30.0
     max_artifact_mb: float = 1024.0
     lock_wait_s: float = 0.0
+    default_model: str = "iris"  # the DAG's default params
+    default_alias: str = "champion"
     rtol: float = 1e-4
     atol: float = 1e-5
 

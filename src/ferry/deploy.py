@@ -43,7 +43,16 @@ from ferry.registry import Registry, VersionRef
 from ferry.repository import MANIFEST, ModelDir, check_name
 from ferry.runtime.stubs import stop_stubs_of
 from ferry.smoke import SMOKE_FILE, load_sample, output_problems, synthetic_sample
-from ferry.state import CurrentState, append_history, read_current, restore_current, utc_stamp, write_current
+from ferry.state import (
+    CurrentState,
+    append_history,
+    busy_error,
+    read_current,
+    read_inflight,
+    restore_current,
+    utc_stamp,
+    write_current,
+)
 from ferry.triton import Triton, TritonError, TritonTimeout
 
 STEPS = ("snapshot", "materialize", "load", "ready", "smoke", "commit")
@@ -130,7 +139,7 @@ def _step_failure(step: str, error: Exception) -> StepFailed:
     if isinstance(error, StepFailed):
         return error
     if isinstance(error, FerryError):
-        return StepFailed(step, error.message, error.hint)
+        return StepFailed(step, error.message, error.hint, retryable=error.retryable)
     return StepFailed(step, f"unexpected {type(error).__name__}: {error}", "this is a bug in ferry; the history has the details")
 
 
@@ -292,7 +301,8 @@ def load(ferry: Ferry, snapshot: Snapshot, candidate: Candidate) -> None:
         raise StepFailed("load", f"load of v{candidate.version} timed out: {error.message}",
                          "a backend that cannot start hangs the load; see the Triton log") from error
     except TritonError as error:
-        raise StepFailed("load", f"Triton could not load v{candidate.version}: {error.message}") from error
+        raise StepFailed("load", f"Triton could not load v{candidate.version}: {error.message}",
+                         error.hint, retryable=error.retryable) from error
 
 
 def wait_ready(ferry: Ferry, snapshot: Snapshot, candidate: Candidate) -> None:
@@ -462,10 +472,14 @@ def deploy(
     )
     try:
         with _model_lock(ferry, model_dir):
+            if (busy := read_inflight(model_dir)) is not None:  # a deploy running across processes (the DAG)
+                raise busy_error(model_dir, busy)
             _run(ferry, model, alias, version, report, on_event or (lambda *args: None))
     except Timeout:
         report.error = f"another deploy of '{model}' is running (it holds {model_dir.lock_path})"
         report.hint = f"wait for it (see `ferry history {model}`), or set FERRY_LOCK_WAIT_S to queue behind it"
+    except FerryError as error:  # refused: another deploy is in flight
+        report.error, report.hint = error.message, error.hint
     report.finished_at_utc = utc_stamp()
     append_history(model_dir, report.model_dump(mode="json"))
     return report

@@ -2,12 +2,17 @@
 
 
 class FerryError(Exception):
-    """A problem found before or outside a deploy step; nothing was changed."""
+    """A problem found before or outside a deploy step; nothing was changed.
 
-    def __init__(self, message: str, hint: str = "") -> None:
+    ``retryable`` marks a dependency that did not answer (worth retrying later), as opposed to
+    bad input or a broken model (retrying only delays the rollback).
+    """
+
+    def __init__(self, message: str, hint: str = "", retryable: bool = False) -> None:
         super().__init__(message)
         self.message = message
         self.hint = hint
+        self.retryable = retryable
 
     def __str__(self) -> str:
         return f"{self.message} ({self.hint})" if self.hint else self.message
@@ -16,8 +21,8 @@ class FerryError(Exception):
 class StepFailed(FerryError):
     """A step of the deploy transaction failed; the deploy is rolled back."""
 
-    def __init__(self, step: str, message: str, hint: str = "", version: int | None = None) -> None:
-        super().__init__(message, hint)
+    def __init__(self, step: str, message: str, hint: str = "", version: int | None = None, retryable: bool = False) -> None:
+        super().__init__(message, hint, retryable)
         self.step = step
         self.version = version
 

@@ -39,6 +39,7 @@ class Registry:
         return FerryError(
             f"MLflow at {self.tracking_uri} failed while {what}: {type(error).__name__}: {error}",
             "check that MLFLOW_TRACKING_URI points at a reachable tracking server",
+            retryable=True,
         )
 
     def _ref(self, found, alias: str | None) -> VersionRef:

@@ -62,6 +62,11 @@ class ModelDir:
         return self.state / "quarantine"
 
     @property
+    def inflight_path(self) -> Path:
+        """A deploy that spans processes (the Airflow DAG) holds the model through this record."""
+        return self.state / "inflight.json"
+
+    @property
     def lock_path(self) -> Path:
         return self.state / "deploy.lock"
 
@@ -103,7 +108,9 @@ class ModelDir:
             return None
 
     def new_staging_dir(self, version: int, deploy_id: str) -> Path:
+        """An empty staging folder for this deploy (a retried materialize starts it over)."""
         staging = self.path / ".staging" / f"v{version}-{deploy_id}"
+        shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         return staging
 

@@ -50,10 +50,13 @@ class Triton:
             return call(*args, **kwargs)
         except (TimeoutError, OSError) as error:
             if isinstance(error, TimeoutError):
-                raise TritonTimeout(f"Triton at {self.url} did not answer {what} within {timeout_s or self.timeout_s:g} s")
+                raise TritonTimeout(
+                    f"Triton at {self.url} did not answer {what} within {timeout_s or self.timeout_s:g} s", retryable=True
+                )
             raise TritonError(
                 f"Triton at {self.url} is not reachable ({what}): {error}",
                 "start it with `ferry triton up` or set FERRY_TRITON_URL",
+                retryable=True,
             )
         except InferenceServerException as error:
             raise TritonError(f"Triton refused {what}: {error.message()}")

@@ -1,0 +1,92 @@
+"""Deploy an MLflow model version (by alias) into Triton: the ferry transaction as an Airflow DAG.
+
+Each task is one call of ferry's core (ferry.orchestration); XCom carries small plain JSON.
+A failure in any step from materialize to smoke runs rollback_minimal; commit_current is then
+upstream_failed, so a rolled-back run ends failed. Only an unreachable MLflow or Triton is retried.
+Reads the same environment as the ferry CLI (FERRY_*, MLFLOW_TRACKING_URI).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from airflow.providers.standard.operators.python import PythonOperator
+from airflow.sdk import DAG, Param, TriggerRule
+from airflow.sdk.exceptions import AirflowFailException
+
+from ferry.config import load_settings
+from ferry.repository import NAME_PATTERN
+
+STEPS = ("materialize_repo", "triton_load", "triton_ready", "triton_infer_smoke")
+
+
+def _call(step: str, *args):
+    """Run one core step. Bad input or a broken model fails the task for good, its reason on the last line."""
+    from ferry import orchestration
+    from ferry.deploy import Ferry
+    from ferry.errors import FerryError
+
+    try:
+        return getattr(orchestration, step)(Ferry(load_settings()), *args)
+    except FerryError as error:
+        reason = f"{step} failed: {error}"
+        if error.retryable:
+            raise RuntimeError(reason) from error  # a dependency that did not answer: Airflow retries
+        raise AirflowFailException(reason) from error
+
+
+def snapshot_current(model: str, alias: str, ti) -> dict:
+    try:
+        return _call("snapshot_current", model, alias)
+    except Exception as error:
+        cause = error.__cause__
+        ti.xcom_push(key="failure", value={"message": getattr(cause, "message", str(error)),
+                                           "hint": getattr(cause, "hint", "")})
+        raise
+
+
+def step(name: str):
+    def run(ti) -> dict:
+        return _call(name, ti.xcom_pull(task_ids="snapshot_current"))
+
+    return run
+
+
+def rollback_minimal(model: str, alias: str, ti) -> dict:
+    state = ti.xcom_pull(task_ids="snapshot_current") or {}
+    report = _call("rollback_minimal", model, alias, state.get("deploy_id"),
+                   ti.xcom_pull(task_ids="snapshot_current", key="failure"))
+    if report.get("rollback") and not report["rollback"]["verified"]:
+        raise AirflowFailException(f"rollback not verified: {report['rollback']['problems']}")
+    return report
+
+
+settings = load_settings()
+name_schema = {"type": "string", "pattern": NAME_PATTERN.pattern}
+retry_dependencies = {"retries": 2, "retry_delay": timedelta(seconds=5), "retry_exponential_backoff": True}
+
+with DAG(
+    dag_id="mlflow_to_triton_deploy",
+    schedule=None,
+    catchup=False,
+    doc_md=__doc__,
+    params={
+        "model": Param(settings.default_model, description="Registered model name in MLflow (and in Triton)",
+                       **name_schema),
+        "alias": Param(settings.default_alias, description="MLflow alias naming the version to deploy", **name_schema),
+    },
+    tags=["ferry"],
+) as dag:
+    names = {"model": "{{ params.model }}", "alias": "{{ params.alias }}"}
+    snapshot = PythonOperator(task_id="snapshot_current", python_callable=snapshot_current, op_kwargs=names,
+                              **retry_dependencies)
+    steps = [PythonOperator(task_id=name, python_callable=step(name), **retry_dependencies) for name in STEPS]
+    commit = PythonOperator(task_id="commit_current", python_callable=step("commit_current"), **retry_dependencies)
+    rollback = PythonOperator(task_id="rollback_minimal", python_callable=rollback_minimal, op_kwargs=names,
+                              trigger_rule=TriggerRule.ONE_FAILED)
+
+    snapshot >> steps[0]
+    for upstream, downstream in zip(steps, steps[1:]):
+        upstream >> downstream
+    steps[-1] >> commit
+    steps >> rollback
