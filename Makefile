@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test bench clean
+.PHONY: install demo demo-airflow test bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,9 @@ install: $(STAMP)
 demo: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
 
+demo-airflow: install
+	$(BIN)/python scripts/demo_airflow.py
+
 test: install
 	$(BIN)/pytest -q
 
@@ -27,4 +30,4 @@ bench: install
 	$(BIN)/python bench/deploy_overhead.py
 
 clean:
-	rm -rf $(VENV) .ferry-demo .pytest_cache
+	rm -rf $(VENV) .ferry-demo .ferry-demo-airflow .pytest_cache

@@ -8,6 +8,7 @@ Reads the same environment as the ferry CLI (FERRY_*, MLFLOW_TRACKING_URI).
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 
 from airflow.providers.standard.operators.python import PythonOperator
@@ -17,6 +18,7 @@ from airflow.sdk.exceptions import AirflowFailException
 from ferry.config import load_settings
 from ferry.repository import NAME_PATTERN
 
+log = logging.getLogger(__name__)
 STEPS = ("materialize_repo", "triton_load", "triton_ready", "triton_infer_smoke")
 
 
@@ -30,6 +32,7 @@ def _call(step: str, *args):
         return getattr(orchestration, step)(Ferry(load_settings()), *args)
     except FerryError as error:
         reason = f"{step} failed: {error}"
+        log.error(reason)
         if error.retryable:
             raise RuntimeError(reason) from error  # a dependency that did not answer: Airflow retries
         raise AirflowFailException(reason) from error

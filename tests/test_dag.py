@@ -153,3 +153,17 @@ def test_an_unreachable_triton_is_a_retryable_failure(dag_world: World, tmp_path
     with pytest.raises(FerryError) as error:
         orchestration.snapshot_current(unreachable, "iris", "champion")
     assert error.value.retryable and not dag_world.model_dir.inflight_path.exists()
+
+
+def test_demo_airflow_triggers_the_dag_through_the_rest_api(tmp_path: Path) -> None:
+    from conftest import make_settings
+
+    env = {**os.environ, "FERRY_HOME": str(tmp_path / "demo"), "FERRY_TRITON_URL": make_settings(tmp_path).triton_url}
+    for name in [n for n in env if n.startswith("AIRFLOW")]:  # the demo brings its own Airflow
+        del env[name]
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "demo_airflow.py")], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "good v1: run" in result.stdout and "ended SUCCESS" in result.stdout
+    assert "broken v2: run" in result.stdout and "ended FAILED" in result.stdout
+    assert "rollback_minimal     success" in result.stdout
