@@ -25,6 +25,14 @@ from train_model import train_and_register  # noqa: E402
 
 FAKES = Path(__file__).parent / "fakes"
 
+# Each deliberately broken version of examples/train_model.py, the step that catches it, and what it says.
+BROKEN_VERSIONS = [
+    ("corrupt-bytes", "materialize", "not a valid ONNX model"),
+    ("unknown-op", "load", "is not a registered function/op"),
+    ("output-shape", "smoke", "output 'probabilities' has shape [3, 4]"),
+    ("golden-mismatch", "smoke", "differs from the golden output"),
+]
+
 
 def _free_port_block(size: int = 3) -> int:
     """A base port with ``size`` consecutive free ports (Triton's http, grpc and metrics)."""

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, World, assert_invariants
+from conftest import BROKEN_VERSIONS, ROOT, World, assert_invariants
 from ferry.deploy import Ferry, deploy
 from ferry.state import read_current, read_history
 
 DAG_ID = "mlflow_to_triton_deploy"
 STEP_TASKS = ["materialize_repo", "triton_load", "triton_ready", "triton_infer_smoke"]
+TASK_OF_STEP = dict(zip(["materialize", "load", "ready", "smoke"], STEP_TASKS))
 
 
 @pytest.fixture(scope="session")
@@ -81,16 +82,9 @@ def test_good_version_commits(dag, dag_world: World) -> None:
     assert_invariants(dag_world, attempts=1)
 
 
-@pytest.mark.parametrize(
-    ("breakage", "task", "message"),
-    [
-        ("corrupt-bytes", "materialize_repo", "not a valid ONNX model"),
-        ("unknown-op", "triton_load", "is not a registered function/op"),
-        ("output-shape", "triton_infer_smoke", "has shape [3, 4]"),
-        ("golden-mismatch", "triton_infer_smoke", "differs from the golden output"),
-    ],
-)
-def test_broken_version_rolls_back_and_the_run_fails(dag, dag_world: World, breakage: str, task: str, message: str) -> None:
+@pytest.mark.parametrize(("breakage", "step", "message"), BROKEN_VERSIONS)
+def test_broken_version_rolls_back_and_the_run_fails(dag, dag_world: World, breakage: str, step: str, message: str) -> None:
+    task = TASK_OF_STEP[step]
     dag_world.register()
     assert deploy(dag_world.ferry, "iris", alias="champion").outcome == "committed"
     before = dag_world.current_bytes()
@@ -167,3 +161,26 @@ def test_demo_airflow_triggers_the_dag_through_the_rest_api(tmp_path: Path) -> N
     assert "good v1: run" in result.stdout and "ended SUCCESS" in result.stdout
     assert "broken v2: run" in result.stdout and "ended FAILED" in result.stdout
     assert "rollback_minimal     success" in result.stdout
+
+
+def test_a_version_that_is_not_ready_rolls_back(dag_world: World) -> None:
+    """Triton drops the candidate between load and ready (as a restarted replica would): ready fails."""
+    from ferry import orchestration
+    from ferry.errors import StepFailed
+
+    dag_world.register()
+    assert deploy(dag_world.ferry, "iris", alias="champion").outcome == "committed"
+    before = dag_world.current_bytes()
+    dag_world.register(trees=5)
+    ferry = Ferry(dag_world.settings.with_overrides(ready_timeout_s=1.0))
+    state = orchestration.snapshot_current(ferry, "iris", "champion")
+    orchestration.materialize_repo(ferry, state)
+    orchestration.triton_load(ferry, state)
+    ferry.triton.unload("iris")
+    with pytest.raises(StepFailed, match="v2 not ready"):
+        orchestration.triton_ready(ferry, state)
+    report = orchestration.rollback_minimal(ferry, "iris", "champion", state["deploy_id"], None)
+    assert report["outcome"] == "rolled_back" and report["failed_step"] == "ready"
+    assert report["rollback"]["verified"] and report["rollback"]["serving"] == [1]
+    assert dag_world.current_bytes() == before
+    assert_invariants(dag_world, attempts=2)

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import FAKES, World, assert_invariants, make_settings
+from conftest import BROKEN_VERSIONS, FAKES, World, assert_invariants, make_settings
 from ferry.deploy import Ferry, deploy
 from ferry.errors import FerryError
 from ferry.state import read_current, read_history
@@ -54,15 +54,7 @@ def test_redeploying_the_active_version_is_a_noop(world: World) -> None:
     assert_invariants(world, attempts=2)
 
 
-@pytest.mark.parametrize(
-    ("breakage", "step", "message"),
-    [
-        ("corrupt-bytes", "materialize", "not a valid ONNX model"),
-        ("unknown-op", "load", "is not a registered function/op"),
-        ("output-shape", "smoke", "output 'probabilities' has shape [3, 4]"),
-        ("golden-mismatch", "smoke", "differs from the golden output"),
-    ],
-)
+@pytest.mark.parametrize(("breakage", "step", "message"), BROKEN_VERSIONS)
 def test_broken_version_fails_at_its_step_and_rolls_back(world: World, breakage: str, step: str, message: str) -> None:
     world.register()
     world.deploy()
