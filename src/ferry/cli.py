@@ -57,30 +57,39 @@ def _show_step(step: str, status: str, seconds: float, detail: str) -> None:
     out.print(f"  {mark} {step:<12} {seconds:7.3f} s  {detail}", highlight=False)
 
 
+def _print_success(report: DeployReport) -> None:
+    if report.outcome == "noop":
+        out.print(f"{report.model}: v{report.version} is already active, nothing to do")
+        return
+    was = f"v{report.previous_version}" if report.previous_version else "nothing"
+    out.print(f"[green]committed[/green] {report.model} v{report.version} (was {was}) in {sum(report.steps.values()):.2f} s")
+    for warning in report.warnings:
+        err.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
+
+
+def _explain_rollback(report: DeployReport) -> None:
+    rollback = report.rollback
+    if not (rollback and rollback.verified):
+        state = "ROLLBACK NOT VERIFIED: check `ferry status`"
+    elif report.previous_version is None:
+        state = "nothing was active before, so nothing serves now"
+    else:
+        state = f"v{report.previous_version} still active and serving"
+    quarantined = ", ".join(rollback.quarantined) if rollback and rollback.quarantined else "nothing"
+    err.print(f"[red]failed at {report.failed_step}:[/red] {report.error} ({state}; quarantined: {quarantined})",
+              highlight=False)
+    for problem in rollback.problems if rollback else []:
+        err.print(f"  rollback problem: {problem}", highlight=False)
+
+
 def _finish(report: DeployReport, as_json: bool) -> None:
+    """Print the outcome (JSON on stdout for scripts; the reason of a failure always on stderr) and exit."""
     if as_json:
         _print_json(report.model_dump(mode="json"))
-    elif report.outcome == "committed":
-        out.print(f"[green]committed[/green] {report.model} v{report.version} "
-                  f"(was {f'v{report.previous_version}' if report.previous_version else 'nothing'}) "
-                  f"in {sum(report.steps.values()):.2f} s")
-    elif report.outcome == "noop":
-        out.print(f"{report.model}: v{report.version} is already active, nothing to do")
-    for warning in report.warnings if not as_json and report.outcome != "noop" else []:
-        err.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
+    elif report.ok:
+        _print_success(report)
     if report.outcome == "rolled_back":
-        rollback = report.rollback
-        if not (rollback and rollback.verified):
-            state = "ROLLBACK NOT VERIFIED: check `ferry status`"
-        elif report.previous_version is None:
-            state = "nothing was active before, so nothing serves now"
-        else:
-            state = f"v{report.previous_version} still active and serving"
-        err.print(f"[red]failed at {report.failed_step}:[/red] {report.error} ({state}; "
-                  f"quarantined: {', '.join(rollback.quarantined) if rollback and rollback.quarantined else 'nothing'})",
-                  highlight=False)
-        for problem in rollback.problems if rollback else []:
-            err.print(f"  rollback problem: {problem}", highlight=False)
+        _explain_rollback(report)
         raise typer.Exit(EXIT_FAILED)
     if report.outcome == "rejected":
         _fail(FerryError(report.error or "rejected", report.hint or ""))

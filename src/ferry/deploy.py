@@ -447,7 +447,7 @@ def rollback(ferry: Ferry, snapshot: Snapshot, failure: StepFailed, candidate: i
 EventHandler = Callable[[str, str, float, str], None]  # (step, "start" | "ok" | "failed", seconds, detail)
 
 
-def _who() -> str:
+def current_user() -> str:
     return f"{getpass.getuser()}@{socket.gethostname()}"
 
 
@@ -468,7 +468,7 @@ def deploy(
     report = DeployReport(
         deploy_id="", model=model, kind="deploy" if alias is not None else "rollback",
         target=f"@{alias}" if alias is not None else f"v{version}", outcome="rejected",
-        who=_who(), started_at_utc=utc_stamp(),
+        who=current_user(), started_at_utc=utc_stamp(),
     )
     try:
         with _model_lock(ferry, model_dir):

@@ -22,8 +22,8 @@ from ferry.deploy import (
     DeployReport,
     Ferry,
     Snapshot,
-    _who,
     commit,
+    current_user,
     load,
     materialize,
     rollback,
@@ -56,7 +56,7 @@ def _open_inflight(model_dir: ModelDir, record: dict) -> None:
     _write(model_dir, record)
 
 
-def _close(ferry: Ferry, model_dir: ModelDir, record: dict, report: DeployReport) -> dict:
+def _close(model_dir: ModelDir, record: dict, report: DeployReport) -> dict:
     report.steps = record.get("steps", {}) | report.steps
     report.finished_at_utc = utc_stamp()
     append_history(model_dir, report.model_dump(mode="json"))
@@ -72,23 +72,26 @@ def _report(record: dict, outcome: str) -> DeployReport:
 
 
 def snapshot_current(ferry: Ferry, model: str, alias: str) -> dict:
-    """Take the model (fail fast if another deploy holds it) and record what is committed and served.
+    """Take the model (fail fast if another deploy holds it), then record what is committed and served.
 
-    A failure here raises and writes no history: the orchestrator may retry it, and
-    :func:`rollback_minimal` records the attempt once it is given up.
+    The model is taken before the snapshot, so no other deploy can commit in between and be undone
+    by this one's rollback. A failure here releases the model and writes no history: the orchestrator
+    may retry, and :func:`rollback_minimal` records the attempt once it is given up.
     """
     model_dir = ferry.model_dir(model)
     check_name("alias", alias)
-    if (busy := read_inflight(model_dir)) is not None:
-        raise busy_error(model_dir, busy)
     began = time.perf_counter()
-    snapshot = take_snapshot(ferry, model)
-    record = {
-        "deploy_id": snapshot.deploy_id, "model": model, "kind": "deploy", "target": f"@{alias}", "alias": alias,
-        "who": _who(), "started_at_utc": snapshot.started_at_utc,
-        "steps": {"snapshot": round(time.perf_counter() - began, 4)}, "snapshot": snapshot.model_dump(mode="json"),
-    }
+    record = {"model": model, "kind": "deploy", "target": f"@{alias}", "alias": alias, "who": current_user(),
+              "started_at_utc": utc_stamp(), "deploy_id": "taking a snapshot"}
     _open_inflight(model_dir, record)
+    try:
+        snapshot = take_snapshot(ferry, model)
+    except BaseException:
+        model_dir.inflight_path.unlink(missing_ok=True)
+        raise
+    record.update(deploy_id=snapshot.deploy_id, snapshot=snapshot.model_dump(mode="json"),
+                  steps={"snapshot": round(time.perf_counter() - began, 4)})
+    _write(model_dir, record)
     return {"model": model, "deploy_id": snapshot.deploy_id, "active_version": snapshot.active_version}
 
 
@@ -109,11 +112,10 @@ def _step(ferry: Ferry, state: dict, name: str, action: Callable[[Snapshot, dict
         result = action(snapshot, record)
     except Exception as error:
         failure = error if isinstance(error, FerryError) else StepFailed(name, f"unexpected {type(error).__name__}: {error}")
-        if not failure.retryable:
-            record["failure"] = {
-                "step": name, "message": failure.message, "hint": failure.hint,
-                "rejected": not isinstance(failure, StepFailed), "version": getattr(failure, "version", None),
-            }
+        record["failure"] = {  # a retry that succeeds leaves it behind harmlessly: only the rollback reads it
+            "step": name, "message": failure.message, "hint": failure.hint,
+            "rejected": not isinstance(failure, StepFailed), "version": getattr(failure, "version", None),
+        }
         record["steps"][name] = round(time.perf_counter() - began, 4)
         _write(model_dir, record)
         raise failure from error
@@ -155,7 +157,7 @@ def commit_current(ferry: Ferry, state: dict) -> dict:
     report = _report(record, "noop" if candidate.already_active else "committed")
     report.version, report.run_id, report.previous_version = candidate.version, candidate.run_id, snapshot.active_version
     report.current, report.warnings = current, warnings
-    return _close(ferry, model_dir, record, report)
+    return _close(model_dir, record, report)
 
 
 def rollback_minimal(ferry: Ferry, model: str, alias: str, deploy_id: str | None, snapshot_failure: dict | None) -> dict:
@@ -168,7 +170,7 @@ def rollback_minimal(ferry: Ferry, model: str, alias: str, deploy_id: str | None
     if deploy_id is None:
         failure = snapshot_failure or {"message": "the snapshot failed", "hint": "see the snapshot task's log"}
         report = DeployReport(deploy_id="", model=model, kind="deploy", target=f"@{alias}", outcome="rejected",
-                              error=failure["message"], hint=failure.get("hint"), who=_who(),
+                              error=failure["message"], hint=failure.get("hint"), who=current_user(),
                               started_at_utc=utc_stamp(), finished_at_utc=utc_stamp())
         append_history(model_dir, report.model_dump(mode="json"))
         return report.model_dump(mode="json")
@@ -178,7 +180,7 @@ def rollback_minimal(ferry: Ferry, model: str, alias: str, deploy_id: str | None
     if failure.get("rejected"):  # the target could not be resolved: nothing was touched
         report = _report(record, "rejected")
         report.error, report.hint = failure["message"], failure["hint"]
-        return _close(ferry, model_dir, record, report)
+        return _close(model_dir, record, report)
     began = time.perf_counter()
     step_failure = StepFailed(failure["step"], failure["message"], failure["hint"])
     rollback_report = rollback(ferry, snapshot, step_failure, candidate.version if candidate else None)
@@ -188,4 +190,4 @@ def rollback_minimal(ferry: Ferry, model: str, alias: str, deploy_id: str | None
     report.previous_version = snapshot.active_version
     report.rollback = rollback_report
     report.steps = {"rollback": round(time.perf_counter() - began, 4)}
-    return _close(ferry, model_dir, record, report)
+    return _close(model_dir, record, report)
