@@ -10,12 +10,9 @@ from pathlib import Path
 
 from conftest import ROOT, World, assert_invariants
 
-FERRY = [sys.executable, "-m", "ferry"]
-
 
 def run(world: World, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, **world.env()}
-    return subprocess.run([*FERRY, *args], env=env, capture_output=True, text=True, timeout=120)
+    return world.cli(*args)
 
 
 def test_deploy_status_history_and_rollback_from_the_command_line(world: World) -> None:

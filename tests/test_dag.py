@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import BROKEN_VERSIONS, ROOT, World, assert_invariants
+
 from ferry.deploy import Ferry, deploy
 from ferry.state import read_current, read_history
 
@@ -78,7 +78,7 @@ def test_good_version_commits(dag, dag_world: World) -> None:
     assert read_current(dag_world.model_dir).active_version == 1
     [record] = read_history(dag_world.model_dir)
     assert record["outcome"] == "committed" and set(record["steps"]) >= {"snapshot", "load", "smoke", "commit"}
-    assert not dag_world.model_dir.inflight_path.exists()
+    assert not dag_world.model_dir.journal_path.exists()
     assert_invariants(dag_world, attempts=1)
 
 
@@ -130,23 +130,23 @@ def test_a_run_during_another_deploy_of_the_model_fails_fast(dag, dag_world: Wor
     assert record["outcome"] == "rejected" and "is in progress" in record["error"]
     cli = deploy(dag_world.ferry, "iris", alias="champion")
     assert cli.outcome == "rejected" and held["deploy_id"] in cli.error
-    assert dag_world.model_dir.inflight_path.exists(), "the deploy in flight was disturbed"
+    assert dag_world.model_dir.journal_path.exists(), "the deploy in flight was disturbed"
     failure = {"message": "abandoned by the test", "hint": ""}
     orchestration.rollback_minimal(dag_world.ferry, "iris", "champion", held["deploy_id"], failure)
-    assert not dag_world.model_dir.inflight_path.exists()
+    assert not dag_world.model_dir.journal_path.exists()
     assert deploy(dag_world.ferry, "iris", alias="champion").outcome == "committed"
 
 
 def test_an_unreachable_triton_is_a_retryable_failure(dag_world: World, tmp_path: Path) -> None:
+    from conftest import make_settings
+
     from ferry import orchestration
     from ferry.errors import FerryError
-
-    from conftest import make_settings
 
     unreachable = Ferry(dag_world.settings.with_overrides(triton_url=make_settings(tmp_path).triton_url))
     with pytest.raises(FerryError) as error:
         orchestration.snapshot_current(unreachable, "iris", "champion")
-    assert error.value.retryable and not dag_world.model_dir.inflight_path.exists()
+    assert error.value.retryable and not dag_world.model_dir.journal_path.exists()
 
 
 def test_demo_airflow_triggers_the_dag_through_the_rest_api(tmp_path: Path) -> None:

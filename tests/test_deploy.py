@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import BROKEN_VERSIONS, FAKES, World, assert_invariants, make_settings
+
 from ferry.deploy import Ferry, deploy
 from ferry.errors import FerryError
 from ferry.state import read_current, read_history
@@ -189,9 +189,9 @@ def test_version_from_an_mlflow_logged_model_deploys_with_a_shape_only_smoke(wor
     """A version registered from mlflow.onnx.log_model (source models:/m-...) carries no smoke sample."""
     import mlflow
     import onnx
+    from skl2onnx import to_onnx
     from sklearn.datasets import load_iris
     from sklearn.linear_model import LogisticRegression
-    from skl2onnx import to_onnx
     from train_model import use_experiment
 
     features, labels = load_iris(return_X_y=True)
@@ -225,3 +225,17 @@ def test_a_version_directory_ferry_did_not_write_is_refused_and_left_alone(world
     assert (foreign / "model.onnx").read_bytes() == b"someone else's file", "a directory ferry did not write was touched"
     assert report.rollback.quarantined == []
     assert world.ferry.triton.ready_versions(world.model) == [1]
+
+
+def test_quarantine_retention_keeps_every_reason_and_the_newest_files(world: World) -> None:
+    world.register()
+    world.deploy()
+    for breakage in ("golden-mismatch", "output-shape", "golden-mismatch"):
+        world.register(breakage)
+        assert world.deploy(quarantine_keep=2).outcome == "rolled_back"
+    folders = sorted(world.model_dir.quarantine_root.iterdir(), key=lambda p: (p / "reason.json").stat().st_mtime_ns)
+    assert [f.name.split(".")[0] for f in folders] == ["2", "3", "4"]
+    assert sorted(p.name for p in folders[0].iterdir()) == ["ferry.json", "reason.json"]
+    for kept in folders[1:]:
+        assert (kept / "model.onnx").is_file()
+    assert_invariants(world, attempts=4)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 
 import onnx
 import pytest
-
 from conftest import World, make_settings
+
 from ferry.config import load_settings
 from ferry.errors import FerryError
 from ferry.model_config import (
@@ -21,6 +22,7 @@ from ferry.model_config import (
     with_versions,
 )
 from ferry.runtime import server
+from ferry.triton import Triton, TritonError
 
 
 def test_up_is_idempotent_and_down_stops_everything(tmp_path: Path) -> None:
@@ -42,6 +44,42 @@ def test_up_refuses_a_port_another_server_holds(world: World, tmp_path: Path) ->
     intruder = make_settings(tmp_path / "other").with_overrides(triton_url=world.settings.triton_url)
     with pytest.raises(FerryError, match="another server already answers"):
         server.up(intruder)
+
+
+def test_model_control_needs_the_key_and_every_port_is_on_loopback(world: World) -> None:
+    settings = world.settings
+    key_file = settings.triton_api_key_file
+    assert key_file.stat().st_mode & 0o777 == 0o600, "the generated key must be readable by its owner only"
+    world.register()
+    assert world.deploy().outcome == "committed"  # ferry sends the key
+
+    keyless = Triton(settings.triton_url)
+    with pytest.raises(TritonError, match="FERRY_TRITON_API_KEY") as refused:
+        keyless.unload(world.model)
+    assert "restricted" in refused.value.message or "authorized" in refused.value.message.lower()
+    wrong = world.deploy(triton_api_key="not-the-key")
+    assert wrong.outcome == "rejected" and "FERRY_TRITON_API_KEY" in wrong.hint
+    assert keyless.version_ready(world.model, 1), "inference and health stay open; only model control needs the key"
+    assert world.ferry.triton.ready_versions(world.model) == [1]
+
+    listening = _listening_addresses()
+    ports = (settings.triton_http_port, settings.triton_http_port + 1, settings.triton_http_port + 2)
+    assert all(port in listening and listening[port].is_loopback for port in ports), listening
+
+
+def _listening_addresses() -> dict[int, ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """port -> address of every listening TCP socket on this machine, from /proc/net/tcp and tcp6."""
+    found = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            if state != "0A":  # LISTEN
+                continue
+            address, port = local.split(":")
+            raw = bytes.fromhex(address)  # 32-bit words in host (little-endian) order
+            ip = ipaddress.ip_address(b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4)))
+            found[int(port, 16)] = getattr(ip, "ipv4_mapped", None) or ip
+    return found
 
 
 def _iris_signature(world: World):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from typing import Optional
 
@@ -13,6 +14,7 @@ from rich.table import Table
 from ferry.config import Settings, load_settings
 from ferry.deploy import DeployReport, Ferry, deploy
 from ferry.errors import FerryError
+from ferry.recover import reconcile, recover
 from ferry.repository import ModelDir
 from ferry.runtime import server
 from ferry.state import read_current, read_history
@@ -97,6 +99,7 @@ def _finish(report: DeployReport, as_json: bool) -> None:
 
 def _run_deploy(model: str, alias: Optional[str], version: Optional[int], as_json: bool) -> None:
     ferry = Ferry(_settings())
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a stopped deploy rolls back, as on Ctrl-C
     try:
         report = deploy(ferry, model, alias=alias, version=version, on_event=None if as_json else _show_step)
     except FerryError as error:
@@ -133,6 +136,58 @@ def rollback_command(
     _run_deploy(model, None, to, as_json)
 
 
+@app.command("recover")
+def recover_command(model: str = typer.Argument(...), as_json: bool = JsonOption) -> None:
+    """Finish or undo a deploy whose process stopped (killed, crashed), from its journal."""
+    ferry = Ferry(_settings())
+    try:
+        report = recover(ferry, model)
+    except FerryError as error:
+        _fail(error)
+    if report is None:
+        if as_json:
+            _print_json(None)
+        else:
+            out.print(f"{model}: no unfinished deploy, nothing to recover")
+        return
+    if as_json:
+        _print_json(report.model_dump(mode="json"))
+    else:
+        out.print(f"{model}: deploy {report.deploy_id or '(before its snapshot)'} ({report.target}) was unfinished")
+        if report.outcome == "rolled_back":
+            _explain_rollback(report)
+        elif report.ok:
+            _print_success(report)
+        else:
+            out.print(f"  {report.error}", highlight=False)
+    if report.rollback is not None and not report.rollback.verified:
+        raise typer.Exit(EXIT_FAILED)
+
+
+@app.command("reconcile")
+def reconcile_command(
+    models: Optional[list[str]] = typer.Argument(None, help="Models to reconcile (default: every committed model)."),
+    as_json: bool = JsonOption,
+) -> None:
+    """Make Triton serve exactly what current.json commits (after a Triton restart, or on a new replica)."""
+    settings = _settings()
+    ferry = Ferry(settings)
+    try:
+        names = [ModelDir(settings.repository, m).model for m in models] if models else list_models(settings.repository)
+    except FerryError as error:
+        _fail(error)
+    results = [reconcile(ferry, name) for name in names]
+    if as_json:
+        _print_json([r.model_dump(mode="json") for r in results])
+    else:
+        for r in results:
+            colour = "green" if r.ok else "red"
+            version = f"v{r.active_version}" if r.active_version is not None else "-"
+            out.print(f"  [{colour}]{r.action:<9}[/{colour}] {r.model} {version}  {r.detail}", highlight=False)
+    if not all(r.ok for r in results):
+        raise typer.Exit(EXIT_FAILED)
+
+
 @app.command("status")
 def status_command(model: Optional[str] = typer.Argument(None), as_json: bool = JsonOption) -> None:
     """The committed version (current.json), the versions Triton serves, and any drift between them."""
@@ -147,7 +202,7 @@ def status_command(model: Optional[str] = typer.Argument(None), as_json: bool = 
         _print_json([r.model_dump(mode="json") for r in reports])
     else:
         _print_status_table(reports, settings)
-    if any(r.drift or r.current_error or r.triton_error for r in reports):
+    if any(r.drift or r.current_error or r.triton_error or r.in_flight for r in reports):
         raise typer.Exit(EXIT_FAILED)
 
 
@@ -171,7 +226,7 @@ def _print_status_table(reports: list, settings: Settings) -> None:
         )
     out.print(table)
     for r in reports:
-        for problem in (r.current_error, r.triton_error):
+        for problem in (r.current_error, r.triton_error, r.in_flight):
             if problem:
                 err.print(f"[red]{r.model}:[/red] {problem}", highlight=False)
 

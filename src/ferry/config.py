@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
+
+import tomllib
 
 from ferry.errors import FerryError
 
@@ -29,11 +30,13 @@ class Settings:
     triton_metrics_port: int = 0
     runtime: str = "python"
     python_runner: Path | None = None
+    triton_api_key: str = ""  # the key Triton's model-control API wants (default: the one `ferry triton up` made)
     triton_timeout_s: float = 10.0
     load_timeout_s: float = 120.0
     ready_timeout_s: float = 30.0
     max_artifact_mb: float = 1024.0
     lock_wait_s: float = 0.0
+    quarantine_keep: int = 0  # keep the files of this many newest failed versions per model (0: all); reasons always
     default_model: str = "iris"  # the DAG's default params
     default_alias: str = "champion"
     rtol: float = 1e-4
@@ -51,6 +54,20 @@ class Settings:
     def triton_dir(self) -> Path:
         """Where `ferry triton up` keeps the server's pid file, log and backend directory."""
         return self.home / "triton"
+
+    @property
+    def triton_api_key_file(self) -> Path:
+        """Where `ferry triton up` keeps the model-control key it generated (mode 0600)."""
+        return self.triton_dir / "api-key"
+
+    def model_control_key(self) -> str:
+        """FERRY_TRITON_API_KEY if set, else the key of the Triton that `ferry triton up` started, else none."""
+        if self.triton_api_key:
+            return self.triton_api_key
+        try:
+            return self.triton_api_key_file.read_text().strip()
+        except FileNotFoundError:
+            return ""
 
     def with_overrides(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)

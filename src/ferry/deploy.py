@@ -28,31 +28,24 @@ from pydantic import BaseModel
 from ferry.config import Settings
 from ferry.errors import FerryError, StepFailed
 from ferry.fsutil import atomic_write, sha256_file
+from ferry.journal import Journal, owner
 from ferry.model_config import (
     Signature,
     build_config,
     config_signature,
     from_pbtxt,
+    model_config_pb2,
     read_onnx_signature,
     signature_mismatches,
     to_override_json,
     to_pbtxt,
     with_versions,
 )
-from ferry.registry import Registry, VersionRef
+from ferry.registry import Artifacts, Registry, VersionRef, disk_full
 from ferry.repository import MANIFEST, ModelDir, check_name
 from ferry.runtime.stubs import stop_stubs_of
 from ferry.smoke import SMOKE_FILE, load_sample, output_problems, synthetic_sample
-from ferry.state import (
-    CurrentState,
-    append_history,
-    busy_error,
-    read_current,
-    read_inflight,
-    restore_current,
-    utc_stamp,
-    write_current,
-)
+from ferry.state import CurrentState, append_history, read_current, restore_current, utc_stamp, write_current
 from ferry.triton import Triton, TritonError, TritonTimeout
 
 STEPS = ("snapshot", "materialize", "load", "ready", "smoke", "commit")
@@ -67,7 +60,8 @@ class Ferry:
     @cached_property
     def triton(self) -> Triton:
         s = self.settings
-        return Triton(s.triton_url, timeout_s=s.triton_timeout_s, load_timeout_s=s.load_timeout_s)
+        return Triton(s.triton_url, timeout_s=s.triton_timeout_s, load_timeout_s=s.load_timeout_s,
+                      api_key=s.model_control_key())
 
     @cached_property
     def registry(self) -> Registry:
@@ -129,15 +123,18 @@ class DeployReport(BaseModel):
     who: str = ""
     started_at_utc: str = ""
     finished_at_utc: str = ""
+    recovered_by: str | None = None  # who finished or undid it with `ferry recover`, after its process stopped
 
     @property
     def ok(self) -> bool:
         return self.outcome in ("committed", "noop")
 
 
-def _step_failure(step: str, error: Exception) -> StepFailed:
+def _step_failure(step: str, error: BaseException) -> StepFailed:
     if isinstance(error, StepFailed):
         return error
+    if isinstance(error, KeyboardInterrupt):
+        return StepFailed(step, f"interrupted (SIGINT or SIGTERM) during {step}", "deploy again when ready")
     if isinstance(error, FerryError):
         return StepFailed(step, error.message, error.hint, retryable=error.retryable)
     return StepFailed(step, f"unexpected {type(error).__name__}: {error}", "this is a bug in ferry; the history has the details")
@@ -234,6 +231,31 @@ def _stage(ferry: Ferry, model_dir: ModelDir, ref: VersionRef, snapshot: Snapsho
                          "raise FERRY_MAX_ARTIFACT_MB if the model really is that large")
     model_dir.ensure()
     staging = model_dir.new_staging_dir(ref.version, snapshot.deploy_id)
+    try:
+        config, size, digest = _fill_staging(ferry, artifacts, staging, snapshot, sizes)
+        manifest = {
+            "model": ref.model, "version": ref.version, "run_id": ref.run_id, "source": ref.source,
+            "sha256": digest, "size_bytes": size, "deploy_id": snapshot.deploy_id, "staged_at_utc": utc_stamp(),
+            "runtime": ferry.settings.runtime,
+        }
+        atomic_write(staging / MANIFEST, json.dumps(manifest, indent=1).encode())
+    except OSError as error:
+        if not disk_full(error):
+            raise
+        model_dir.discard_staging(staging)  # half a version is no evidence worth keeping, and it holds the space
+        raise StepFailed("materialize", f"no space left on the device of {model_dir.path} while staging "
+                         f"v{ref.version}: {error.strerror}",
+                         "free space there (old quarantined versions count too) and deploy again; "
+                         "the partial files were removed")
+    model_dir.publish_version(staging, ref.version)
+    return Candidate(model=ref.model, version=ref.version, run_id=ref.run_id, alias=ref.alias, sha256=digest,
+                     size_bytes=size, config_pbtxt=to_pbtxt(config))
+
+
+def _fill_staging(ferry: Ferry, artifacts: Artifacts, staging: Path, snapshot: Snapshot,
+                  sizes: dict[str, int]) -> tuple[model_config_pb2.ModelConfig, int, str]:
+    """Download and check the version's files and add the runner; the config, model size and sha256."""
+    limit = ferry.settings.max_artifact_bytes
     wanted = ["model.onnx"] + ([SMOKE_FILE] if SMOKE_FILE in sizes else [])
     with ThreadPoolExecutor(len(wanted)) as pool:  # each download is a round trip to the artifact store
         onnx_path, *_ = pool.map(lambda name: artifacts.download(name, staging), wanted)
@@ -249,16 +271,7 @@ def _stage(ferry: Ferry, model_dir: ModelDir, ref: VersionRef, snapshot: Snapsho
         # Compiled now, so that the backend stub (same Python) has no bytecode to write into the live
         # version directory: a change there makes Triton re-create every loaded version on the next load.
         py_compile.compile(str(staging / "model.py"), doraise=True)
-    digest = sha256_file(onnx_path)
-    manifest = {
-        "model": ref.model, "version": ref.version, "run_id": ref.run_id, "source": ref.source,
-        "sha256": digest, "size_bytes": size, "deploy_id": snapshot.deploy_id, "staged_at_utc": utc_stamp(),
-        "runtime": ferry.settings.runtime,
-    }
-    atomic_write(staging / MANIFEST, json.dumps(manifest, indent=1).encode())
-    model_dir.publish_version(staging, ref.version)
-    return Candidate(model=ref.model, version=ref.version, run_id=ref.run_id, alias=ref.alias, sha256=digest,
-                     size_bytes=size, config_pbtxt=to_pbtxt(config))
+    return config, size, sha256_file(onnx_path)
 
 
 def _check_sample(path: Path, config) -> None:
@@ -359,14 +372,19 @@ def commit(ferry: Ferry, snapshot: Snapshot, candidate: Candidate) -> tuple[Curr
         write_current(model_dir, state)
     except OSError as error:
         raise StepFailed("commit", f"cannot write {model_dir.current_path}: {error}") from error
-    config = with_versions(from_pbtxt(candidate.config_pbtxt), [candidate.version])
     warnings = []
     try:
-        model_dir.write_config(config)
-        ferry.triton.load(snapshot.model, to_override_json(config))  # Triton drains the old version, then unloads it
+        pin(ferry, model_dir, candidate.config_pbtxt, candidate.version)
     except (OSError, TritonError) as error:
         warnings.append(f"committed v{candidate.version}, but retiring v{snapshot.active_version} failed: {error}")
     return state, warnings
+
+
+def pin(ferry: Ferry, model_dir: ModelDir, config_pbtxt: str, version: int) -> None:
+    """Make config.pbtxt and Triton serve ``version`` alone (Triton drains any other version, then unloads it)."""
+    config = with_versions(from_pbtxt(config_pbtxt), [version])
+    model_dir.write_config(config)
+    ferry.triton.load(model_dir.model, to_override_json(config))
 
 
 # ---------------------------------------------------------------- rollback
@@ -388,12 +406,11 @@ def _serve_only_active(ferry: Ferry, snapshot: Snapshot) -> None:
         ferry.triton.load(snapshot.model, to_override_json(config))
 
 
-def _verify_serving(ferry: Ferry, snapshot: Snapshot, timeout_s: float = 5.0) -> tuple[bool, list[int]]:
-    """True once Triton serves exactly the active version (a version that is unloading no longer counts)."""
-    wanted = [snapshot.active_version] if snapshot.current else []
+def wait_serving(ferry: Ferry, model: str, wanted: list[int], timeout_s: float = 5.0) -> tuple[bool, list[int]]:
+    """True once Triton serves exactly ``wanted`` (a version that is unloading no longer counts)."""
     deadline = time.monotonic() + timeout_s
     while True:
-        serving = ferry.triton.ready_versions(snapshot.model)
+        serving = ferry.triton.ready_versions(model)
         if serving == wanted or time.monotonic() > deadline:
             return serving == wanted, serving
         time.sleep(0.05)
@@ -433,13 +450,22 @@ def rollback(ferry: Ferry, snapshot: Snapshot, failure: StepFailed, candidate: i
     attempt("asked Triton to serve only the active version", lambda: _serve_only_active(ferry, snapshot))
     verified, serving = False, []
     try:
-        verified, serving = _verify_serving(ferry, snapshot)
+        wanted = [snapshot.active_version] if snapshot.current else []
+        verified, serving = wait_serving(ferry, snapshot.model, wanted)
         if not verified:
-            problems.append(f"Triton serves {serving}, expected {[snapshot.active_version] if snapshot.current else []}")
+            problems.append(f"Triton serves {serving}, expected {wanted}")
     except FerryError as error:
         problems.append(f"could not verify what Triton serves: {error}")
     quarantined = attempt("quarantined the failed version", lambda: _quarantine_failed(model_dir, snapshot, candidate, reason))
+    if ferry.settings.quarantine_keep > 0:
+        attempt("pruned the files of older quarantined versions",
+                lambda: model_dir.prune_quarantine(ferry.settings.quarantine_keep))
     return RollbackReport(actions=actions, quarantined=quarantined or [], verified=verified, serving=serving, problems=problems)
+
+
+def failure_record(failure: StepFailed) -> dict:
+    """A step's failure as the journal keeps it, so that a rollback interrupted halfway is redone with its reason."""
+    return {"step": failure.step, "message": failure.message, "hint": failure.hint, "version": failure.version}
 
 
 # ---------------------------------------------------------------- the whole transaction
@@ -451,7 +477,7 @@ def current_user() -> str:
     return f"{getpass.getuser()}@{socket.gethostname()}"
 
 
-def _model_lock(ferry: Ferry, model_dir: ModelDir) -> FileLock:
+def model_lock(ferry: Ferry, model_dir: ModelDir) -> FileLock:
     model_dir.state.mkdir(parents=True, exist_ok=True)
     return FileLock(str(model_dir.lock_path), timeout=ferry.settings.lock_wait_s)
 
@@ -459,7 +485,7 @@ def _model_lock(ferry: Ferry, model_dir: ModelDir) -> FileLock:
 def deploy(
     ferry: Ferry, model: str, alias: str | None = None, version: int | None = None, on_event: EventHandler | None = None
 ) -> DeployReport:
-    """Run the whole transaction under the model's lock; always leave exactly one history record.
+    """Run the whole transaction under the model's lock and journal; always leave exactly one history record.
 
     Raises FerryError only for a model name that cannot be used at all; every other outcome
     (committed, noop, rolled_back, rejected) comes back as the report.
@@ -471,27 +497,43 @@ def deploy(
         who=current_user(), started_at_utc=utc_stamp(),
     )
     try:
-        with _model_lock(ferry, model_dir):
-            if (busy := read_inflight(model_dir)) is not None:  # a deploy running across processes (the DAG)
-                raise busy_error(model_dir, busy)
-            _run(ferry, model, alias, version, report, on_event or (lambda *args: None))
+        with model_lock(ferry, model_dir):
+            journal = Journal.create(model_dir, journal_record(report, "cli", alias=alias, version=version))
+            _run(ferry, model, alias, version, report, journal, on_event or (lambda *args: None))
+            finish(model_dir, report, journal)
+            return report
     except Timeout:
         report.error = f"another deploy of '{model}' is running (it holds {model_dir.lock_path})"
         report.hint = f"wait for it (see `ferry history {model}`), or set FERRY_LOCK_WAIT_S to queue behind it"
-    except FerryError as error:  # refused: another deploy is in flight
+    except FerryError as error:  # refused: a journal says another deploy is unfinished
         report.error, report.hint = error.message, error.hint
-    report.finished_at_utc = utc_stamp()
-    append_history(model_dir, report.model_dump(mode="json"))
+    finish(model_dir, report)
     return report
 
 
-def _run(ferry: Ferry, model: str, alias: str | None, version: int | None, report: DeployReport, emit: EventHandler) -> None:
+def journal_record(report: DeployReport, via: str, **target: object) -> dict:
+    return {"deploy_id": "", "model": report.model, "kind": report.kind, "target": report.target, **target,
+            "who": report.who, "owner": owner(via), "started_at_utc": report.started_at_utc, "step": "snapshot",
+            "steps": {}}
+
+
+def finish(model_dir: ModelDir, report: DeployReport, journal: Journal | None = None) -> None:
+    """Write the attempt's history record, then end its journal: a journal outlives its deploy only if the process died."""
+    report.finished_at_utc = utc_stamp()
+    append_history(model_dir, report.model_dump(mode="json"))
+    if journal is not None:
+        journal.remove()
+
+
+def _run(ferry: Ferry, model: str, alias: str | None, version: int | None, report: DeployReport,
+         journal: Journal, emit: EventHandler) -> None:
     def timed(step: str, action: Callable[[], object], detail: Callable[[object], str] = lambda _: "") -> object:
+        journal.begin(step)
         emit(step, "start", 0.0, "")
         began = time.perf_counter()
         try:
             result = action()
-        except Exception as error:
+        except BaseException as error:
             report.steps[step] = round(time.perf_counter() - began, 4)
             emit(step, "failed", report.steps[step], str(error))
             raise
@@ -507,10 +549,12 @@ def _run(ferry: Ferry, model: str, alias: str | None, version: int | None, repor
         return
     report.deploy_id = snapshot.deploy_id
     report.previous_version = snapshot.active_version
+    journal.update(deploy_id=snapshot.deploy_id, snapshot=snapshot.model_dump(mode="json"))
     candidate: Candidate | None = None
     step = "materialize"
     try:
         candidate = timed("materialize", lambda: materialize(ferry, snapshot, alias, version), _describe_candidate)
+        journal.update(candidate=candidate.model_dump(mode="json"))
         report.version, report.run_id = candidate.version, candidate.run_id
         if candidate.already_active:
             report.outcome, report.current = "noop", snapshot.current
@@ -526,9 +570,9 @@ def _run(ferry: Ferry, model: str, alias: str | None, version: int | None, repor
         if not isinstance(error, StepFailed):  # the target could not be resolved: nothing was touched
             report.error, report.hint = error.message, error.hint
             return
-        _roll_back(ferry, snapshot, error, candidate, report, emit)
-    except Exception as error:
-        _roll_back(ferry, snapshot, _step_failure(step, error), candidate, report, emit)
+        _roll_back(ferry, snapshot, error, candidate, report, journal, emit)
+    except (Exception, KeyboardInterrupt) as error:  # Ctrl-C too: stopping a deploy must not leave it half done
+        _roll_back(ferry, snapshot, _step_failure(step, error), candidate, report, journal, emit)
 
 
 def _describe_candidate(candidate: Candidate) -> str:
@@ -539,7 +583,8 @@ def _describe_candidate(candidate: Candidate) -> str:
 
 
 def _roll_back(ferry: Ferry, snapshot: Snapshot, failure: StepFailed, candidate: Candidate | None,
-               report: DeployReport, emit: EventHandler) -> None:
+               report: DeployReport, journal: Journal, emit: EventHandler) -> None:
+    journal.update(step="rollback", failure=failure_record(failure))
     report.outcome, report.failed_step = "rolled_back", failure.step
     report.error, report.hint = failure.message, failure.hint
     report.version = candidate.version if candidate else failure.version

@@ -15,15 +15,21 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temp file beside ``path``, fsync it, rename it over ``path``, fsync the directory."""
+def atomic_write(path: Path, data: bytes, durable: bool = True) -> None:
+    """Write to a temp file beside ``path`` and rename it over ``path``.
+
+    ``durable`` fsyncs the file and the directory too, so the new content survives a machine crash;
+    without it, it survives only the writing process's death.
+    """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as handle:
         handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
+        if durable:
+            handle.flush()
+            os.fsync(handle.fileno())
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 def append_line(path: Path, line: str) -> None:

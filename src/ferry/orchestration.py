@@ -1,19 +1,18 @@
 """The deploy transaction as separate calls with plain JSON in and out, for orchestrators (the Airflow DAG).
 
-Each call runs one step of :mod:`ferry.deploy` in whatever process the orchestrator gives it.
-A deploy that spans processes cannot hold the model's lock from start to end, so
-:func:`snapshot_current` creates an in-flight record (``.ferry/<model>/inflight.json``, created
-exclusively); the other steps add their timings, the candidate and any failure to it, and
-:func:`commit_current` or :func:`rollback_minimal` write the history record and remove it. While it
+Each call runs one step of :mod:`ferry.deploy` in whatever process the orchestrator gives it, under
+the model's lock for the step's duration. A deploy that spans processes cannot hold that lock from
+start to end, so it is held between steps by the deploy's journal (:mod:`ferry.journal`):
+:func:`snapshot_current` creates it, each step records its intent, timing, candidate or failure in it,
+and :func:`commit_current` or :func:`rollback_minimal` write the history record and remove it. While it
 exists, every other deploy of the model (a DAG run or the CLI) is refused at once.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import time
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 from filelock import FileLock, Timeout
 
@@ -24,6 +23,9 @@ from ferry.deploy import (
     Snapshot,
     commit,
     current_user,
+    failure_record,
+    finish,
+    journal_record,
     load,
     materialize,
     rollback,
@@ -32,35 +34,26 @@ from ferry.deploy import (
     wait_ready,
 )
 from ferry.errors import FerryError, StepFailed
-from ferry.fsutil import atomic_write
+from ferry.journal import Journal, read_journal
 from ferry.repository import ModelDir, check_name
-from ferry.state import append_history, busy_error, read_inflight, utc_stamp
+from ferry.state import append_history, find_history, utc_stamp
 
 
-def _write(model_dir: ModelDir, record: dict) -> None:
-    atomic_write(model_dir.inflight_path, json.dumps(record, indent=1).encode())
-
-
-def _open_inflight(model_dir: ModelDir, record: dict) -> None:
-    """Create the in-flight record, or fail at once if another deploy holds the model."""
+@contextmanager
+def _holding(model_dir: ModelDir) -> Iterator[None]:
+    """The model's lock while one step runs: a CLI deploy or `ferry recover` never acts in the middle of it."""
     model_dir.state.mkdir(parents=True, exist_ok=True)
     try:
-        with FileLock(str(model_dir.lock_path), timeout=0):  # held by a CLI deploy for its whole run
-            fd = os.open(model_dir.inflight_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            os.close(fd)
+        with FileLock(str(model_dir.lock_path), timeout=0):
+            yield
     except Timeout:
         raise FerryError(f"a deploy of '{model_dir.model}' is running (it holds {model_dir.lock_path})",
                          "wait for it to finish")
-    except FileExistsError:
-        raise busy_error(model_dir, read_inflight(model_dir) or {})
-    _write(model_dir, record)
 
 
-def _close(model_dir: ModelDir, record: dict, report: DeployReport) -> dict:
-    report.steps = record.get("steps", {}) | report.steps
-    report.finished_at_utc = utc_stamp()
-    append_history(model_dir, report.model_dump(mode="json"))
-    model_dir.inflight_path.unlink(missing_ok=True)
+def _close(model_dir: ModelDir, journal: Journal, report: DeployReport) -> dict:
+    report.steps = journal.record.get("steps", {}) | report.steps
+    finish(model_dir, report, journal)
     return report.model_dump(mode="json")
 
 
@@ -75,55 +68,57 @@ def snapshot_current(ferry: Ferry, model: str, alias: str) -> dict:
     """Take the model (fail fast if another deploy holds it), then record what is committed and served.
 
     The model is taken before the snapshot, so no other deploy can commit in between and be undone
-    by this one's rollback. A failure here releases the model and writes no history: the orchestrator
+    by this one's rollback. A failure here removes the journal and writes no history: the orchestrator
     may retry, and :func:`rollback_minimal` records the attempt once it is given up.
     """
     model_dir = ferry.model_dir(model)
     check_name("alias", alias)
     began = time.perf_counter()
-    record = {"model": model, "kind": "deploy", "target": f"@{alias}", "alias": alias, "who": current_user(),
-              "started_at_utc": utc_stamp(), "deploy_id": "taking a snapshot"}
-    _open_inflight(model_dir, record)
-    try:
-        snapshot = take_snapshot(ferry, model)
-    except BaseException:
-        model_dir.inflight_path.unlink(missing_ok=True)
-        raise
-    record.update(deploy_id=snapshot.deploy_id, snapshot=snapshot.model_dump(mode="json"),
-                  steps={"snapshot": round(time.perf_counter() - began, 4)})
-    _write(model_dir, record)
+    report = DeployReport(deploy_id="", model=model, kind="deploy", target=f"@{alias}", outcome="rejected",
+                          who=current_user(), started_at_utc=utc_stamp())
+    with _holding(model_dir):
+        journal = Journal.create(model_dir, journal_record(report, "airflow", alias=alias))
+        try:
+            snapshot = take_snapshot(ferry, model)
+        except BaseException:
+            journal.remove()
+            raise
+        journal.update(deploy_id=snapshot.deploy_id, snapshot=snapshot.model_dump(mode="json"),
+                       steps={"snapshot": round(time.perf_counter() - began, 4)})
     return {"model": model, "deploy_id": snapshot.deploy_id, "active_version": snapshot.active_version}
 
 
-def _in_flight(ferry: Ferry, state: dict) -> tuple[ModelDir, dict, Snapshot]:
-    model_dir = ferry.model_dir(state["model"])
-    record = read_inflight(model_dir)
-    if record is None or record.get("deploy_id") != state["deploy_id"]:
-        raise FerryError(f"deploy {state['deploy_id']} of '{state['model']}' is not in flight any more",
-                         "it was finished or rolled back by another process; see `ferry history`")
-    return model_dir, record, Snapshot.model_validate(record["snapshot"])
+def _journal_of(model_dir: ModelDir, deploy_id: str) -> tuple[Journal, Snapshot]:
+    journal = read_journal(model_dir)
+    if journal is None or journal.deploy_id != deploy_id:
+        raise FerryError(f"deploy {deploy_id} of '{model_dir.model}' is not in flight any more",
+                         "it was finished or undone by another process (`ferry recover`?); see `ferry history`")
+    return journal, Snapshot.model_validate(journal.record["snapshot"])
 
 
 def _step(ferry: Ferry, state: dict, name: str, action: Callable[[Snapshot, dict], Any]) -> Any:
-    """Run one step against the in-flight record; record its timing, or its failure for the rollback."""
-    model_dir, record, snapshot = _in_flight(ferry, state)
-    began = time.perf_counter()
-    try:
-        result = action(snapshot, record)
-    except Exception as error:
-        failure = error if isinstance(error, FerryError) else StepFailed(name, f"unexpected {type(error).__name__}: {error}")
-        record["failure"] = {  # a retry that succeeds leaves it behind harmlessly: only the rollback reads it
-            "step": name, "message": failure.message, "hint": failure.hint,
-            "rejected": not isinstance(failure, StepFailed), "version": getattr(failure, "version", None),
-        }
+    """Run one step against the journal; record its timing, or its failure for the rollback."""
+    model_dir = ferry.model_dir(state["model"])
+    with _holding(model_dir):
+        journal, snapshot = _journal_of(model_dir, state["deploy_id"])
+        journal.begin(name)
+        record = journal.record
+        began = time.perf_counter()
+        try:
+            result = action(snapshot, record)
+        except Exception as error:
+            failure = error if isinstance(error, FerryError) else StepFailed(name, f"unexpected {type(error).__name__}: {error}")
+            # A retry that succeeds leaves it behind harmlessly: only the rollback reads it.
+            record["failure"] = failure_record(StepFailed(name, failure.message, failure.hint, getattr(failure, "version", None)))
+            record["failure"]["rejected"] = not isinstance(failure, StepFailed)
+            record["steps"][name] = round(time.perf_counter() - began, 4)
+            journal.save()
+            raise failure from error
         record["steps"][name] = round(time.perf_counter() - began, 4)
-        _write(model_dir, record)
-        raise failure from error
-    record["steps"][name] = round(time.perf_counter() - began, 4)
-    if isinstance(result, Candidate):
-        record["candidate"] = result.model_dump(mode="json")
-    _write(model_dir, record)
-    return result
+        if isinstance(result, Candidate):
+            record["candidate"] = result.model_dump(mode="json")
+        journal.save()
+        return result
 
 
 def _candidate(record: dict) -> Candidate:
@@ -152,12 +147,14 @@ def triton_infer_smoke(ferry: Ferry, state: dict) -> dict:
 def commit_current(ferry: Ferry, state: dict) -> dict:
     """Commit the candidate (or record the no-op), write the history record and release the model."""
     current, warnings = _step(ferry, state, "commit", lambda s, r: commit(ferry, s, _candidate(r)))
-    model_dir, record, snapshot = _in_flight(ferry, state)
-    candidate = _candidate(record)
-    report = _report(record, "noop" if candidate.already_active else "committed")
-    report.version, report.run_id, report.previous_version = candidate.version, candidate.run_id, snapshot.active_version
-    report.current, report.warnings = current, warnings
-    return _close(model_dir, record, report)
+    model_dir = ferry.model_dir(state["model"])
+    with _holding(model_dir):
+        journal, snapshot = _journal_of(model_dir, state["deploy_id"])
+        candidate = _candidate(journal.record)
+        report = _report(journal.record, "noop" if candidate.already_active else "committed")
+        report.version, report.run_id, report.previous_version = candidate.version, candidate.run_id, snapshot.active_version
+        report.current, report.warnings = current, warnings
+        return _close(model_dir, journal, report)
 
 
 def rollback_minimal(ferry: Ferry, model: str, alias: str, deploy_id: str | None, snapshot_failure: dict | None) -> dict:
@@ -174,20 +171,26 @@ def rollback_minimal(ferry: Ferry, model: str, alias: str, deploy_id: str | None
                               started_at_utc=utc_stamp(), finished_at_utc=utc_stamp())
         append_history(model_dir, report.model_dump(mode="json"))
         return report.model_dump(mode="json")
-    model_dir, record, snapshot = _in_flight(ferry, {"model": model, "deploy_id": deploy_id})
-    failure = record.get("failure") or {"step": "unknown", "message": "a step failed without saying why", "hint": ""}
-    candidate = _candidate(record) if "candidate" in record else None
-    if failure.get("rejected"):  # the target could not be resolved: nothing was touched
-        report = _report(record, "rejected")
-        report.error, report.hint = failure["message"], failure["hint"]
-        return _close(model_dir, record, report)
-    began = time.perf_counter()
-    step_failure = StepFailed(failure["step"], failure["message"], failure["hint"])
-    rollback_report = rollback(ferry, snapshot, step_failure, candidate.version if candidate else None)
-    report = _report(record, "rolled_back")
-    report.failed_step, report.error, report.hint = failure["step"], failure["message"], failure["hint"]
-    report.version = candidate.version if candidate else failure.get("version")
-    report.previous_version = snapshot.active_version
-    report.rollback = rollback_report
-    report.steps = {"rollback": round(time.perf_counter() - began, 4)}
-    return _close(model_dir, record, report)
+    with _holding(model_dir):
+        if (recorded := find_history(model_dir, deploy_id)) is not None:  # `ferry recover` ended it already
+            return recorded
+        journal, snapshot = _journal_of(model_dir, deploy_id)
+        record = journal.record
+        failure = record.get("failure") or {"step": "unknown", "message": "a step failed without saying why", "hint": ""}
+        candidate = _candidate(record) if "candidate" in record else None
+        if failure.get("rejected"):  # the target could not be resolved: nothing was touched
+            report = _report(record, "rejected")
+            report.error, report.hint = failure["message"], failure["hint"]
+            return _close(model_dir, journal, report)
+        journal.begin("rollback")
+        began = time.perf_counter()
+        step_failure = StepFailed(failure["step"], failure["message"], failure["hint"])
+        rollback_report = rollback(ferry, snapshot, step_failure, candidate.version if candidate else None)
+        report = _report(record, "rolled_back")
+        report.failed_step, report.error, report.hint = failure["step"], failure["message"], failure["hint"]
+        report.version = candidate.version if candidate else failure.get("version")
+        report.previous_version = snapshot.active_version
+        report.rollback = rollback_report
+        report.steps = {"rollback": round(time.perf_counter() - began, 4)}
+        return _close(model_dir, journal, report)
+

@@ -5,6 +5,7 @@ mlflow is imported lazily: it costs seconds to import and only deploys need it.
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,7 +118,30 @@ class Artifacts:
         return self._sizes
 
     def download(self, name: str, destination: Path) -> Path:
+        """Copy the file ``name`` into ``destination``: a regular file, never a link to something else.
+
+        A full disk raises the OSError itself, so that the caller can clean up and say so.
+        """
+        local_dir = getattr(self.repository, "artifact_dir", None)  # set by MLflow's local-filesystem store
+        if local_dir is not None and (Path(local_dir) / name).is_symlink():
+            raise FerryError(f"{name} in {self.uri} is a symbolic link; ferry copies only regular files",
+                             "log the model's real file, not a link to one")
         try:
-            return Path(self.repository.download_artifacts(name, dst_path=str(destination)))
+            path = Path(self.repository.download_artifacts(name, dst_path=str(destination)))
         except Exception as error:
+            if disk_full(error):
+                raise disk_full(error) from error
             raise self.registry._fail(f"downloading {name} of {self.uri}", error)
+        if os.path.abspath(path) != os.path.abspath(destination / name) or path.is_symlink() or not path.is_file():
+            raise FerryError(f"downloading {name} of {self.uri} gave {path}, not a regular file {destination / name}",
+                             "the artifact store returned something else than the file; check the logged artifact")
+        return path
+
+
+def disk_full(error: BaseException | None) -> OSError | None:
+    """The out-of-space error behind ``error`` (MLflow may wrap it), if there is one."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return error
+        error = error.__cause__ or error.__context__
+    return None

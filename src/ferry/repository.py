@@ -6,6 +6,8 @@
     <repository>/.ferry/<model>/current.json        the committed state, read by the gateway, operators and rollbacks
     <repository>/.ferry/<model>/history.jsonl       one line per deploy attempt
     <repository>/.ferry/<model>/quarantine/         failed versions, <N>.failed_<UTC>/ with reason.json
+    <repository>/.ferry/<model>/journal.json        the deploy in flight, step by step (ferry.journal)
+    <repository>/.ferry/<model>/deploy.lock         held by the process running a deploy step
 
 ferry's state stays out of the model directory: when anything in it but config.pbtxt changes,
 Triton's next load re-creates every loaded version, so a commit would replace the instance that
@@ -62,9 +64,9 @@ class ModelDir:
         return self.state / "quarantine"
 
     @property
-    def inflight_path(self) -> Path:
-        """A deploy that spans processes (the Airflow DAG) holds the model through this record."""
-        return self.state / "inflight.json"
+    def journal_path(self) -> Path:
+        """The journal of the deploy in flight (:mod:`ferry.journal`)."""
+        return self.state / "journal.json"
 
     @property
     def lock_path(self) -> Path:
@@ -137,6 +139,25 @@ class ModelDir:
         fsync_dir(folder.parent)
         return target
 
+    def prune_quarantine(self, keep: int) -> list[Path]:
+        """Keep the files of the ``keep`` newest quarantined versions; of older ones keep only the evidence.
+
+        A pruned folder keeps reason.json and the manifest (what failed, why, from which run, its
+        sha256), so no failure is ever forgotten; the model files, the bulk of the disk use, go.
+        """
+        folders = sorted(self.quarantine_root.glob("*.failed_*"), key=_quarantined_at)
+        pruned = []
+        for folder in folders[:-keep] if keep > 0 else []:
+            leftovers = [p for p in folder.iterdir() if p.name not in ("reason.json", MANIFEST)]
+            for path in leftovers:
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+            if leftovers:
+                pruned.append(folder)
+        return pruned
+
     def staging_dirs(self, deploy_id: str) -> dict[Path, int]:
         """The staging folders a deploy left, with the version each was for."""
         root = self.path / ".staging"
@@ -146,3 +167,11 @@ class ModelDir:
 
     def discard_staging(self, staging: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _quarantined_at(folder: Path) -> int:
+    """When a folder was quarantined: its reason.json is written right after the move (ns, unlike the name)."""
+    try:
+        return (folder / "reason.json").stat().st_mtime_ns
+    except FileNotFoundError:
+        return 0

@@ -77,20 +77,6 @@ def read_history(model_dir: ModelDir, limit: int | None = None) -> list[dict[str
     return records[-limit:] if limit else records
 
 
-def read_inflight(model_dir: ModelDir) -> dict | None:
-    """The record of a deploy in flight across processes, if there is one."""
-    try:
-        return json.loads(model_dir.inflight_path.read_text())
-    except FileNotFoundError:
-        return None
-    except json.JSONDecodeError:
-        return {"deploy_id": "unknown", "who": "unknown", "started_at_utc": "unknown"}
-
-
-def busy_error(model_dir: ModelDir, record: dict) -> FerryError:
-    return FerryError(
-        f"a deploy of '{model_dir.model}' is in progress (deploy {record.get('deploy_id')} "
-        f"by {record.get('who')} since {record.get('started_at_utc')} UTC)",
-        f"wait for it to finish; if it is no longer running, check `ferry status {model_dir.model}` "
-        f"and remove {model_dir.inflight_path}",
-    )
+def find_history(model_dir: ModelDir, deploy_id: str) -> dict[str, Any] | None:
+    """The history record of one deploy, if it was written."""
+    return next((r for r in reversed(read_history(model_dir)) if r.get("deploy_id") == deploy_id), None)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from filelock import FileLock, Timeout
 from pydantic import BaseModel
 
 from ferry.errors import FerryError
+from ferry.journal import read_journal, unfinished_error
 from ferry.repository import STATE_DIR, ModelDir
 from ferry.state import CurrentState, read_current
 from ferry.triton import Triton, VersionState
@@ -21,12 +23,13 @@ class ModelStatus(BaseModel):
     serving: list[int] = []
     drift: str | None = None  # None when Triton serves exactly the committed version
     quarantined: list[str] = []
+    in_flight: str | None = None  # a deploy that is running, or whose process stopped before it finished
 
 
 def list_models(repository: Path) -> list[str]:
     if not repository.exists():
         return []
-    committed = {p.name for p in (repository / STATE_DIR).glob("*/current.json")} if (repository / STATE_DIR).exists() else set()
+    committed = {p.parent.name for p in (repository / STATE_DIR).glob("*/current.json")} if (repository / STATE_DIR).exists() else set()
     configured = {p.parent.name for p in repository.glob("*/config.pbtxt")}
     return sorted((committed | configured) - {STATE_DIR})
 
@@ -45,8 +48,24 @@ def model_status(repository: Path, triton: Triton, model: str) -> ModelStatus:
         report.triton_error = str(error)
     if model_dir.quarantine_root.exists():
         report.quarantined = sorted(p.name for p in model_dir.quarantine_root.iterdir())
+    report.in_flight = _in_flight(model_dir)
     report.drift = _drift(report)
     return report
+
+
+def _in_flight(model_dir: ModelDir) -> str | None:
+    try:
+        journal = read_journal(model_dir)
+    except FerryError as error:
+        return str(error)
+    if journal is None:
+        return None
+    try:
+        with FileLock(str(model_dir.lock_path), timeout=0):
+            return str(unfinished_error(model_dir, journal))
+    except Timeout:
+        record = journal.record
+        return f"deploy {journal.deploy_id or '(starting)'} ({record.get('target')}) is running, at step {record.get('step')}"
 
 
 def _drift(report: ModelStatus) -> str | None:

@@ -11,6 +11,9 @@ from tritonclient.utils import InferenceServerException
 
 from ferry.errors import FerryError
 
+# The header that carries the key of Triton's restricted model-control API (load, unload, repository index).
+API_KEY_HEADER = "ferry-api-key"
+
 
 class TritonError(FerryError):
     pass
@@ -33,10 +36,11 @@ def host_port(url: str) -> str:
 
 
 class Triton:
-    def __init__(self, url: str, timeout_s: float = 10.0, load_timeout_s: float = 120.0) -> None:
+    def __init__(self, url: str, timeout_s: float = 10.0, load_timeout_s: float = 120.0, api_key: str = "") -> None:
         self.url = url
         self.timeout_s = timeout_s
         self.load_timeout_s = load_timeout_s
+        self.headers = {API_KEY_HEADER: api_key} if api_key else None
         self._client = self._connect(timeout_s)
         self._load_client = self._connect(load_timeout_s)
 
@@ -47,7 +51,7 @@ class Triton:
 
     def _call(self, what: str, call, *args, timeout_s: float | None = None, **kwargs):
         try:
-            return call(*args, **kwargs)
+            return call(*args, headers=self.headers, **kwargs)
         except (TimeoutError, OSError) as error:
             if isinstance(error, TimeoutError):
                 raise TritonTimeout(
@@ -59,6 +63,9 @@ class Triton:
                 retryable=True,
             )
         except InferenceServerException as error:
+            if "restricted" in error.message() or "not authorized" in error.message().lower():
+                raise TritonError(f"Triton refused {what}: {error.message()}",
+                                  "set FERRY_TRITON_API_KEY to the key its --http-restricted-api flag names")
             raise TritonError(f"Triton refused {what}: {error.message()}")
 
     def check_live(self) -> None:

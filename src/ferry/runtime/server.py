@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from ferry.config import Settings
 from ferry.errors import FerryError
-from ferry.triton import host_port
+from ferry.triton import API_KEY_HEADER, host_port
 
 EXIT_TIMEOUT_S = 5
 
@@ -83,7 +84,9 @@ def metrics_url(settings: Settings) -> str:
     return f"http://{host}:{_ports(settings)[2]}/metrics"
 
 
-def command(settings: Settings) -> list[str]:
+def command(settings: Settings, api_key: str) -> list[str]:
+    """The server's command line: every port on the host of FERRY_TRITON_URL (loopback by default),
+    and model control (load, unload, repository index) only for requests that carry ``api_key``."""
     http, grpc, metrics = _ports(settings)
     host = host_port(settings.triton_url).rsplit(":", 1)[0]
     return [
@@ -99,7 +102,20 @@ def command(settings: Settings) -> list[str]:
         f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
         "--metrics-config=summary_latencies=true",
         f"--backend-config=python,shm-region-prefix-name={shm_prefix(settings)}",
+        f"--http-restricted-api=model-repository:{API_KEY_HEADER}={api_key}",
+        f"--grpc-restricted-protocol=model-repository:{API_KEY_HEADER}={api_key}",
     ]
+
+
+def _api_key(settings: Settings) -> str:
+    """FERRY_TRITON_API_KEY, else a key generated once and kept where only this user can read it."""
+    if key := settings.model_control_key():
+        return key
+    key = secrets.token_urlsafe(24)
+    fd = os.open(settings.triton_api_key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(key + "\n")
+    return key
 
 
 def environment() -> dict[str, str]:
@@ -176,7 +192,7 @@ def up(settings: Settings, wait_s: float = 60.0) -> ServerStatus:
     settings.triton_dir.mkdir(parents=True, exist_ok=True)
     clean_shared_memory(settings)
     with open(log_file(settings), "ab") as log:
-        process = subprocess.Popen(command(settings), env=environment(), stdout=log, stderr=subprocess.STDOUT,
+        process = subprocess.Popen(command(settings, _api_key(settings)), env=environment(), stdout=log, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True)
     _pid_file(settings).write_text(json.dumps({"pid": process.pid, "url": settings.triton_url}))
     deadline = time.monotonic() + wait_s

@@ -1,0 +1,58 @@
+"""Fault injection, not ferry: the ferry CLI with a SIGKILL planted at one point of the deploy.
+
+    python fake_crash_deploy.py POINT ferry-arguments...
+
+A real crash (the OOM killer, `kill -9`, a node lost) cannot be aimed at a step boundary on
+demand; this process kills itself there, exactly as such a crash would stop it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import ferry.deploy
+import ferry.journal
+from ferry.cli import app
+from ferry.repository import ModelDir
+
+# point -> (where the function lives, its name, kill before or after it runs)
+POINTS = {
+    "before-snapshot": (ferry.deploy, "take_snapshot", "before"),
+    "before-materialize": (ferry.deploy, "materialize", "before"),
+    "inside-materialize": (ModelDir, "publish_version", "before"),  # staged in full, not renamed into place
+    "after-publish": (ModelDir, "publish_version", "after"),  # the version exists, the journal does not name it yet
+    "before-load": (ferry.deploy, "load", "before"),
+    "after-load": (ferry.deploy, "load", "after"),
+    "before-smoke": (ferry.deploy, "smoke", "before"),
+    "before-commit": (ferry.deploy, "commit", "before"),
+    "inside-commit": (ferry.deploy, "write_current", "after"),  # committed, Triton not yet pinned to it
+    "after-commit": (ferry.deploy, "append_history", "before"),
+    "after-history": (ferry.journal.Journal, "remove", "before"),
+    "inside-rollback": (ferry.deploy, "_serve_only_active", "before"),  # current.json restored, Triton not yet
+}
+
+
+def die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def plant(point: str) -> None:
+    owner, name, when = POINTS[point]
+    original = getattr(owner, name)
+
+    def crashing(*args, **kwargs):
+        if when == "before":
+            die()
+        result = original(*args, **kwargs)
+        die()
+        return result
+
+    setattr(owner, name, crashing)
+
+
+if __name__ == "__main__":
+    plant(sys.argv[1])
+    sys.argv = ["ferry", *sys.argv[2:]]
+    app()
