@@ -4,8 +4,8 @@ Each cycle deploys a good version (alternating v1 and v3, so that every cycle re
 unloads the other) and then a broken one (v2, which fails at load: the path where a backend stub
 starts and dies, where Triton has leaked before), which is rolled back and quarantined.
 
-Prints Triton's RSS (the server and its Python backend stubs) after the warm-up cycles and at the
-end, and their ratio; and the repository's disk use after the warm-up and at the end, with the
+Prints Triton's RSS (the server, and its Python backend stubs once the retired ones have exited)
+every few cycles, and the ratio of the last figure to the first; and the repository's disk use after the warm-up and at the end, with the
 quarantine retention setting (FERRY_QUARANTINE_KEEP) on, against what the quarantine would hold
 without it (the same failed versions, every file kept).
 
@@ -33,20 +33,46 @@ MODEL = "soak"
 WARM_UP_CYCLES = 5
 
 
-def rss_bytes(pid: int) -> int:
-    """Resident memory of a process and all its descendants (Triton and its backend stubs)."""
-    total, pending = 0, [pid]
+def _rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _descendants(pid: int) -> list[int]:
+    found, pending = [], [pid]
     while pending:
         current = pending.pop()
         try:
-            for line in Path(f"/proc/{current}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-            for task in Path(f"/proc/{current}/task").iterdir():
-                pending += [int(c) for c in (task / "children").read_text().split()]
-        except (FileNotFoundError, ProcessLookupError):
+            children = [int(c) for task in Path(f"/proc/{current}/task").iterdir()
+                        for c in (task / "children").read_text().split()]
+        except FileNotFoundError:  # it exited meanwhile
             continue
-    return total
+        found += children
+        pending += children
+    return found
+
+
+def rss(pid: int) -> tuple[int, int, int]:
+    """Resident memory of the Triton server, of its backend stubs (summed), and how many stubs run."""
+    stubs = []
+    for child in _descendants(pid):
+        try:
+            stubs.append(_rss(child))
+        except FileNotFoundError:  # a stub that just exited
+            continue
+    return _rss(pid), sum(stubs), len(stubs)
+
+
+def at_rest(ferry: Ferry, pid: int, timeout_s: float = 20.0) -> None:
+    """Wait until exactly the active version's backend stub runs, twice in a row half a second apart:
+    retired instances shut down in the background."""
+    deadline, settled = time.monotonic() + timeout_s, 0
+    while settled < 2 and time.monotonic() < deadline:
+        ready = ferry.triton.ready_versions(MODEL)
+        settled = settled + 1 if len(ready) == 1 and len(_descendants(pid)) == 1 else 0
+        time.sleep(0.5)
 
 
 def disk_bytes(path: Path) -> int:
@@ -74,28 +100,34 @@ def main() -> None:
             train_and_register(MODEL, None, breakage, args.trees, settings.tracking_uri)
         state = server.up(settings)
         ferry = Ferry(settings)
+        trace = []
         try:
-            began = time.perf_counter()
-            failed_version_bytes = 0
+            seconds, failed_version_bytes = 0.0, 0
             for i in range(args.cycles):
+                began = time.perf_counter()
                 outcomes = cycle(ferry, good=1 if i % 2 == 0 else 3)
+                seconds += time.perf_counter() - began
                 if outcomes != ("committed", "rolled_back"):
                     sys.exit(f"cycle {i}: expected a commit and a rollback, got {outcomes}")
                 if i == 0:
                     failed_version_bytes = max(disk_bytes(f) for f in ferry.model_dir(MODEL).quarantine_root.iterdir())
-                if i + 1 == WARM_UP_CYCLES:
-                    rss_start, disk_start = rss_bytes(state.pid), disk_bytes(settings.repository)
-            seconds = time.perf_counter() - began
-            rss_end, disk_end = rss_bytes(state.pid), disk_bytes(settings.repository)
+                if (i + 1) % WARM_UP_CYCLES == 0:
+                    at_rest(ferry, state.pid)
+                    trace.append((i + 1, *rss(state.pid), disk_bytes(settings.repository)))
         finally:
             server.down(settings)
 
-    unbounded = disk_end + (args.cycles - args.keep) * failed_version_bytes
     mb = 1024 * 1024
     print(f"cycles: {args.cycles} (each one commit and one rollback) in {seconds:.1f} s, "
           f"{seconds / args.cycles / 2:.2f} s per deploy")
-    print(f"triton rss after {WARM_UP_CYCLES} cycles: {rss_start / mb:.1f} MB, at the end: {rss_end / mb:.1f} MB")
-    print(f"triton rss growth ratio: {rss_end / rss_start:.3f}")
+    print("after cycle   server MB   stubs MB (count)   repository MB")
+    for n, server_rss, stubs_rss, stubs, disk in trace:
+        print(f"{n:11d}   {server_rss / mb:9.1f}   {stubs_rss / mb:8.1f} ({stubs})    {disk / mb:13.2f}")
+    (_, server_start, stubs_start, _, disk_start), (_, server_end, stubs_end, _, disk_end) = trace[0], trace[-1]
+    print(f"triton server rss growth ratio: {server_end / server_start:.3f} "
+          f"(+{(server_end - server_start) / mb:.1f} MB over {args.cycles - WARM_UP_CYCLES} cycles)")
+    print(f"triton rss growth ratio (server and stubs): {(server_end + stubs_end) / (server_start + stubs_start):.3f}")
+    unbounded = disk_end + (args.cycles - args.keep) * failed_version_bytes
     print(f"repository disk after {WARM_UP_CYCLES} cycles: {disk_start / mb:.2f} MB, at the end: {disk_end / mb:.2f} MB "
           f"(quarantine keep {args.keep}; one failed version holds {failed_version_bytes / mb:.2f} MB)")
     print(f"repository disk growth ratio: {disk_end / disk_start:.3f} "
