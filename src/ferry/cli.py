@@ -188,6 +188,24 @@ def reconcile_command(
         raise typer.Exit(EXIT_FAILED)
 
 
+@app.command("gateway")
+def gateway_command(
+    host: Optional[str] = typer.Option(None, help="Address to listen on (default FERRY_GATEWAY_HOST, 127.0.0.1)."),
+    port: Optional[int] = typer.Option(None, help="Port (default FERRY_GATEWAY_PORT, 8080)."),
+) -> None:
+    """Serve inference at the version current.json commits (KServe v2 and a simple JSON /predict)."""
+    import uvicorn
+
+    from ferry.gateway import Gateway
+
+    settings = _settings()
+    host, port = host or settings.gateway_host, port or settings.gateway_port
+    out.print(f"ferry gateway on http://{host}:{port} -> Triton {settings.triton_url}"
+              f"{' (bearer token required)' if settings.gateway_token else ''}")
+    uvicorn.run(Gateway(settings, token=settings.gateway_token), host=host, port=port, log_level="warning",
+                access_log=False, loop="uvloop", http="httptools", proxy_headers=False, server_header=False)
+
+
 @app.command("status")
 def status_command(model: Optional[str] = typer.Argument(None), as_json: bool = JsonOption) -> None:
     """The committed version (current.json), the versions Triton serves, and any drift between them."""

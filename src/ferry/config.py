@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
-
-import tomllib
 
 from ferry.errors import FerryError
 
@@ -37,6 +36,9 @@ class Settings:
     max_artifact_mb: float = 1024.0
     lock_wait_s: float = 0.0
     quarantine_keep: int = 0  # keep the files of this many newest failed versions per model (0: all); reasons always
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = 8080
+    gateway_token: str = ""  # a bearer token the gateway requires on inference requests (none: open)
     default_model: str = "iris"  # the DAG's default params
     default_alias: str = "champion"
     rtol: float = 1e-4

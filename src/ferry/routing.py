@@ -1,0 +1,67 @@
+"""Which version production traffic goes to: the one current.json commits, noticed as soon as it changes.
+
+A commit replaces current.json with a rename, so its inode changes: one ``stat`` per request (about a
+microsecond) tells whether to read it again. The first request after a commit goes to the new version.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ferry.errors import FerryError
+from ferry.model_config import Signature, config_signature
+from ferry.repository import ModelDir
+from ferry.state import CurrentState, read_current
+
+
+@dataclass(frozen=True)
+class Route:
+    model: str
+    version: int
+    signature: Signature  # the model's inputs and outputs, from its config.pbtxt
+
+
+class UnknownModel(FerryError):
+    pass
+
+
+class Router:
+    def __init__(self, repository: Path) -> None:
+        self.repository = repository
+        self._current_paths: dict[str, str] = {}  # model -> its current.json, for the names already checked
+        self._cache: dict[str, tuple[tuple[int, int, int], Route]] = {}
+
+    def route(self, model: str) -> Route:
+        """The committed version of ``model``; UnknownModel if it has none (or no such model)."""
+        path = self._current_paths.get(model)
+        if path is None:
+            path = str(self._model_dir(model).current_path)
+            if len(self._current_paths) < 10_000:  # names from requests: keep the memory bounded
+                self._current_paths[model] = path
+        try:
+            stat = os.stat(path)
+        except FileNotFoundError:
+            raise UnknownModel(f"model '{model}' has no committed version", "deploy it with `ferry deploy`") from None
+        key = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        cached = self._cache.get(model)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        route = self._read(self._model_dir(model))
+        self._cache[model] = (key, route)
+        return route
+
+    def _model_dir(self, model: str) -> ModelDir:
+        try:
+            return ModelDir(self.repository, model)
+        except FerryError as error:
+            raise UnknownModel(error.message, error.hint) from error
+
+    @staticmethod
+    def _read(model_dir: ModelDir) -> Route:
+        current: CurrentState | None = read_current(model_dir)
+        config = model_dir.read_config()
+        if current is None or config is None:
+            raise UnknownModel(f"model '{model_dir.model}' has no committed version", "deploy it with `ferry deploy`")
+        return Route(model_dir.model, current.active_version, config_signature(config))
