@@ -63,6 +63,9 @@ class Metrics:
                                  registry=self.registry,
                                  buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
 
+        self.rerouted = Counter("ferry_gateway_rerouted", "Requests sent again to the version a commit made active "
+                                "after the version they were routed to had been retired", ["model"],
+                                registry=self.registry)
         self._children: dict[tuple[str, int, int], tuple[Any, Any]] = {}
 
     def count(self, route: Route | None, status: int, began: float) -> None:
@@ -232,6 +235,7 @@ class Gateway:
             newer = self.router.route(model)
             if newer.version == route.version:
                 return route, reply
+            self.metrics.rerouted.labels(model).inc()
             route = newer
         raise AssertionError("unreachable")
 
