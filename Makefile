@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo demo-airflow test bench clean
+.PHONY: install prometheus demo demo-airflow test bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,17 +17,22 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+prometheus:
+	bash scripts/install_prometheus.sh
+
 demo: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
 
 demo-airflow: install
 	$(BIN)/python scripts/demo_airflow.py
 
-test: install
+test: install prometheus
 	$(BIN)/pytest -q
 
 bench: install
 	$(BIN)/python bench/deploy_overhead.py
+	$(BIN)/python bench/gateway_overhead.py
+	$(BIN)/python bench/soak.py
 
 clean:
 	rm -rf $(VENV) .ferry-demo .ferry-demo-airflow .pytest_cache

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -14,6 +15,7 @@ from rich.table import Table
 from ferry.config import Settings, load_settings
 from ferry.deploy import DeployReport, Ferry, deploy
 from ferry.errors import FerryError
+from ferry.live import LiveFigures, from_prometheus, from_triton
 from ferry.recover import reconcile, recover
 from ferry.repository import ModelDir
 from ferry.runtime import server
@@ -206,6 +208,50 @@ def gateway_command(
                 access_log=False, loop="uvloop", http="httptools", proxy_headers=False, server_header=False)
 
 
+@app.command("exporter")
+def exporter_command(
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(9464, help="Port of the /metrics endpoint."),
+) -> None:
+    """Serve ferry's metrics (deploys, rollbacks, step times, active version, drift) for Prometheus to scrape."""
+    import time
+
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    from ferry.metrics import FerryCollector
+
+    ferry = Ferry(_settings())
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(FerryCollector(ferry.settings, ferry.triton))
+    start_http_server(port, addr=host, registry=registry)
+    out.print(f"ferry metrics on http://{host}:{port}/metrics")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command("metrics")
+def metrics_command(
+    textfile: Optional[str] = typer.Option(None, help="Write them to this file (node_exporter's textfile "
+                                           "collector), atomically; default: print them."),
+) -> None:
+    """ferry's metrics once, in Prometheus' text format."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from ferry.metrics import FerryCollector, write_textfile
+
+    ferry = Ferry(_settings())
+    collector = FerryCollector(ferry.settings, ferry.triton)
+    if textfile:
+        write_textfile(Path(textfile), collector)
+        return
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    sys.stdout.write(generate_latest(registry).decode())
+
+
 @app.command("status")
 def status_command(model: Optional[str] = typer.Argument(None), as_json: bool = JsonOption) -> None:
     """The committed version (current.json), the versions Triton serves, and any drift between them."""
@@ -216,6 +262,9 @@ def status_command(model: Optional[str] = typer.Argument(None), as_json: bool = 
     except FerryError as error:
         _fail(error)
     reports = [model_status(settings.repository, ferry.triton, name) for name in models]
+    for report in reports:
+        if report.current is not None:
+            report.live = _live(settings, report.model, report.current.active_version)
     if as_json:
         _print_json([r.model_dump(mode="json") for r in reports])
     else:
@@ -224,11 +273,18 @@ def status_command(model: Optional[str] = typer.Argument(None), as_json: bool = 
         raise typer.Exit(EXIT_FAILED)
 
 
+def _live(settings: Settings, model: str, version: int) -> LiveFigures:
+    if settings.prometheus_url:
+        return from_prometheus(settings.prometheus_url, model, version)
+    return from_triton(server.metrics_url(settings), model, version)
+
+
 def _print_status_table(reports: list, settings: Settings) -> None:
     if not reports:
         out.print(f"no models in {settings.repository}")
         return
-    table = Table("model", "active", "alias", "run", "updated (UTC)", "Triton serves", "drift", "quarantined")
+    table = Table("model", "active", "alias", "run", "updated (UTC)", "Triton serves", "drift", "quarantined",
+                  "p95", "failures")
     for r in reports:
         current = r.current
         serving = r.triton_error and "[red]unreachable[/red]" or ", ".join(f"v{v}" for v in r.serving) or "nothing"
@@ -241,10 +297,15 @@ def _print_status_table(reports: list, settings: Settings) -> None:
             serving,
             f"[red]{r.drift}[/red]" if r.drift else "none",
             str(len(r.quarantined)),
+            f"{r.live.p95_ms:.2f} ms" if r.live and r.live.p95_ms is not None else "-",
+            f"{r.live.failure_ratio:.2%}" if r.live and r.live.failure_ratio is not None else "-",
         )
     out.print(table)
+    sources = {r.live.source for r in reports if r.live and r.live.p95_ms is not None}
+    if sources:
+        out.print(f"p95 and failures from {', '.join(sorted(sources))}", style="dim")
     for r in reports:
-        for problem in (r.current_error, r.triton_error, r.in_flight):
+        for problem in (r.current_error, r.triton_error, r.in_flight, r.live and r.live.error):
             if problem:
                 err.print(f"[red]{r.model}:[/red] {problem}", highlight=False)
 

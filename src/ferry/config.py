@@ -36,6 +36,7 @@ class Settings:
     max_artifact_mb: float = 1024.0
     lock_wait_s: float = 0.0
     quarantine_keep: int = 0  # keep the files of this many newest failed versions per model (0: all); reasons always
+    prometheus_url: str = ""  # where `ferry status` reads live latency and failures (none: Triton's metrics)
     gateway_host: str = "127.0.0.1"
     gateway_port: int = 8080
     gateway_token: str = ""  # a bearer token the gateway requires on inference requests (none: open)

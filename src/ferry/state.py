@@ -18,6 +18,10 @@ def utc_stamp(moment: dt.datetime | None = None) -> str:
     return (moment or dt.datetime.now(dt.timezone.utc)).strftime("%Y%m%dT%H%M%S")
 
 
+def parse_utc_stamp(stamp: str) -> dt.datetime:
+    return dt.datetime.strptime(stamp, "%Y%m%dT%H%M%S").replace(tzinfo=dt.timezone.utc)
+
+
 class CurrentState(BaseModel):
     active_version: int
     run_id: str

@@ -9,6 +9,7 @@ from pydantic import BaseModel
 
 from ferry.errors import FerryError
 from ferry.journal import read_journal, unfinished_error
+from ferry.live import LiveFigures
 from ferry.repository import STATE_DIR, ModelDir
 from ferry.state import CurrentState, read_current
 from ferry.triton import Triton, VersionState
@@ -24,6 +25,7 @@ class ModelStatus(BaseModel):
     drift: str | None = None  # None when Triton serves exactly the committed version
     quarantined: list[str] = []
     in_flight: str | None = None  # a deploy that is running, or whose process stopped before it finished
+    live: LiveFigures | None = None  # p95 latency and failure ratio of the active version
 
 
 def list_models(repository: Path) -> list[str]:

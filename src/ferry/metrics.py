@@ -1,0 +1,134 @@
+"""ferry's Prometheus metrics, computed at each scrape from the files that are the truth.
+
+Deploys run as one-shot processes (the CLI, Airflow tasks) on any host, so counters kept in their
+memory would vanish with them, and a Pushgateway would keep only the last push. The history
+(append-only, one line per attempt) already counts every deploy; ``current.json`` names the active
+version; Triton says what it serves. So the exporter reads those: its counters survive restarts and
+are the same on every replica. History files are read incrementally (only the lines added since the
+last scrape).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
+from prometheus_client.registry import Collector
+
+from ferry.config import Settings
+from ferry.deploy import STEPS
+from ferry.errors import FerryError
+from ferry.repository import ModelDir
+from ferry.state import parse_utc_stamp, read_current
+from ferry.status import list_models
+from ferry.triton import Triton
+
+
+@dataclass
+class _HistoryTally:
+    """What one model's history.jsonl has said so far, and how far it was read."""
+
+    inode: int = 0
+    offset: int = 0
+    deploys: Counter = field(default_factory=Counter)  # (outcome, failed_step) -> count
+    rollbacks: Counter = field(default_factory=Counter)  # verified ("true" | "false") -> count
+    step_sum: Counter = field(default_factory=Counter)  # step -> seconds
+    step_count: Counter = field(default_factory=Counter)  # step -> count
+    last_at: dict[str, float] = field(default_factory=dict)  # outcome -> UNIX time of the latest
+
+    def add(self, record: dict) -> None:
+        outcome = record.get("outcome", "unknown")
+        self.deploys[(outcome, record.get("failed_step") or "")] += 1
+        if record.get("rollback") is not None:
+            self.rollbacks["true" if record["rollback"].get("verified") else "false"] += 1
+        for step, seconds in (record.get("steps") or {}).items():
+            self.step_sum[step] += seconds
+            self.step_count[step] += 1
+        finished = record.get("finished_at_utc") or record.get("started_at_utc")
+        if finished:
+            self.last_at[outcome] = max(self.last_at.get(outcome, 0.0), _unix(finished))
+
+
+def _unix(stamp: str) -> float:
+    return parse_utc_stamp(stamp).timestamp()
+
+
+class FerryCollector(Collector):
+    def __init__(self, settings: Settings, triton: Triton | None = None) -> None:
+        self.settings = settings
+        self.triton = triton
+        self._tallies: dict[str, _HistoryTally] = {}
+
+    def _tally(self, model_dir: ModelDir) -> _HistoryTally:
+        tally = self._tallies.setdefault(model_dir.model, _HistoryTally())
+        try:
+            stat = os.stat(model_dir.history_path)
+        except FileNotFoundError:
+            return tally
+        if stat.st_ino != tally.inode or stat.st_size < tally.offset:  # replaced or truncated: count again
+            tally = self._tallies[model_dir.model] = _HistoryTally(inode=stat.st_ino)
+        with open(model_dir.history_path, "rb") as history:
+            history.seek(tally.offset)
+            data = history.read()
+        complete = data[: data.rfind(b"\n") + 1]  # a line still being written is read next time
+        for line in complete.splitlines():
+            if line.strip():
+                tally.add(json.loads(line))
+        tally.offset += len(complete)
+        return tally
+
+    def collect(self) -> Iterator[Metric]:
+        deploys = CounterMetricFamily("ferry_deploys", "Deploy attempts by outcome and failed step",
+                                      labels=["model", "outcome", "failed_step"])
+        rollbacks = CounterMetricFamily("ferry_rollbacks", "Automatic rollbacks, by whether the restored "
+                                        "state was verified in Triton", labels=["model", "verified"])
+        steps = SummaryMetricFamily("ferry_deploy_step_seconds", "Time spent in each deploy step",
+                                    labels=["model", "step"])
+        last = GaugeMetricFamily("ferry_last_deploy_timestamp_seconds", "When the latest attempt of each outcome "
+                                 "ended (UNIX time)", labels=["model", "outcome"])
+        active = GaugeMetricFamily("ferry_active_version", "The version current.json commits", labels=["model"])
+        drift = GaugeMetricFamily("ferry_drift", "1 when Triton serves other versions than current.json commits",
+                                  labels=["model"])
+        triton_up = GaugeMetricFamily("ferry_triton_reachable", "1 when Triton answered the exporter's last query")
+        reachable = 1.0
+        for model in list_models(self.settings.repository):
+            model_dir = ModelDir(self.settings.repository, model)
+            tally = self._tally(model_dir)
+            for (outcome, failed_step), n in tally.deploys.items():
+                deploys.add_metric([model, outcome, failed_step], n)
+            for verified in ("true", "false"):  # both from the start, so that increase() sees the first one
+                rollbacks.add_metric([model, verified], tally.rollbacks[verified])
+            for step in [s for s in (*STEPS, "rollback") if tally.step_count[s]]:
+                steps.add_metric([model, step], tally.step_count[step], tally.step_sum[step])
+            for outcome, at in tally.last_at.items():
+                last.add_metric([model, outcome], at)
+            try:
+                current = read_current(model_dir)
+            except FerryError:
+                current = None
+            if current is not None:
+                active.add_metric([model], current.active_version)
+            if self.triton is not None:
+                try:
+                    serving = self.triton.ready_versions(model)
+                except FerryError:
+                    reachable = 0.0
+                    continue
+                drift.add_metric([model], float(serving != ([current.active_version] if current else [])))
+        if self.triton is not None:
+            triton_up.add_metric([], reachable)
+        yield from (deploys, rollbacks, steps, last, active, drift, triton_up)
+
+
+def write_textfile(path: Path, collector: FerryCollector) -> None:
+    """The metrics in the text format, for node_exporter's textfile collector (written atomically)."""
+    from prometheus_client import CollectorRegistry, write_to_textfile
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    write_to_textfile(str(path), registry)

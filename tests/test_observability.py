@@ -1,0 +1,149 @@
+"""Prometheus: the config, rules and their unit tests through promtool, and the real Prometheus scraping a real Triton."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import ROOT, World, _free_port_block
+
+from ferry.runtime import server
+
+PROMETHEUS = ROOT / "ops" / "prometheus"
+RULES = sorted(PROMETHEUS.glob("rules/*.yml"))
+RULE_TESTS = sorted(PROMETHEUS.glob("tests/*.yml"))
+
+
+def promtool(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["promtool", *args], cwd=PROMETHEUS, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args", [
+    ["check", "config", "prometheus.yml"],
+    ["check", "rules", *map(str, RULES)],
+    ["test", "rules", *map(str, RULE_TESTS)],
+], ids=["check-config", "check-rules", "test-rules"])
+def test_promtool_accepts_the_config_and_the_rules_and_their_unit_tests_pass(args: list[str]) -> None:
+    result = promtool(*args)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_alert_is_unit_tested_firing_and_not_firing() -> None:
+    alerts = {rule["alert"] for path in RULES for group in yaml.safe_load(path.read_text())["groups"]
+              for rule in group["rules"] if "alert" in rule}
+    firing, quiet = set(), set()
+    for path in RULE_TESTS:
+        for test in yaml.safe_load(path.read_text())["tests"]:
+            for case in test.get("alert_rule_test", []):
+                (firing if case["exp_alerts"] else quiet).add(case["alertname"])
+    assert alerts and alerts == firing == quiet, f"alerts {alerts}, tested firing {firing}, quiet {quiet}"
+
+
+def _start(command: list[str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+
+
+def _query(prometheus: str, expr: str) -> list[dict]:
+    url = f"{prometheus}/api/v1/query?{urllib.parse.urlencode({'query': expr})}"
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        return json.loads(reply.read())["data"]["result"]
+
+
+def _wait(what: str, check, timeout_s: float = 60.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if result := check():
+                return result
+        except OSError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def prometheus(world: World, tmp_path: Path):
+    """A real Prometheus scraping this world's Triton and `ferry exporter` every second, with ferry's rules."""
+    exporter_port, prometheus_port = _free_port_block(1), _free_port_block(1)
+    triton_metrics = urllib.parse.urlsplit(server.metrics_url(world.settings)).netloc
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(path) for path in RULES],
+        "scrape_configs": [
+            {"job_name": "triton", "static_configs": [{"targets": [triton_metrics]}]},
+            {"job_name": "ferry", "static_configs": [{"targets": [f"127.0.0.1:{exporter_port}"]}]},
+        ],
+    }
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    exporter = subprocess.Popen([sys.executable, "-m", "ferry", "exporter", "--port", str(exporter_port)],
+                                env={**os.environ, **world.env()}, stdout=subprocess.DEVNULL)
+    process = _start(["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
+                      f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{prometheus_port}"],
+                     tmp_path / "prometheus.log")
+    url = f"http://127.0.0.1:{prometheus_port}"
+    try:
+        _wait("Prometheus to be ready", lambda: urllib.request.urlopen(f"{url}/-/ready", timeout=2).status == 200)
+        yield url
+    finally:
+        for child in (process, exporter):
+            child.terminate()
+            child.wait(timeout=10)
+
+
+def test_prometheus_sees_p95_per_version_and_alerts_on_a_rolled_back_deploy(world: World, prometheus: str) -> None:
+    world.register()
+    assert world.deploy().outcome == "committed"
+    stop = threading.Event()
+    traffic = threading.Thread(target=_traffic, args=(world, stop))
+    traffic.start()
+    try:
+        _check_prometheus(world, prometheus)
+    finally:
+        stop.set()
+        traffic.join()
+
+
+def _traffic(world: World, stop: threading.Event) -> None:
+    """About 100 requests a second to the active version, so that every scrape sees some."""
+    triton, sample = world.ferry.triton, {"X": np.array([[5.1, 3.5, 1.4, 0.2]], dtype=np.float32)}
+    while not stop.wait(0.01):
+        triton.infer("iris", 1, sample, {"X": "FP32"})
+
+
+def _check_prometheus(world: World, prometheus: str) -> None:
+
+    p95 = _wait("the p95 recording rule over the traffic", lambda: [  # NaN until a scrape saw requests
+        r for r in _query(prometheus, 'model_version:triton_request_latency_seconds:p95{model="iris",version="1"}')
+        if r["value"][1] != "NaN"])
+    assert 1e-5 < float(p95[0]["value"][1]) < 1.0, f"an implausible p95: {p95}"
+    rate = _wait("the request rate rule", lambda: [
+        r for r in _query(prometheus, 'model_version:triton_requests:rate1m{model="iris"}') if float(r["value"][1]) > 0])
+    assert rate[0]["metric"]["version"] == "1"
+    assert _wait("ferry's active version", lambda: _query(prometheus, 'ferry_active_version{model="iris"}'))[0]["value"][1] == "1"
+    assert _query(prometheus, 'ferry_drift{model="iris"}')[0]["value"][1] == "0"
+    assert not _query(prometheus, 'ALERTS{alertname="FerryDeployRolledBack"}')
+    for extra, source in (({}, "triton (since load)"), ({"FERRY_PROMETHEUS_URL": prometheus}, "prometheus (5m)")):
+        status = world.cli("status", "iris", "--json", **extra)
+        assert status.returncode == 0, status.stderr
+        live = json.loads(status.stdout)[0]["live"]
+        assert live["source"] == source and 0 < live["p95_ms"] < 1000 and live["failure_ratio"] == 0, live
+
+    world.register("golden-mismatch")
+    assert world.deploy().outcome == "rolled_back"
+    firing = _wait("FerryDeployRolledBack to fire", lambda: _query(
+        prometheus, 'ALERTS{alertname="FerryDeployRolledBack",alertstate="firing"}'))
+    assert firing[0]["metric"]["model"] == "iris"
+    expected = {("committed", None, "1"), ("rolled_back", "smoke", "1")}  # an empty label is no label in Prometheus
+    _wait("ferry_deploys_total to count both deploys", lambda: expected == {
+        (d["metric"]["outcome"], d["metric"].get("failed_step"), d["value"][1])
+        for d in _query(prometheus, 'ferry_deploys_total{model="iris"}')}, timeout_s=20)
