@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -20,6 +21,7 @@ from conftest import ROOT, World, _free_port_block
 from ferry.runtime import server
 
 PROMETHEUS = ROOT / "ops" / "prometheus"
+DASHBOARDS = sorted((ROOT / "ops" / "grafana" / "dashboards").glob("*.json"))
 RULES = sorted(PROMETHEUS.glob("rules/*.yml"))
 RULE_TESTS = sorted(PROMETHEUS.glob("tests/*.yml"))
 
@@ -47,6 +49,38 @@ def test_every_alert_is_unit_tested_firing_and_not_firing() -> None:
             for case in test.get("alert_rule_test", []):
                 (firing if case["exp_alerts"] else quiet).add(case["alertname"])
     assert alerts and alerts == firing == quiet, f"alerts {alerts}, tested firing {firing}, quiet {quiet}"
+
+
+def _dashboard_queries() -> list[str]:
+    """Every PromQL expression of every dashboard: panel targets and annotations, $model set to iris."""
+    queries = []
+    for path in DASHBOARDS:
+        dashboard = json.loads(path.read_text())
+        queries += [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+        queries += [a["expr"] for a in dashboard["annotations"]["list"]]
+    return [q.replace("$model", "iris") for q in queries]
+
+
+def _metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression reads (ours are simple: no strings but label values)."""
+    expr = re.sub(r"\{[^}]*\}|\[[^\]]*\]", "", expr)  # label matchers, ranges
+    expr = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", expr)
+    expr = re.sub(r"\b\d+(\.\d+)?(e-?\d+)?\b", "", expr)  # numbers, 1e6 included
+    words = {m.group() for m in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", expr)
+             if not expr[m.end():].lstrip().startswith("(")}  # a name followed by ( is a function
+    return words - {"and", "or", "unless", "bool", "offset"}
+
+
+def test_dashboards_are_valid_and_provisionable() -> None:
+    assert DASHBOARDS
+    for path in DASHBOARDS:
+        dashboard = json.loads(path.read_text())
+        assert dashboard["uid"] and dashboard["title"]
+        ids = [panel["id"] for panel in dashboard["panels"]]
+        assert len(ids) == len(set(ids)), f"{path.name}: duplicate panel ids"
+        for panel in dashboard["panels"]:
+            assert panel["targets"] and panel["datasource"]["uid"] == "${datasource}", panel["title"]
+    assert {"p95", "p99"} <= {w for q in _dashboard_queries() for w in re.findall(r"p9[59]", q)}
 
 
 def _start(command: list[str], log: Path) -> subprocess.Popen:
@@ -144,6 +178,12 @@ def _check_prometheus(world: World, prometheus: str) -> None:
         prometheus, 'ALERTS{alertname="FerryDeployRolledBack",alertstate="firing"}'))
     assert firing[0]["metric"]["model"] == "iris"
     expected = {("committed", None, "1"), ("rolled_back", "smoke", "1")}  # an empty label is no label in Prometheus
+    for expr in _dashboard_queries():  # Prometheus parses each one (a bad one is an HTTP 400)
+        _query(prometheus, expr)
+    with urllib.request.urlopen(f"{prometheus}/api/v1/label/__name__/values", timeout=5) as reply:
+        scraped = set(json.loads(reply.read())["data"])  # from the real scrapes, and the recording rules over them
+    named = {name for expr in _dashboard_queries() for name in _metric_names(expr)}
+    assert named and named <= scraped, f"panels name metrics no scrape has: {sorted(named - scraped)}"
     _wait("ferry_deploys_total to count both deploys", lambda: expected == {
         (d["metric"]["outcome"], d["metric"].get("failed_step"), d["value"][1])
         for d in _query(prometheus, 'ferry_deploys_total{model="iris"}')}, timeout_s=20)
