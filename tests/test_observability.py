@@ -178,6 +178,13 @@ def _check_prometheus(world: World, prometheus: str) -> None:
         prometheus, 'ALERTS{alertname="FerryDeployRolledBack",alertstate="firing"}'))
     assert firing[0]["metric"]["model"] == "iris"
     expected = {("committed", None, "1"), ("rolled_back", "smoke", "1")}  # an empty label is no label in Prometheus
+    report = world.cli("report", "iris", "--out", str(world.settings.home / "report.png"),
+                       FERRY_PROMETHEUS_URL=prometheus)
+    assert report.returncode == 0, report.stderr
+    assert "2 deploys marked" in report.stdout
+    assert (world.settings.home / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    without = world.cli("report", "iris")
+    assert without.returncode == 2 and "FERRY_PROMETHEUS_URL is not set" in without.stderr
     for expr in _dashboard_queries():  # Prometheus parses each one (a bad one is an HTTP 400)
         _query(prometheus, expr)
     with urllib.request.urlopen(f"{prometheus}/api/v1/label/__name__/values", timeout=5) as reply:

@@ -252,6 +252,26 @@ def metrics_command(
     sys.stdout.write(generate_latest(registry).decode())
 
 
+@app.command("report")
+def report_command(
+    model: str = typer.Argument(...),
+    output: Path = typer.Option(Path("ferry-report.png"), "--out", "-o", help="The PNG to write."),
+    deploys: int = typer.Option(5, help="How many of the latest deploys (committed or rolled back) to cover."),
+) -> None:
+    """A PNG of p95 latency and request rate per version around the recent deploys, each one marked."""
+    from ferry.report import write_report
+
+    settings = _settings()
+    if not settings.prometheus_url:
+        _fail(FerryError("ferry report reads the series from Prometheus, and FERRY_PROMETHEUS_URL is not set",
+                         "set it to a Prometheus that scrapes Triton with the rules of ops/prometheus"))
+    try:
+        summary = write_report(settings.prometheus_url, ModelDir(settings.repository, model), output, deploys)
+    except FerryError as error:
+        _fail(error)
+    out.print(f"wrote {summary.path}: {summary.deploys} deploys marked, {summary.points} points")
+
+
 @app.command("status")
 def status_command(model: Optional[str] = typer.Argument(None), as_json: bool = JsonOption) -> None:
     """The committed version (current.json), the versions Triton serves, and any drift between them."""
