@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
-from conftest import World, _free_port_block, assert_invariants
+from conftest import FAKES, World, _free_port_block, assert_invariants
 
 from ferry.deploy import deploy
 
@@ -162,3 +162,34 @@ def test_bad_requests_get_a_clear_4xx(world: World, gateway: str) -> None:
             assert message in reply.text, reply.text
         metrics = session.get("/metrics").text
         assert 'ferry_gateway_requests_total{code="200",model="iris",version="1"}' in metrics
+
+
+def test_requests_in_flight_at_a_commit_finish_on_the_old_version(world: World, gateway: str) -> None:
+    world.settings = world.settings.with_overrides(python_runner=FAKES / "fake_slow_runner.py")
+    world.register()
+    assert world.deploy().outcome == "committed"
+    world.register(trees=5)
+    results: list[Sent] = []
+
+    def one() -> None:
+        with client(gateway) as session:
+            began = time.monotonic()
+            reply = session.post("/v2/models/iris/infer", json=KSERVE_BODY)
+            results.append(Sent(began, time.monotonic(), reply.status_code, int(reply.headers["x-ferry-model-version"])))
+
+    in_flight = [threading.Thread(target=one) for _ in range(4)]
+    for thread in in_flight:
+        thread.start()
+    time.sleep(0.1)  # they are in Triton, each for 0.4 s (one instance: queued behind each other)
+    report = world.deploy()  # commits v2 and retires v1 while they run
+    committed_at = time.monotonic()
+    for thread in in_flight:
+        thread.join()
+    assert report.outcome == "committed"
+    assert [r.status for r in results] == [200] * 4, results
+    assert {r.version for r in results} == {1}, "a request sent before the commit was moved to another version"
+    assert max(r.ended for r in results) - min(r.began for r in results) > 1.2, "the runner was not slowed down"
+    assert any(r.ended > committed_at - report.steps["commit"] for r in results), "no request was in flight at the commit"
+    one()
+    assert results[-1].version == 2
+    assert_invariants(world, attempts=2)

@@ -62,7 +62,6 @@ class Metrics:
         self.seconds = Histogram("ferry_gateway_request_seconds", "Time to answer, Triton included", ["model"],
                                  registry=self.registry,
                                  buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
-
         self.rerouted = Counter("ferry_gateway_rerouted", "Requests sent again to the version a commit made active "
                                 "after the version they were routed to had been retired", ["model"],
                                 registry=self.registry)
