@@ -77,8 +77,10 @@ class FerryCollector(Collector):
             data = history.read()
         complete = data[: data.rfind(b"\n") + 1]  # a line still being written is read next time
         for line in complete.splitlines():
-            if line.strip():
+            try:
                 tally.add(json.loads(line))
+            except ValueError:  # an empty or damaged line: `ferry history` shows the file as it is
+                continue
         tally.offset += len(complete)
         return tally
 

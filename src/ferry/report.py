@@ -62,7 +62,7 @@ def write_report(prometheus_url: str, model_dir: ModelDir, out: Path, deploys: i
 
     recent = [r for r in read_history(model_dir) if r.get("outcome") in MARKED][-deploys:]
     end = time.time()
-    times = [parse_utc_stamp(r["finished_at_utc"] or r["started_at_utc"]).timestamp() for r in recent]
+    times = [parse_utc_stamp(r.get("finished_at_utc") or r["started_at_utc"]).timestamp() for r in recent]
     start = (min(times) if times else end - 3600) - MARGIN_S
     step = max(1.0, (end - start) / 600)
     selector = f'{{model="{model_dir.model}"}}'
