@@ -15,7 +15,7 @@ from rich.table import Table
 from ferry.config import Settings, load_settings
 from ferry.deploy import DeployReport, Ferry, deploy
 from ferry.errors import FerryError
-from ferry.live import LiveFigures, from_prometheus, from_triton
+from ferry.live import live_figures
 from ferry.recover import reconcile, recover
 from ferry.repository import ModelDir
 from ferry.runtime import server
@@ -284,19 +284,13 @@ def status_command(model: Optional[str] = typer.Argument(None), as_json: bool = 
     reports = [model_status(settings.repository, ferry.triton, name) for name in models]
     for report in reports:
         if report.current is not None:
-            report.live = _live(settings, report.model, report.current.active_version)
+            report.live = live_figures(settings, report.model, report.current.active_version)
     if as_json:
         _print_json([r.model_dump(mode="json") for r in reports])
     else:
         _print_status_table(reports, settings)
     if any(r.drift or r.current_error or r.triton_error or r.in_flight for r in reports):
         raise typer.Exit(EXIT_FAILED)
-
-
-def _live(settings: Settings, model: str, version: int) -> LiveFigures:
-    if settings.prometheus_url:
-        return from_prometheus(settings.prometheus_url, model, version)
-    return from_triton(server.metrics_url(settings), model, version)
 
 
 def _print_status_table(reports: list, settings: Settings) -> None:

@@ -11,6 +11,9 @@ import urllib.request
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel
 
+from ferry.config import Settings
+from ferry.runtime.server import metrics_url
+
 TIMEOUT_S = 3.0
 
 
@@ -19,6 +22,12 @@ class LiveFigures(BaseModel):
     failure_ratio: float | None = None
     source: str = ""  # "prometheus (5m)" or "triton (since load)"
     error: str | None = None
+
+
+def live_figures(settings: Settings, model: str, version: int) -> LiveFigures:
+    if settings.prometheus_url:
+        return from_prometheus(settings.prometheus_url, model, version)
+    return from_triton(metrics_url(settings), model, version)
 
 
 def from_prometheus(prometheus_url: str, model: str, version: int) -> LiveFigures:
@@ -50,7 +59,7 @@ def from_triton(metrics_url: str, model: str, version: int) -> LiveFigures:
                 continue
             if sample.name == "nv_inference_request_summary_us" and sample.labels.get("quantile") == "0.95":
                 p95_us = sample.value
-            elif sample.name == "nv_inference_request_success_total" or sample.name == "nv_inference_request_success":
+            elif sample.name in ("nv_inference_request_success_total", "nv_inference_request_success"):
                 success += sample.value
             elif sample.name in ("nv_inference_request_failure_total", "nv_inference_request_failure"):
                 failure += sample.value

@@ -26,7 +26,7 @@ from ferry.errors import FerryError
 from ferry.repository import ModelDir
 from ferry.state import parse_utc_stamp, read_current
 from ferry.status import list_models
-from ferry.triton import Triton
+from ferry.triton import Triton, VersionState
 
 
 @dataclass
@@ -51,11 +51,7 @@ class _HistoryTally:
             self.step_count[step] += 1
         finished = record.get("finished_at_utc") or record.get("started_at_utc")
         if finished:
-            self.last_at[outcome] = max(self.last_at.get(outcome, 0.0), _unix(finished))
-
-
-def _unix(stamp: str) -> float:
-    return parse_utc_stamp(stamp).timestamp()
+            self.last_at[outcome] = max(self.last_at.get(outcome, 0.0), parse_utc_stamp(finished).timestamp())
 
 
 class FerryCollector(Collector):
@@ -84,6 +80,14 @@ class FerryCollector(Collector):
         tally.offset += len(complete)
         return tally
 
+    def _triton_index(self) -> dict[str, list[VersionState]] | None:
+        if self.triton is None:
+            return None
+        try:
+            return self.triton.index()
+        except FerryError:
+            return None
+
     def collect(self) -> Iterator[Metric]:
         deploys = CounterMetricFamily("ferry_deploys", "Deploy attempts by outcome and failed step",
                                       labels=["model", "outcome", "failed_step"])
@@ -97,7 +101,7 @@ class FerryCollector(Collector):
         drift = GaugeMetricFamily("ferry_drift", "1 when Triton serves other versions than current.json commits",
                                   labels=["model"])
         triton_up = GaugeMetricFamily("ferry_triton_reachable", "1 when Triton answered the exporter's last query")
-        reachable = 1.0
+        index = self._triton_index()
         for model in list_models(self.settings.repository):
             model_dir = ModelDir(self.settings.repository, model)
             tally = self._tally(model_dir)
@@ -115,15 +119,11 @@ class FerryCollector(Collector):
                 current = None
             if current is not None:
                 active.add_metric([model], current.active_version)
-            if self.triton is not None:
-                try:
-                    serving = self.triton.ready_versions(model)
-                except FerryError:
-                    reachable = 0.0
-                    continue
+            if index is not None:
+                serving = sorted(v.version for v in index.get(model, []) if v.state == "READY")
                 drift.add_metric([model], float(serving != ([current.active_version] if current else [])))
         if self.triton is not None:
-            triton_up.add_metric([], reachable)
+            triton_up.add_metric([], float(index is not None))
         yield from (deploys, rollbacks, steps, last, active, drift, triton_up)
 
 

@@ -72,10 +72,10 @@ def _end(ferry: Ferry, model_dir: ModelDir, journal: Journal) -> DeployReport:
             return _finish_commit(ferry, model_dir, candidate, report)
     failure = _failure(record)
     journal.update(step="rollback", failure=failure_record(failure))
-    version = candidate.version if candidate else _staged_by(model_dir, journal.deploy_id)
+    if candidate is None:
+        report.version = _staged_by(model_dir, journal.deploy_id)
     report.outcome, report.failed_step, report.error, report.hint = "rolled_back", failure.step, failure.message, failure.hint
-    report.version = version
-    report.rollback = rollback(ferry, snapshot, failure, version)
+    report.rollback = rollback(ferry, snapshot, failure, report.version)
     return report
 
 

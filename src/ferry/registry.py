@@ -129,8 +129,8 @@ class Artifacts:
         try:
             path = Path(self.repository.download_artifacts(name, dst_path=str(destination)))
         except Exception as error:
-            if disk_full(error):
-                raise disk_full(error) from error
+            if full := disk_full(error):
+                raise full from error
             raise self.registry._fail(f"downloading {name} of {self.uri}", error)
         if os.path.abspath(path) != os.path.abspath(destination / name) or path.is_symlink() or not path.is_file():
             raise FerryError(f"downloading {name} of {self.uri} gave {path}, not a regular file {destination / name}",

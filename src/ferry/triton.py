@@ -80,13 +80,17 @@ class Triton:
     def unload(self, model: str) -> None:
         self._call(f"unloading '{model}'", self._client.unload_model, model)
 
+    def index(self) -> dict[str, list[VersionState]]:
+        """Every model's versions, from one call of the repository index."""
+        models: dict[str, list[VersionState]] = {}
+        for entry in self._call("the repository index", self._client.get_model_repository_index):
+            if entry.get("version", "").isdigit():
+                state = VersionState(int(entry["version"]), entry.get("state", ""), entry.get("reason", ""))
+                models.setdefault(entry.get("name", ""), []).append(state)
+        return models
+
     def versions(self, model: str) -> list[VersionState]:
-        index = self._call("the repository index", self._client.get_model_repository_index)
-        return [
-            VersionState(int(entry["version"]), entry.get("state", ""), entry.get("reason", ""))
-            for entry in index
-            if entry.get("name") == model and entry.get("version", "").isdigit()
-        ]
+        return self.index().get(model, [])
 
     def ready_versions(self, model: str) -> list[int]:
         return sorted(v.version for v in self.versions(model) if v.state == "READY")

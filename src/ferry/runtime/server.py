@@ -192,8 +192,8 @@ def up(settings: Settings, wait_s: float = 60.0) -> ServerStatus:
     settings.triton_dir.mkdir(parents=True, exist_ok=True)
     clean_shared_memory(settings)
     with open(log_file(settings), "ab") as log:
-        process = subprocess.Popen(command(settings, _api_key(settings)), env=environment(), stdout=log, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
+        process = subprocess.Popen(command(settings, _api_key(settings)), env=environment(), stdout=log,
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     _pid_file(settings).write_text(json.dumps({"pid": process.pid, "url": settings.triton_url}))
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
