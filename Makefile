@@ -1,18 +1,21 @@
 # make demo: the whole story on the embedded default (real Triton, MLflow on sqlite).
-# make test: the test suite (real Triton, real MLflow).
-# Both create .venv and install what they need the first time; later runs reuse it.
+# make test: the test suite (real Triton, real MLflow, real Airflow, real Prometheus), with lint and the import contract.
+# make test-fast: the unit tier only (in-process fakes of Triton and MLflow), in seconds.
+# All create .venv and install what they need the first time (versions pinned by constraints.txt).
 
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+# Independent test modules run side by side: Triton, MLflow and Airflow wait on I/O half the time.
+WORKERS ?= 3
 
-.PHONY: install prometheus demo demo-airflow test bench clean
+.PHONY: install prometheus demo demo-airflow test test-fast lint bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,examples]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[all,test,examples]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -26,8 +29,15 @@ demo: install
 demo-airflow: install
 	$(BIN)/python scripts/demo_airflow.py
 
-test: install prometheus
-	$(BIN)/pytest -q
+lint: install
+	$(BIN)/ruff check src tests dags bench examples scripts
+	$(BIN)/lint-imports
+
+test-fast: install
+	$(BIN)/pytest -q tests/unit
+
+test: install prometheus lint
+	$(BIN)/pytest -q -n $(WORKERS) --dist loadfile --durations=15
 
 bench: install
 	$(BIN)/python bench/deploy_overhead.py

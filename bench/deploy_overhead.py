@@ -28,16 +28,17 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "examples")]
 
-from conftest import make_settings  # noqa: E402
+from sklearn.datasets import load_iris  # noqa: E402
 from train_model import _classifier, _to_onnx  # noqa: E402
 
-from ferry.deploy import STEPS as STEP_NAMES  # noqa: E402
-from ferry.deploy import Ferry, deploy  # noqa: E402
-from ferry.fsutil import fsync_tree  # noqa: E402
-from ferry.model_config import build_config, onnx_signature, to_override_json, with_versions  # noqa: E402
+from conftest import make_settings  # noqa: E402
+from ferry.core.fsutil import fsync_tree  # noqa: E402
+from ferry.core.model_config import build_config, onnx_signature, to_override_json, with_versions  # noqa: E402
+from ferry.core.records import TRANSACTION_STEPS as STEP_NAMES  # noqa: E402
+from ferry.core.runner import deploy
+from ferry.core.steps import Ferry  # noqa: E402
 from ferry.publish import golden_outputs, log_onnx_model, register_version  # noqa: E402
 from ferry.runtime import server  # noqa: E402
-from sklearn.datasets import load_iris  # noqa: E402
 
 MODEL, TWIN = "forest", "forest-bare"
 PARTS: list[tuple[float, float, float]] = []

@@ -23,10 +23,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "examples")]
 
-from conftest import make_settings  # noqa: E402
 from train_model import train_and_register  # noqa: E402
 
-from ferry.deploy import Ferry, deploy  # noqa: E402
+from conftest import make_settings  # noqa: E402
+from ferry.core.runner import deploy
+from ferry.core.steps import Ferry  # noqa: E402
 from ferry.runtime import server  # noqa: E402
 
 MODEL = "soak"

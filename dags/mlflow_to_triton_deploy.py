@@ -1,6 +1,6 @@
 """Deploy an MLflow model version (by alias) into Triton: the ferry transaction as an Airflow DAG.
 
-Each task is one call of ferry's core (ferry.orchestration); XCom carries small plain JSON.
+Each task is one call of ferry's runner (ferry.adapters.dag_steps); XCom carries small plain JSON.
 A failure in any step from materialize to smoke runs rollback_minimal; commit_current is then
 upstream_failed, so a rolled-back run ends failed. Only an unreachable MLflow or Triton is retried.
 Reads the same environment as the ferry CLI (FERRY_*, MLFLOW_TRACKING_URI).
@@ -8,6 +8,7 @@ Reads the same environment as the ferry CLI (FERRY_*, MLFLOW_TRACKING_URI).
 
 from __future__ import annotations
 
+import itertools
 import logging
 from datetime import timedelta
 
@@ -15,8 +16,8 @@ from airflow.providers.standard.operators.python import PythonOperator
 from airflow.sdk import DAG, Param, TriggerRule
 from airflow.sdk.exceptions import AirflowFailException
 
-from ferry.config import load_settings
-from ferry.repository import NAME_PATTERN
+from ferry.core.config import load_settings
+from ferry.core.repository import NAME_PATTERN
 
 log = logging.getLogger(__name__)
 STEPS = ("materialize_repo", "triton_load", "triton_ready", "triton_infer_smoke")
@@ -24,12 +25,12 @@ STEPS = ("materialize_repo", "triton_load", "triton_ready", "triton_infer_smoke"
 
 def _call(step: str, *args):
     """Run one core step. Bad input or a broken model fails the task for good, its reason on the last line."""
-    from ferry import orchestration
-    from ferry.deploy import Ferry
-    from ferry.errors import FerryError
+    from ferry.adapters import dag_steps
+    from ferry.core.errors import FerryError
+    from ferry.core.steps import Ferry
 
     try:
-        return getattr(orchestration, step)(Ferry(load_settings()), *args)
+        return getattr(dag_steps, step)(Ferry(load_settings()), *args)
     except FerryError as error:
         reason = f"{step} failed: {error}"
         log.error(reason)
@@ -56,8 +57,8 @@ def step(name: str):
 
 
 def rollback_minimal(model: str, alias: str, ti) -> dict:
-    state = ti.xcom_pull(task_ids="snapshot_current") or {}
-    report = _call("rollback_minimal", model, alias, state.get("deploy_id"),
+    handle = ti.xcom_pull(task_ids="snapshot_current") or {}
+    report = _call("rollback_minimal", model, alias, handle.get("deploy_id"),
                    ti.xcom_pull(task_ids="snapshot_current", key="failure"))
     if report.get("rollback") and not report["rollback"]["verified"]:
         raise AirflowFailException(f"rollback not verified: {report['rollback']['problems']}")
@@ -89,7 +90,7 @@ with DAG(
                               trigger_rule=TriggerRule.ONE_FAILED)
 
     snapshot >> steps[0]
-    for upstream, downstream in zip(steps, steps[1:]):
+    for upstream, downstream in itertools.pairwise(steps):
         upstream >> downstream
     steps[-1] >> commit
     steps >> rollback

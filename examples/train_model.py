@@ -18,10 +18,10 @@ import os
 import mlflow
 import numpy as np
 import onnx
+from skl2onnx import to_onnx
 from sklearn.datasets import load_iris
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
-from skl2onnx import to_onnx
 
 from ferry.publish import golden_outputs, log_onnx_model, register_version
 
@@ -115,7 +115,7 @@ def main() -> None:
     parser.add_argument("--break", dest="breakage", choices=BREAKS, default="none")
     parser.add_argument("--trees", type=int, default=0, help="train a random forest of this many trees (a larger model)")
     args = parser.parse_args()
-    from ferry.config import load_settings
+    from ferry.core.config import load_settings
 
     tracking_uri = load_settings().tracking_uri
     version = train_and_register(args.model, args.alias, args.breakage, args.trees, tracking_uri)

@@ -14,11 +14,13 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
-from ferry.config import Settings
-from ferry.deploy import DeployReport, Ferry, deploy
-from ferry.repository import ModelDir
+from ferry.core.config import Settings
+from ferry.core.current import read_current, read_history
+from ferry.core.records import DeployReport
+from ferry.core.repository import ModelDir
+from ferry.core.runner import deploy
+from ferry.core.steps import Ferry
 from ferry.runtime import server
-from ferry.state import read_current, read_history
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
@@ -115,7 +117,7 @@ def world(tmp_path: Path):
     try:
         yield World(settings)
     finally:
-        server.down(settings)
+        server.down(settings, grace_s=0)  # the repository goes with it: no need to wait for a clean exit
 
 
 def assert_invariants(world: World, attempts: int) -> None:

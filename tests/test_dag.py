@@ -8,10 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import BROKEN_VERSIONS, ROOT, World, assert_invariants
 
-from ferry.deploy import Ferry, deploy
-from ferry.state import read_current, read_history
+from conftest import BROKEN_VERSIONS, ROOT, World, assert_invariants
+from ferry.core.current import read_current, read_history
+from ferry.core.runner import deploy
+from ferry.core.steps import Ferry
 
 DAG_ID = "mlflow_to_triton_deploy"
 STEP_TASKS = ["materialize_repo", "triton_load", "triton_ready", "triton_infer_smoke"]
@@ -120,7 +121,7 @@ def test_a_bad_param_is_refused_before_any_task_runs(dag, dag_world: World) -> N
 
 
 def test_a_run_during_another_deploy_of_the_model_fails_fast(dag, dag_world: World) -> None:
-    from ferry import orchestration
+    from ferry.adapters import dag_steps as orchestration
 
     dag_world.register()
     held = orchestration.snapshot_current(dag_world.ferry, "iris", "champion")  # a deploy in flight elsewhere
@@ -139,9 +140,8 @@ def test_a_run_during_another_deploy_of_the_model_fails_fast(dag, dag_world: Wor
 
 def test_an_unreachable_triton_is_a_retryable_failure(dag_world: World, tmp_path: Path) -> None:
     from conftest import make_settings
-
-    from ferry import orchestration
-    from ferry.errors import FerryError
+    from ferry.adapters import dag_steps as orchestration
+    from ferry.core.errors import FerryError
 
     unreachable = Ferry(dag_world.settings.with_overrides(triton_url=make_settings(tmp_path).triton_url))
     with pytest.raises(FerryError) as error:
@@ -165,21 +165,21 @@ def test_demo_airflow_triggers_the_dag_through_the_rest_api(tmp_path: Path) -> N
 
 def test_a_version_that_is_not_ready_rolls_back(dag_world: World) -> None:
     """Triton drops the candidate between load and ready (as a restarted replica would): ready fails."""
-    from ferry import orchestration
-    from ferry.errors import StepFailed
+    from ferry.adapters import dag_steps as orchestration
+    from ferry.core.errors import StepFailed
 
     dag_world.register()
     assert deploy(dag_world.ferry, "iris", alias="champion").outcome == "committed"
     before = dag_world.current_bytes()
     dag_world.register(trees=5)
     ferry = Ferry(dag_world.settings.with_overrides(ready_timeout_s=1.0))
-    state = orchestration.snapshot_current(ferry, "iris", "champion")
-    orchestration.materialize_repo(ferry, state)
-    orchestration.triton_load(ferry, state)
+    handle = orchestration.snapshot_current(ferry, "iris", "champion")
+    orchestration.materialize_repo(ferry, handle)
+    orchestration.triton_load(ferry, handle)
     ferry.triton.unload("iris")
     with pytest.raises(StepFailed, match="v2 not ready"):
-        orchestration.triton_ready(ferry, state)
-    report = orchestration.rollback_minimal(ferry, "iris", "champion", state["deploy_id"], None)
+        orchestration.triton_ready(ferry, handle)
+    report = orchestration.rollback_minimal(ferry, "iris", "champion", handle["deploy_id"], None)
     assert report["outcome"] == "rolled_back" and report["failed_step"] == "ready"
     assert report["rollback"]["verified"] and report["rollback"]["serving"] == [1]
     assert dag_world.current_bytes() == before

@@ -6,11 +6,13 @@ import json
 
 import numpy as np
 import pytest
-from conftest import BROKEN_VERSIONS, FAKES, World, assert_invariants, make_settings
 
-from ferry.deploy import Ferry, deploy
-from ferry.errors import FerryError
-from ferry.state import read_current, read_history
+from conftest import BROKEN_VERSIONS, FAKES, World, assert_invariants, make_settings
+from ferry.core.current import read_current, read_history
+from ferry.core.errors import FerryError, NoSuchModel
+from ferry.core.repository import ModelDir
+from ferry.core.runner import deploy
+from ferry.core.steps import Ferry
 
 
 def _infer(world: World, version: int) -> np.ndarray:
@@ -86,30 +88,36 @@ def test_failed_first_deploy_leaves_nothing_serving(world: World) -> None:
     assert_invariants(world, attempts=1)
 
 
-@pytest.mark.parametrize(
-    ("model", "alias", "message"),
-    [("iris", "no-such-alias", "has no alias 'no-such-alias'"), ("no-such-model", "champion", "no-such-model")],
-)
-def test_unknown_alias_or_model_is_rejected_and_nothing_changes(world: World, model: str, alias: str, message: str) -> None:
+def test_unknown_alias_is_rejected_and_nothing_changes(world: World) -> None:
     world.register()
     world.deploy()
     before = world.current_bytes()
-    report = deploy(world.ferry, model, alias=alias)
+    report = deploy(world.ferry, "iris", alias="no-such-alias")
     assert report.outcome == "rejected" and not report.ok
-    assert message in report.error and report.hint
+    assert "has no alias 'no-such-alias'" in report.error and "champion -> v1" in report.hint
     assert world.current_bytes() == before
     assert world.ferry.triton.ready_versions("iris") == [1]
     assert not world.model_dir.quarantine_root.exists()
-    assert_invariants(world, attempts=2 if model == "iris" else 1)
+    assert_invariants(world, attempts=2)
+
+
+def test_a_model_mlflow_does_not_know_is_refused_and_leaves_nothing(world: World) -> None:
+    world.register()
+    world.deploy()
+    with pytest.raises(NoSuchModel, match="no model named 'no-such-model' in MLflow"):
+        deploy(world.ferry, "no-such-model", alias="champion")
+    assert not ModelDir(world.settings.repository, "no-such-model").exists()
+    assert_invariants(world, attempts=1)
 
 
 def test_names_with_path_separators_are_refused_before_anything(world: World) -> None:
     with pytest.raises(FerryError, match="not a valid name"):
         deploy(world.ferry, "../etc", alias="champion")
     world.register()
-    report = deploy(world.ferry, "iris", alias="../../x")
-    assert report.outcome == "rejected" and "not a valid name" in report.error
+    with pytest.raises(FerryError, match="alias '../../x' is not a valid name"):
+        deploy(world.ferry, "iris", alias="../../x")
     assert not (world.settings.repository.parent / "etc").exists()
+    assert not world.model_dir.exists()
 
 
 def test_triton_not_running_is_rejected_and_nothing_changes(world: World, tmp_path) -> None:
@@ -157,8 +165,8 @@ def test_rollback_to_an_earlier_version_goes_through_validation(world: World) ->
 
 def test_commit_and_rollback_keep_the_running_instances(world: World) -> None:
     """The instance that passed smoke is the one production gets; a rollback does not restart the active one."""
-    from ferry import deploy as steps
-    from ferry.runtime.stubs import stubs_of
+    from ferry.core import steps
+    from ferry.core.stubs import stubs_of
 
     world.register()
     world.deploy()
@@ -180,7 +188,7 @@ def test_commit_and_rollback_keep_the_running_instances(world: World) -> None:
     active = stubs_of(world.model_dir.version_dir(2))
     with pytest.raises(steps.StepFailed) as failure:
         steps.smoke(world.ferry, snapshot, candidate)
-    report = steps.rollback(world.ferry, snapshot, failure.value, candidate.version)
+    report = steps.undo(world.ferry, snapshot, steps.failure_of(failure.value), candidate.version)
     assert report.verified and report.serving == [2]
     assert stubs_of(world.model_dir.version_dir(2)) == active
 

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
-from conftest import FAKES, World, _free_port_block, assert_invariants
 
-from ferry.deploy import deploy
+from conftest import FAKES, World, _free_port_block, assert_invariants
+from ferry.core.runner import deploy
 
 IRIS_ROW = [5.1, 3.5, 1.4, 0.2]
 KSERVE_BODY = {"inputs": [{"name": "X", "shape": [1, 4], "datatype": "FP32", "data": IRIS_ROW}]}

@@ -13,10 +13,11 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import World, assert_invariants, make_settings
 
-from ferry.deploy import Ferry, deploy
-from ferry.registry import Artifacts
+from conftest import World, assert_invariants, make_settings
+from ferry.core.registry import Artifacts
+from ferry.core.runner import deploy
+from ferry.core.steps import Ferry
 
 
 @pytest.fixture

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import ROOT, World, _free_port_block
 
+from conftest import ROOT, World, _free_port_block
 from ferry.runtime import server
 
 PROMETHEUS = ROOT / "ops" / "prometheus"

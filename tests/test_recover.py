@@ -9,12 +9,12 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import FAKES, World, assert_invariants
 from filelock import FileLock
 
-from ferry.recover import reconcile
+from conftest import FAKES, World, assert_invariants
+from ferry.core.current import read_current, read_history
+from ferry.core.reconcile import reconcile
 from ferry.runtime import server
-from ferry.state import read_current, read_history
 
 CRASHING_FERRY = [sys.executable, str(FAKES / "fake_crash_deploy.py")]
 
@@ -122,7 +122,7 @@ def test_reconcile_loads_the_committed_versions_after_a_triton_restart(world: Wo
     world.deploy()
     world.register(trees=5)
     world.deploy()
-    server.down(world.settings)
+    server.down(world.settings, grace_s=0)
     server.up(world.settings)
     assert world.ferry.triton.ready_versions("iris") == []  # explicit mode: a restarted Triton serves nothing
 

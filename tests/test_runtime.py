@@ -8,11 +8,11 @@ from pathlib import Path
 
 import onnx
 import pytest
-from conftest import World, make_settings
 
-from ferry.config import load_settings
-from ferry.errors import FerryError
-from ferry.model_config import (
+from conftest import World, make_settings
+from ferry.core.config import load_settings
+from ferry.core.errors import FerryError
+from ferry.core.model_config import (
     build_config,
     config_signature,
     from_pbtxt,
@@ -21,8 +21,8 @@ from ferry.model_config import (
     to_pbtxt,
     with_versions,
 )
+from ferry.core.triton import Triton, TritonError
 from ferry.runtime import server
-from ferry.triton import Triton, TritonError
 
 
 def test_up_is_idempotent_and_down_stops_everything(tmp_path: Path) -> None:
@@ -120,7 +120,7 @@ def test_settings_come_from_the_environment_and_refuse_bad_values(tmp_path: Path
 
 @pytest.mark.parametrize("breakage", ["none", "unknown-op", "output-shape", "golden-mismatch"])
 def test_signature_read_from_the_file_matches_a_full_parse(world: World, breakage: str) -> None:
-    from ferry.model_config import read_onnx_signature
+    from ferry.core.model_config import read_onnx_signature
 
     world.register(breakage)
     [path] = Path(world.settings.home).rglob("model.onnx")
@@ -128,7 +128,7 @@ def test_signature_read_from_the_file_matches_a_full_parse(world: World, breakag
 
 
 def test_signature_reader_refuses_what_is_not_onnx(tmp_path: Path) -> None:
-    from ferry.model_config import read_onnx_signature
+    from ferry.core.model_config import read_onnx_signature
 
     cases = {"empty": b"", "random": os.urandom(4096), "text": b"<html>not a model</html>"}
     for name, content in cases.items():

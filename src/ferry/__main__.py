@@ -1,3 +1,3 @@
-from ferry.cli import main
+from ferry.adapters.cli import main
 
 main()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ferry.smoke import SMOKE_FILE, SmokeSample, dump_sample
+from ferry.core.smoke import SMOKE_FILE, SmokeSample, dump_sample
 
 
 def golden_outputs(model_bytes: bytes, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -20,7 +20,7 @@ def golden_outputs(model_bytes: bytes, inputs: dict[str, np.ndarray]) -> dict[st
 
     session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, inputs)))
+    return dict(zip(names, session.run(names, inputs), strict=False))
 
 
 def log_onnx_model(
@@ -47,7 +47,8 @@ def log_onnx_model(
     return f"runs:/{mlflow.active_run().info.run_id}/{artifact_path}"
 
 
-def register_version(model: str, source: str, run_id: str, alias: str | None = None, tracking_uri: str | None = None) -> int:
+def register_version(model: str, source: str, run_id: str, alias: str | None = None,
+                     tracking_uri: str | None = None) -> int:
     """Register ``source`` as a new version of ``model`` (created if needed) and point ``alias`` at it."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException

@@ -12,25 +12,26 @@ import os
 import signal
 import sys
 
-import ferry.deploy
-import ferry.journal
-from ferry.cli import app
-from ferry.repository import ModelDir
+import ferry.core.journal
+import ferry.core.runner
+import ferry.core.steps
+from ferry.adapters.cli import app
+from ferry.core.repository import ModelDir
 
 # point -> (where the function lives, its name, kill before or after it runs)
 POINTS = {
-    "before-snapshot": (ferry.deploy, "take_snapshot", "before"),
-    "before-materialize": (ferry.deploy, "materialize", "before"),
+    "before-snapshot": (ferry.core.steps, "take_snapshot", "before"),
+    "before-materialize": (ferry.core.steps, "materialize", "before"),
     "inside-materialize": (ModelDir, "publish_version", "before"),  # staged in full, not renamed into place
     "after-publish": (ModelDir, "publish_version", "after"),  # the version exists, the journal does not name it yet
-    "before-load": (ferry.deploy, "load", "before"),
-    "after-load": (ferry.deploy, "load", "after"),
-    "before-smoke": (ferry.deploy, "smoke", "before"),
-    "before-commit": (ferry.deploy, "commit", "before"),
-    "inside-commit": (ferry.deploy, "write_current", "after"),  # committed, Triton not yet pinned to it
-    "after-commit": (ferry.deploy, "append_history", "before"),
-    "after-history": (ferry.journal.Journal, "remove", "before"),
-    "inside-rollback": (ferry.deploy, "_serve_only_active", "before"),  # current.json restored, Triton not yet
+    "before-load": (ferry.core.steps, "load", "before"),
+    "after-load": (ferry.core.steps, "load", "after"),
+    "before-smoke": (ferry.core.steps, "smoke", "before"),
+    "before-commit": (ferry.core.steps, "commit", "before"),
+    "inside-commit": (ferry.core.steps, "write_current", "after"),  # committed, Triton not yet pinned to it
+    "after-commit": (ferry.core.runner, "append_history", "before"),
+    "after-history": (ferry.core.journal.Journal, "remove", "before"),
+    "inside-rollback": (ferry.core.steps, "_serve_only_active", "before"),  # current.json restored, Triton not yet
 }
 
 

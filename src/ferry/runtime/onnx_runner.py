@@ -18,7 +18,7 @@ def _expected_dims(config: dict) -> dict:
 
 
 def _shape_matches(shape: tuple, dims: list) -> bool:
-    return len(shape) == len(dims) and all(d == -1 or d == s for s, d in zip(shape, dims))
+    return len(shape) == len(dims) and all(d == -1 or d == s for s, d in zip(shape, dims, strict=False))
 
 
 class TritonPythonModel:
@@ -45,7 +45,7 @@ class TritonPythonModel:
         except Exception as error:  # onnxruntime raises its own exception types
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"onnxruntime: {error}"))
         tensors = []
-        for name, value in zip(self.output_names, results):
+        for name, value in zip(self.output_names, results, strict=False):
             dims = self.output_dims.get(name)
             # Triton does not check a Python model's output shape: refuse to answer with the wrong shape.
             if dims is not None and not _shape_matches(value.shape, dims):

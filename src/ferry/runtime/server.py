@@ -8,11 +8,13 @@ libraries on LD_LIBRARY_PATH.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -21,9 +23,9 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ferry.config import Settings
-from ferry.errors import FerryError
-from ferry.triton import API_KEY_HEADER, host_port
+from ferry.core.config import Settings
+from ferry.core.errors import FerryError, InvalidInput, Unavailable
+from ferry.core.triton import API_KEY_HEADER
 
 EXIT_TIMEOUT_S = 5
 
@@ -45,7 +47,8 @@ class ServerStatus:
 def _wheel_root() -> Path:
     spec = importlib.util.find_spec("pytriton")
     if spec is None or not spec.submodule_search_locations:
-        raise FerryError("the Triton server is not installed", "pip install nvidia-pytriton==0.7.0 (see pyproject.toml)")
+        raise InvalidInput("the local Triton server is not installed (the nvidia-pytriton wheel ships it)",
+                           "pip install 'ferry[local-triton]', or point FERRY_TRITON_URL at your own Triton")
     return Path(next(iter(spec.submodule_search_locations))) / "tritonserver"
 
 
@@ -62,7 +65,7 @@ def _backend_dir(settings: Settings) -> Path:
     target.mkdir(parents=True, exist_ok=True)
     for name, source in sources.items():
         if not source.exists():
-            raise FerryError(f"the Triton wheel has no {source}", f"reinstall nvidia-pytriton for Python {python}")
+            raise InvalidInput(f"the Triton wheel has no {source}", f"reinstall nvidia-pytriton for Python {python}")
         link = target / name
         if link.is_symlink() or link.exists():
             link.unlink()
@@ -71,24 +74,19 @@ def _backend_dir(settings: Settings) -> Path:
 
 
 def _ports(settings: Settings) -> tuple[int, int, int]:
-    http = settings.triton_http_port
-    return http, settings.triton_grpc_port or http + 1, settings.triton_metrics_port or http + 2
+    http = settings.triton.port
+    return http, settings.triton_grpc.port, int(settings.triton_metrics_url.rsplit(":", 1)[1].split("/")[0])
 
 
 def shm_prefix(settings: Settings) -> str:
     return f"ferry{_ports(settings)[0]}_"
 
 
-def metrics_url(settings: Settings) -> str:
-    host = host_port(settings.triton_url).rsplit(":", 1)[0]
-    return f"http://{host}:{_ports(settings)[2]}/metrics"
-
-
 def command(settings: Settings, api_key: str) -> list[str]:
     """The server's command line: every port on the host of FERRY_TRITON_URL (loopback by default),
     and model control (load, unload, repository index) only for requests that carry ``api_key``."""
     http, grpc, metrics = _ports(settings)
-    host = host_port(settings.triton_url).rsplit(":", 1)[0]
+    host = settings.triton.host
     return [
         str(_wheel_root() / "bin" / "tritonserver"),
         f"--model-repository={settings.repository.resolve()}",
@@ -158,7 +156,7 @@ def _read_pid(settings: Settings) -> int | None:
 
 def _is_ready(settings: Settings) -> bool:
     try:
-        with urllib.request.urlopen(f"http://{host_port(settings.triton_url)}/v2/health/ready", timeout=1) as reply:
+        with urllib.request.urlopen(f"{settings.triton.url}/v2/health/ready", timeout=1) as reply:
             return reply.status == 200
     except OSError:
         return False
@@ -168,16 +166,39 @@ def status(settings: Settings) -> ServerStatus:
     pid = _read_pid(settings)
     running = _alive(pid)
     return ServerStatus(
-        running=running, ready=_is_ready(settings), pid=pid if running else None, url=settings.triton_url,
-        metrics_url=metrics_url(settings), log=str(log_file(settings)), repository=str(settings.repository),
+        running=running, ready=_is_ready(settings), pid=pid if running else None, url=settings.triton.url,
+        metrics_url=settings.triton_metrics_url, log=str(log_file(settings)), repository=str(settings.repository),
     )
 
 
-def _log_tail(settings: Settings, lines: int = 15) -> str:
+def _log_reason(settings: Settings) -> str:
+    """The line of the server's log that says why it stopped (Triton prints its whole config table first)."""
     try:
-        return "\n".join(log_file(settings).read_text(errors="replace").splitlines()[-lines:])
+        lines = log_file(settings).read_text(errors="replace").splitlines()
     except FileNotFoundError:
         return "(no log)"
+    errors = [line for line in lines if line.startswith("E") or "error" in line.lower() or "failed" in line.lower()]
+    return (errors or lines or ["(empty log)"])[-1].strip()
+
+
+def _port_in_use(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def _check_ports(settings: Settings) -> None:
+    """Every port the server needs must be free: Triton reports ready on HTTP, then dies on a taken metrics port."""
+    for name, port in zip(("HTTP", "gRPC", "metrics"), _ports(settings), strict=False):
+        if _port_in_use(settings.triton.host, port):
+            raise InvalidInput(f"port {port} on {settings.triton.host} ({name}, for Triton) is in use",
+                               "stop what listens there, or point FERRY_TRITON_URL (and FERRY_TRITON_GRPC_PORT, "
+                               "FERRY_TRITON_METRICS_PORT) at free ports")
 
 
 def up(settings: Settings, wait_s: float = 60.0) -> ServerStatus:
@@ -186,34 +207,40 @@ def up(settings: Settings, wait_s: float = 60.0) -> ServerStatus:
     if current.running and current.ready:
         return current
     if _is_ready(settings):
-        raise FerryError(f"another server already answers at {settings.triton_url}",
-                         "stop it, or point FERRY_TRITON_URL at a free port")
+        raise InvalidInput(f"another server already answers at {settings.triton.url}",
+                           "stop it, or point FERRY_TRITON_URL at a free port")
+    _check_ports(settings)
     settings.repository.mkdir(parents=True, exist_ok=True)
     settings.triton_dir.mkdir(parents=True, exist_ok=True)
     clean_shared_memory(settings)
     with open(log_file(settings), "ab") as log:
         process = subprocess.Popen(command(settings, _api_key(settings)), env=environment(), stdout=log,
                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-    _pid_file(settings).write_text(json.dumps({"pid": process.pid, "url": settings.triton_url}))
+    _pid_file(settings).write_text(json.dumps({"pid": process.pid, "url": settings.triton.url}))
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise FerryError(f"tritonserver exited with code {process.returncode} while starting:\n{_log_tail(settings)}",
-                             f"see {log_file(settings)}")
+            raise FerryError(f"tritonserver exited with code {process.returncode} while starting: "
+                             f"{_log_reason(settings)}", f"see {log_file(settings)}")
         if _is_ready(settings):
             return status(settings)
         time.sleep(0.1)
     down(settings)
-    raise FerryError(f"tritonserver was not ready after {wait_s:g} s:\n{_log_tail(settings)}", f"see {log_file(settings)}")
+    raise Unavailable(f"tritonserver was not ready after {wait_s:g} s: {_log_reason(settings)}",
+                      f"see {log_file(settings)}")
 
 
-def down(settings: Settings) -> bool:
-    """Stop the server (SIGINT, then SIGKILL after its exit timeout) and free its shared memory."""
+def down(settings: Settings, grace_s: float = EXIT_TIMEOUT_S + 5) -> bool:
+    """Stop the server (SIGINT, then SIGKILL after ``grace_s``) and free its shared memory.
+
+    With models loaded, Triton takes its whole exit timeout to stop; ``grace_s=0`` kills it at once
+    (what a crash would do), for callers that throw the server away with its repository.
+    """
     pid = _read_pid(settings)
     stopped = False
     if _alive(pid):
-        os.killpg(pid, signal.SIGINT)
-        deadline = time.monotonic() + EXIT_TIMEOUT_S + 5
+        os.killpg(pid, signal.SIGINT if grace_s > 0 else signal.SIGKILL)
+        deadline = time.monotonic() + grace_s
         while _alive(pid) and time.monotonic() < deadline:
             time.sleep(0.1)
         if _alive(pid):
@@ -230,20 +257,16 @@ def _kill_group(pid: int | None) -> None:
     """Kill what is left of the server's process group (backend stubs of a killed server)."""
     if pid is None:
         return
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _reap(pid: int | None) -> None:
     """Collect the exit status when the server is our own child (started by `up` in this process)."""
     if pid is None:
         return
-    try:
+    with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
 
 
 def clean_shared_memory(settings: Settings) -> None:

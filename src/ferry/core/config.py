@@ -5,13 +5,61 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
+from urllib.parse import urlsplit
 
-from ferry.errors import FerryError
+from ferry.core.errors import InvalidInput
 
 RUNTIMES = ("python", "onnxruntime")
+DEFAULT_TRITON_PORT = 8000
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A Triton server's HTTP address: the one parse of FERRY_TRITON_URL every module uses."""
+
+    host: str
+    port: int
+
+    @property
+    def host_port(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host_port}"
+
+    def with_port(self, port: int) -> Endpoint:
+        return Endpoint(self.host, port)
+
+
+def parse_endpoint(raw: str, setting: str = "FERRY_TRITON_URL") -> Endpoint:
+    """``http://host[:port]`` (port 8000 when none is given); anything else is refused with the reason."""
+    hint = f"set {setting} to http://HOST:PORT"
+    parts = urlsplit(raw.strip() if "://" in raw else f"http://{raw.strip()}")
+    if parts.scheme != "http":
+        raise InvalidInput(
+            f"{setting}={raw!r} uses {parts.scheme}://, which ferry does not speak to Triton",
+            f"{hint}; for TLS, put Triton's port behind a sidecar or keep it on a private network "
+            "(ferry sends the model-control key with every load, so it refuses to fall back to plain http silently)",
+        )
+    try:
+        port = parts.port
+    except ValueError:
+        raise InvalidInput(f"{setting}={raw!r} has no valid port (1-65535)", hint) from None
+    if not parts.hostname or parts.path.strip("/") or parts.query or parts.fragment or parts.username:
+        raise InvalidInput(f"{setting}={raw!r} is not a plain http://HOST:PORT address", hint)
+    return Endpoint(parts.hostname, port or DEFAULT_TRITON_PORT)
+
+
+def check_port(port: int, what: str) -> int:
+    if not 0 < port < 65536:
+        raise InvalidInput(f"{what} {port} is not a TCP port", "give a number from 1 to 65535")
+    return port
 
 
 def default_home() -> Path:
@@ -45,9 +93,22 @@ class Settings:
     rtol: float = 1e-4
     atol: float = 1e-5
 
+    @cached_property
+    def triton(self) -> Endpoint:
+        return parse_endpoint(self.triton_url)
+
     @property
     def triton_http_port(self) -> int:
-        return int(self.triton_url.rsplit(":", 1)[1].split("/")[0])
+        return self.triton.port
+
+    @property
+    def triton_grpc(self) -> Endpoint:
+        return self.triton.with_port(self.triton_grpc_port or self.triton.port + 1)
+
+    @property
+    def triton_metrics_url(self) -> str:
+        port = self.triton_metrics_port or self.triton.port + 2
+        return f"{self.triton.with_port(port).url}/metrics"
 
     @property
     def max_artifact_bytes(self) -> int:
@@ -72,7 +133,7 @@ class Settings:
         except FileNotFoundError:
             return ""
 
-    def with_overrides(self, **changes: Any) -> "Settings":
+    def with_overrides(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
 
 
@@ -91,7 +152,8 @@ def _coerce(name: str, raw: Any) -> Any:
             return int(raw)
         return str(raw)
     except ValueError:
-        raise FerryError(f"setting {name} = {raw!r} is not a valid {kind}", "fix the FERRY_* variable or config file")
+        raise InvalidInput(f"setting {name} = {raw!r} is not a valid {kind}",
+                           "fix the FERRY_* variable or config file") from None
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
@@ -102,18 +164,22 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         try:
             values.update(tomllib.loads(Path(config_file).read_text()).get("ferry", {}))
         except (OSError, tomllib.TOMLDecodeError) as error:
-            raise FerryError(f"cannot read config file {config_file}: {error}", "fix or unset FERRY_CONFIG")
+            raise InvalidInput(f"cannot read config file {config_file}: {error}", "fix or unset FERRY_CONFIG") from None
     for name in _FIELDS:
         if f"FERRY_{name.upper()}" in env:
             values[name] = env[f"FERRY_{name.upper()}"]
     unknown = set(values) - set(_FIELDS)
     if unknown:
-        raise FerryError(f"unknown settings {sorted(unknown)}", f"known settings: {sorted(_FIELDS)}")
+        raise InvalidInput(f"unknown settings {sorted(unknown)}", f"known settings: {sorted(_FIELDS)}")
     typed = {name: _coerce(name, raw) for name, raw in values.items()}
     home = typed.pop("home", None) or default_home()
     typed.setdefault("repository", home / "repository")
     typed.setdefault("tracking_uri", env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}")
     settings = Settings(home=home, **typed)
     if settings.runtime not in RUNTIMES:
-        raise FerryError(f"unknown runtime {settings.runtime!r}", f"set FERRY_RUNTIME to one of {RUNTIMES}")
+        raise InvalidInput(f"unknown runtime {settings.runtime!r}", f"set FERRY_RUNTIME to one of {RUNTIMES}")
+    parse_endpoint(settings.triton_url)  # now, so that a bad URL is refused before anything runs
+    for name in ("gateway_port", "triton_grpc_port", "triton_metrics_port"):
+        if getattr(settings, name):
+            check_port(getattr(settings, name), f"FERRY_{name.upper()}")
     return settings

@@ -17,15 +17,17 @@ Triton takes any directory whose name starts with digits for a version; nothing 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 from pathlib import Path
 
-from ferry.errors import FerryError
-from ferry.fsutil import atomic_write, fsync_dir, fsync_tree
-from ferry.model_config import from_pbtxt, model_config_pb2, to_pbtxt
+from pydantic import ValidationError
+
+from ferry.core.errors import InvalidInput
+from ferry.core.fsutil import atomic_write, fsync_dir, fsync_tree
+from ferry.core.model_config import from_pbtxt, model_config_pb2, to_pbtxt
+from ferry.core.records import Manifest, QuarantineReason, utc_stamp
 
 STATE_DIR = ".ferry"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -34,7 +36,7 @@ MANIFEST = "ferry.json"
 
 def check_name(kind: str, value: str) -> str:
     if not NAME_PATTERN.match(value) or ".." in value:
-        raise FerryError(
+        raise InvalidInput(
             f"{kind} {value!r} is not a valid name",
             "use letters, digits, '_', '-' and '.', starting with a letter or digit, no '..'",
         )
@@ -45,7 +47,7 @@ class ModelDir:
     def __init__(self, repository: Path, model: str) -> None:
         self.model = check_name("model name", model)
         self.path = repository / model
-        self.state = repository / STATE_DIR / model
+        self.state_dir = repository / STATE_DIR / model
 
     @property
     def config_path(self) -> Path:
@@ -53,31 +55,31 @@ class ModelDir:
 
     @property
     def current_path(self) -> Path:
-        return self.state / "current.json"
+        return self.state_dir / "current.json"
 
     @property
     def history_path(self) -> Path:
-        return self.state / "history.jsonl"
+        return self.state_dir / "history.jsonl"
 
     @property
     def quarantine_root(self) -> Path:
-        return self.state / "quarantine"
+        return self.state_dir / "quarantine"
 
     @property
     def journal_path(self) -> Path:
         """The journal of the deploy in flight (:mod:`ferry.journal`)."""
-        return self.state / "journal.json"
+        return self.state_dir / "journal.json"
 
     @property
     def lock_path(self) -> Path:
-        return self.state / "deploy.lock"
+        return self.state_dir / "deploy.lock"
 
     def version_dir(self, version: int) -> Path:
         return self.path / str(version)
 
     def ensure(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        self.state.mkdir(parents=True, exist_ok=True)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
 
     def read_config_text(self) -> str | None:
         try:
@@ -92,7 +94,8 @@ class ModelDir:
         try:
             return from_pbtxt(text)
         except Exception as error:  # protobuf's text parser raises its own ParseError
-            raise FerryError(f"{self.config_path} is not a valid Triton config: {error}", "fix or restore the file")
+            raise InvalidInput(f"{self.config_path} is not a valid Triton config: {error}",
+                               "fix or restore the file") from None
 
     def write_config(self, config: model_config_pb2.ModelConfig) -> None:
         atomic_write(self.config_path, to_pbtxt(config).encode())
@@ -103,11 +106,16 @@ class ModelDir:
         elif self.read_config_text() != text:
             atomic_write(self.config_path, text.encode())
 
-    def read_manifest(self, version: int) -> dict | None:
+    def read_manifest(self, version: int) -> Manifest | None:
+        """The manifest ferry wrote when it staged ``version``; None if there is none or it is damaged."""
         try:
-            return json.loads((self.version_dir(version) / MANIFEST).read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
+            return Manifest.model_validate_json((self.version_dir(version) / MANIFEST).read_text())
+        except (FileNotFoundError, NotADirectoryError, ValidationError):
             return None
+
+    def exists(self) -> bool:
+        """Whether the repository holds anything of this model (its directory or ferry's state for it)."""
+        return self.path.exists() or self.state_dir.exists()
 
     def new_staging_dir(self, version: int, deploy_id: str) -> Path:
         """An empty staging folder for this deploy (a retried materialize starts it over)."""
@@ -124,10 +132,9 @@ class ModelDir:
         fsync_dir(self.path)
         return target
 
-    def quarantine(self, folder: Path, version: int, reason: dict) -> Path:
+    def quarantine(self, folder: Path, reason: QuarantineReason) -> Path:
         """Move a failed version's folder (staged or live) to quarantine/<version>.failed_<UTC>/ with reason.json."""
-        from ferry.state import utc_stamp
-
+        version = reason.version
         self.quarantine_root.mkdir(exist_ok=True)
         target = self.quarantine_root / f"{version}.failed_{utc_stamp()}"
         suffix = 1
@@ -135,7 +142,7 @@ class ModelDir:
             suffix += 1
             target = self.quarantine_root / f"{version}.failed_{utc_stamp()}-{suffix}"
         os.rename(folder, target)
-        atomic_write(target / "reason.json", json.dumps(reason, indent=2).encode())
+        atomic_write(target / "reason.json", reason.model_dump_json(indent=2).encode())
         fsync_dir(folder.parent)
         return target
 

@@ -7,12 +7,23 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 from pydantic import BaseModel
 
-from ferry.errors import FerryError
-from ferry.journal import read_journal, unfinished_error
-from ferry.live import LiveFigures
-from ferry.repository import STATE_DIR, ModelDir
-from ferry.state import CurrentState, read_current
-from ferry.triton import Triton, VersionState
+from ferry.core.current import read_current
+from ferry.core.errors import FerryError
+from ferry.core.journal import read_journal, unfinished_error
+from ferry.core.records import CurrentState
+from ferry.core.repository import STATE_DIR, ModelDir
+from ferry.core.triton import Triton, VersionState, ready_versions
+
+UNKNOWN = "unknown"
+
+
+class LiveFigures(BaseModel):
+    """The active version's p95 latency and failure ratio (filled in by ferry.observability.live)."""
+
+    p95_ms: float | None = None
+    failure_ratio: float | None = None
+    source: str = ""  # "prometheus (5m)" or "triton (since load)"
+    error: str | None = None
 
 
 class ModelStatus(BaseModel):
@@ -22,7 +33,7 @@ class ModelStatus(BaseModel):
     triton: list[VersionState] | None = None
     triton_error: str | None = None
     serving: list[int] = []
-    drift: str | None = None  # None when Triton serves exactly the committed version
+    drift: str | None = None  # None when Triton serves exactly the committed version; "unknown" when it cannot tell
     quarantined: list[str] = []
     in_flight: str | None = None  # a deploy that is running, or whose process stopped before it finished
     live: LiveFigures | None = None  # p95 latency and failure ratio of the active version
@@ -31,7 +42,7 @@ class ModelStatus(BaseModel):
 def list_models(repository: Path) -> list[str]:
     if not repository.exists():
         return []
-    committed = {p.parent.name for p in (repository / STATE_DIR).glob("*/current.json")} if (repository / STATE_DIR).exists() else set()
+    committed = {p.parent.name for p in (repository / STATE_DIR).glob("*/current.json")}
     configured = {p.parent.name for p in repository.glob("*/config.pbtxt")}
     return sorted((committed | configured) - {STATE_DIR})
 
@@ -45,7 +56,7 @@ def model_status(repository: Path, triton: Triton, model: str) -> ModelStatus:
         report.current_error = str(error)
     try:
         report.triton = triton.versions(model)
-        report.serving = sorted(v.version for v in report.triton if v.state == "READY")
+        report.serving = ready_versions(report.triton)
     except FerryError as error:
         report.triton_error = str(error)
     if model_dir.quarantine_root.exists():
@@ -67,12 +78,12 @@ def _in_flight(model_dir: ModelDir) -> str | None:
             return str(unfinished_error(model_dir, journal))
     except Timeout:
         record = journal.record
-        return f"deploy {journal.deploy_id or '(starting)'} ({record.get('target')}) is running, at step {record.get('step')}"
+        return f"deploy {journal.deploy_id or '(starting)'} ({record.target}) is running, at step {record.step}"
 
 
 def _drift(report: ModelStatus) -> str | None:
     if report.triton is None or report.current_error:
-        return None  # cannot tell
+        return UNKNOWN  # Triton did not answer, or current.json cannot be read
     committed = [report.current.active_version] if report.current else []
     if report.serving == committed:
         return None

@@ -10,10 +10,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ferry.errors import FerryError
-from ferry.model_config import Signature, config_signature
-from ferry.repository import ModelDir
-from ferry.state import CurrentState, read_current
+from ferry.core.current import read_current
+from ferry.core.errors import FerryError, NoSuchModel
+from ferry.core.model_config import Signature, config_signature
+from ferry.core.records import CurrentState
+from ferry.core.repository import ModelDir
 
 
 @dataclass(frozen=True)
@@ -23,8 +24,8 @@ class Route:
     signature: Signature  # the model's inputs and outputs, from its config.pbtxt
 
 
-class UnknownModel(FerryError):
-    pass
+class UnknownModel(NoSuchModel):
+    """Nothing is committed for this model (or the name is not one): the gateway answers 404."""
 
 
 class Router:

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import json
 import mmap
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import onnx
 from google.protobuf import json_format, text_format
+from google.protobuf.message import DecodeError
 from tritonclient.grpc import model_config_pb2
+
+from ferry.core.errors import InvalidInput
 
 # ONNX element type -> Triton API datatype. BYTES is Triton's name for strings.
 _ONNX_TO_TRITON = {
@@ -115,12 +118,24 @@ def _fields(buf: memoryview, start: int, end: int) -> Iterator[tuple[int, int, i
         raise ValueError("truncated protobuf message")
 
 
+class NotOnnx(InvalidInput):
+    """The bytes are not an ONNX model ferry can read the signature of."""
+
+
 def read_onnx_signature(path: Path) -> Signature:
     """The declared inputs and outputs of an ONNX file, read without parsing its nodes and weights.
 
     A full parse in Python costs seconds and gigabytes on a large model; this reads only
-    ``graph.input``, ``graph.output`` and the initializers' names.
+    ``graph.input``, ``graph.output`` and the initializers' names. Raises NotOnnx with the reason.
     """
+    try:
+        return _read_onnx_signature(path)
+    except (ValueError, IndexError, DecodeError, UnicodeDecodeError) as error:
+        raise NotOnnx(f"{path.name} is not a valid ONNX model: {error or type(error).__name__}",
+                      "the registered artifact is damaged: log the model again") from None
+
+
+def _read_onnx_signature(path: Path) -> Signature:
     if path.stat().st_size == 0:
         raise ValueError("the file is empty")
     with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
@@ -154,16 +169,22 @@ def config_signature(config: model_config_pb2.ModelConfig) -> Signature:
     return Signature(specs(config.input), specs(config.output))
 
 
+def shape_fits(shape: object, dims: tuple[int, ...]) -> bool:
+    """Whether a concrete shape fits the dims a config declares (-1: any size). The one shape rule of ferry."""
+    return (isinstance(shape, (list, tuple)) and len(shape) == len(dims)
+            and all(type(s) is int and s >= 0 and d in (-1, s) for d, s in zip(dims, shape, strict=False)))
+
+
 def _dims_compatible(declared: tuple[int, ...], configured: tuple[int, ...]) -> bool:
-    if len(declared) != len(configured):
-        return False
-    return all(d == c or d == -1 or c == -1 for d, c in zip(declared, configured))
+    """Two declarations agree where both are fixed (either may leave a dimension free)."""
+    return len(declared) == len(configured) and all(d == c or -1 in (d, c) for d, c in zip(declared, configured))
 
 
 def signature_mismatches(declared: Signature, configured: Signature) -> list[str]:
     """What in an ONNX model's declared signature contradicts the model's config (empty when they agree)."""
     problems = []
-    for kind, ours, theirs in (("input", declared.inputs, configured.inputs), ("output", declared.outputs, configured.outputs)):
+    pairs = (("input", declared.inputs, configured.inputs), ("output", declared.outputs, configured.outputs))
+    for kind, ours, theirs in pairs:
         by_name = {t.name: t for t in ours}
         for want in theirs:
             got = by_name.pop(want.name, None)

@@ -7,6 +7,7 @@ load fails and Triton moves on. This only reaches a Triton on the same host as f
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from pathlib import Path
@@ -34,8 +35,6 @@ def stop_stubs_of(version_dir: Path) -> int:
     """SIGKILL the stubs of one version; returns how many were found."""
     pids = stubs_of(version_dir)
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     return len(pids)

@@ -20,13 +20,13 @@ from pathlib import Path
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
-from ferry.config import Settings
-from ferry.deploy import STEPS
-from ferry.errors import FerryError
-from ferry.repository import ModelDir
-from ferry.state import parse_utc_stamp, read_current
-from ferry.status import list_models
-from ferry.triton import Triton, VersionState
+from ferry.core.config import Settings
+from ferry.core.current import read_current
+from ferry.core.errors import FerryError, InvalidInput
+from ferry.core.records import TRANSACTION_STEPS, Step, parse_utc_stamp
+from ferry.core.repository import ModelDir
+from ferry.core.status import list_models
+from ferry.core.triton import Triton, VersionState, ready_versions
 
 
 @dataclass
@@ -109,7 +109,7 @@ class FerryCollector(Collector):
                 deploys.add_metric([model, outcome, failed_step], n)
             for verified in ("true", "false"):  # both from the start, so that increase() sees the first one
                 rollbacks.add_metric([model, verified], tally.rollbacks[verified])
-            for step in [s for s in (*STEPS, "rollback") if tally.step_count[s]]:
+            for step in [s for s in (*TRANSACTION_STEPS, Step.ROLLBACK) if tally.step_count[s]]:
                 steps.add_metric([model, step], tally.step_count[step], tally.step_sum[step])
             for outcome, at in tally.last_at.items():
                 last.add_metric([model, outcome], at)
@@ -120,7 +120,7 @@ class FerryCollector(Collector):
             if current is not None:
                 active.add_metric([model], current.active_version)
             if index is not None:
-                serving = sorted(v.version for v in index.get(model, []) if v.state == "READY")
+                serving = ready_versions(index.get(model, []))
                 drift.add_metric([model], float(serving != ([current.active_version] if current else [])))
         if self.triton is not None:
             triton_up.add_metric([], float(index is not None))
@@ -131,6 +131,9 @@ def write_textfile(path: Path, collector: FerryCollector) -> None:
     """The metrics in the text format, for node_exporter's textfile collector (written atomically)."""
     from prometheus_client import CollectorRegistry, write_to_textfile
 
+    if not path.parent.is_dir():
+        raise InvalidInput(f"cannot write {path}: the folder {path.parent} does not exist",
+                           "create it (node_exporter reads the folder named by --collector.textfile.directory)")
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
     write_to_textfile(str(path), registry)

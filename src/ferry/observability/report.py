@@ -7,19 +7,17 @@ model's history, so a deploy shows on the plot even if no scrape caught its metr
 from __future__ import annotations
 
 import datetime as dt
-import json
 import time
-import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from ferry.errors import FerryError
-from ferry.repository import ModelDir
-from ferry.state import parse_utc_stamp, read_history
+from ferry.core.current import read_history
+from ferry.core.records import Outcome, parse_utc_stamp
+from ferry.core.repository import ModelDir
+from ferry.observability.prometheus import query
 
 MARGIN_S = 600  # shown before the first deploy of the report
-MARKED = {"committed": ("tab:green", "-"), "rolled_back": ("tab:red", "--")}
+MARKED = {Outcome.COMMITTED: ("tab:green", "-"), Outcome.ROLLED_BACK: ("tab:red", "--")}
 
 
 @dataclass
@@ -37,19 +35,12 @@ class ReportSummary:
 
 
 def _query_range(prometheus_url: str, expr: str, start: float, end: float, step: float) -> list[dict]:
-    query = urllib.parse.urlencode({"query": expr, "start": start, "end": end, "step": step})
-    url = f"{prometheus_url.rstrip('/')}/api/v1/query_range?{query}"
-    try:
-        with urllib.request.urlopen(url, timeout=10) as reply:
-            return json.loads(reply.read())["data"]["result"]
-    except (OSError, ValueError, KeyError) as error:
-        raise FerryError(f"Prometheus at {prometheus_url} did not answer {expr}: {error}",
-                         "check FERRY_PROMETHEUS_URL, and that it loads ops/prometheus/rules", retryable=True)
+    return query(prometheus_url, "query_range", 10.0, query=expr, start=start, end=end, step=step)
 
 
 def _series(results: list[dict], scale: float) -> list[Series]:
     return [Series(f"v{r['metric'].get('version', '?')}",
-                   [dt.datetime.fromtimestamp(t, dt.timezone.utc) for t, _ in r["values"]],
+                   [dt.datetime.fromtimestamp(t, dt.UTC) for t, _ in r["values"]],
                    [float(v) * scale for _, v in r["values"]]) for r in results]
 
 
@@ -77,13 +68,13 @@ def write_report(prometheus_url: str, model_dir: ModelDir, out: Path, deploys: i
             axis.plot(line.times, line.values, label=line.label, linewidth=1.4)
         axis.set_ylabel(ylabel)
         axis.grid(alpha=0.3)
-        for record, at in zip(recent, times):
+        for record, at in zip(recent, times, strict=False):
             colour, style = MARKED[record["outcome"]]
-            axis.axvline(dt.datetime.fromtimestamp(at, dt.timezone.utc), color=colour, linestyle=style, linewidth=1)
-    for record, at in zip(recent, times):
+            axis.axvline(dt.datetime.fromtimestamp(at, dt.UTC), color=colour, linestyle=style, linewidth=1)
+    for record, at in zip(recent, times, strict=False):
         colour, _ = MARKED[record["outcome"]]
-        what = "committed" if record["outcome"] == "committed" else f"rolled back ({record.get('failed_step')})"
-        top.annotate(f"v{record.get('version')} {what}", (dt.datetime.fromtimestamp(at, dt.timezone.utc), 1.0),
+        what = "committed" if record["outcome"] == Outcome.COMMITTED else f"rolled back ({record.get('failed_step')})"
+        top.annotate(f"v{record.get('version')} {what}", (dt.datetime.fromtimestamp(at, dt.UTC), 1.0),
                      xycoords=("data", "axes fraction"), rotation=90, va="top", ha="right", fontsize=8, color=colour)
     if latency:
         top.legend(loc="upper left", fontsize=8)

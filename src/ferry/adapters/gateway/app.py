@@ -24,7 +24,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
-from urllib.parse import urlsplit
 
 import numpy as np
 from fastapi import FastAPI, Request, Response
@@ -32,11 +31,12 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from tritonclient.utils import triton_to_np_dtype
 
-from ferry.config import Settings
-from ferry.model_config import Signature
-from ferry.routing import Route, Router, UnknownModel
-from ferry.status import list_models
-from ferry.upstream import Reply, UpstreamPool
+from ferry.adapters.gateway.routing import Route, Router, UnknownModel
+from ferry.adapters.gateway.upstream import Reply, UpstreamPool
+from ferry.core.config import Settings
+from ferry.core.errors import GatewayError
+from ferry.core.model_config import Signature, shape_fits
+from ferry.core.status import list_models
 
 VERSION_HEADER = b"x-ferry-model-version"
 BINARY_HEADER = b"inference-header-content-length"  # KServe v2 binary tensor extension: passed through as is
@@ -45,13 +45,6 @@ KSERVE_PREFIX, KSERVE_SUFFIX = "/v2/models/", "/infer"
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
-
-
-class GatewayError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 class Metrics:
@@ -98,16 +91,11 @@ def _to_tensors(body: bytes, signature: Signature) -> dict:
             array = np.asarray(value, dtype=triton_to_np_dtype(spec.datatype))
         except (ValueError, TypeError) as error:
             raise GatewayError(400, f"input '{name}' is not a {spec.datatype} tensor: {error}") from None
-        if not _fits(list(array.shape), spec.dims):
+        if not shape_fits(list(array.shape), spec.dims):
             raise GatewayError(400, f"input '{name}' has shape {list(array.shape)}, the model takes {list(spec.dims)}")
         tensors.append({"name": name, "shape": list(array.shape), "datatype": spec.datatype,
                         "data": array.flatten().tolist()})
     return {"inputs": tensors}
-
-
-def _fits(shape: object, dims: tuple[int, ...]) -> bool:
-    return (isinstance(shape, list) and len(shape) == len(dims)
-            and all(isinstance(s, int) and d in (-1, s) for d, s in zip(dims, shape)))
 
 
 def _count(data: object) -> int:
@@ -133,7 +121,7 @@ def _request_problem(body: bytes, headers: dict[bytes, bytes], signature: Signat
         name, shape = spec.name, tensor.get("shape")
         if tensor.get("datatype") != spec.datatype:
             return f"input '{name}' is {tensor.get('datatype')}, the model takes {spec.datatype}"
-        if not _fits(shape, spec.dims):
+        if not shape_fits(shape, spec.dims):
             return f"input '{name}' has shape {shape}, the model takes {list(spec.dims)}"
         if "data" in tensor and _count(tensor["data"]) != math.prod(shape):
             return f"input '{name}' has {_count(tensor['data'])} values, its shape {shape} holds {math.prod(shape)}"
@@ -161,8 +149,7 @@ class Gateway:
         self.metrics = Metrics()
         self.token = token.encode()
         self.max_body_bytes = max_body_bytes
-        triton = urlsplit(settings.triton_url)
-        self.triton = UpstreamPool(triton.hostname or "127.0.0.1", triton.port or 8000, settings.triton_timeout_s)
+        self.triton = UpstreamPool(settings.triton.host, settings.triton.port, settings.triton_timeout_s)
         self.app = _admin_app(self)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -198,7 +185,7 @@ class Gateway:
         except UnknownModel as error:
             status, payload, out = 404, _error_body(str(error)), [(b"content-type", b"application/json")]
         except GatewayError as error:
-            status, payload, out = error.status, _error_body(error.message), [(b"content-type", b"application/json")]
+            status, payload, out = error.status, _error_body(str(error)), [(b"content-type", b"application/json")]
         if route is not None:
             out.append((VERSION_HEADER, str(route.version).encode()))
         await send({"type": "http.response.start", "status": status, "headers": out})
@@ -207,7 +194,8 @@ class Gateway:
 
     async def read_body(self, receive: Receive, length: bytes | None) -> bytes:
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-            raise GatewayError(413, f"the body is {int(length)} bytes, over the gateway's limit of {self.max_body_bytes}")
+            raise GatewayError(413, f"the body is {int(length)} bytes, over the gateway's limit of "
+                                    f"{self.max_body_bytes}")
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -230,13 +218,20 @@ class Gateway:
                 raise GatewayError(503, f"Triton at {self.settings.triton_url} did not answer: "
                                         f"{type(error).__name__} {error}") from None
             if reply.status == 200 or attempt == 2:
-                return route, reply
+                return route, self._served(route, reply)
             newer = self.router.route(model)
             if newer.version == route.version:
-                return route, reply
+                return route, self._served(route, reply)
             self.metrics.rerouted.labels(model).inc()
             route = newer
         raise AssertionError("unreachable")
+
+    def _served(self, route: Route, reply: Reply) -> Reply:
+        """The reply, unless Triton does not serve the committed version at all (restarted, not reconciled)."""
+        if reply.status in (400, 404) and b"unknown model" in reply.body[:300].lower():
+            raise GatewayError(503, f"'{route.model}' v{route.version} is committed but Triton does not serve it",
+                               "run `ferry reconcile` (after a Triton restart, it serves nothing until then)")
+        return reply
 
     def _explain(self, route: Route, reply: Reply, body: bytes,
                  headers: list[tuple[bytes, bytes]]) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
@@ -302,7 +297,7 @@ def _admin_app(gateway: Gateway) -> FastAPI:
         except UnknownModel as error:
             response = _error(404, str(error))
         except GatewayError as error:
-            response = _error(error.status, error.message, route)
+            response = _error(error.status, str(error), route)
         gateway.metrics.count(route, response.status_code, began)
         return response
 

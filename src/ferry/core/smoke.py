@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 from tritonclient.utils import np_to_triton_dtype, triton_to_np_dtype
 
-from ferry.model_config import Signature
+from ferry.core.errors import InvalidInput
+from ferry.core.model_config import Signature, shape_fits
 
 SMOKE_FILE = "smoke.json"
 
@@ -53,7 +54,8 @@ def load_sample(path: Path) -> SmokeSample:
         golden = _from_json(body["outputs"]) if "outputs" in body else None
         return SmokeSample(_from_json(body["inputs"]), golden, body.get("rtol"), body.get("atol"))
     except (KeyError, TypeError, ValueError) as error:
-        raise ValueError(f"{path.name} is not a valid smoke sample: {type(error).__name__}: {error}") from error
+        raise InvalidInput(f"{path.name} is not a valid smoke sample: {type(error).__name__}: {error}",
+                           "log the smoke sample again with ferry.publish.log_onnx_model") from None
 
 
 def synthetic_sample(signature: Signature) -> SmokeSample:
@@ -63,10 +65,6 @@ def synthetic_sample(signature: Signature) -> SmokeSample:
         for t in signature.inputs
     }
     return SmokeSample(inputs, None)
-
-
-def _shape_fits(shape: tuple[int, ...], dims: tuple[int, ...]) -> bool:
-    return len(shape) == len(dims) and all(d == -1 or d == s for s, d in zip(shape, dims))
 
 
 def output_problems(
@@ -80,8 +78,9 @@ def output_problems(
             problems.append(f"output '{spec.name}' is missing from the response")
             continue
         if np_to_triton_dtype(value.dtype) != spec.datatype:
-            problems.append(f"output '{spec.name}' is {np_to_triton_dtype(value.dtype)}, the config says {spec.datatype}")
-        if not _shape_fits(value.shape, spec.dims):
+            got = np_to_triton_dtype(value.dtype)
+            problems.append(f"output '{spec.name}' is {got}, the config says {spec.datatype}")
+        if not shape_fits(value.shape, spec.dims):
             problems.append(f"output '{spec.name}' has shape {list(value.shape)}, the config says {list(spec.dims)}")
         elif golden is not None and spec.name in golden:
             problems += _golden_problems(spec.name, value, golden[spec.name], rtol, atol)

@@ -2,35 +2,15 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
-from ferry.errors import FerryError
-from ferry.fsutil import append_line, atomic_write
-from ferry.repository import ModelDir
-
-
-def utc_stamp(moment: dt.datetime | None = None) -> str:
-    """Compact UTC, as consumers of current.json already read it: 20251231T025902."""
-    return (moment or dt.datetime.now(dt.timezone.utc)).strftime("%Y%m%dT%H%M%S")
-
-
-def parse_utc_stamp(stamp: str) -> dt.datetime:
-    return dt.datetime.strptime(stamp, "%Y%m%dT%H%M%S").replace(tzinfo=dt.timezone.utc)
-
-
-class CurrentState(BaseModel):
-    active_version: int
-    run_id: str
-    alias: str | None
-    updated_at_utc: str
-    model: str
-    previous_version: int | None = None
-    sha256: str
-    deploy_id: str
+from ferry.core.errors import FerryError, InvalidInput
+from ferry.core.fsutil import append_line, atomic_write
+from ferry.core.records import CurrentState, DeployReport
+from ferry.core.repository import ModelDir
 
 
 def read_current(model_dir: ModelDir) -> CurrentState | None:
@@ -41,11 +21,12 @@ def read_current(model_dir: ModelDir) -> CurrentState | None:
     try:
         return CurrentState.model_validate_json(raw)
     except ValidationError as error:
-        raise FerryError(
-            f"{model_dir.current_path} is unreadable ({error.errors()[0]['msg']}); ferry will not guess the active version",
+        raise InvalidInput(
+            f"{model_dir.current_path} is unreadable ({error.errors()[0]['msg']}); "
+            "ferry will not guess the active version",
             f"restore it from the last 'committed' line of {model_dir.history_path.name} "
             "(its 'current' field is the file's content), then run the command again",
-        )
+        ) from None
 
 
 def write_current(model_dir: ModelDir, state: CurrentState) -> None:
@@ -67,18 +48,26 @@ def restore_current(model_dir: ModelDir, snapshot: CurrentState | None) -> bool:
     return True
 
 
-def append_history(model_dir: ModelDir, record: dict[str, Any]) -> None:
-    model_dir.state.mkdir(parents=True, exist_ok=True)
-    append_line(model_dir.history_path, json.dumps(record, sort_keys=True))
+def append_history(model_dir: ModelDir, report: DeployReport) -> None:
+    model_dir.state_dir.mkdir(parents=True, exist_ok=True)
+    append_line(model_dir.history_path, json.dumps(report.model_dump(mode="json"), sort_keys=True))
 
 
 def read_history(model_dir: ModelDir, limit: int | None = None) -> list[dict[str, Any]]:
+    """The latest ``limit`` records (all when None), as written; a damaged line is skipped, not fatal."""
     try:
         lines = model_dir.history_path.read_text().splitlines()
     except FileNotFoundError:
         return []
-    records = [json.loads(line) for line in lines if line.strip()]
-    return records[-limit:] if limit else records
+    records = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records if limit is None else records[len(records) - limit:] if limit > 0 else []
 
 
 def find_history(model_dir: ModelDir, deploy_id: str) -> dict[str, Any] | None:

@@ -9,8 +9,11 @@ import errno
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from ferry.errors import FerryError
+from ferry.core.errors import FerryError, NoSuchModel, RegistryError, Unavailable
+
+NOT_FOUND_CODES = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
 
 
 @dataclass(frozen=True)
@@ -33,53 +36,69 @@ class Registry:
         self.tracking_uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
-    def _fail(self, what: str, error: Exception) -> FerryError:
-        code = getattr(error, "error_code", "")
-        if code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
-            return FerryError(f"MLflow: {what}: {error}", "check the name, alias or version in the MLflow Model Registry")
-        return FerryError(
+    def fail(self, what: str, error: Exception) -> FerryError:
+        """An MLflow error as ferry's: a refusal (unknown name, alias, version) or an MLflow that did not answer."""
+        if getattr(error, "error_code", "") in NOT_FOUND_CODES:
+            return RegistryError(f"MLflow: {what}: {error}",
+                                 "check the name, alias or version in the MLflow Model Registry")
+        return Unavailable(
             f"MLflow at {self.tracking_uri} failed while {what}: {type(error).__name__}: {error}",
             "check that MLFLOW_TRACKING_URI points at a reachable tracking server",
-            retryable=True,
         )
 
-    def _ref(self, found, alias: str | None) -> VersionRef:
+    def _unknown_model(self, model: str, error: Exception) -> NoSuchModel | None:
+        """NoSuchModel when ``error`` came from a registered model that does not exist."""
+        if getattr(error, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
+            return None
+        try:
+            self.client.get_registered_model(model)
+        except Exception as lookup:
+            if getattr(lookup, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
+                return NoSuchModel(f"no model named '{model}' in MLflow at {self.tracking_uri}",
+                                   "check the name, or register the model first")
+        return None
+
+    def _ref(self, found: Any, alias: str | None) -> VersionRef:
         source = found.source or ""
         # A run's artifacts are found through the run; other sources may be stored elsewhere.
-        uri = source if source.startswith("runs:/") else self.client.get_model_version_download_uri(found.name, str(found.version))
+        if source.startswith("runs:/"):
+            uri = source
+        else:
+            uri = self.client.get_model_version_download_uri(found.name, str(found.version))
         return VersionRef(found.name, int(found.version), found.run_id or "", found.source or "", alias, uri)
 
     def _aliases(self, model: str) -> dict[str, int]:
         try:
             return {alias: int(v) for alias, v in self.client.get_registered_model(model).aliases.items()}
         except Exception as error:
-            raise self._fail(f"reading registered model '{model}'", error)
+            raise self._unknown_model(model, error) or self.fail(f"reading registered model '{model}'", error) from None
 
     def resolve_alias(self, model: str, alias: str) -> VersionRef:
         try:
             return self._ref(self.client.get_model_version_by_alias(model, alias), alias)
         except Exception as error:
             if getattr(error, "error_code", "") != "INVALID_PARAMETER_VALUE":
-                raise self._fail(f"resolving '{model}@{alias}'", error)
+                raise self._unknown_model(model, error) or self.fail(f"resolving '{model}@{alias}'", error) from None
         known = ", ".join(f"{a} -> v{v}" for a, v in sorted(self._aliases(model).items())) or "none"
-        raise FerryError(f"model '{model}' has no alias '{alias}' in MLflow", f"its aliases: {known}")
+        raise RegistryError(f"model '{model}' has no alias '{alias}' in MLflow", f"its aliases: {known}")
 
     def get_version(self, model: str, version: int, alias: str | None = None) -> VersionRef:
         try:
             return self._ref(self.client.get_model_version(model, str(version)), alias)
         except Exception as error:
-            raise self._fail(f"reading version {version} of '{model}'", error)
+            raise self._unknown_model(model, error) or self.fail(f"reading version {version} of '{model}'",
+                                                                 error) from None
 
-    def _open(self, ref: VersionRef, uri: str) -> "Artifacts":
+    def _open(self, ref: VersionRef, uri: str) -> Artifacts:
         from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
         try:
             repository = get_artifact_repository(uri, self.tracking_uri, self.tracking_uri)
         except Exception as error:
-            raise self._fail(f"opening the artifacts at {uri}", error)
+            raise self.fail(f"opening the artifacts at {uri}", error) from None
         return Artifacts(self, ref, uri, repository)
 
-    def artifacts(self, ref: VersionRef, expected: str = "model.onnx") -> "Artifacts":
+    def artifacts(self, ref: VersionRef, expected: str = "model.onnx") -> Artifacts:
         """The version's artifact folder. A runs:/ URI is resolved once to the run's own store, which
         MLflow's runs:/ repository would look up again (with its logged models) on every call; it is
         still the fallback when the run's store does not hold the files."""
@@ -113,7 +132,7 @@ class Artifacts:
             try:
                 listing = self.repository.list_artifacts()
             except Exception as error:
-                raise self.registry._fail(f"listing the artifacts of {self.uri}", error)
+                raise self.registry.fail(f"listing the artifacts of {self.uri}", error) from None
             self._sizes = {Path(f.path).name: (f.file_size or 0) for f in listing if not f.is_dir}
         return self._sizes
 
@@ -124,16 +143,17 @@ class Artifacts:
         """
         local_dir = getattr(self.repository, "artifact_dir", None)  # set by MLflow's local-filesystem store
         if local_dir is not None and (Path(local_dir) / name).is_symlink():
-            raise FerryError(f"{name} in {self.uri} is a symbolic link; ferry copies only regular files",
+            raise RegistryError(f"{name} in {self.uri} is a symbolic link; ferry copies only regular files",
                              "log the model's real file, not a link to one")
         try:
             path = Path(self.repository.download_artifacts(name, dst_path=str(destination)))
         except Exception as error:
             if full := disk_full(error):
                 raise full from error
-            raise self.registry._fail(f"downloading {name} of {self.uri}", error)
+            raise self.registry.fail(f"downloading {name} of {self.uri}", error) from None
         if os.path.abspath(path) != os.path.abspath(destination / name) or path.is_symlink() or not path.is_file():
-            raise FerryError(f"downloading {name} of {self.uri} gave {path}, not a regular file {destination / name}",
+            raise RegistryError(f"downloading {name} of {self.uri} gave {path}, not a regular file "
+                                f"{destination / name}",
                              "the artifact store returned something else than the file; check the logged artifact")
         return path
 

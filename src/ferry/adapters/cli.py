@@ -1,0 +1,457 @@
+"""The ``ferry`` command line: a thin adapter over the core.
+
+Exit codes: 0 done; 1 a deploy ran and was rolled back (or status found drift); 2 bad input, nothing
+changed; 3 a dependency (MLflow, Triton, Prometheus) could not be reached, nothing changed: retry later.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import NoReturn, TypeVar
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from ferry.core.config import Settings, check_port, load_settings
+from ferry.core.current import read_current, read_history
+from ferry.core.errors import FerryError, InvalidInput, NoSuchModel, unreachable
+from ferry.core.reconcile import reconcile
+from ferry.core.records import DeployReport, Outcome
+from ferry.core.repository import ModelDir, check_name
+from ferry.core.runner import Runner, Target
+from ferry.core.status import UNKNOWN, ModelStatus, list_models, model_status
+from ferry.core.steps import Ferry
+
+app = typer.Typer(help="Move model versions from the MLflow Model Registry into Triton, safely.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+triton_app = typer.Typer(help="The local Triton server (from the nvidia-pytriton wheel).", no_args_is_help=True)
+app.add_typer(triton_app, name="triton")
+# Piped output (CI logs, scripts) is not squeezed into 80 columns.
+_WIDTH = None if sys.stdout.isatty() else 200
+out = Console(soft_wrap=True, width=_WIDTH, highlight=False)
+err = Console(stderr=True, soft_wrap=True, width=_WIDTH, highlight=False)
+
+EXIT_FAILED = 1  # the deploy ran and was rolled back; or status found a problem
+EXIT_REJECTED = 2  # bad input: nothing was changed
+EXIT_UNAVAILABLE = 3  # a dependency did not answer: nothing was changed, worth retrying
+
+JsonOption = typer.Option(False, "--json", help="Print one JSON document instead of text.")
+ModelArgument = typer.Argument(..., metavar="MODEL", help="The model's name (in MLflow and in Triton).")
+T = TypeVar("T")
+
+
+def _fail(error: FerryError) -> NoReturn:
+    err.print(f"[red]error:[/red] {escape(error.message)}")
+    if error.hint:
+        err.print(f"  hint: {escape(error.hint)}")
+    raise typer.Exit(EXIT_UNAVAILABLE if unreachable(error) else EXIT_REJECTED)
+
+
+def _guarded(action: Callable[[], T]) -> T:
+    """Run ``action``; a FerryError it raises ends the command with its message, hint and exit code."""
+    try:
+        return action()
+    except FerryError as error:
+        _fail(error)
+
+
+def _settings() -> Settings:
+    return _guarded(load_settings)
+
+
+def _known_model(settings: Settings, model: str) -> ModelDir:
+    """The model's directory; NoSuchModel when the repository has nothing of it."""
+    model_dir = _guarded(lambda: ModelDir(settings.repository, model))
+    if not model_dir.exists():
+        known = ", ".join(list_models(settings.repository)) or "none"
+        _fail(NoSuchModel(f"no model '{model}' in {settings.repository}", f"models there: {known}"))
+    return model_dir
+
+
+def _needs_extra(extra: str, command: str, error: ImportError) -> NoReturn:
+    _fail(InvalidInput(f"`ferry {command}` needs what the '{extra}' extra installs ({error.name} is missing)",
+                       f"pip install 'ferry[{extra}]'"))
+
+
+def _print_json(data: object) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _show_step(step: str, status: str, seconds: float, detail: str) -> None:
+    if status == "start":
+        return
+    mark = "[green]✓[/green]" if status == "ok" else "[red]✗[/red]"
+    out.print(f"  {mark} {step:<12} {seconds:7.3f} s  {escape(detail.splitlines()[0] if detail else '')}")
+
+
+def _print_success(report: DeployReport) -> None:
+    if report.outcome == Outcome.NOOP:
+        out.print(f"{report.model}: {escape(report.warnings[0]) if report.warnings else 'nothing to do'}")
+        return
+    was = f"v{report.previous_version}" if report.previous_version else "nothing"
+    out.print(f"[green]committed[/green] {report.model} v{report.version} (was {was}) "
+              f"in {sum(report.steps.values()):.2f} s")
+    for warning in report.warnings:
+        err.print(f"[yellow]warning:[/yellow] {escape(warning)}")
+
+
+def _explain_rollback(report: DeployReport) -> None:
+    rollback = report.rollback
+    if not (rollback and rollback.verified):
+        state = "ROLLBACK NOT VERIFIED: check `ferry status`"
+    elif report.previous_version is None:
+        state = "nothing was active before, so nothing serves now"
+    else:
+        state = f"v{report.previous_version} still active and serving"
+    quarantined = ", ".join(rollback.quarantined) if rollback and rollback.quarantined else "nothing"
+    err.print(f"[red]failed at {report.failed_step}:[/red] {escape(report.error or '')} "
+              f"({state}; quarantined: {escape(quarantined)})")
+    for problem in rollback.problems if rollback else []:
+        err.print(f"  rollback problem: {escape(problem)}")
+
+
+def _finish(report: DeployReport, as_json: bool) -> NoReturn:
+    """Print the outcome (JSON on stdout for scripts; the reason of a failure always on stderr) and exit."""
+    if as_json:
+        _print_json(report.model_dump(mode="json"))
+    elif report.ok:
+        _print_success(report)
+    if report.outcome == Outcome.ROLLED_BACK:
+        _explain_rollback(report)
+        raise typer.Exit(EXIT_FAILED)
+    if report.outcome == Outcome.REJECTED:
+        err.print(f"[red]error:[/red] {escape(report.error or 'rejected')}")
+        if report.hint:
+            err.print(f"  hint: {escape(report.hint)}")
+        raise typer.Exit(EXIT_UNAVAILABLE if report.retryable else EXIT_REJECTED)
+    raise typer.Exit(0)
+
+
+def _run_deploy(settings: Settings, model: str, target: Target, as_json: bool) -> NoReturn:
+    ferry = Ferry(settings)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a stopped deploy rolls back, as on Ctrl-C
+    runner = _guarded(lambda: Runner(ferry, model, on_event=None if as_json else _show_step))
+    report = _guarded(lambda: runner.deploy(target))
+    for stop in (signal.SIGINT, signal.SIGTERM):  # decided and recorded: a late Ctrl-C must not say otherwise
+        signal.signal(stop, signal.SIG_IGN)
+    _finish(report, as_json)
+
+
+@app.command("deploy")
+def deploy_command(
+    model: str = ModelArgument,
+    alias: str = typer.Option(..., "--alias", "-a", help="MLflow alias naming the version to deploy."),
+    as_json: bool = JsonOption,
+) -> None:
+    """Deploy the version an MLflow alias points at: load, ready, smoke, then commit or roll back."""
+    _guarded(lambda: check_name("model name", model))  # bad names are refused before anything starts
+    target = _guarded(lambda: Target.of_alias(alias))
+    _run_deploy(_settings(), model, target, as_json)
+
+
+@app.command("rollback")
+def rollback_command(
+    model: str = ModelArgument,
+    to: int | None = typer.Option(None, "--to", help="Version to go back to (default: the previous one)."),
+    force: bool = typer.Option(False, "--force", help="Go back to a version even if its last deploy failed."),
+    as_json: bool = JsonOption,
+) -> None:
+    """Go back to an earlier version, through the same validation chain (no MLflow needed if its files are kept)."""
+    settings = _settings()
+    model_dir = _known_model(settings, model)
+    if to is None:
+        current = _guarded(lambda: read_current(model_dir))
+        if current is None or current.previous_version is None:
+            _fail(InvalidInput(f"'{model}' has no previous version recorded in current.json",
+                               "give one with --to VERSION (see `ferry history`)"))
+        to = current.previous_version
+    target = _guarded(lambda: Target.of_version(to, force=force))
+    _run_deploy(settings, model, target, as_json)
+
+
+@app.command("recover")
+def recover_command(model: str = ModelArgument, as_json: bool = JsonOption) -> None:
+    """Finish or undo a deploy whose process stopped (killed, crashed), from its journal."""
+    settings = _settings()
+    _known_model(settings, model)
+    report = _guarded(lambda: Runner(Ferry(settings), model).recover())
+    if report is None:
+        if as_json:
+            _print_json(None)
+        else:
+            out.print(f"{model}: no unfinished deploy, nothing to recover")
+        return
+    if as_json:
+        _print_json(report.model_dump(mode="json"))
+    else:
+        out.print(f"{model}: deploy {report.deploy_id or '(before its snapshot)'} ({report.target}) was unfinished")
+        if report.outcome == Outcome.ROLLED_BACK:
+            _explain_rollback(report)
+        elif report.ok:
+            _print_success(report)
+        else:
+            out.print(f"  {escape(report.error or '')}")
+    if report.rollback is not None and not report.rollback.verified:
+        raise typer.Exit(EXIT_FAILED)
+
+
+@app.command("reconcile")
+def reconcile_command(
+    models: list[str] | None = typer.Argument(None, metavar="[MODEL]...",
+                                                 help="Models to reconcile (default: every committed model)."),
+    as_json: bool = JsonOption,
+) -> None:
+    """Make Triton serve exactly what current.json commits (after a Triton restart, or on a new replica)."""
+    settings = _settings()
+    names = [_known_model(settings, m).model for m in models] if models else list_models(settings.repository)
+    ferry = Ferry(settings)
+    results = [reconcile(ferry, name) for name in names]
+    if as_json:
+        _print_json([r.model_dump(mode="json") for r in results])
+    else:
+        for r in results:
+            colour = "green" if r.ok else "red"
+            version = f"v{r.active_version}" if r.active_version is not None else "-"
+            out.print(f"  [{colour}]{r.action:<9}[/{colour}] {r.model} {version}  {escape(r.detail)}")
+    if not all(r.ok for r in results):
+        raise typer.Exit(EXIT_FAILED)
+
+
+def _port_option(help_text: str) -> int | None:
+    return typer.Option(None, help=help_text, min=1, max=65535)
+
+
+@app.command("gateway")
+def gateway_command(
+    host: str | None = typer.Option(None, help="Address to listen on (default FERRY_GATEWAY_HOST, 127.0.0.1)."),
+    port: int | None = _port_option("Port (default FERRY_GATEWAY_PORT, 8080)."),
+) -> None:
+    """Serve inference at the version current.json commits (KServe v2 and a simple JSON /predict)."""
+    try:
+        import uvicorn
+
+        from ferry.adapters.gateway.app import Gateway
+    except ImportError as error:
+        _needs_extra("gateway", "gateway", error)
+    settings = _settings()
+    host, port = host or settings.gateway_host, _guarded(lambda: check_port(port or settings.gateway_port, "port"))
+    out.print(f"ferry gateway on http://{host}:{port} -> Triton {settings.triton.url}"
+              f"{' (bearer token required)' if settings.gateway_token else ''}")
+    uvicorn.run(Gateway(settings, token=settings.gateway_token), host=host, port=port, log_level="warning",
+                access_log=False, loop="uvloop", http="httptools", proxy_headers=False, server_header=False)
+
+
+@app.command("exporter")
+def exporter_command(
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(9464, help="Port of the /metrics endpoint.", min=1, max=65535),
+) -> None:
+    """Serve ferry's metrics (deploys, rollbacks, step times, active version, drift) for Prometheus to scrape."""
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    from ferry.observability.metrics import FerryCollector
+
+    ferry = Ferry(_settings())
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(FerryCollector(ferry.settings, ferry.triton))
+    try:
+        start_http_server(port, addr=host, registry=registry)
+    except OSError as error:
+        _fail(InvalidInput(f"cannot listen on {host}:{port}: {error.strerror}", "choose another --port"))
+    out.print(f"ferry metrics on http://{host}:{port}/metrics")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command("metrics")
+def metrics_command(
+    textfile: Path | None = typer.Option(None, help="Write them to this file (node_exporter's textfile "
+                                            "collector), atomically; default: print them."),
+) -> None:
+    """ferry's metrics once, in Prometheus' text format."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from ferry.observability.metrics import FerryCollector, write_textfile
+
+    ferry = Ferry(_settings())
+    collector = FerryCollector(ferry.settings, ferry.triton)
+    if textfile:
+        _guarded(lambda: write_textfile(textfile, collector))
+        return
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    sys.stdout.write(generate_latest(registry).decode())
+
+
+@app.command("report")
+def report_command(
+    model: str = ModelArgument,
+    output: Path = typer.Option(Path("ferry-report.png"), "--out", "-o", help="The PNG to write."),
+    deploys: int = typer.Option(5, min=1, help="How many of the latest deploys (committed or rolled back) to cover."),
+) -> None:
+    """A PNG of p95 latency and request rate per version around the recent deploys, each one marked."""
+    try:
+        import matplotlib  # noqa: F401
+
+        from ferry.observability.report import write_report
+    except ImportError as error:
+        _needs_extra("report", "report", error)
+    settings = _settings()
+    model_dir = _known_model(settings, model)
+    if not settings.prometheus_url:
+        _fail(InvalidInput("ferry report reads the series from Prometheus, and FERRY_PROMETHEUS_URL is not set",
+                           "set it to a Prometheus that scrapes Triton with the rules of ops/prometheus"))
+    summary = _guarded(lambda: write_report(settings.prometheus_url, model_dir, output, deploys))
+    out.print(f"wrote {summary.path}: {summary.deploys} deploys marked, {summary.points} points")
+
+
+@app.command("status")
+def status_command(
+    model: str | None = typer.Argument(None, metavar="[MODEL]", help="One model (default: every model)."),
+    as_json: bool = JsonOption,
+) -> None:
+    """The committed version (current.json), the versions Triton serves, and any drift between them."""
+    from ferry.observability.live import live_figures
+
+    settings = _settings()
+    models = [_known_model(settings, model).model] if model else list_models(settings.repository)
+    ferry = Ferry(settings)
+    reports = [model_status(settings.repository, ferry.triton, name) for name in models]
+    for report in reports:
+        if report.current is not None:
+            report.live = live_figures(settings, report.model, report.current.active_version)
+    if as_json:
+        _print_json([r.model_dump(mode="json") for r in reports])
+    else:
+        _print_status_table(reports, settings)
+    if any(r.drift or r.current_error or r.triton_error or r.in_flight for r in reports):
+        raise typer.Exit(EXIT_FAILED)
+
+
+def _p95(report: ModelStatus) -> str:
+    live = report.live
+    if live is None or live.error:
+        return "-"
+    if live.p95_ms is None or math.isnan(live.p95_ms):
+        return "no traffic"
+    return f"{live.p95_ms:.2f} ms"
+
+
+def _print_status_table(reports: list[ModelStatus], settings: Settings) -> None:
+    if not reports:
+        out.print(f"no models in {settings.repository}")
+        return
+    table = Table("model", "active", "alias", "run", "updated (UTC)", "Triton serves", "drift", "quarantined",
+                  "p95", "failures")
+    for r in reports:
+        current = r.current
+        serving = (r.triton_error and "[red]unreachable[/red]") or ", ".join(f"v{v}" for v in r.serving) or "nothing"
+        drift = {None: "none", UNKNOWN: "[yellow]unknown[/yellow]"}.get(r.drift, f"[red]{escape(r.drift or '')}[/red]")
+        table.add_row(
+            r.model,
+            f"v{current.active_version}" if current else ((r.current_error and "[red]unreadable[/red]") or "none"),
+            (current.alias or "-") if current else "-",
+            current.run_id[:8] if current else "-",
+            current.updated_at_utc if current else "-",
+            serving,
+            drift,
+            str(len(r.quarantined)),
+            _p95(r),
+            f"{r.live.failure_ratio:.2%}" if r.live and r.live.failure_ratio is not None else "-",
+        )
+    out.print(table)
+    sources = {r.live.source for r in reports if r.live and r.live.p95_ms is not None}
+    if sources:
+        out.print(f"p95 and failures from {', '.join(sorted(sources))}", style="dim")
+    for r in reports:
+        for problem in (r.current_error, r.triton_error, r.in_flight, r.live and r.live.error):
+            if problem:
+                err.print(f"[red]{r.model}:[/red] {escape(problem)}")
+
+
+def _cut(text: str, width: int = 80) -> str:
+    line = text.splitlines()[0] if text else ""
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+@app.command("history")
+def history_command(
+    model: str = ModelArgument,
+    limit: int = typer.Option(20, "--limit", "-n", min=0, help="How many of the latest attempts to show."),
+    as_json: bool = JsonOption,
+) -> None:
+    """Every deploy attempt of a model: who, when, what, the step timings and the outcome."""
+    settings = _settings()
+    records = read_history(_known_model(settings, model), limit)
+    if as_json:
+        _print_json(records)
+        return
+    table = Table("started (UTC)", "who", "target", "version", "outcome", "failed step", "seconds", "error")
+    colours = {Outcome.COMMITTED: "green", Outcome.NOOP: "dim", Outcome.ROLLED_BACK: "red", Outcome.REJECTED: "yellow"}
+    for r in records:
+        colour = colours.get(r.get("outcome"), "white")
+        table.add_row(
+            r.get("started_at_utc", ""), r.get("who", ""), r.get("target", ""),
+            f"v{r['version']}" if r.get("version") else "-", f"[{colour}]{r.get('outcome')}[/{colour}]",
+            r.get("failed_step") or "-", f"{sum((r.get('steps') or {}).values()):.2f}",
+            escape(_cut(r.get("error") or "")),
+        )
+    out.print(table)
+
+
+@triton_app.command("up")
+def triton_up(as_json: bool = JsonOption) -> None:
+    """Start tritonserver (explicit model control, loopback) and wait until it is ready."""
+    from ferry.runtime import server
+
+    settings = _settings()
+    was_running = server.status(settings).ready
+    state = _guarded(lambda: server.up(settings))
+    if as_json:
+        _print_json({**state.as_dict(), "already_running": was_running})
+    elif was_running:
+        out.print(f"Triton already running at {state.url} (pid {state.pid})")
+    else:
+        out.print(f"Triton ready at {state.url} (pid {state.pid}, metrics {state.metrics_url}, log {state.log})")
+
+
+@triton_app.command("down")
+def triton_down(as_json: bool = JsonOption) -> None:
+    """Stop the tritonserver that `ferry triton up` started."""
+    from ferry.runtime import server
+
+    stopped = server.down(_settings())
+    if as_json:
+        _print_json({"stopped": stopped})
+    else:
+        out.print("Triton stopped" if stopped else "Triton was not running")
+
+
+@triton_app.command("status")
+def triton_status(as_json: bool = JsonOption) -> None:
+    """Whether the local tritonserver runs and is ready."""
+    from ferry.runtime import server
+
+    state = server.status(_settings())
+    if as_json:
+        _print_json(state.as_dict())
+    else:
+        out.print(f"running: {state.running}  ready: {state.ready}  pid: {state.pid}  url: {state.url}  "
+                  f"log: {state.log}")
+    if not state.ready:
+        raise typer.Exit(EXIT_FAILED)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,90 @@
+"""The deploy transaction as separate calls with plain JSON in and out, for the Airflow DAG's tasks.
+
+Each call runs one part of :class:`ferry.core.runner.Runner` in whatever process the orchestrator gives
+it, under the model's lock for that part's duration. Between tasks the deploy's journal holds the model:
+:func:`snapshot_current` creates it, each step records its intent, timing, candidate or failure in it,
+and :func:`commit_current` or :func:`rollback_minimal` write the history record and remove it. While it
+exists, every other deploy of the model (a DAG run or the CLI) is refused at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ferry.core.current import find_history
+from ferry.core.errors import InvalidInput
+from ferry.core.records import Kind, Step
+from ferry.core.runner import Runner, Target, holding
+from ferry.core.steps import Ferry
+
+Handle = dict[str, Any]  # what XCom carries between tasks: {"model", "deploy_id", ...}
+
+
+def _runner(ferry: Ferry, model: str) -> Runner:
+    return Runner(ferry, model, via="airflow")
+
+
+def snapshot_current(ferry: Ferry, model: str, alias: str) -> Handle:
+    """Take the model (fail fast if another deploy holds it), then record what is committed and served.
+
+    The model is taken before the snapshot, so no other deploy can commit in between and be undone
+    by this one's rollback. A failure here removes the journal and writes no history: the orchestrator
+    may retry, and :func:`rollback_minimal` records the attempt once it is given up.
+    """
+    runner, target = _runner(ferry, model), Target.of_alias(alias)
+    with holding(runner.model_dir):
+        journal = runner.begin(target)
+    snapshot = journal.record.snapshot
+    return {"model": runner.model, "deploy_id": journal.deploy_id,
+            "active_version": snapshot.active_version if snapshot else None}
+
+
+def _step(ferry: Ferry, handle: Handle, step: Step) -> Any:
+    runner = _runner(ferry, handle["model"])
+    with holding(runner.model_dir):
+        return runner.run_step(runner.journal_of(handle["deploy_id"]), step)
+
+
+def materialize_repo(ferry: Ferry, handle: Handle) -> Handle:
+    candidate = _step(ferry, handle, Step.MATERIALIZE)
+    return {**handle, "version": candidate.version, "run_id": candidate.run_id,
+            "already_active": candidate.already_active}
+
+
+def triton_load(ferry: Ferry, handle: Handle) -> Handle:
+    _step(ferry, handle, Step.LOAD)
+    return handle
+
+
+def triton_ready(ferry: Ferry, handle: Handle) -> Handle:
+    _step(ferry, handle, Step.READY)
+    return handle
+
+
+def triton_infer_smoke(ferry: Ferry, handle: Handle) -> Handle:
+    return {**handle, "smoke": _step(ferry, handle, Step.SMOKE)}
+
+
+def commit_current(ferry: Ferry, handle: Handle) -> dict:
+    """Commit the candidate (or record the no-op), write the history record and release the model."""
+    runner = _runner(ferry, handle["model"])
+    with holding(runner.model_dir):
+        return runner.finish(runner.journal_of(handle["deploy_id"])).model_dump(mode="json")
+
+
+def rollback_minimal(ferry: Ferry, model: str, alias: str, deploy_id: str | None,
+                     snapshot_failure: dict | None) -> dict:
+    """Undo a failed deploy: restore the snapshot, quarantine the candidate, pin Triton, record it all.
+
+    Without a deploy id the snapshot itself failed: nothing was touched, and the attempt is recorded
+    as rejected with the snapshot's error (``{"message", "hint"}``).
+    """
+    runner = _runner(ferry, model)
+    if deploy_id is None:
+        failure = snapshot_failure or {"message": "the snapshot failed", "hint": "see the snapshot task's log"}
+        error = InvalidInput(failure["message"], failure.get("hint") or "")
+        return runner.record_rejected(Target(Kind.DEPLOY, alias=alias), error).model_dump(mode="json")
+    with holding(runner.model_dir):
+        if (recorded := find_history(runner.model_dir, deploy_id)) is not None:  # `ferry recover` ended it already
+            return recorded
+        return runner.roll_back(runner.journal_of(deploy_id)).model_dump(mode="json")

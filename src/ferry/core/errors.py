@@ -1,0 +1,89 @@
+"""Every error ferry reports to its users, in one tree: each one says what was wrong and what to do.
+
+    FerryError                      the root; ``message`` and ``hint``
+    ├── InvalidInput                bad input (a name, a setting, an argument, a damaged file): fix it, do not retry
+    │   └── NoSuchModel             the model has nothing ferry knows of
+    ├── Unavailable                 a dependency did not answer (MLflow, Triton, Prometheus): worth retrying
+    ├── Busy                        another deploy of the model holds it, or left an unfinished journal
+    ├── TritonError                 Triton answered with a refusal
+    │   └── TritonTimeout           ... or did not answer in time (``retryable``, as is "not reachable")
+    ├── RegistryError               MLflow answered with a refusal (unknown alias, version)
+    ├── StepFailed                  a step of the transaction failed: the deploy is rolled back
+    └── GatewayError                a request to the gateway that it answers with ``status``
+
+``retryable`` is what an orchestrator looks at: a dependency that did not answer may answer later;
+bad input or a broken model only delays the rollback.
+"""
+
+from __future__ import annotations
+
+
+class FerryError(Exception):
+    """A problem found before or outside a deploy step; nothing was changed."""
+
+    retryable_by_default = False
+
+    def __init__(self, message: str, hint: str = "", retryable: bool | None = None, detail: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.retryable = self.retryable_by_default if retryable is None else retryable
+        self.detail = detail  # the full text behind a one-line message (a server's stack trace), for the records
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+class InvalidInput(FerryError):
+    """Bad input: a name, a setting, a command-line argument or a file somebody else wrote."""
+
+
+class NoSuchModel(InvalidInput):
+    """The repository has nothing for this model: no committed version, no config, no history."""
+
+
+class Unavailable(FerryError):
+    """A dependency (MLflow, Triton, Prometheus) could not be reached or did not answer in time."""
+
+    retryable_by_default = True
+
+
+class Busy(FerryError):
+    """Another deploy of the model is running, or one stopped before it finished (its journal remains)."""
+
+
+class TritonError(FerryError):
+    """Triton refused a request (or could not be reached: ``retryable``)."""
+
+
+class TritonTimeout(TritonError):
+    """Triton did not answer in time: a load can hang for ever."""
+
+    retryable_by_default = True
+
+
+class RegistryError(FerryError):
+    """The MLflow Model Registry refused a request: unknown model, alias or version."""
+
+
+class StepFailed(FerryError):
+    """A step of the deploy transaction failed; the deploy is rolled back."""
+
+    def __init__(self, step: str, message: str, hint: str = "", version: int | None = None,
+                 retryable: bool = False, detail: str = "") -> None:
+        super().__init__(message, hint, retryable, detail)
+        self.step = step
+        self.version = version
+
+
+class GatewayError(FerryError):
+    """A request the gateway refuses or cannot serve, with the HTTP status it answers."""
+
+    def __init__(self, status: int, message: str, hint: str = "") -> None:
+        super().__init__(message, hint)
+        self.status = status
+
+
+def unreachable(error: FerryError) -> bool:
+    """An error whose cause is a dependency that did not answer (an exit code of its own in the CLI)."""
+    return isinstance(error, Unavailable) or (isinstance(error, TritonError) and error.retryable)

@@ -1,0 +1,203 @@
+"""The vocabulary of a deploy and a typed record for every file ferry writes.
+
+    current.json    CurrentState      the committed state (consumers read its first four keys)
+    history.jsonl   DeployReport      one line per attempt
+    journal.json    JournalRecord     the deploy in flight (ferry.core.journal)
+    ferry.json      Manifest          beside each staged version
+    reason.json     QuarantineReason  beside each quarantined version
+
+Enums are ``StrEnum``: they are written as their plain string values, so the files keep their format.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+
+def utc_stamp(moment: dt.datetime | None = None) -> str:
+    """Compact UTC, as consumers of current.json already read it: 20251231T025902."""
+    return (moment or dt.datetime.now(dt.UTC)).strftime("%Y%m%dT%H%M%S")
+
+
+def parse_utc_stamp(stamp: str) -> dt.datetime:
+    return dt.datetime.strptime(stamp, "%Y%m%dT%H%M%S").replace(tzinfo=dt.UTC)
+
+
+class Step(StrEnum):
+    SNAPSHOT = "snapshot"
+    MATERIALIZE = "materialize"
+    LOAD = "load"
+    READY = "ready"
+    SMOKE = "smoke"
+    COMMIT = "commit"
+    ROLLBACK = "rollback"  # the undo of a failed deploy (the value every file already carries)
+
+
+TRANSACTION_STEPS = (Step.SNAPSHOT, Step.MATERIALIZE, Step.LOAD, Step.READY, Step.SMOKE, Step.COMMIT)
+VALIDATION_STEPS = (Step.LOAD, Step.READY, Step.SMOKE)
+
+
+class Outcome(StrEnum):
+    COMMITTED = "committed"
+    NOOP = "noop"  # the target was already active and served
+    ROLLED_BACK = "rolled_back"
+    REJECTED = "rejected"  # refused before anything was touched
+
+
+class Kind(StrEnum):
+    """What an attempt was asked for."""
+
+    DEPLOY = "deploy"  # the version an MLflow alias names
+    REVERT = "rollback"  # an earlier version by number (`ferry rollback`); the value is the history's own
+
+
+Via = Literal["cli", "airflow"]
+
+
+class CurrentState(BaseModel):
+    active_version: int
+    run_id: str
+    alias: str | None
+    updated_at_utc: str
+    model: str
+    previous_version: int | None = None
+    sha256: str
+    deploy_id: str
+
+
+class Manifest(BaseModel):
+    """``<model>/<N>/ferry.json``: where a staged version came from, so that it can be trusted again."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    version: int
+    run_id: str
+    source: str = ""
+    sha256: str
+    size_bytes: int
+    deploy_id: str
+    staged_at_utc: str
+    runtime: str = "python"
+
+
+class QuarantineReason(BaseModel):
+    """``reason.json`` beside a quarantined version."""
+
+    deploy_id: str
+    model: str
+    version: int | None = None
+    failed_step: str
+    error: str
+    hint: str = ""
+    detail: str = ""  # the full text behind the one-line error (Triton's own message, with its stack)
+    failed_at_utc: str
+
+
+class Snapshot(BaseModel):
+    """What was committed and served when the deploy started: what a rollback restores."""
+
+    model: str
+    deploy_id: str
+    started_at_utc: str
+    current: CurrentState | None
+    config_text: str | None
+    triton_ready: list[int]
+
+    @property
+    def active_version(self) -> int | None:
+        return self.current.active_version if self.current else None
+
+
+class Candidate(BaseModel):
+    model: str
+    version: int
+    run_id: str
+    alias: str | None
+    sha256: str
+    size_bytes: int
+    config_pbtxt: str  # the model's config (without version policy) the candidate runs under
+    already_active: bool = False
+    reused: bool = False  # the version directory was staged by an earlier deploy and verified again
+    revalidate: bool = False  # the active version, which Triton did not serve: proven and pinned again
+
+
+class Failure(BaseModel):
+    """A step's failure as the journal keeps it, so that an interrupted rollback is redone with its reason."""
+
+    step: str
+    message: str
+    hint: str = ""
+    detail: str = ""
+    version: int | None = None
+    rejected: bool = False  # the target could not be resolved: nothing was touched, nothing to undo
+    retryable: bool = False  # ... because a dependency did not answer
+
+
+class RollbackReport(BaseModel):
+    actions: list[str]
+    quarantined: list[str]
+    verified: bool
+    serving: list[int]
+    problems: list[str]
+
+
+class DeployReport(BaseModel):
+    """One attempt, as the history keeps it and the adapters show it."""
+
+    deploy_id: str
+    model: str
+    kind: Kind
+    target: str
+    outcome: Outcome
+    version: int | None = None
+    previous_version: int | None = None
+    run_id: str | None = None
+    failed_step: str | None = None
+    error: str | None = None  # one line
+    hint: str | None = None
+    detail: str | None = None  # the full text behind the error, when it had more than one line
+    retryable: bool = False  # rejected because a dependency (MLflow, Triton) did not answer: worth retrying
+    steps: dict[str, float] = {}
+    rollback: RollbackReport | None = None
+    current: CurrentState | None = None
+    warnings: list[str] = []
+    who: str = ""
+    started_at_utc: str = ""
+    finished_at_utc: str = ""
+    recovered_by: str | None = None  # who finished or undid it with `ferry recover`, after its process stopped
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome in (Outcome.COMMITTED, Outcome.NOOP)
+
+
+class Owner(BaseModel):
+    via: Via  # "cli": one process holds the model's lock throughout; "airflow": one task at a time
+    host: str
+    pid: int
+
+
+class JournalRecord(BaseModel):
+    """``journal.json``: present exactly while a deploy is unfinished. Format 1 (files without
+    ``format`` were written by the same code before the field existed)."""
+
+    format: Literal[1] = 1
+    deploy_id: str = ""
+    model: str
+    kind: Kind
+    target: str
+    alias: str | None = None
+    version: int | None = None
+    who: str
+    owner: Owner
+    started_at_utc: str
+    step: Step = Step.SNAPSHOT
+    steps: dict[str, float] = {}
+    snapshot: Snapshot | None = None
+    candidate: Candidate | None = None
+    failure: Failure | None = None

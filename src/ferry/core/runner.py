@@ -1,0 +1,392 @@
+"""The one runner of the deploy transaction, for every adapter: the CLI, the DAG's tasks and ``ferry recover``.
+
+It owns what every run of the steps needs: the model's lock, the journal (each step's intent,
+timing, candidate and failure), the events an adapter shows, the conversion of any error into a
+step's failure, the undo, and the one history record per attempt. A deploy in one process
+(:meth:`Runner.deploy`) and a deploy spread over processes (the DAG: :meth:`Runner.begin`, then
+:meth:`Runner.run_step` per task, then :meth:`Runner.finish` or :meth:`Runner.roll_back`) go through
+the same methods; between processes, the journal is the deploy's memory and its claim on the model.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import shutil
+import socket
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from filelock import FileLock, Timeout
+
+from ferry.core import steps
+from ferry.core.current import append_history, find_history, read_current, read_history
+from ferry.core.errors import Busy, FerryError, InvalidInput, NoSuchModel, StepFailed, TritonError, unreachable
+from ferry.core.journal import Journal, read_journal
+from ferry.core.records import (
+    VALIDATION_STEPS,
+    Candidate,
+    DeployReport,
+    Failure,
+    JournalRecord,
+    Kind,
+    Outcome,
+    Owner,
+    Step,
+    Via,
+    utc_stamp,
+)
+from ferry.core.repository import ModelDir, check_name
+from ferry.core.steps import Ferry
+
+EventHandler = Callable[[str, str, float, str], None]  # (step, "start" | "ok" | "failed", seconds, detail)
+
+
+def _quiet(step: str, status: str, seconds: float, detail: str) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class Target:
+    """What an attempt deploys: the version an alias names, or an earlier version by number."""
+
+    kind: Kind
+    alias: str | None = None
+    version: int | None = None
+    force: bool = False  # revert to a version even though its last deploy failed
+
+    @classmethod
+    def of_alias(cls, alias: str) -> Target:
+        return cls(Kind.DEPLOY, alias=check_name("alias", alias))
+
+    @classmethod
+    def of_version(cls, version: int, force: bool = False) -> Target:
+        if version < 1:
+            raise InvalidInput(f"version {version} is not a model version", "versions are numbered from 1")
+        return cls(Kind.REVERT, version=version, force=force)
+
+    @property
+    def label(self) -> str:
+        return f"@{self.alias}" if self.alias is not None else f"v{self.version}"
+
+
+def current_user() -> str:
+    return f"{getpass.getuser()}@{socket.gethostname()}"
+
+
+@contextmanager
+def holding(model_dir: ModelDir, wait_s: float = 0.0) -> Iterator[None]:
+    """The model's lock: one deploy step (or recover, or reconcile) acts on a model at a time."""
+    model_dir.state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with FileLock(str(model_dir.lock_path), timeout=wait_s):
+            yield
+    except Timeout:
+        raise Busy(f"another deploy of '{model_dir.model}' is running (it holds {model_dir.lock_path})",
+                   f"wait for it (see `ferry history {model_dir.model}`), or set FERRY_LOCK_WAIT_S to queue "
+                   "behind it") from None
+
+
+def _describe(step: Step, result: Any) -> str:
+    if step == Step.SNAPSHOT:
+        return f"active v{result.active_version}" if result.current else "nothing active yet"
+    if step == Step.MATERIALIZE:
+        candidate: Candidate = result
+        if candidate.already_active:
+            served = "Triton did not serve it: proving it again" if candidate.revalidate else "served"
+            return f"v{candidate.version} is already active ({served})"
+        origin = "reused" if candidate.reused else f"{candidate.size_bytes} bytes"
+        return f"v{candidate.version} (run {candidate.run_id[:8]}, {origin}, sha256 {candidate.sha256[:12]})"
+    if step == Step.COMMIT and result[0] is not None:
+        return f"current.json -> v{result[0].active_version}"
+    return ""
+
+
+class Runner:
+    """Runs the transaction on one model."""
+
+    def __init__(self, ferry: Ferry, model: str, via: Via = "cli", on_event: EventHandler | None = None) -> None:
+        self.ferry = ferry
+        self.model_dir = ferry.model_dir(model)
+        self.via = via
+        self.emit = on_event or _quiet
+
+    @property
+    def model(self) -> str:
+        return self.model_dir.model
+
+    # ------------------------------------------------------------ in one process
+
+    def deploy(self, target: Target) -> DeployReport:
+        """Run the whole transaction under the model's lock and journal; always leave one history record.
+
+        Every outcome (committed, noop, rolled_back, rejected) comes back as the report; only a
+        model that MLflow does not know leaves nothing behind, not even a record.
+        """
+        fresh = not self.model_dir.exists()
+        if target.kind == Kind.DEPLOY:
+            self.ferry.start_registry()  # MLflow's client starts while the snapshot runs
+        try:
+            with holding(self.model_dir, self.ferry.settings.lock_wait_s):
+                journal = self.begin(target)
+                report = self._run_to_end(journal)
+                return report
+        except FerryError as error:
+            if isinstance(error, NoSuchModel) and fresh:
+                shutil.rmtree(self.model_dir.state_dir, ignore_errors=True)
+                raise
+            return self.record_rejected(target, error)
+
+    def _run_to_end(self, journal: Journal) -> DeployReport:
+        try:
+            for step in (Step.MATERIALIZE, *VALIDATION_STEPS):
+                self.run_step(journal, step)
+                if step == Step.MATERIALIZE and not steps.needs_validation(journal.record.candidate):
+                    break
+            return self.finish(journal)
+        except StepFailed:
+            return self.roll_back(journal)
+        except NoSuchModel:
+            journal.remove()  # nothing was touched, and there is no model to keep a record for
+            raise
+        except FerryError:
+            if journal.record.failure and journal.record.failure.rejected:
+                return self.roll_back(journal)  # nothing was touched: recorded as rejected
+            raise
+
+    # ------------------------------------------------------------ the parts, also run one per process
+
+    def begin(self, target: Target) -> Journal:
+        """Claim the model with a new journal and take the snapshot (the caller holds the lock).
+
+        A failure here removes the journal again and raises: nothing was touched.
+        """
+        self._refuse_failed_version(target)
+        record = JournalRecord(model=self.model, kind=target.kind, target=target.label, alias=target.alias,
+                               version=target.version, who=current_user(),
+                               owner=Owner(via=self.via, host=socket.gethostname(), pid=os.getpid()),
+                               started_at_utc=utc_stamp())
+        journal = Journal.create(self.model_dir, record)
+        try:
+            snapshot = self._timed(journal, Step.SNAPSHOT, lambda: steps.take_snapshot(self.ferry, self.model))
+        except BaseException:
+            journal.remove()
+            raise
+        journal.update(deploy_id=snapshot.deploy_id, snapshot=snapshot)
+        return journal
+
+    def journal_of(self, deploy_id: str) -> Journal:
+        """The journal of a deploy in flight (the caller holds the lock)."""
+        journal = read_journal(self.model_dir)
+        if journal is None or journal.deploy_id != deploy_id or journal.record.snapshot is None:
+            raise Busy(f"deploy {deploy_id} of '{self.model}' is not in flight any more",
+                       "it was finished or undone by another process (`ferry recover`?); see `ferry history`")
+        return journal
+
+    def run_step(self, journal: Journal, step: Step) -> Any:
+        """Run one step against the journal: its intent, timing and result, or its failure for the undo."""
+        record = journal.record
+        snapshot = record.snapshot
+        assert snapshot is not None, "a step runs only after the snapshot"
+        if step == Step.MATERIALIZE:
+            if record.alias is not None:
+                self._timed(journal, "registry", lambda: self.ferry.registry)  # MLflow's client, if still starting
+            action = lambda: steps.materialize(self.ferry, snapshot, record.alias, record.version)  # noqa: E731
+        else:
+            candidate = record.candidate
+            assert candidate is not None, f"{step} runs only after materialize"
+            action = lambda: getattr(steps, _STEP_FUNCTIONS[step])(self.ferry, snapshot, candidate)  # noqa: E731
+        try:
+            result = self._timed(journal, step, action)
+        except (Exception, KeyboardInterrupt) as error:  # Ctrl-C too: a stopped deploy must not stay half done
+            failure = steps.as_step_failure(step, error)
+            rejected = not isinstance(error, StepFailed) and isinstance(error, FerryError) and step == Step.MATERIALIZE
+            journal.update(failure=steps.failure_of(failure, rejected))
+            if rejected:
+                raise error  # the target could not be resolved: nothing was touched (retryable if MLflow was down)
+            raise failure from error
+        if step == Step.MATERIALIZE:
+            journal.update(candidate=result, failure=None)
+        return result
+
+    def finish(self, journal: Journal) -> DeployReport:
+        """Commit the candidate (or end the no-op), write the history record and release the model."""
+        record = journal.record
+        candidate, snapshot = record.candidate, record.snapshot
+        assert candidate is not None and snapshot is not None
+        current, warnings = self.run_step(journal, Step.COMMIT) if steps.needs_validation(candidate) \
+            else (snapshot.current, [])
+        report = self._report(record, Outcome.NOOP if candidate.already_active else Outcome.COMMITTED)
+        report.current, report.warnings = current, warnings
+        if candidate.already_active:
+            done = "proven and served again" if candidate.revalidate else "nothing to do"
+            report.warnings.insert(0, f"v{candidate.version} is already active: {done}")
+        return self._close(journal, report)
+
+    def roll_back(self, journal: Journal, recovered_by: str | None = None) -> DeployReport:
+        """Undo a failed deploy: restore the snapshot, quarantine the candidate, pin Triton, record it all."""
+        record = journal.record
+        failure = record.failure or Failure(step="unknown", message="a step failed without saying why")
+        if failure.rejected:
+            report = self._report(record, Outcome.REJECTED)
+            report.error, report.hint, report.retryable = failure.message, failure.hint, failure.retryable
+            return self._close(journal, report)
+        snapshot = record.snapshot
+        assert snapshot is not None
+        candidate = record.candidate.version if record.candidate else failure.version
+        journal.update(step=Step.ROLLBACK, failure=failure)
+        self.emit(Step.ROLLBACK, "start", 0.0, "")
+        began = time.perf_counter()
+        undone = steps.undo(self.ferry, snapshot, failure, candidate)
+        record.steps[Step.ROLLBACK] = round(time.perf_counter() - began, 4)
+        detail = "; ".join(undone.problems) or f"serving {undone.serving or 'nothing'}"
+        self.emit(Step.ROLLBACK, "ok" if undone.verified else "failed", record.steps[Step.ROLLBACK], detail)
+        report = self._report(record, Outcome.ROLLED_BACK)
+        report.failed_step, report.error, report.hint = failure.step, failure.message, failure.hint
+        report.detail = failure.detail or None
+        report.version, report.rollback, report.recovered_by = candidate, undone, recovered_by
+        return self._close(journal, report)
+
+    def record_rejected(self, target: Target, error: FerryError) -> DeployReport:
+        """The one history record of an attempt refused before it touched anything."""
+        report = DeployReport(deploy_id="", model=self.model, kind=target.kind, target=target.label,
+                              outcome=Outcome.REJECTED, error=error.message, hint=error.hint,
+                              retryable=unreachable(error), who=current_user(), started_at_utc=utc_stamp())
+        report.finished_at_utc = utc_stamp()
+        append_history(self.model_dir, report)
+        return report
+
+    # ------------------------------------------------------------ after a crash
+
+    def recover(self) -> DeployReport | None:
+        """Finish or undo the deploy a journal left behind; None when the model has no unfinished deploy.
+
+        The commit point decides: once current.json names the deploy, the deploy is finished (Triton
+        pinned to the new version); before that, it is rolled back like any failed deploy, its candidate
+        quarantined with the step it stopped in as the reason. Safe to run again if it is interrupted too.
+        """
+        try:
+            with holding(self.model_dir):
+                return self._recover()
+        except Busy:
+            raise Busy(f"a deploy of '{self.model}' is running now (it holds {self.model_dir.lock_path})",
+                       "recover only a deploy whose process has stopped: wait for this one to finish") from None
+
+    def _recover(self) -> DeployReport | None:
+        journal = read_journal(self.model_dir)
+        if journal is None:
+            return None
+        record, who = journal.record, current_user()
+        if record.deploy_id and (recorded := find_history(self.model_dir, record.deploy_id)) is not None:
+            journal.remove()  # the deploy had finished; only its journal was left
+            return DeployReport.model_validate({**recorded, "recovered_by": who})
+        if record.snapshot is None:
+            report = self._report(record, Outcome.REJECTED)
+            report.error = "the deploying process stopped before its snapshot; nothing had been changed"
+            report.recovered_by = who
+            return self._close(journal, report)
+        candidate = record.candidate
+        if candidate is not None and candidate.already_active and not candidate.revalidate:
+            report = self._report(record, Outcome.NOOP)
+            report.current, report.recovered_by = record.snapshot.current, who
+            return self._close(journal, report)
+        if candidate is not None and steps.committed_by(self.model_dir, record.deploy_id):
+            return self._close(journal, self._finish_commit(record, candidate, who))
+        if record.failure is None:
+            record.failure = Failure(
+                step=record.step, hint="`ferry recover` rolled the deploy back; deploy again",
+                message=f"the deploying process (pid {record.owner.pid} on {record.owner.host}) stopped during "
+                        f"{record.step}", version=candidate.version if candidate else self._staged_by(record.deploy_id))
+        return self.roll_back(journal, recovered_by=who)
+
+    def _finish_commit(self, record: JournalRecord, candidate: Candidate, who: str) -> DeployReport:
+        report = self._report(record, Outcome.COMMITTED)
+        report.current, report.recovered_by = read_current(self.model_dir), who
+        try:
+            steps.pin(self.ferry, self.model_dir, candidate.config_pbtxt, candidate.version)
+            verified, serving = steps.wait_serving(self.ferry, self.model, [candidate.version])
+            if not verified:
+                report.warnings.append(f"committed v{candidate.version}, but Triton serves {serving}: "
+                                       "run `ferry reconcile`")
+        except (OSError, TritonError) as error:
+            report.warnings.append(f"committed v{candidate.version}, but pinning Triton to it failed: {error}")
+        return report
+
+    def _staged_by(self, deploy_id: str) -> int | None:
+        """A version directory this deploy staged before its journal could name the candidate."""
+        for entry in self.model_dir.path.iterdir() if self.model_dir.path.exists() else []:
+            manifest = self.model_dir.read_manifest(int(entry.name)) if entry.name.isdigit() else None
+            if manifest is not None and manifest.deploy_id == deploy_id:
+                return manifest.version
+        return None
+
+    # ------------------------------------------------------------ bookkeeping
+
+    def _timed(self, journal: Journal, step: Step | str, action: Callable[[], Any]) -> Any:
+        """Run ``action`` as ``step``: its intent in the journal first, its time in the journal after, and the
+        events. A ``str`` step is a part of a step shown on its own line only (MLflow's client starting)."""
+        recorded = isinstance(step, Step)
+        if recorded:
+            journal.begin(step)
+        self.emit(step, "start", 0.0, "")
+        began = time.perf_counter()
+        try:
+            result = action()
+        except BaseException as error:
+            self.emit(step, "failed", self._took(journal, step, began), str(error))
+            raise
+        self.emit(step, "ok", self._took(journal, step, began), _describe(step, result) if recorded else "")
+        return result
+
+    @staticmethod
+    def _took(journal: Journal, step: Step | str, began: float) -> float:
+        seconds = round(time.perf_counter() - began, 4)
+        if isinstance(step, Step):
+            journal.record.steps[step] = seconds
+            journal.save()
+        return seconds
+
+    def _refuse_failed_version(self, target: Target) -> None:
+        if target.kind != Kind.REVERT or target.force:
+            return
+        last = next((r for r in reversed(read_history(self.model_dir)) if r.get("version") == target.version
+                     and r.get("outcome") in (Outcome.COMMITTED, Outcome.ROLLED_BACK)), None)
+        if last is not None and last["outcome"] == Outcome.ROLLED_BACK:
+            raise InvalidInput(
+                f"v{target.version} failed its last deploy ({last.get('deploy_id')}, at {last.get('failed_step')}: "
+                f"{(last.get('error') or '').splitlines()[0] if last.get('error') else 'no reason recorded'})",
+                "go back to a version that served, or add --force to try this one again")
+
+    def _report(self, record: JournalRecord, outcome: Outcome) -> DeployReport:
+        snapshot, candidate = record.snapshot, record.candidate
+        return DeployReport(
+            deploy_id=record.deploy_id, model=record.model, kind=record.kind, target=record.target, outcome=outcome,
+            who=record.who, started_at_utc=record.started_at_utc,
+            version=candidate.version if candidate else None, run_id=candidate.run_id if candidate else None,
+            previous_version=snapshot.active_version if snapshot else None,
+        )
+
+    def _close(self, journal: Journal, report: DeployReport) -> DeployReport:
+        """Write the attempt's history record, then end its journal: a journal outlives its deploy only if
+        the process died."""
+        report.steps = dict(journal.record.steps)
+        report.finished_at_utc = utc_stamp()
+        append_history(self.model_dir, report)
+        journal.remove()
+        return report
+
+
+_STEP_FUNCTIONS = {Step.LOAD: "load", Step.READY: "wait_ready", Step.SMOKE: "smoke", Step.COMMIT: "commit"}
+
+
+
+def deploy(ferry: Ferry, model: str, alias: str | None = None, version: int | None = None,
+           on_event: EventHandler | None = None, force: bool = False) -> DeployReport:
+    """One attempt in this process: the version ``alias`` names, or ``version`` (going back to it)."""
+    if (alias is None) == (version is None):
+        raise InvalidInput("give either an alias or a version to deploy")
+    target = Target.of_alias(alias) if alias is not None else Target.of_version(version or 0, force)
+    return Runner(ferry, model, on_event=on_event).deploy(target)

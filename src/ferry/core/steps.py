@@ -1,0 +1,463 @@
+"""The steps of the deploy transaction: snapshot -> materialize -> load -> ready -> smoke -> commit, or undo.
+
+Each step is a plain function over typed records; :mod:`ferry.core.runner` runs them (lock, journal,
+timing, history) for the CLI, the DAG and ``ferry recover`` alike. A step that fails raises
+:class:`StepFailed`; :func:`undo` then puts back the state the snapshot recorded.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import py_compile
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+from ferry.core.config import Settings
+from ferry.core.current import read_current, restore_current, write_current
+from ferry.core.errors import FerryError, InvalidInput, StepFailed, TritonError, TritonTimeout
+from ferry.core.fsutil import atomic_write, sha256_file
+from ferry.core.model_config import (
+    NotOnnx,
+    Signature,
+    build_config,
+    config_signature,
+    from_pbtxt,
+    model_config_pb2,
+    read_onnx_signature,
+    signature_mismatches,
+    to_override_json,
+    to_pbtxt,
+    with_versions,
+)
+from ferry.core.records import (
+    Candidate,
+    CurrentState,
+    Failure,
+    Manifest,
+    QuarantineReason,
+    RollbackReport,
+    Snapshot,
+    Step,
+    utc_stamp,
+)
+from ferry.core.registry import Artifacts, Registry, VersionRef, disk_full
+from ferry.core.repository import MANIFEST, ModelDir, check_name
+from ferry.core.smoke import SMOKE_FILE, load_sample, output_problems, synthetic_sample
+from ferry.core.stubs import stop_stubs_of
+from ferry.core.triton import Triton
+
+
+@dataclass
+class Ferry:
+    """The services a deploy talks to, built from settings (or given: the unit tests pass in-process fakes)."""
+
+    settings: Settings
+    given_triton: Triton | None = None
+    given_registry: Registry | None = None
+    _registry_future: Future[Registry] | None = field(default=None, repr=False)
+
+    @cached_property
+    def triton(self) -> Triton:
+        if self.given_triton is not None:
+            return self.given_triton
+        s = self.settings
+        return Triton(s.triton.url, timeout_s=s.triton_timeout_s, load_timeout_s=s.load_timeout_s,
+                      api_key=s.model_control_key())
+
+    def start_registry(self) -> None:
+        """Start MLflow's client in the background (importing mlflow takes about a second); ``registry`` waits."""
+        if self.given_registry is None and self._registry_future is None and "registry" not in self.__dict__:
+            pool = ThreadPoolExecutor(1, thread_name_prefix="ferry-registry")
+            self._registry_future = pool.submit(Registry, self.settings.tracking_uri)
+            pool.shutdown(wait=False)
+
+    @cached_property
+    def registry(self) -> Registry:
+        if self.given_registry is not None:
+            return self.given_registry
+        if self._registry_future is not None:
+            return self._registry_future.result()
+        return Registry(self.settings.tracking_uri)
+
+    def model_dir(self, model: str) -> ModelDir:
+        return ModelDir(self.settings.repository, model)
+
+
+def as_step_failure(step: Step, error: BaseException) -> StepFailed:
+    """Any error raised inside a step, as the failure the undo and the history record."""
+    if isinstance(error, StepFailed):
+        return error
+    if isinstance(error, KeyboardInterrupt):
+        return StepFailed(step, f"interrupted (SIGINT or SIGTERM) during {step}", "deploy again when ready")
+    if isinstance(error, FerryError):
+        return StepFailed(step, error.message, error.hint, retryable=error.retryable, detail=error.detail)
+    return StepFailed(step, f"unexpected {type(error).__name__}: {error}",
+                      "this is a bug in ferry; the history has the details")
+
+
+def failure_of(error: StepFailed, rejected: bool = False) -> Failure:
+    """A step's failure as the journal keeps it, so that an interrupted undo is redone with its reason.
+
+    The message is one line (a backend's stack trace goes to ``detail``, for the history and reason.json)."""
+    first, newline, _ = error.message.strip().partition("\n")
+    detail = error.detail or (error.message if newline else "")
+    return Failure(step=error.step, message=first, hint=error.hint, detail=detail,
+                   version=error.version, rejected=rejected, retryable=error.retryable)
+
+
+# ---------------------------------------------------------------- snapshot
+
+
+def take_snapshot(ferry: Ferry, model: str) -> Snapshot:
+    """Record what is committed and what Triton serves. Raises FerryError if either cannot be read."""
+    model_dir = ferry.model_dir(model)
+    current = read_current(model_dir)
+    ready = ferry.triton.ready_versions(model)
+    return Snapshot(
+        model=model,
+        deploy_id=f"{utc_stamp()}-{uuid.uuid4().hex[:6]}",
+        started_at_utc=utc_stamp(),
+        current=current,
+        config_text=model_dir.read_config_text(),
+        triton_ready=ready,
+    )
+
+
+# ---------------------------------------------------------------- materialize
+
+
+def resolve(ferry: Ferry, model_dir: ModelDir, alias: str | None, version: int | None) -> VersionRef:
+    """The version to deploy. A version already staged by ferry is read from its manifest, without MLflow:
+    going back to a kept version must work when MLflow is down."""
+    if alias is not None:
+        return ferry.registry.resolve_alias(model_dir.model, check_name("alias", alias))
+    if version is None:
+        raise InvalidInput("nothing to deploy: give an alias or a version")
+    manifest = model_dir.read_manifest(version)
+    if manifest is not None and manifest.model == model_dir.model:
+        return VersionRef(model_dir.model, version, manifest.run_id, manifest.source, None, manifest.source)
+    return ferry.registry.get_version(model_dir.model, version)
+
+
+def materialize(ferry: Ferry, snapshot: Snapshot, alias: str | None = None, version: int | None = None) -> Candidate:
+    """Resolve the target and stage its files as ``<model>/<version>/``, verified.
+
+    A target that cannot be resolved raises FerryError (nothing was touched); a version that
+    cannot be staged raises StepFailed, with what was downloaded left for the undo to quarantine.
+    The active version is a candidate too when Triton does not serve it (after a restart):
+    it goes through load, ready and smoke again.
+    """
+    model_dir = ferry.model_dir(snapshot.model)
+    ref = resolve(ferry, model_dir, alias, version)
+    if ref.version == snapshot.active_version and snapshot.current is not None:
+        return Candidate(
+            model=ref.model, version=ref.version, run_id=ref.run_id, alias=alias, sha256=snapshot.current.sha256,
+            size_bytes=0, config_pbtxt=snapshot.config_text or "", already_active=True,
+            revalidate=snapshot.triton_ready != [ref.version],
+        )
+    try:
+        if model_dir.version_dir(ref.version).exists():
+            return _reuse(model_dir, ref, snapshot)
+        return _stage(ferry, model_dir, ref, snapshot)
+    except Exception as error:
+        failure = as_step_failure(Step.MATERIALIZE, error)
+        failure.version = ref.version
+        raise failure from error
+
+
+def needs_validation(candidate: Candidate) -> bool:
+    """False only for the active version while Triton serves it: nothing to do then."""
+    return not candidate.already_active or candidate.revalidate
+
+
+def _model_config(snapshot: Snapshot, signature: Signature, runtime: str) -> model_config_pb2.ModelConfig:
+    """The config the candidate must run under: the model's existing one, else one built from its signature."""
+    if snapshot.config_text is not None:
+        return with_versions(from_pbtxt(snapshot.config_text), [])
+    return build_config(snapshot.model, signature, runtime)
+
+
+def _verify_onnx(path: Path, snapshot: Snapshot, runtime: str) -> model_config_pb2.ModelConfig:
+    """Check the file is an ONNX model whose inputs and outputs fit the model's config.
+
+    The graph itself is checked by onnxruntime when Triton loads the candidate beside the active
+    version: that load is atomic, says exactly what is wrong, and a failure rolls back in milliseconds,
+    whereas checking the graph here too would cost about 2 ms per MB on every deploy.
+    """
+    try:
+        signature = read_onnx_signature(path)
+    except NotOnnx as error:
+        raise StepFailed(Step.MATERIALIZE, error.message, error.hint) from None
+    config = _model_config(snapshot, signature, runtime)
+    problems = signature_mismatches(signature, config_signature(config))
+    if problems:
+        raise StepFailed(Step.MATERIALIZE, "model.onnx does not match the model's config: " + "; ".join(problems),
+                         "a version must keep the model's inputs and outputs; a new signature needs a new model name")
+    return config
+
+
+def _stage(ferry: Ferry, model_dir: ModelDir, ref: VersionRef, snapshot: Snapshot) -> Candidate:
+    limit = ferry.settings.max_artifact_bytes
+    artifacts = ferry.registry.artifacts(ref)
+    sizes = artifacts.sizes()
+    if "model.onnx" not in sizes:
+        raise StepFailed(Step.MATERIALIZE, f"version {ref.version} has no model.onnx at {ref.artifact_uri}",
+                         "log the model with ferry.publish.log_onnx_model")
+    if sizes["model.onnx"] > limit:
+        raise StepFailed(Step.MATERIALIZE, f"model.onnx is {sizes['model.onnx']} bytes, over the limit of {limit}",
+                         "raise FERRY_MAX_ARTIFACT_MB if the model really is that large")
+    model_dir.ensure()
+    staging = model_dir.new_staging_dir(ref.version, snapshot.deploy_id)
+    try:
+        config, size, digest = _fill_staging(ferry, artifacts, staging, snapshot, sizes)
+        manifest = Manifest(
+            model=ref.model, version=ref.version, run_id=ref.run_id, source=ref.source, sha256=digest,
+            size_bytes=size, deploy_id=snapshot.deploy_id, staged_at_utc=utc_stamp(), runtime=ferry.settings.runtime,
+        )
+        atomic_write(staging / MANIFEST, manifest.model_dump_json(indent=1).encode())
+    except OSError as error:
+        if not disk_full(error):
+            raise
+        model_dir.discard_staging(staging)  # half a version is no evidence worth keeping, and it holds the space
+        raise StepFailed(Step.MATERIALIZE, f"no space left on the device of {model_dir.path} while staging "
+                         f"v{ref.version}: {error.strerror}",
+                         "free space there (old quarantined versions count too) and deploy again; "
+                         "the partial files were removed") from None
+    model_dir.publish_version(staging, ref.version)
+    return Candidate(model=ref.model, version=ref.version, run_id=ref.run_id, alias=ref.alias, sha256=digest,
+                     size_bytes=size, config_pbtxt=to_pbtxt(config))
+
+
+def _fill_staging(ferry: Ferry, artifacts: Artifacts, staging: Path, snapshot: Snapshot,
+                  sizes: dict[str, int]) -> tuple[model_config_pb2.ModelConfig, int, str]:
+    """Download and check the version's files and add the runner; the config, model size and sha256."""
+    limit = ferry.settings.max_artifact_bytes
+    wanted = ["model.onnx"] + ([SMOKE_FILE] if SMOKE_FILE in sizes else [])
+    with ThreadPoolExecutor(len(wanted)) as pool:  # each download is a round trip to the artifact store
+        onnx_path, *_ = pool.map(lambda name: artifacts.download(name, staging), wanted)
+    size = onnx_path.stat().st_size
+    if size > limit:
+        raise StepFailed(Step.MATERIALIZE, f"model.onnx is {size} bytes, over the limit of {limit}")
+    config = _verify_onnx(onnx_path, snapshot, ferry.settings.runtime)
+    if (staging / SMOKE_FILE).exists():
+        _check_sample(staging / SMOKE_FILE, config)
+    if ferry.settings.runtime == "python":
+        runner = ferry.settings.python_runner or importlib.resources.files("ferry.runtime") / "onnx_runner.py"
+        shutil.copyfile(str(runner), staging / "model.py")
+        # Compiled now, so that the backend stub (same Python) has no bytecode to write into the live
+        # version directory: a change there makes Triton re-create every loaded version on the next load.
+        py_compile.compile(str(staging / "model.py"), doraise=True)
+    return config, size, sha256_file(onnx_path)
+
+
+def _check_sample(path: Path, config: model_config_pb2.ModelConfig) -> None:
+    try:
+        sample = load_sample(path)
+    except InvalidInput as error:
+        raise StepFailed(Step.MATERIALIZE, error.message, error.hint) from None
+    wanted = {t.name for t in config_signature(config).inputs}
+    if set(sample.inputs) != wanted:
+        raise StepFailed(Step.MATERIALIZE,
+                         f"smoke.json gives inputs {sorted(sample.inputs)}, the model takes {sorted(wanted)}")
+
+
+def _reuse(model_dir: ModelDir, ref: VersionRef, snapshot: Snapshot) -> Candidate:
+    """A version directory already exists: use it only if ferry staged it from the same run, intact."""
+    folder = model_dir.version_dir(ref.version)
+    manifest = model_dir.read_manifest(ref.version)
+    hint = f"ferry did not stage it for this run: move {folder} out of the repository and deploy again"
+    if manifest is None or manifest.run_id != ref.run_id:
+        raise InvalidInput(f"{folder} exists but holds no ferry manifest for run {ref.run_id}", hint)
+    if sha256_file(folder / "model.onnx") != manifest.sha256:
+        raise InvalidInput(f"{folder}/model.onnx changed since ferry staged it (sha256 differs)", hint)
+    config = _model_config(snapshot, read_onnx_signature(folder / "model.onnx"), manifest.runtime)
+    return Candidate(model=ref.model, version=ref.version, run_id=ref.run_id, alias=ref.alias,
+                     sha256=manifest.sha256, size_bytes=manifest.size_bytes, config_pbtxt=to_pbtxt(config),
+                     reused=True)
+
+
+# ---------------------------------------------------------------- load, ready, smoke
+
+
+def load(ferry: Ferry, snapshot: Snapshot, candidate: Candidate) -> None:
+    """Load the candidate beside the active version: both serve, production still reaches only the active one."""
+    if not needs_validation(candidate):
+        return
+    versions = [v for v in (snapshot.active_version, candidate.version) if v is not None]
+    config = with_versions(from_pbtxt(candidate.config_pbtxt), versions)
+    try:
+        ferry.triton.load(snapshot.model, to_override_json(config))
+    except TritonTimeout as error:
+        raise StepFailed(Step.LOAD, f"load of v{candidate.version} timed out: {error.message}",
+                         "a backend that cannot start hangs the load; see the Triton log") from error
+    except TritonError as error:
+        raise StepFailed(Step.LOAD, f"Triton could not load v{candidate.version}: {error.message}",
+                         error.hint, retryable=error.retryable, detail=error.detail) from error
+
+
+def wait_ready(ferry: Ferry, snapshot: Snapshot, candidate: Candidate) -> None:
+    if not needs_validation(candidate):
+        return
+    deadline = time.monotonic() + ferry.settings.ready_timeout_s
+    while True:
+        try:
+            if ferry.triton.version_ready(snapshot.model, candidate.version):
+                return
+        except TritonError as error:
+            raise StepFailed(Step.READY, error.message) from error
+        if time.monotonic() > deadline:
+            states = {v.version: f"{v.state} {v.reason}".strip() for v in ferry.triton.versions(snapshot.model)}
+            raise StepFailed(Step.READY, f"v{candidate.version} not ready after {ferry.settings.ready_timeout_s:g} s: "
+                             f"{states.get(candidate.version, 'unknown to Triton')}")
+        time.sleep(0.05)
+
+
+def smoke(ferry: Ferry, snapshot: Snapshot, candidate: Candidate) -> dict:
+    """Infer on the candidate version alone; check outputs against the config and the golden outputs."""
+    if not needs_validation(candidate):
+        return {}
+    signature = config_signature(from_pbtxt(candidate.config_pbtxt))
+    sample_path = ferry.model_dir(snapshot.model).version_dir(candidate.version) / SMOKE_FILE
+    sample = load_sample(sample_path) if sample_path.exists() else synthetic_sample(signature)
+    datatypes = {t.name: t.datatype for t in signature.inputs}
+    try:
+        outputs = ferry.triton.infer(snapshot.model, candidate.version, sample.inputs, datatypes)
+    except TritonError as error:
+        raise StepFailed(Step.SMOKE, f"inference on v{candidate.version} failed: {error.message}",
+                         detail=error.detail) from error
+    rtol = sample.rtol if sample.rtol is not None else ferry.settings.rtol
+    atol = sample.atol if sample.atol is not None else ferry.settings.atol
+    problems = output_problems(signature, outputs, sample.golden, rtol, atol)
+    if problems:
+        raise StepFailed(Step.SMOKE, "; ".join(problems))
+    return {"golden": sample.golden is not None, "outputs": {name: list(v.shape) for name, v in outputs.items()}}
+
+
+# ---------------------------------------------------------------- commit
+
+
+def commit(ferry: Ferry, snapshot: Snapshot, candidate: Candidate) -> tuple[CurrentState | None, list[str]]:
+    """Write current.json (the commit point), then pin the config to the new version and retire the old one."""
+    model_dir = ferry.model_dir(snapshot.model)
+    if candidate.already_active:
+        return snapshot.current, _pin_after_commit(ferry, model_dir, candidate) if candidate.revalidate else []
+    state = CurrentState(
+        active_version=candidate.version, run_id=candidate.run_id, alias=candidate.alias,
+        updated_at_utc=utc_stamp(), model=snapshot.model, previous_version=snapshot.active_version,
+        sha256=candidate.sha256, deploy_id=snapshot.deploy_id,
+    )
+    try:
+        write_current(model_dir, state)
+    except OSError as error:
+        raise StepFailed(Step.COMMIT, f"cannot write {model_dir.current_path}: {error}") from error
+    return state, _pin_after_commit(ferry, model_dir, candidate)
+
+
+def _pin_after_commit(ferry: Ferry, model_dir: ModelDir, candidate: Candidate) -> list[str]:
+    """After the commit point a failure is drift for reconcile to repair, never a reason to un-commit."""
+    try:
+        pin(ferry, model_dir, candidate.config_pbtxt, candidate.version)
+    except (OSError, TritonError) as error:
+        return [f"committed v{candidate.version}, but pinning Triton to it failed: {error} (run `ferry reconcile`)"]
+    return []
+
+
+def pin(ferry: Ferry, model_dir: ModelDir, config_pbtxt: str, version: int) -> None:
+    """Make config.pbtxt and Triton serve ``version`` alone (Triton drains any other version, then unloads it)."""
+    config = with_versions(from_pbtxt(config_pbtxt), [version])
+    model_dir.write_config(config)
+    ferry.triton.load(model_dir.model, to_override_json(config))
+
+
+# ---------------------------------------------------------------- undo
+
+
+def _quarantine_failed(model_dir: ModelDir, snapshot: Snapshot, candidate: int | None,
+                       reason: QuarantineReason) -> list[str]:
+    """Quarantine what this deploy staged and the candidate version, if there was one: never delete them."""
+    folders = dict(model_dir.staging_dirs(snapshot.deploy_id))
+    if candidate is not None and candidate != snapshot.active_version and model_dir.version_dir(candidate).exists():
+        folders[model_dir.version_dir(candidate)] = candidate
+    return [str(model_dir.quarantine(folder, reason.model_copy(update={"version": v})))
+            for folder, v in folders.items()]
+
+
+def _serve_only_active(ferry: Ferry, snapshot: Snapshot) -> None:
+    if snapshot.current is None:
+        ferry.triton.unload(snapshot.model)
+    else:
+        config = with_versions(from_pbtxt(snapshot.config_text or ""), [snapshot.current.active_version])
+        ferry.triton.load(snapshot.model, to_override_json(config))
+
+
+def wait_serving(ferry: Ferry, model: str, wanted: list[int], timeout_s: float = 5.0) -> tuple[bool, list[int]]:
+    """True once Triton serves exactly ``wanted`` (a version that is unloading no longer counts)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        serving = ferry.triton.ready_versions(model)
+        if serving == wanted or time.monotonic() > deadline:
+            return serving == wanted, serving
+        time.sleep(0.05)
+
+
+def undo(ferry: Ferry, snapshot: Snapshot, failure: Failure, candidate: int | None) -> RollbackReport:
+    """Restore the snapshot's state, quarantine the failed version, and make Triton serve the active one.
+
+    ``candidate`` is the version materialize produced (staged or reused), None if it produced none;
+    what this deploy left half-staged is found by its deploy id. Best effort: every action is tried
+    even if an earlier one failed, and the report says what worked.
+    """
+    model_dir = ferry.model_dir(snapshot.model)
+    actions: list[str] = []
+    problems: list[str] = []
+    reason = QuarantineReason(deploy_id=snapshot.deploy_id, model=snapshot.model, failed_step=failure.step,
+                              error=failure.message, hint=failure.hint, detail=failure.detail,
+                              failed_at_utc=utc_stamp())
+
+    def attempt(what: str, action: Callable[[], object]) -> object:
+        try:
+            result = action()
+        except Exception as error:  # best effort: record it and go on with the next action
+            problems.append(f"{what}: {error}")
+            return None
+        actions.append(what)
+        return result
+
+    if attempt("checked current.json", lambda: restore_current(model_dir, snapshot.current)):
+        actions.append("restored current.json")
+    attempt("restored config.pbtxt", lambda: model_dir.restore_config_text(snapshot.config_text))
+    if failure.step == Step.LOAD and candidate is not None:
+        attempt("stopped the candidate's backend stubs", lambda: stop_stubs_of(model_dir.version_dir(candidate)))
+    # Pin Triton before moving the candidate away: with the model directory unchanged since the
+    # candidate's load, Triton keeps the active version's running instance instead of re-creating it.
+    attempt("asked Triton to serve only the active version", lambda: _serve_only_active(ferry, snapshot))
+    verified, serving = False, []
+    try:
+        wanted = [snapshot.active_version] if snapshot.current else []
+        verified, serving = wait_serving(ferry, snapshot.model, wanted)
+        if not verified:
+            problems.append(f"Triton serves {serving}, expected {wanted}")
+    except FerryError as error:
+        problems.append(f"could not verify what Triton serves: {error}")
+    quarantined = attempt("quarantined the failed version",
+                          lambda: _quarantine_failed(model_dir, snapshot, candidate, reason))
+    if ferry.settings.quarantine_keep > 0:
+        attempt("pruned the files of older quarantined versions",
+                lambda: model_dir.prune_quarantine(ferry.settings.quarantine_keep))
+    return RollbackReport(actions=actions, quarantined=quarantined or [], verified=verified, serving=serving,
+                          problems=problems)
+
+
+def committed_by(model_dir: ModelDir, deploy_id: str) -> bool:
+    """Whether current.json names this deploy: the commit point, which decides finish or undo."""
+    try:
+        current = read_current(model_dir)
+    except FerryError:
+        return False  # current.json is written atomically, so this deploy did not damage it: restore the snapshot's
+    return current is not None and current.deploy_id == deploy_id

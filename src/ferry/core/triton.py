@@ -1,0 +1,125 @@
+"""Triton's HTTP API as ferry uses it. Every call has a timeout: a load can hang forever.
+
+``tritonclient.http`` (geventhttpclient) binds a client to the thread that created it, so each
+thread gets its own clients: the exporter serves every scrape on a new thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import tritonclient.http as triton_http
+from tritonclient.utils import InferenceServerException
+
+from ferry.core.config import Endpoint, parse_endpoint
+from ferry.core.errors import TritonError, TritonTimeout
+
+# The header that carries the key of Triton's restricted model-control API (load, unload, repository index).
+API_KEY_HEADER = "ferry-api-key"
+READY = "READY"
+
+
+@dataclass(frozen=True)
+class VersionState:
+    version: int
+    state: str  # READY, LOADING, UNLOADING, UNAVAILABLE
+    reason: str = ""
+
+
+def ready_versions(states: list[VersionState]) -> list[int]:
+    """The versions that serve, sorted: the one place that decides what "serving" means."""
+    return sorted(v.version for v in states if v.state == READY)
+
+
+def one_line(text: str, limit: int = 600) -> str:
+    """The first line of a server's message (Triton appends the Python stack of a failed backend)."""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+class Triton:
+    def __init__(self, url: str, timeout_s: float = 10.0, load_timeout_s: float = 120.0, api_key: str = "") -> None:
+        self.endpoint: Endpoint = parse_endpoint(url)
+        self.url = self.endpoint.url
+        self.timeout_s = timeout_s
+        self.load_timeout_s = load_timeout_s
+        self.headers = {API_KEY_HEADER: api_key} if api_key else None
+        self._local = threading.local()
+
+    def _client(self, timeout_s: float) -> triton_http.InferenceServerClient:
+        clients: dict[float, triton_http.InferenceServerClient] = self._local.__dict__.setdefault("clients", {})
+        if timeout_s not in clients:
+            clients[timeout_s] = triton_http.InferenceServerClient(
+                self.endpoint.host_port, connection_timeout=timeout_s, network_timeout=timeout_s)
+        return clients[timeout_s]
+
+    def _call(self, what: str, call: Callable[..., Any], *args: Any, timeout_s: float | None = None,
+              **kwargs: Any) -> Any:
+        timeout_s = timeout_s or self.timeout_s
+        try:
+            return call(self._client(timeout_s))(*args, headers=self.headers, **kwargs)
+        except TimeoutError:
+            raise TritonTimeout(f"Triton at {self.url} did not answer {what} within {timeout_s:g} s") from None
+        except OSError as error:
+            raise TritonError(f"Triton at {self.url} is not reachable ({what}): {error}",
+                              "start it with `ferry triton up` or set FERRY_TRITON_URL", retryable=True) from None
+        except InferenceServerException as error:
+            raise self._refusal(what, error.message() or "", error.status()) from None
+
+    def _refusal(self, what: str, message: str, status: str | None) -> TritonError:
+        if "restricted" in message or "not authorized" in message.lower():
+            return TritonError(f"Triton refused {what}: {one_line(message)}",
+                               "set FERRY_TRITON_API_KEY to the key its --http-restricted-api flag names")
+        if "<html" in message.lower() or "<!doctype" in message.lower():
+            return TritonError(f"something at {self.endpoint.host_port} answers HTTP (status {status}) but is not "
+                               f"Triton ({what})", "check FERRY_TRITON_URL: it must name Triton's HTTP port",
+                               detail=message)
+        return TritonError(f"Triton refused {what}: {one_line(message)}", detail=message if "\n" in message else "")
+
+    def check_live(self) -> None:
+        if not self._call("the health check", lambda c: c.is_server_live):
+            raise TritonError(f"Triton at {self.url} is not live", "check its log, or restart it")
+
+    def load(self, model: str, config_json: str) -> None:
+        self._call(f"loading '{model}'", lambda c: c.load_model, model, config=config_json,
+                   timeout_s=self.load_timeout_s)
+
+    def unload(self, model: str) -> None:
+        self._call(f"unloading '{model}'", lambda c: c.unload_model, model)
+
+    def index(self) -> dict[str, list[VersionState]]:
+        """Every model's versions, from one call of the repository index."""
+        models: dict[str, list[VersionState]] = {}
+        entries = self._call("the repository index", lambda c: c.get_model_repository_index)
+        if not isinstance(entries, list):
+            raise TritonError(f"something at {self.endpoint.host_port} is not Triton (its repository index is "
+                              f"{type(entries).__name__})", "check FERRY_TRITON_URL")
+        for entry in entries:
+            if str(entry.get("version", "")).isdigit():
+                state = VersionState(int(entry["version"]), entry.get("state", ""), entry.get("reason", ""))
+                models.setdefault(entry.get("name", ""), []).append(state)
+        return models
+
+    def versions(self, model: str) -> list[VersionState]:
+        return self.index().get(model, [])
+
+    def ready_versions(self, model: str) -> list[int]:
+        return ready_versions(self.versions(model))
+
+    def version_ready(self, model: str, version: int) -> bool:
+        return bool(self._call("the readiness check", lambda c: c.is_model_ready, model, str(version)))
+
+    def infer(self, model: str, version: int, inputs: dict[str, np.ndarray],
+              datatypes: dict[str, str]) -> dict[str, np.ndarray]:
+        tensors = []
+        for name, value in inputs.items():
+            tensor = triton_http.InferInput(name, list(value.shape), datatypes[name])
+            tensor.set_data_from_numpy(value)
+            tensors.append(tensor)
+        result = self._call(f"inference on '{model}' v{version}", lambda c: c.infer, model, tensors, str(version))
+        response = result.get_response()
+        return {out["name"]: result.as_numpy(out["name"]) for out in response.get("outputs", [])}
