@@ -5,9 +5,9 @@ unloads the other) and then a broken one (v2, which fails at load: the path wher
 starts and dies, where Triton has leaked before), which is rolled back and quarantined.
 
 Prints Triton's RSS (the server, and its Python backend stubs once the retired ones have exited)
-every few cycles, and the ratio of the last figure to the first; and the repository's disk use after the warm-up and at the end, with the
-quarantine retention setting (FERRY_QUARANTINE_KEEP) on, against what the quarantine would hold
-without it (the same failed versions, every file kept).
+every few cycles, and the ratio of the last figure to the first; and the repository's disk use after
+the warm-up and at the end, with the quarantine retention setting (FERRY_QUARANTINE_KEEP) on, against
+what the quarantine would hold without it (the same failed versions, every file kept).
 
     .venv/bin/python bench/soak.py [--cycles 50] [--keep 5] [--trees 300]
 """
@@ -26,7 +26,7 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "examples")]
 from train_model import train_and_register  # noqa: E402
 
 from conftest import make_settings  # noqa: E402
-from ferry.core.runner import deploy
+from ferry.core.runner import deploy  # noqa: E402
 from ferry.core.steps import Ferry  # noqa: E402
 from ferry.runtime import server  # noqa: E402
 
@@ -129,7 +129,8 @@ def main() -> None:
           f"(+{(server_end - server_start) / mb:.1f} MB over {args.cycles - WARM_UP_CYCLES} cycles)")
     print(f"triton rss growth ratio (server and stubs): {(server_end + stubs_end) / (server_start + stubs_start):.3f}")
     unbounded = disk_end + (args.cycles - args.keep) * failed_version_bytes
-    print(f"repository disk after {WARM_UP_CYCLES} cycles: {disk_start / mb:.2f} MB, at the end: {disk_end / mb:.2f} MB "
+    print(f"repository disk after {WARM_UP_CYCLES} cycles: {disk_start / mb:.2f} MB, "
+          f"at the end: {disk_end / mb:.2f} MB "
           f"(quarantine keep {args.keep}; one failed version holds {failed_version_bytes / mb:.2f} MB)")
     print(f"repository disk growth ratio: {disk_end / disk_start:.3f} "
           f"(without retention: {unbounded / disk_start:.3f}, {unbounded / mb:.2f} MB)")

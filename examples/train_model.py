@@ -113,7 +113,8 @@ def main() -> None:
     parser.add_argument("--model", default="iris")
     parser.add_argument("--alias", default="champion")
     parser.add_argument("--break", dest="breakage", choices=BREAKS, default="none")
-    parser.add_argument("--trees", type=int, default=0, help="train a random forest of this many trees (a larger model)")
+    parser.add_argument("--trees", type=int, default=0,
+                        help="train a random forest of this many trees (a larger model)")
     args = parser.parse_args()
     from ferry.core.config import load_settings
 

@@ -106,12 +106,13 @@ def main() -> None:
     try:
         run(sys.executable, str(ROOT / "examples" / "train_model.py"), "--alias", "champion")
         say(f"Start airflow standalone on 127.0.0.1:{api_port} (log: {home / 'airflow-standalone.log'})")
-        log = open(home / "airflow-standalone.log", "wb")
+        log = open(home / "airflow-standalone.log", "wb")  # noqa: SIM115 - the server's stdout until the end
         standalone = subprocess.Popen([str(BIN / "airflow"), "standalone"], stdout=log, stderr=subprocess.STDOUT,
                                       start_new_session=True, env=os.environ)
         airflow = Airflow(home / "airflow", api_port)
         wait_for("Airflow health", lambda: airflow.client.get("/api/v2/monitor/health").status_code == 200)
-        wait_for("the admin password", lambda: (home / "airflow" / "simple_auth_manager_passwords.json.generated").exists())
+        passwords = home / "airflow" / "simple_auth_manager_passwords.json.generated"
+        wait_for("the admin password", passwords.exists)
         airflow.login()
         wait_for(f"DAG {DAG_ID} parsed", lambda: airflow.client.get(f"/api/v2/dags/{DAG_ID}").status_code == 200)
 

@@ -136,7 +136,8 @@ def assert_invariants(world: World, attempts: int) -> None:
         manifest = json.loads((version_dir / "ferry.json").read_text())
         assert manifest["sha256"] == current.sha256
         # 2. Production reaches only the committed version: at rest, Triton serves it alone.
-        assert serving == [current.active_version], f"current.json says v{current.active_version}, Triton serves {serving}"
+        assert serving == [current.active_version], \
+            f"current.json says v{current.active_version}, Triton serves {serving}"
         policy = list(model_dir.read_config().version_policy.specific.versions)
         assert policy == [current.active_version], f"config.pbtxt pins {policy}"
     # 3. Failed candidates are quarantined with their reason, never live, never beside the versions.

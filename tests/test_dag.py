@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -61,7 +62,7 @@ def test_dag_parses_with_nothing_reachable(airflow_home: Path, monkeypatch: pyte
     dag = bag.get_dag(DAG_ID)
     assert type(dag.timetable).__name__ == "NullTimetable", "the DAG runs only when triggered"
     chain = ["snapshot_current", *STEP_TASKS, "commit_current"]
-    for upstream, downstream in zip(chain, chain[1:]):
+    for upstream, downstream in itertools.pairwise(chain):
         assert dag.get_task(upstream).downstream_task_ids >= {downstream}
     rollback = dag.get_task("rollback_minimal")
     assert rollback.upstream_task_ids == set(STEP_TASKS)
@@ -84,7 +85,8 @@ def test_good_version_commits(dag, dag_world: World) -> None:
 
 
 @pytest.mark.parametrize(("breakage", "step", "message"), BROKEN_VERSIONS)
-def test_broken_version_rolls_back_and_the_run_fails(dag, dag_world: World, breakage: str, step: str, message: str) -> None:
+def test_broken_version_rolls_back_and_the_run_fails(dag, dag_world: World, breakage: str, step: str,
+                                                     message: str) -> None:
     task = TASK_OF_STEP[step]
     dag_world.register()
     assert deploy(dag_world.ferry, "iris", alias="champion").outcome == "committed"

@@ -114,7 +114,7 @@ def test_names_with_path_separators_are_refused_before_anything(world: World) ->
     with pytest.raises(FerryError, match="not a valid name"):
         deploy(world.ferry, "../etc", alias="champion")
     world.register()
-    with pytest.raises(FerryError, match="alias '../../x' is not a valid name"):
+    with pytest.raises(FerryError, match=r"alias '\.\./\.\./x' is not a valid name"):
         deploy(world.ferry, "iris", alias="../../x")
     assert not (world.settings.repository.parent / "etc").exists()
     assert not world.model_dir.exists()
@@ -230,7 +230,8 @@ def test_a_version_directory_ferry_did_not_write_is_refused_and_left_alone(world
     report = world.deploy()
     assert report.outcome == "rolled_back" and report.failed_step == "materialize"
     assert "holds no ferry manifest" in report.error and "move" in report.hint
-    assert (foreign / "model.onnx").read_bytes() == b"someone else's file", "a directory ferry did not write was touched"
+    assert (foreign / "model.onnx").read_bytes() == b"someone else's file", \
+        "a directory ferry did not write was touched"
     assert report.rollback.quarantined == []
     assert world.ferry.triton.ready_versions(world.model) == [1]
 

@@ -119,7 +119,8 @@ def fake_silent_triton():
         connection.close()
 
 
-def test_a_triton_that_does_not_answer_times_out_and_nothing_changes(serving_v1: World, fake_silent_triton: str) -> None:
+def test_a_triton_that_does_not_answer_times_out_and_nothing_changes(serving_v1: World,
+                                                                     fake_silent_triton: str) -> None:
     world, before = serving_v1, serving_v1.current_bytes()
     silent = world.settings.with_overrides(triton_url=fake_silent_triton, triton_timeout_s=1.0)
     report = deploy(Ferry(silent), world.model, alias="champion")

@@ -1,4 +1,4 @@
-"""Prometheus: the config, rules and their unit tests through promtool, and the real Prometheus scraping a real Triton."""
+"""Prometheus: the config, rules and their promtool unit tests, and the real Prometheus scraping a real Triton."""
 
 from __future__ import annotations
 
@@ -109,7 +109,7 @@ def _wait(what: str, check, timeout_s: float = 60.0):
 def prometheus(world: World, tmp_path: Path):
     """A real Prometheus scraping this world's Triton and `ferry exporter` every second, with ferry's rules."""
     exporter_port, prometheus_port = _free_port_block(1), _free_port_block(1)
-    triton_metrics = urllib.parse.urlsplit(server.metrics_url(world.settings)).netloc
+    triton_metrics = urllib.parse.urlsplit(world.settings.triton_metrics_url).netloc
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(path) for path in RULES],
@@ -161,9 +161,11 @@ def _check_prometheus(world: World, prometheus: str) -> None:
         if r["value"][1] != "NaN"])
     assert 1e-5 < float(p95[0]["value"][1]) < 1.0, f"an implausible p95: {p95}"
     rate = _wait("the request rate rule", lambda: [
-        r for r in _query(prometheus, 'model_version:triton_requests:rate1m{model="iris"}') if float(r["value"][1]) > 0])
+        r for r in _query(prometheus, 'model_version:triton_requests:rate1m{model="iris"}')
+        if float(r["value"][1]) > 0])
     assert rate[0]["metric"]["version"] == "1"
-    assert _wait("ferry's active version", lambda: _query(prometheus, 'ferry_active_version{model="iris"}'))[0]["value"][1] == "1"
+    active = _wait("ferry's active version", lambda: _query(prometheus, 'ferry_active_version{model="iris"}'))
+    assert active[0]["value"][1] == "1"
     assert _query(prometheus, 'ferry_drift{model="iris"}')[0]["value"][1] == "0"
     assert not _query(prometheus, 'ALERTS{alertname="FerryDeployRolledBack"}')
     for extra, source in (({}, "triton (since load)"), ({"FERRY_PROMETHEUS_URL": prometheus}, "prometheus (5m)")):

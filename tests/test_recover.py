@@ -1,4 +1,4 @@
-"""Crashes and races: a deploy killed at any point is finished or undone by `ferry recover`; deploys of a model serialize."""
+"""Crashes and races: a killed deploy is finished or undone by `ferry recover`; deploys of a model serialize."""
 
 from __future__ import annotations
 
@@ -128,6 +128,7 @@ def test_reconcile_loads_the_committed_versions_after_a_triton_restart(world: Wo
 
     result = world.cli("reconcile", "--json")
     assert result.returncode == 0, result.stderr
-    assert [(r["model"], r["action"], r["active_version"]) for r in json.loads(result.stdout)] == [("iris", "loaded", 2)]
+    reconciled = [(r["model"], r["action"], r["active_version"]) for r in json.loads(result.stdout)]
+    assert reconciled == [("iris", "loaded", 2)]
     assert reconcile(world.ferry, "iris").action == "in place"  # idempotent: nothing to do the second time
     assert_invariants(world, attempts=2)

@@ -128,12 +128,12 @@ def test_signature_read_from_the_file_matches_a_full_parse(world: World, breakag
 
 
 def test_signature_reader_refuses_what_is_not_onnx(tmp_path: Path) -> None:
-    from ferry.core.model_config import read_onnx_signature
+    from ferry.core.model_config import NotOnnx, read_onnx_signature
 
     cases = {"empty": b"", "random": os.urandom(4096), "text": b"<html>not a model</html>"}
     for name, content in cases.items():
         (tmp_path / name).write_bytes(content)
-        with pytest.raises((ValueError, IndexError)):
+        with pytest.raises(NotOnnx, match="is not a valid ONNX model"):
             read_onnx_signature(tmp_path / name)
 
 

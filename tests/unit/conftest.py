@@ -10,14 +10,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from fakes import FakeRegistry, FakeTriton  # noqa: E402
-
-from ferry.core.config import Settings  # noqa: E402
-from ferry.core.current import read_current, read_history  # noqa: E402
-from ferry.core.records import DeployReport  # noqa: E402
-from ferry.core.repository import ModelDir  # noqa: E402
-from ferry.core.runner import deploy  # noqa: E402
-from ferry.core.steps import Ferry  # noqa: E402
+from fakes import FakeRegistry, FakeTriton
+from ferry.core.config import Settings
+from ferry.core.current import read_current, read_history
+from ferry.core.records import DeployReport
+from ferry.core.repository import ModelDir
+from ferry.core.runner import deploy
+from ferry.core.steps import Ferry
 
 
 @dataclass

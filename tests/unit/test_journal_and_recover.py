@@ -6,9 +6,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import Bench
-from fakes import write_version_files, tiny_onnx
 
+from conftest import Bench
+from fakes import tiny_onnx, write_version_files
 from ferry.core.current import read_current
 from ferry.core.errors import InvalidInput
 from ferry.core.journal import read_journal

@@ -6,10 +6,10 @@ import json
 
 import numpy as np
 import pytest
-from conftest import Bench
-from fakes import tiny_onnx
 from filelock import FileLock
 
+from conftest import Bench
+from fakes import tiny_onnx
 from ferry.core.current import read_current, read_history
 from ferry.core.errors import Busy, NoSuchModel
 from ferry.core.journal import read_journal

@@ -1,0 +1,1 @@
+"""Adapters over the core: the CLI, the Airflow DAG's steps, the gateway."""

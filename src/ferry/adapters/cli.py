@@ -30,9 +30,11 @@ from ferry.core.runner import Runner, Target
 from ferry.core.status import UNKNOWN, ModelStatus, list_models, model_status
 from ferry.core.steps import Ferry
 
+# Plain click help: rich's panels show a <bool> metavar on every flag and {MODEL} in the usage line.
 app = typer.Typer(help="Move model versions from the MLflow Model Registry into Triton, safely.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
-triton_app = typer.Typer(help="The local Triton server (from the nvidia-pytriton wheel).", no_args_is_help=True)
+                  no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None)
+triton_app = typer.Typer(help="The local Triton server (from the nvidia-pytriton wheel).", no_args_is_help=True,
+                         rich_markup_mode=None)
 app.add_typer(triton_app, name="triton")
 # Piped output (CI logs, scripts) is not squeezed into 80 columns.
 _WIDTH = None if sys.stdout.isatty() else 200

@@ -236,18 +236,20 @@ class Runner:
             return self._close(journal, report)
         snapshot = record.snapshot
         assert snapshot is not None
-        candidate = record.candidate.version if record.candidate else failure.version
+        # Only what this deploy staged is quarantined: a version directory somebody else wrote stays where it is.
+        staged = record.candidate.version if record.candidate else self._staged_by(record.deploy_id)
         journal.update(step=Step.ROLLBACK, failure=failure)
         self.emit(Step.ROLLBACK, "start", 0.0, "")
         began = time.perf_counter()
-        undone = steps.undo(self.ferry, snapshot, failure, candidate)
+        undone = steps.undo(self.ferry, snapshot, failure, staged)
         record.steps[Step.ROLLBACK] = round(time.perf_counter() - began, 4)
         detail = "; ".join(undone.problems) or f"serving {undone.serving or 'nothing'}"
         self.emit(Step.ROLLBACK, "ok" if undone.verified else "failed", record.steps[Step.ROLLBACK], detail)
         report = self._report(record, Outcome.ROLLED_BACK)
         report.failed_step, report.error, report.hint = failure.step, failure.message, failure.hint
         report.detail = failure.detail or None
-        report.version, report.rollback, report.recovered_by = candidate, undone, recovered_by
+        report.version = staged if staged is not None else failure.version
+        report.rollback, report.recovered_by = undone, recovered_by
         return self._close(journal, report)
 
     def record_rejected(self, target: Target, error: FerryError) -> DeployReport:
@@ -299,7 +301,7 @@ class Runner:
             record.failure = Failure(
                 step=record.step, hint="`ferry recover` rolled the deploy back; deploy again",
                 message=f"the deploying process (pid {record.owner.pid} on {record.owner.host}) stopped during "
-                        f"{record.step}", version=candidate.version if candidate else self._staged_by(record.deploy_id))
+                        f"{record.step}", version=candidate.version if candidate else None)
         return self.roll_back(journal, recovered_by=who)
 
     def _finish_commit(self, record: JournalRecord, candidate: Candidate, who: str) -> DeployReport:

@@ -1,0 +1,1 @@
+"""Observability: ferry's metrics for Prometheus, live figures, the report."""

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from ferry.core.current import read_current
 from ferry.core.errors import FerryError, NoSuchModel
-from ferry.core.model_config import Signature, config_signature
+from ferry.core.model_config import Signature, TensorSpec, config_signature
 from ferry.core.records import CurrentState
 from ferry.core.repository import ModelDir
 
@@ -21,7 +22,20 @@ from ferry.core.repository import ModelDir
 class Route:
     model: str
     version: int
-    signature: Signature  # the model's inputs and outputs, from its config.pbtxt
+    signature: Signature  # the model's inputs and outputs, from its config.pbtxt (batch dimension included)
+    max_batch_size: int = 0  # from config.pbtxt; with batching on, the first dimension may not exceed it
+
+    def serves(self, version: str) -> bool:
+        """Whether a version a client named (a URL segment, a gRPC field; empty: none named) is this one."""
+        return not version or version == str(self.version)
+
+    @cached_property
+    def inputs(self) -> dict[str, TensorSpec]:
+        return {spec.name: spec for spec in self.signature.inputs}
+
+    @cached_property
+    def outputs(self) -> frozenset[str]:
+        return frozenset(spec.name for spec in self.signature.outputs)
 
 
 class UnknownModel(NoSuchModel):
@@ -65,4 +79,4 @@ class Router:
         config = model_dir.read_config()
         if current is None or config is None:
             raise UnknownModel(f"model '{model_dir.model}' has no committed version", "deploy it with `ferry deploy`")
-        return Route(model_dir.model, current.active_version, config_signature(config))
+        return Route(model_dir.model, current.active_version, config_signature(config), config.max_batch_size)

@@ -1,0 +1,1 @@
+"""The gateway: production traffic to the committed versions (an adapter: ASGI over the core)."""
