@@ -26,7 +26,7 @@ from ferry.core.errors import FerryError, InvalidInput, NoSuchModel, unreachable
 from ferry.core.reconcile import reconcile
 from ferry.core.records import DeployReport, Outcome
 from ferry.core.repository import ModelDir, check_name
-from ferry.core.runner import Runner, Target
+from ferry.core.runner import RECORDED, Runner, Target
 from ferry.core.status import UNKNOWN, ModelStatus, list_models, model_status
 from ferry.core.steps import Ferry
 
@@ -87,6 +87,17 @@ def _print_json(data: object) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
+def _on_event(as_json: bool) -> Callable[[str, str, float, str], None]:
+    def on_event(step: str, status: str, seconds: float, detail: str) -> None:
+        if step == RECORDED:  # decided and recorded: a late Ctrl-C must not turn it into exit 130
+            for stop in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(stop, signal.SIG_IGN)
+        elif not as_json:
+            _show_step(step, status, seconds, detail)
+
+    return on_event
+
+
 def _show_step(step: str, status: str, seconds: float, detail: str) -> None:
     if status == "start":
         return
@@ -140,10 +151,8 @@ def _finish(report: DeployReport, as_json: bool) -> NoReturn:
 def _run_deploy(settings: Settings, model: str, target: Target, as_json: bool) -> NoReturn:
     ferry = Ferry(settings)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a stopped deploy rolls back, as on Ctrl-C
-    runner = _guarded(lambda: Runner(ferry, model, on_event=None if as_json else _show_step))
+    runner = _guarded(lambda: Runner(ferry, model, on_event=_on_event(as_json)))
     report = _guarded(lambda: runner.deploy(target))
-    for stop in (signal.SIGINT, signal.SIGTERM):  # decided and recorded: a late Ctrl-C must not say otherwise
-        signal.signal(stop, signal.SIG_IGN)
     _finish(report, as_json)
 
 

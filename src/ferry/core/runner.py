@@ -43,6 +43,7 @@ from ferry.core.repository import ModelDir, check_name
 from ferry.core.steps import Ferry
 
 EventHandler = Callable[[str, str, float, str], None]  # (step, "start" | "ok" | "failed", seconds, detail)
+RECORDED = "recorded"  # the last event of an attempt: its history record is written, its outcome final
 
 
 def _quiet(step: str, status: str, seconds: float, detail: str) -> None:
@@ -259,6 +260,7 @@ class Runner:
                               retryable=unreachable(error), who=current_user(), started_at_utc=utc_stamp())
         report.finished_at_utc = utc_stamp()
         append_history(self.model_dir, report)
+        self.emit(RECORDED, report.outcome, 0.0, "")
         return report
 
     # ------------------------------------------------------------ after a crash
@@ -378,6 +380,7 @@ class Runner:
         report.finished_at_utc = utc_stamp()
         append_history(self.model_dir, report)
         journal.remove()
+        self.emit(RECORDED, report.outcome, 0.0, "")
         return report
 
 
