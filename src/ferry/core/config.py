@@ -92,6 +92,8 @@ class Settings:
     default_alias: str = "champion"
     rtol: float = 1e-4
     atol: float = 1e-5
+    # The MLflow loop (ferry.core.writeback, ferry watch).
+    serving_alias: str = "serving"  # the alias ferry moves to the committed version ("" : no write-back)
 
     @cached_property
     def triton(self) -> Endpoint:

@@ -22,7 +22,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from ferry.core import steps
+from ferry.core import steps, writeback
 from ferry.core.current import append_history, find_history, read_current, read_history
 from ferry.core.errors import Busy, FerryError, InvalidInput, NoSuchModel, StepFailed, TritonError, unreachable
 from ferry.core.journal import Journal, read_journal
@@ -353,6 +353,15 @@ class Runner:
             journal.save()
         return seconds
 
+    def _write_back(self, report: DeployReport) -> None:
+        """Tell MLflow what happened (ferry.core.writeback); a failure there is only a warning."""
+        if report.outcome == Outcome.REJECTED or not self.ferry.settings.serving_alias:
+            return
+        try:
+            report.warnings += writeback.write_back(self.ferry.settings, self.ferry.registry, report)
+        except FerryError as error:
+            report.warnings.append(f"MLflow was not told of the outcome: {error} (run `ferry sync {self.model}`)")
+
     def _refuse_failed_version(self, target: Target) -> None:
         if target.kind != Kind.REVERT or target.force:
             return
@@ -378,6 +387,7 @@ class Runner:
         the process died."""
         report.steps = dict(journal.record.steps)
         report.finished_at_utc = utc_stamp()
+        self._write_back(report)
         append_history(self.model_dir, report)
         journal.remove()
         self.emit(RECORDED, report.outcome, 0.0, "")

@@ -1,0 +1,1 @@
+"""`mlflow deployments ... -t ferry`: MLflow's deployments API over ferry's transaction."""
