@@ -107,6 +107,8 @@ class World:
         return {
             "FERRY_HOME": str(s.home), "FERRY_REPOSITORY": str(s.repository), "MLFLOW_TRACKING_URI": s.tracking_uri,
             "FERRY_TRITON_URL": s.triton_url, "FERRY_LOAD_TIMEOUT_S": str(s.load_timeout_s),
+            **({"FERRY_TRITON_API_KEY": s.triton_api_key} if s.triton_api_key else {}),
+            **({"FERRY_PYTHON_RUNNER": str(s.python_runner)} if s.python_runner else {}),
         }
 
 
@@ -120,15 +122,55 @@ def world(tmp_path: Path):
         server.down(settings, grace_s=0)  # the repository goes with it: no need to wait for a clean exit
 
 
+def replica_settings(settings: Settings) -> list[Settings]:
+    """One Settings per replica of a fleet world, as `ferry triton up` on each of its hosts would have."""
+    return [settings.with_overrides(home=settings.home / f"replica-{i}", triton_url=url)
+            for i, url in enumerate(settings.triton_url.split(","))]
+
+
+def start_fleet(tmp_path: Path, replicas: int, faulty: int | None = None, **overrides) -> World:
+    """A world whose Triton is ``replicas`` real servers on loopback sharing one repository and one key.
+    ``faulty``: the replica started with FAKE_FAULTY_REPLICA=1 (see fakes/fake_faulty_replica_runner.py)."""
+    urls = ",".join(f"http://127.0.0.1:{_free_port_block()}" for _ in range(replicas))
+    settings = make_settings(tmp_path, triton_url=urls, triton_api_key="fleet-key", **overrides)
+    for i, replica in enumerate(replica_settings(settings)):
+        os.environ["FAKE_FAULTY_REPLICA"] = "1" if i == faulty else "0"
+        try:
+            server.up(replica)
+        finally:
+            del os.environ["FAKE_FAULTY_REPLICA"]
+    return World(settings)
+
+
+def stop_fleet(world: World) -> None:
+    for replica in replica_settings(world.settings):
+        server.down(replica, grace_s=0)
+
+
+@pytest.fixture
+def fleet(tmp_path: Path):
+    """Three real Triton servers sharing one repository."""
+    world = start_fleet(tmp_path, 3)
+    try:
+        yield world
+    finally:
+        stop_fleet(world)
+
+
 def assert_invariants(world: World, attempts: int) -> None:
     """The invariants of DESIGN.md, checked against the files and against Triton's repository index."""
     model_dir = world.model_dir
-    ferry = world.ferry
-    # 1. current.json parses and names a version whose files exist and that Triton serves.
+    # 1. current.json parses and names a version whose files exist and that every replica serves.
     current = read_current(model_dir)
-    serving = ferry.triton.ready_versions(world.model)
+    for replica in world.ferry.fleet().replicas:
+        _assert_replica_invariants(world, replica.ready_versions(world.model), current, replica.url)
+    _assert_record_invariants(world, attempts)
+
+
+def _assert_replica_invariants(world: World, serving: list[int], current, replica: str) -> None:
+    model_dir = world.model_dir
     if current is None:
-        assert serving == [], f"nothing is committed but Triton serves {serving}"
+        assert serving == [], f"nothing is committed but {replica} serves {serving}"
         assert not model_dir.config_path.exists(), "a config.pbtxt was left for a model with nothing committed"
     else:
         version_dir = model_dir.version_dir(current.active_version)
@@ -137,9 +179,14 @@ def assert_invariants(world: World, attempts: int) -> None:
         assert manifest["sha256"] == current.sha256
         # 2. Production reaches only the committed version: at rest, Triton serves it alone.
         assert serving == [current.active_version], \
-            f"current.json says v{current.active_version}, Triton serves {serving}"
+            f"current.json says v{current.active_version}, {replica} serves {serving}"
         policy = list(model_dir.read_config().version_policy.specific.versions)
         assert policy == [current.active_version], f"config.pbtxt pins {policy}"
+
+
+def _assert_record_invariants(world: World, attempts: int) -> None:
+    model_dir = world.model_dir
+    serving = set().union(*(r.ready_versions(world.model) for r in world.ferry.fleet().replicas))
     # 3. Failed candidates are quarantined with their reason, never live, never beside the versions.
     history = read_history(model_dir)
     for i, record in enumerate(history):

@@ -30,7 +30,7 @@ class Bench:
 
     @property
     def ferry(self) -> Ferry:
-        return Ferry(self.settings, given_triton=self.triton, given_registry=self.registry)
+        return Ferry(self.settings, given_replicas=[self.triton], given_registry=self.registry)
 
     @property
     def model_dir(self) -> ModelDir:

@@ -83,7 +83,7 @@ def test_a_deploy_stopped_after_its_commit_point_is_finished(bench: Bench, monke
     def died_after_writing_current(*args: object) -> None:
         raise SystemExit("killed")
 
-    monkeypatch.setattr(steps, "_pin_after_commit", died_after_writing_current)
+    monkeypatch.setattr(steps, "pin_after_commit", died_after_writing_current)
     with pytest.raises(SystemExit):
         runner.run_step(journal, Step.COMMIT)
     monkeypatch.undo()

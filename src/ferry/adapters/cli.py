@@ -20,14 +20,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ferry.core.config import Settings, check_port, load_settings
+from ferry.core.config import Settings, check_port, load_settings, parse_duration
 from ferry.core.current import read_current, read_history
 from ferry.core.errors import FerryError, InvalidInput, NoSuchModel, unreachable
-from ferry.core.reconcile import reconcile
+from ferry.core.reconcile import Reconciled, reconcile
 from ferry.core.records import DeployReport, Outcome
 from ferry.core.repository import ModelDir, check_name
 from ferry.core.runner import RECORDED, Runner, Target
-from ferry.core.status import UNKNOWN, ModelStatus, list_models, model_status
+from ferry.core.status import UNKNOWN, ModelStatus, ReplicaStatus, list_models, model_status, replica_indexes
 from ferry.core.steps import Ferry
 
 # Plain click help: rich's panels show a <bool> metavar on every flag and {MODEL} in the usage line.
@@ -125,7 +125,8 @@ def _explain_rollback(report: DeployReport) -> None:
     else:
         state = f"v{report.previous_version} still active and serving"
     quarantined = ", ".join(rollback.quarantined) if rollback and rollback.quarantined else "nothing"
-    err.print(f"[red]failed at {report.failed_step}:[/red] {escape(report.error or '')} "
+    where = f" on replica {report.failed_replica}" if report.failed_replica else ""
+    err.print(f"[red]failed at {report.failed_step}{escape(where)}:[/red] {escape(report.error or '')} "
               f"({state}; quarantined: {escape(quarantined)})")
     for problem in rollback.problems if rollback else []:
         err.print(f"  rollback problem: {escape(problem)}")
@@ -216,24 +217,40 @@ def recover_command(model: str = ModelArgument, as_json: bool = JsonOption) -> N
 
 @app.command("reconcile")
 def reconcile_command(
-    models: list[str] | None = typer.Argument(None, metavar="[MODEL]...",
-                                                 help="Models to reconcile (default: every committed model)."),
+    models: list[str] | None = typer.Argument(None, metavar="MODEL...",
+                                              help="Models to reconcile (default: every committed model)."),
+    every: str | None = typer.Option(None, "--every", metavar="DURATION",
+                                     help="Keep reconciling at this interval (30s, 5m): for a sidecar or a timer."),
     as_json: bool = JsonOption,
 ) -> None:
-    """Make Triton serve exactly what current.json commits (after a Triton restart, or on a new replica)."""
+    """Make every Triton replica serve exactly what current.json commits (after a restart, or on a new replica)."""
     settings = _settings()
-    names = [_known_model(settings, m).model for m in models] if models else list_models(settings.repository)
+    interval = _guarded(lambda: parse_duration(every, "--every")) if every else None
+    for name in models or []:
+        _known_model(settings, name)
     ferry = Ferry(settings)
-    results = [reconcile(ferry, name) for name in names]
+    while True:
+        names = models or list_models(settings.repository)
+        results = [reconcile(ferry, name) for name in names]
+        _print_reconciled(results, as_json)
+        if interval is None:
+            if not all(r.ok for r in results):
+                raise typer.Exit(EXIT_FAILED)
+            return
+        try:
+            time.sleep(interval)
+        except KeyboardInterrupt:
+            return
+
+
+def _print_reconciled(results: list[Reconciled], as_json: bool) -> None:
     if as_json:
         _print_json([r.model_dump(mode="json") for r in results])
-    else:
-        for r in results:
-            colour = "green" if r.ok else "red"
-            version = f"v{r.active_version}" if r.active_version is not None else "-"
-            out.print(f"  [{colour}]{r.action:<9}[/{colour}] {r.model} {version}  {escape(r.detail)}")
-    if not all(r.ok for r in results):
-        raise typer.Exit(EXIT_FAILED)
+        return
+    for r in results:
+        colour = "green" if r.ok else "red"
+        version = f"v{r.active_version}" if r.active_version is not None else "-"
+        out.print(f"  [{colour}]{r.action:<9}[/{colour}] {r.model} {version}  {escape(r.detail)}")
 
 
 def _port_option(help_text: str) -> int | None:
@@ -272,7 +289,7 @@ def exporter_command(
 
     ferry = Ferry(_settings())
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(FerryCollector(ferry.settings, ferry.triton))
+    registry.register(FerryCollector(ferry.settings, ferry.fleet))
     try:
         start_http_server(port, addr=host, registry=registry)
     except OSError as error:
@@ -296,7 +313,7 @@ def metrics_command(
     from ferry.observability.metrics import FerryCollector, write_textfile
 
     ferry = Ferry(_settings())
-    collector = FerryCollector(ferry.settings, ferry.triton)
+    collector = FerryCollector(ferry.settings, ferry.fleet)
     if textfile:
         _guarded(lambda: write_textfile(textfile, collector))
         return
@@ -337,8 +354,9 @@ def status_command(
 
     settings = _settings()
     models = [_known_model(settings, model).model] if model else list_models(settings.repository)
-    ferry = Ferry(settings)
-    reports = [model_status(settings.repository, ferry.triton, name) for name in models]
+    fleet = _guarded(Ferry(settings).fleet)
+    indexes = replica_indexes(fleet)
+    reports = [model_status(settings.repository, fleet, name, indexes) for name in models]
     for report in reports:
         if report.current is not None:
             report.live = live_figures(settings, report.model, report.current.active_version)
@@ -346,7 +364,7 @@ def status_command(
         _print_json([r.model_dump(mode="json") for r in reports])
     else:
         _print_status_table(reports, settings)
-    if any(r.drift or r.current_error or r.triton_error or r.in_flight for r in reports):
+    if any(r.drift or r.current_error or any(x.error for x in r.replicas) or r.in_flight for r in reports):
         raise typer.Exit(EXIT_FAILED)
 
 
@@ -359,6 +377,11 @@ def _p95(report: ModelStatus) -> str:
     return f"{live.p95_ms:.2f} ms"
 
 
+def _replica_serves(replica: ReplicaStatus, replicas: int) -> str:
+    serves = "[red]unreachable[/red]" if replica.error else ", ".join(f"v{v}" for v in replica.serving) or "nothing"
+    return f"{escape(replica.url)}: {serves}" if replicas > 1 else serves
+
+
 def _print_status_table(reports: list[ModelStatus], settings: Settings) -> None:
     if not reports:
         out.print(f"no models in {settings.repository}")
@@ -367,7 +390,7 @@ def _print_status_table(reports: list[ModelStatus], settings: Settings) -> None:
                   "p95", "failures")
     for r in reports:
         current = r.current
-        serving = (r.triton_error and "[red]unreachable[/red]") or ", ".join(f"v{v}" for v in r.serving) or "nothing"
+        serving = "; ".join(_replica_serves(replica, len(r.replicas)) for replica in r.replicas)
         drift = {None: "none", UNKNOWN: "[yellow]unknown[/yellow]"}.get(r.drift, f"[red]{escape(r.drift or '')}[/red]")
         table.add_row(
             r.model,
@@ -386,7 +409,9 @@ def _print_status_table(reports: list[ModelStatus], settings: Settings) -> None:
     if sources:
         out.print(f"p95 and failures from {', '.join(sorted(sources))}", style="dim")
     for r in reports:
-        for problem in (r.current_error, r.triton_error, r.in_flight, r.live and r.live.error):
+        unreachable = [f"replica {x.url}: {x.error}" if len(r.replicas) > 1 else x.error
+                       for x in r.replicas if x.error]
+        for problem in (r.current_error, *unreachable, r.in_flight, r.live and r.live.error):
             if problem:
                 err.print(f"[red]{r.model}:[/red] {escape(problem)}")
 
@@ -462,6 +487,9 @@ def triton_status(as_json: bool = JsonOption) -> None:
                   f"log: {state.log}")
     if not state.ready:
         raise typer.Exit(EXIT_FAILED)
+
+
+__import__("ferry.adapters.cli_mlflow", fromlist=["register"]).register(app)  # watch, sync
 
 
 def main() -> None:

@@ -56,6 +56,42 @@ def parse_endpoint(raw: str, setting: str = "FERRY_TRITON_URL") -> Endpoint:
     return Endpoint(parts.hostname, port or DEFAULT_TRITON_PORT)
 
 
+@dataclass(frozen=True)
+class ReplicaSource:
+    """One entry of FERRY_TRITON_URL: a server, or (``dns``) a name whose every address is a replica."""
+
+    endpoint: Endpoint
+    dns: bool = False
+
+    def __str__(self) -> str:
+        return f"dns+{self.endpoint.url}" if self.dns else self.endpoint.url
+
+
+def parse_replica_sources(raw: str) -> tuple[ReplicaSource, ...]:
+    """FERRY_TRITON_URL: one URL or a comma-separated list; ``dns+http://name:port`` is resolved at each use."""
+    entries = [entry.strip() for entry in raw.split(",") if entry.strip()]
+    if not entries:
+        raise InvalidInput("FERRY_TRITON_URL is empty", "set it to http://HOST:PORT, a list of them, or dns+http://NAME:PORT")
+    sources = []
+    for entry in entries:
+        dns = entry.startswith("dns+")
+        sources.append(ReplicaSource(parse_endpoint(entry.removeprefix("dns+")), dns))
+    return tuple(dict.fromkeys(sources))  # the same replica listed twice is one replica
+
+
+def parse_duration(text: str, what: str) -> float:
+    """Seconds from ``30s``, ``5m``, ``1h`` or a plain number of seconds."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "s")
+    try:
+        seconds = float(number) * units[unit]
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < 366 * 86400:
+        raise InvalidInput(f"{what} {text!r} is not a duration", "write it as 30s, 5m or 1h")
+    return seconds
+
+
 def check_port(port: int, what: str) -> int:
     if not 0 < port < 65536:
         raise InvalidInput(f"{what} {port} is not a TCP port", "give a number from 1 to 65535")
@@ -94,10 +130,25 @@ class Settings:
     atol: float = 1e-5
     # The MLflow loop (ferry.core.writeback, ferry watch).
     serving_alias: str = "serving"  # the alias ferry moves to the committed version ("" : no write-back)
+    writeback_timeout_s: float = 3.0  # each write-back call to MLflow (no retries): a rollback must stay fast
+    watch_aliases: str = ""  # comma-separated aliases `ferry watch` deploys when they move (default: default_alias)
+    watch_host: str = "127.0.0.1"
+    watch_port: int = 8090
+    watch_secret_file: Path | None = None  # the webhook's HMAC secret (default: $FERRY_HOME/watch/webhook-secret)
+    watch_poll_s: float = 0.0  # `ferry watch` polls MLflow's aliases every N seconds (0: webhooks only)
+    airflow_url: str = ""  # set: `ferry watch` starts the DAG through Airflow's REST API; else deploys itself
+    airflow_username: str = "admin"
+    airflow_password: str = ""  # for POST /auth/token (none: no token is asked for)
+    airflow_dag_id: str = "mlflow_to_triton_deploy"
 
     @cached_property
+    def replica_sources(self) -> tuple[ReplicaSource, ...]:
+        return parse_replica_sources(self.triton_url)
+
+    @property
     def triton(self) -> Endpoint:
-        return parse_endpoint(self.triton_url)
+        """The first replica's address: the server `ferry triton up` starts, and the one a single-server setup uses."""
+        return self.replica_sources[0].endpoint
 
     @property
     def triton_http_port(self) -> int:
@@ -180,7 +231,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     settings = Settings(home=home, **typed)
     if settings.runtime not in RUNTIMES:
         raise InvalidInput(f"unknown runtime {settings.runtime!r}", f"set FERRY_RUNTIME to one of {RUNTIMES}")
-    parse_endpoint(settings.triton_url)  # now, so that a bad URL is refused before anything runs
+    parse_replica_sources(settings.triton_url)  # now, so that a bad URL is refused before anything runs
     for name in ("gateway_port", "triton_grpc_port", "triton_metrics_port"):
         if getattr(settings, name):
             check_port(getattr(settings, name), f"FERRY_{name.upper()}")

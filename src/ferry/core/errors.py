@@ -70,10 +70,11 @@ class StepFailed(FerryError):
     """A step of the deploy transaction failed; the deploy is rolled back."""
 
     def __init__(self, step: str, message: str, hint: str = "", version: int | None = None,
-                 retryable: bool = False, detail: str = "") -> None:
+                 retryable: bool = False, detail: str = "", replica: str | None = None) -> None:
         super().__init__(message, hint, retryable, detail)
         self.step = step
         self.version = version
+        self.replica = replica  # the Triton replica it failed on, in a fleet
 
 
 class GatewayError(FerryError):
@@ -86,4 +87,4 @@ class GatewayError(FerryError):
 
 def unreachable(error: FerryError) -> bool:
     """An error whose cause is a dependency that did not answer (an exit code of its own in the CLI)."""
-    return isinstance(error, Unavailable) or (isinstance(error, TritonError) and error.retryable)
+    return error.retryable

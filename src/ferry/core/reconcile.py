@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel
 
 from ferry.core.current import read_current
 from ferry.core.errors import Busy, FerryError, InvalidInput
+from ferry.core.fleet import Fleet
 from ferry.core.journal import read_journal
 from ferry.core.repository import ModelDir
 from ferry.core.runner import holding
-from ferry.core.steps import Ferry, pin, wait_serving
+from ferry.core.steps import Ferry, pin, serving_problems, wait_serving
+
+Action = Literal["in place", "loaded", "unloaded", "skipped", "failed"]
 
 
 class Reconciled(BaseModel):
     model: str
     active_version: int | None
-    action: str  # "in place" | "loaded" | "unloaded" | "skipped" | "failed"
+    action: Action
     detail: str = ""
+    replicas: dict[str, list[int]] = {}  # what each replica serves afterwards
 
     @property
     def ok(self) -> bool:
@@ -44,15 +50,17 @@ def reconcile(ferry: Ferry, model: str) -> Reconciled:
 
 def _reconcile(ferry: Ferry, model_dir: ModelDir) -> Reconciled:
     current = read_current(model_dir)
-    wanted = [current.active_version] if current else []
-    serving = ferry.triton.ready_versions(model_dir.model)
     version = current.active_version if current else None
-    if serving == wanted and (current is None or _pinned(model_dir, current.active_version)):
-        return Reconciled(model=model_dir.model, active_version=version, action="in place")
-    if current is None:
-        ferry.triton.unload(model_dir.model)
-        verified, serving = wait_serving(ferry, model_dir.model, [])
-        return _result(model_dir, None, "unloaded", verified, serving)
+    wanted = [version] if version is not None else []
+    fleet = ferry.fleet()
+    states = fleet.settled(lambda triton: triton.ready_versions(model_dir.model))
+    astray = Fleet([r for r in fleet.replicas if states[r.url] != wanted])  # unreachable ones are astray too
+    pinned = version is None or _pinned(model_dir, version)
+    if not astray.replicas and pinned:
+        return _result(model_dir, version, "in place", states, wanted)
+    if version is None:
+        astray.settled(lambda triton: triton.unload(model_dir.model))
+        return _result(model_dir, None, "unloaded", wait_serving(astray, model_dir.model, [])[1], wanted)
     if not (model_dir.version_dir(version) / "model.onnx").is_file():
         raise InvalidInput(f"current.json names v{version}, but {model_dir.version_dir(version)} has no model.onnx",
                            f"restore that directory, or `ferry rollback {model_dir.model} --to` a version that "
@@ -60,9 +68,11 @@ def _reconcile(ferry: Ferry, model_dir: ModelDir) -> Reconciled:
     config_text = model_dir.read_config_text()
     if config_text is None:
         raise InvalidInput(f"{model_dir.config_path} is missing", "restore it, or deploy the version again")
-    pin(ferry, model_dir, config_text, version)
-    verified, serving = wait_serving(ferry, model_dir.model, wanted, timeout_s=ferry.settings.ready_timeout_s)
-    return _result(model_dir, version, "loaded", verified, serving)
+    # Only the replicas that differ are loaded: a replica in place keeps its running instance.
+    target = astray if astray.replicas else fleet
+    failed = pin(model_dir, config_text, version, target)
+    _, after = wait_serving(target, model_dir.model, wanted, timeout_s=ferry.settings.ready_timeout_s)
+    return _result(model_dir, version, "loaded", {**states, **after, **failed}, wanted)
 
 
 def _pinned(model_dir: ModelDir, version: int) -> bool:
@@ -70,9 +80,14 @@ def _pinned(model_dir: ModelDir, version: int) -> bool:
     return config is not None and list(config.version_policy.specific.versions) == [version]
 
 
-def _result(model_dir: ModelDir, version: int | None, action: str, verified: bool, serving: list[int]) -> Reconciled:
-    if not verified:
+def _result(model_dir: ModelDir, version: int | None, action: Action,
+            states: dict[str, list[int] | FerryError], wanted: list[int]) -> Reconciled:
+    problems = serving_problems(states, wanted)
+    replicas = {url: s for url, s in states.items() if not isinstance(s, FerryError)}
+    if problems:
         return Reconciled(model=model_dir.model, active_version=version, action="failed",
-                          detail=f"Triton serves {serving or 'nothing'} instead; see its log")
+                          detail="; ".join(problems), replicas=replicas)
+    where = f"all {len(states)} replicas serve" if len(states) > 1 else "Triton serves"
+    shown = f"v{version}" if version is not None else "nothing"
     return Reconciled(model=model_dir.model, active_version=version, action=action,
-                      detail=f"Triton serves {serving or 'nothing'}")
+                      detail=f"{where} {shown}", replicas=replicas)

@@ -106,11 +106,17 @@ class Snapshot(BaseModel):
     started_at_utc: str
     current: CurrentState | None
     config_text: str | None
-    triton_ready: list[int]
+    triton_ready: list[int]  # the versions any replica served
+    replicas: dict[str, list[int]] = {}  # each replica (its URL) and the versions it served: the deploy's fleet
 
     @property
     def active_version(self) -> int | None:
         return self.current.active_version if self.current else None
+
+    @property
+    def replica_urls(self) -> list[str] | None:
+        """The replicas this deploy acts on (None in a journal written before fleets: resolve them again)."""
+        return list(self.replicas) or None
 
 
 class Candidate(BaseModel):
@@ -134,6 +140,7 @@ class Failure(BaseModel):
     hint: str = ""
     detail: str = ""
     version: int | None = None
+    replica: str | None = None
     rejected: bool = False  # the target could not be resolved: nothing was touched, nothing to undo
     retryable: bool = False  # ... because a dependency did not answer
 
@@ -141,9 +148,10 @@ class Failure(BaseModel):
 class RollbackReport(BaseModel):
     actions: list[str]
     quarantined: list[str]
-    verified: bool
-    serving: list[int]
+    verified: bool  # every replica serves exactly the active version again
+    serving: list[int]  # the versions served (by any replica)
     problems: list[str]
+    replicas: dict[str, list[int]] = {}  # what each replica serves afterwards
 
 
 class DeployReport(BaseModel):
@@ -158,6 +166,7 @@ class DeployReport(BaseModel):
     previous_version: int | None = None
     run_id: str | None = None
     failed_step: str | None = None
+    failed_replica: str | None = None  # in a fleet, the replica the step failed on
     error: str | None = None  # one line
     hint: str | None = None
     detail: str | None = None  # the full text behind the error, when it had more than one line

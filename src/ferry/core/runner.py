@@ -24,7 +24,7 @@ from filelock import FileLock, Timeout
 
 from ferry.core import steps, writeback
 from ferry.core.current import append_history, find_history, read_current, read_history
-from ferry.core.errors import Busy, FerryError, InvalidInput, NoSuchModel, StepFailed, TritonError, unreachable
+from ferry.core.errors import Busy, FerryError, InvalidInput, NoSuchModel, StepFailed, unreachable
 from ferry.core.journal import Journal, read_journal
 from ferry.core.records import (
     VALIDATION_STEPS,
@@ -248,7 +248,7 @@ class Runner:
         self.emit(Step.ROLLBACK, "ok" if undone.verified else "failed", record.steps[Step.ROLLBACK], detail)
         report = self._report(record, Outcome.ROLLED_BACK)
         report.failed_step, report.error, report.hint = failure.step, failure.message, failure.hint
-        report.detail = failure.detail or None
+        report.detail, report.failed_replica = failure.detail or None, failure.replica
         report.version = staged if staged is not None else failure.version
         report.rollback, report.recovered_by = undone, recovered_by
         return self._close(journal, report)
@@ -307,16 +307,20 @@ class Runner:
         return self.roll_back(journal, recovered_by=who)
 
     def _finish_commit(self, record: JournalRecord, candidate: Candidate, who: str) -> DeployReport:
+        """The deploy stopped after its commit point: pin every replica it acted on; a failure is drift."""
         report = self._report(record, Outcome.COMMITTED)
         report.current, report.recovered_by = read_current(self.model_dir), who
+        assert record.snapshot is not None
         try:
-            steps.pin(self.ferry, self.model_dir, candidate.config_pbtxt, candidate.version)
-            verified, serving = steps.wait_serving(self.ferry, self.model, [candidate.version])
-            if not verified:
-                report.warnings.append(f"committed v{candidate.version}, but Triton serves {serving}: "
-                                       "run `ferry reconcile`")
-        except (OSError, TritonError) as error:
-            report.warnings.append(f"committed v{candidate.version}, but pinning Triton to it failed: {error}")
+            fleet = steps.fleet_of(self.ferry, record.snapshot)
+        except FerryError as error:
+            report.warnings.append(f"committed v{candidate.version}, but its replicas are unknown: {error} "
+                                   "(run `ferry reconcile`)")
+            return report
+        report.warnings += steps.pin_after_commit(self.model_dir, candidate, fleet)
+        _, states = steps.wait_serving(fleet, self.model, [candidate.version])
+        report.warnings += [f"{problem} (drift: run `ferry reconcile`)"
+                            for problem in steps.serving_problems(states, [candidate.version])]
         return report
 
     def _staged_by(self, deploy_id: str) -> int | None:

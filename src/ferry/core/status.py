@@ -9,10 +9,11 @@ from pydantic import BaseModel
 
 from ferry.core.current import read_current
 from ferry.core.errors import FerryError
+from ferry.core.fleet import Fleet
 from ferry.core.journal import read_journal, unfinished_error
 from ferry.core.records import CurrentState
 from ferry.core.repository import STATE_DIR, ModelDir
-from ferry.core.triton import Triton, VersionState, ready_versions
+from ferry.core.triton import VersionState, ready_versions
 
 UNKNOWN = "unknown"
 
@@ -26,14 +27,23 @@ class LiveFigures(BaseModel):
     error: str | None = None
 
 
+class ReplicaStatus(BaseModel):
+    url: str
+    versions: list[VersionState] | None = None  # None when the replica did not answer
+    serving: list[int] = []
+    error: str | None = None
+    drift: str | None = None  # None when it serves exactly the committed version; "unknown" when it cannot tell
+
+
 class ModelStatus(BaseModel):
     model: str
     current: CurrentState | None = None
     current_error: str | None = None
-    triton: list[VersionState] | None = None
-    triton_error: str | None = None
-    serving: list[int] = []
-    drift: str | None = None  # None when Triton serves exactly the committed version; "unknown" when it cannot tell
+    replicas: list[ReplicaStatus] = []
+    triton: list[VersionState] | None = None  # the first replica's versions (a single server's)
+    triton_error: str | None = None  # the first replica error
+    serving: list[int] = []  # the versions any replica serves
+    drift: str | None = None  # None when every replica serves exactly the committed version; "unknown" when unsure
     quarantined: list[str] = []
     in_flight: str | None = None  # a deploy that is running, or whose process stopped before it finished
     live: LiveFigures | None = None  # p95 latency and failure ratio of the active version
@@ -47,23 +57,45 @@ def list_models(repository: Path) -> list[str]:
     return sorted((committed | configured) - {STATE_DIR})
 
 
-def model_status(repository: Path, triton: Triton, model: str) -> ModelStatus:
+def model_status(repository: Path, fleet: Fleet, model: str, index: dict[str, dict] | None = None) -> ModelStatus:
+    """What is committed for ``model``, and what each replica serves. ``index``: each replica's repository
+    index (or error), read once for many models."""
     model_dir = ModelDir(repository, model)
     report = ModelStatus(model=model)
     try:
         report.current = read_current(model_dir)
     except FerryError as error:
         report.current_error = str(error)
-    try:
-        report.triton = triton.versions(model)
-        report.serving = ready_versions(report.triton)
-    except FerryError as error:
-        report.triton_error = str(error)
+    committed = [report.current.active_version] if report.current else None
+    for url, entry in (index if index is not None else replica_indexes(fleet)).items():
+        report.replicas.append(_replica(url, entry, model, None if report.current_error else committed))
+    first = report.replicas[0] if report.replicas else None
+    report.triton, report.triton_error = (first.versions, first.error) if first else (None, None)
+    report.serving = sorted({v for r in report.replicas for v in r.serving})
+    report.drift = _drift(report)
     if model_dir.quarantine_root.exists():
         report.quarantined = sorted(p.name for p in model_dir.quarantine_root.iterdir())
     report.in_flight = _in_flight(model_dir)
-    report.drift = _drift(report)
     return report
+
+
+def replica_indexes(fleet: Fleet) -> dict[str, dict]:
+    """Each replica's repository index, or the error it gave: one call per replica, concurrently."""
+    return fleet.settled(lambda triton: triton.index())
+
+
+def _replica(url: str, index: dict | FerryError, model: str, committed: list[int] | None) -> ReplicaStatus:
+    if isinstance(index, FerryError):
+        return ReplicaStatus(url=url, error=str(index), drift=UNKNOWN)
+    versions = index.get(model, [])
+    serving = ready_versions(versions)
+    if committed is None:
+        drift = UNKNOWN  # current.json cannot be read
+    elif serving == committed:
+        drift = None
+    else:
+        drift = f"current.json names {committed or 'no version'}, Triton serves {serving or 'nothing'}"
+    return ReplicaStatus(url=url, versions=versions, serving=serving, drift=drift)
 
 
 def _in_flight(model_dir: ModelDir) -> str | None:
@@ -82,9 +114,12 @@ def _in_flight(model_dir: ModelDir) -> str | None:
 
 
 def _drift(report: ModelStatus) -> str | None:
-    if report.triton is None or report.current_error:
-        return UNKNOWN  # Triton did not answer, or current.json cannot be read
-    committed = [report.current.active_version] if report.current else []
-    if report.serving == committed:
+    drifted = [r for r in report.replicas if r.drift is not None]
+    if not drifted:
         return None
-    return f"current.json names {committed or 'no version'}, Triton serves {report.serving or 'nothing'}"
+    if len(report.replicas) == 1:
+        return drifted[0].drift
+    known = [r for r in drifted if r.drift != UNKNOWN]
+    if not known:
+        return UNKNOWN
+    return "; ".join(f"replica {r.url}: {r.drift}" for r in known)

@@ -17,10 +17,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import TypeVar
 
-from ferry.core.config import Settings
+from ferry.core.config import Endpoint, Settings, parse_endpoint
 from ferry.core.current import read_current, restore_current, write_current
 from ferry.core.errors import FerryError, InvalidInput, StepFailed, TritonError, TritonTimeout
+from ferry.core.fleet import Fleet, ReplicaFailed, resolve_replicas
 from ferry.core.fsutil import atomic_write, sha256_file
 from ferry.core.model_config import (
     NotOnnx,
@@ -52,23 +54,39 @@ from ferry.core.smoke import SMOKE_FILE, load_sample, output_problems, synthetic
 from ferry.core.stubs import stop_stubs_of
 from ferry.core.triton import Triton
 
+T = TypeVar("T")
+
 
 @dataclass
 class Ferry:
     """The services a deploy talks to, built from settings (or given: the unit tests pass in-process fakes)."""
 
     settings: Settings
-    given_triton: Triton | None = None
+    given_replicas: list[Triton] | None = None
     given_registry: Registry | None = None
     _registry_future: Future[Registry] | None = field(default=None, repr=False)
+    _clients: dict[str, Triton] = field(default_factory=dict, repr=False)
 
-    @cached_property
+    def fleet(self, urls: list[str] | None = None) -> Fleet:
+        """The replicas at ``urls`` (a deploy's, from its snapshot), else those FERRY_TRITON_URL names now."""
+        if self.given_replicas is not None:
+            return Fleet([r for r in self.given_replicas if urls is None or r.url in urls])
+        endpoints = [parse_endpoint(url) for url in urls] if urls else resolve_replicas(self.settings.replica_sources)
+        if not endpoints:
+            raise InvalidInput("no Triton replica to act on", "set FERRY_TRITON_URL")
+        return Fleet([self._client(endpoint) for endpoint in endpoints])
+
+    def _client(self, endpoint: Endpoint) -> Triton:
+        if endpoint.url not in self._clients:
+            s = self.settings
+            self._clients[endpoint.url] = Triton(endpoint.url, timeout_s=s.triton_timeout_s,
+                                                 load_timeout_s=s.load_timeout_s, api_key=s.model_control_key())
+        return self._clients[endpoint.url]
+
+    @property
     def triton(self) -> Triton:
-        if self.given_triton is not None:
-            return self.given_triton
-        s = self.settings
-        return Triton(s.triton.url, timeout_s=s.triton_timeout_s, load_timeout_s=s.load_timeout_s,
-                      api_key=s.model_control_key())
+        """The first replica: the one Triton of a single-server setup (the local one, in the demo and tests)."""
+        return self.fleet().replicas[0]
 
     def start_registry(self) -> None:
         """Start MLflow's client in the background (importing mlflow takes about a second); ``registry`` waits."""
@@ -107,26 +125,49 @@ def failure_of(error: StepFailed, rejected: bool = False) -> Failure:
     The message is one line (a backend's stack trace goes to ``detail``, for the history and reason.json)."""
     first, newline, _ = error.message.strip().partition("\n")
     detail = error.detail or (error.message if newline else "")
-    return Failure(step=error.step, message=first, hint=error.hint, detail=detail,
-                   version=error.version, rejected=rejected, retryable=error.retryable)
+    return Failure(step=error.step, message=first, hint=error.hint, detail=detail, version=error.version,
+                   replica=error.replica, rejected=rejected, retryable=error.retryable)
+
+
+def on_every_replica(fleet: Fleet, action: Callable[[Triton], T]) -> dict[str, T]:
+    """``action`` on every replica of the deploy at once; a step's failure names the replica it failed on."""
+    try:
+        return fleet.each(action)
+    except ReplicaFailed as failed:
+        cause = failed.cause
+        if isinstance(cause, StepFailed):
+            raise StepFailed(cause.step, cause.message, cause.hint, cause.version, cause.retryable,
+                             cause.detail, replica=failed.replica) from None
+        raise
 
 
 # ---------------------------------------------------------------- snapshot
 
 
 def take_snapshot(ferry: Ferry, model: str) -> Snapshot:
-    """Record what is committed and what Triton serves. Raises FerryError if either cannot be read."""
+    """Record what is committed and what every replica serves. Raises FerryError if any cannot be read,
+    and refuses a model that Triton serves while ferry has no state for it: its rollback could not restore it."""
     model_dir = ferry.model_dir(model)
     current = read_current(model_dir)
-    ready = ferry.triton.ready_versions(model)
+    fleet = ferry.fleet()
+    serving = fleet.each(lambda triton: triton.ready_versions(model))
+    served = sorted(set().union(*serving.values()))
+    if current is None and served:
+        raise InvalidInput(f"Triton serves v{', v'.join(map(str, served))} of '{model}', but ferry has no state for it "
+                           "(another tool deployed it)", f"take it over first with `ferry adopt {model}`")
     return Snapshot(
         model=model,
         deploy_id=f"{utc_stamp()}-{uuid.uuid4().hex[:6]}",
         started_at_utc=utc_stamp(),
         current=current,
         config_text=model_dir.read_config_text(),
-        triton_ready=ready,
+        triton_ready=served,
+        replicas=serving,
     )
+
+
+def fleet_of(ferry: Ferry, snapshot: Snapshot) -> Fleet:
+    return ferry.fleet(snapshot.replica_urls)
 
 
 # ---------------------------------------------------------------- materialize
@@ -159,7 +200,7 @@ def materialize(ferry: Ferry, snapshot: Snapshot, alias: str | None = None, vers
         return Candidate(
             model=ref.model, version=ref.version, run_id=ref.run_id, alias=alias, sha256=snapshot.current.sha256,
             size_bytes=0, config_pbtxt=snapshot.config_text or "", already_active=True,
-            revalidate=snapshot.triton_ready != [ref.version],
+            revalidate=any(served != [ref.version] for served in _served_by_replica(snapshot)),
         )
     try:
         if model_dir.version_dir(ref.version).exists():
@@ -169,6 +210,10 @@ def materialize(ferry: Ferry, snapshot: Snapshot, alias: str | None = None, vers
         failure = as_step_failure(Step.MATERIALIZE, error)
         failure.version = ref.version
         raise failure from error
+
+
+def _served_by_replica(snapshot: Snapshot) -> list[list[int]]:
+    return list(snapshot.replicas.values()) if snapshot.replicas else [snapshot.triton_ready]
 
 
 def needs_validation(candidate: Candidate) -> bool:
@@ -290,9 +335,13 @@ def load(ferry: Ferry, snapshot: Snapshot, candidate: Candidate) -> None:
     if not needs_validation(candidate):
         return
     versions = [v for v in (snapshot.active_version, candidate.version) if v is not None]
-    config = with_versions(from_pbtxt(candidate.config_pbtxt), versions)
+    config = to_override_json(with_versions(from_pbtxt(candidate.config_pbtxt), versions))
+    on_every_replica(fleet_of(ferry, snapshot), lambda triton: _load_on(triton, snapshot.model, config, candidate))
+
+
+def _load_on(triton: Triton, model: str, config_json: str, candidate: Candidate) -> None:
     try:
-        ferry.triton.load(snapshot.model, to_override_json(config))
+        triton.load(model, config_json)
     except TritonTimeout as error:
         raise StepFailed(Step.LOAD, f"load of v{candidate.version} timed out: {error.message}",
                          "a backend that cannot start hangs the load; see the Triton log") from error
@@ -304,17 +353,23 @@ def load(ferry: Ferry, snapshot: Snapshot, candidate: Candidate) -> None:
 def wait_ready(ferry: Ferry, snapshot: Snapshot, candidate: Candidate) -> None:
     if not needs_validation(candidate):
         return
-    deadline = time.monotonic() + ferry.settings.ready_timeout_s
+    timeout_s = ferry.settings.ready_timeout_s
+    on_every_replica(fleet_of(ferry, snapshot),
+                     lambda triton: _wait_ready_on(triton, snapshot.model, candidate.version, timeout_s))
+
+
+def _wait_ready_on(triton: Triton, model: str, version: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
     while True:
         try:
-            if ferry.triton.version_ready(snapshot.model, candidate.version):
+            if triton.version_ready(model, version):
                 return
         except TritonError as error:
             raise StepFailed(Step.READY, error.message) from error
         if time.monotonic() > deadline:
-            states = {v.version: f"{v.state} {v.reason}".strip() for v in ferry.triton.versions(snapshot.model)}
-            raise StepFailed(Step.READY, f"v{candidate.version} not ready after {ferry.settings.ready_timeout_s:g} s: "
-                             f"{states.get(candidate.version, 'unknown to Triton')}")
+            states = {v.version: f"{v.state} {v.reason}".strip() for v in triton.versions(model)}
+            raise StepFailed(Step.READY, f"v{version} not ready after {timeout_s:g} s: "
+                             f"{states.get(version, 'unknown to Triton')}")
         time.sleep(0.05)
 
 
@@ -326,17 +381,22 @@ def smoke(ferry: Ferry, snapshot: Snapshot, candidate: Candidate) -> dict:
     sample_path = ferry.model_dir(snapshot.model).version_dir(candidate.version) / SMOKE_FILE
     sample = load_sample(sample_path) if sample_path.exists() else synthetic_sample(signature)
     datatypes = {t.name: t.datatype for t in signature.inputs}
-    try:
-        outputs = ferry.triton.infer(snapshot.model, candidate.version, sample.inputs, datatypes)
-    except TritonError as error:
-        raise StepFailed(Step.SMOKE, f"inference on v{candidate.version} failed: {error.message}",
-                         detail=error.detail) from error
     rtol = sample.rtol if sample.rtol is not None else ferry.settings.rtol
     atol = sample.atol if sample.atol is not None else ferry.settings.atol
-    problems = output_problems(signature, outputs, sample.golden, rtol, atol)
-    if problems:
-        raise StepFailed(Step.SMOKE, "; ".join(problems))
-    return {"golden": sample.golden is not None, "outputs": {name: list(v.shape) for name, v in outputs.items()}}
+
+    def smoke_on(triton: Triton) -> dict[str, list[int]]:
+        try:
+            outputs = triton.infer(snapshot.model, candidate.version, sample.inputs, datatypes)
+        except TritonError as error:
+            raise StepFailed(Step.SMOKE, f"inference on v{candidate.version} failed: {error.message}",
+                             detail=error.detail) from error
+        problems = output_problems(signature, outputs, sample.golden, rtol, atol)
+        if problems:
+            raise StepFailed(Step.SMOKE, "; ".join(problems))
+        return {name: list(v.shape) for name, v in outputs.items()}
+
+    shapes = on_every_replica(fleet_of(ferry, snapshot), smoke_on)
+    return {"golden": sample.golden is not None, "outputs": next(iter(shapes.values())), "replicas": len(shapes)}
 
 
 # ---------------------------------------------------------------- commit
@@ -346,7 +406,8 @@ def commit(ferry: Ferry, snapshot: Snapshot, candidate: Candidate) -> tuple[Curr
     """Write current.json (the commit point), then pin the config to the new version and retire the old one."""
     model_dir = ferry.model_dir(snapshot.model)
     if candidate.already_active:
-        return snapshot.current, _pin_after_commit(ferry, model_dir, candidate) if candidate.revalidate else []
+        pinned = pin_after_commit(model_dir, candidate, fleet_of(ferry, snapshot)) if candidate.revalidate else []
+        return snapshot.current, pinned
     state = CurrentState(
         active_version=candidate.version, run_id=candidate.run_id, alias=candidate.alias,
         updated_at_utc=utc_stamp(), model=snapshot.model, previous_version=snapshot.active_version,
@@ -356,23 +417,27 @@ def commit(ferry: Ferry, snapshot: Snapshot, candidate: Candidate) -> tuple[Curr
         write_current(model_dir, state)
     except OSError as error:
         raise StepFailed(Step.COMMIT, f"cannot write {model_dir.current_path}: {error}") from error
-    return state, _pin_after_commit(ferry, model_dir, candidate)
+    return state, pin_after_commit(model_dir, candidate, fleet_of(ferry, snapshot))
 
 
-def _pin_after_commit(ferry: Ferry, model_dir: ModelDir, candidate: Candidate) -> list[str]:
+def pin_after_commit(model_dir: ModelDir, candidate: Candidate, fleet: Fleet) -> list[str]:
     """After the commit point a failure is drift for reconcile to repair, never a reason to un-commit."""
     try:
-        pin(ferry, model_dir, candidate.config_pbtxt, candidate.version)
-    except (OSError, TritonError) as error:
-        return [f"committed v{candidate.version}, but pinning Triton to it failed: {error} (run `ferry reconcile`)"]
-    return []
+        failed = pin(model_dir, candidate.config_pbtxt, candidate.version, fleet)
+    except OSError as error:
+        return [f"committed v{candidate.version}, but writing {model_dir.config_path} failed: {error}"]
+    where = "replica {}".format if len(fleet.replicas) > 1 else (lambda url: "Triton")
+    return [f"committed v{candidate.version}, but pinning {where(url)} to it failed: {error} "
+            "(drift: run `ferry reconcile`)" for url, error in failed.items()]
 
 
-def pin(ferry: Ferry, model_dir: ModelDir, config_pbtxt: str, version: int) -> None:
-    """Make config.pbtxt and Triton serve ``version`` alone (Triton drains any other version, then unloads it)."""
+def pin(model_dir: ModelDir, config_pbtxt: str, version: int, fleet: Fleet) -> dict[str, FerryError]:
+    """Make config.pbtxt and every replica serve ``version`` alone (Triton drains any other version, then
+    unloads it); the replicas that failed, with why."""
     config = with_versions(from_pbtxt(config_pbtxt), [version])
     model_dir.write_config(config)
-    ferry.triton.load(model_dir.model, to_override_json(config))
+    results = fleet.settled(lambda triton: triton.load(model_dir.model, to_override_json(config)))
+    return {url: result for url, result in results.items() if isinstance(result, FerryError)}
 
 
 # ---------------------------------------------------------------- undo
@@ -388,22 +453,30 @@ def _quarantine_failed(model_dir: ModelDir, snapshot: Snapshot, candidate: int |
             for folder, v in folders.items()]
 
 
-def _serve_only_active(ferry: Ferry, snapshot: Snapshot) -> None:
+def _serve_only_active(fleet: Fleet, snapshot: Snapshot) -> None:
+    """Every replica back to the active version alone (or to nothing); raises if any replica refused."""
     if snapshot.current is None:
-        ferry.triton.unload(snapshot.model)
+        fleet.each(lambda triton: triton.unload(snapshot.model))
     else:
-        config = with_versions(from_pbtxt(snapshot.config_text or ""), [snapshot.current.active_version])
-        ferry.triton.load(snapshot.model, to_override_json(config))
+        config = to_override_json(with_versions(from_pbtxt(snapshot.config_text or ""),
+                                                 [snapshot.current.active_version]))
+        fleet.each(lambda triton: triton.load(snapshot.model, config))
 
 
-def wait_serving(ferry: Ferry, model: str, wanted: list[int], timeout_s: float = 5.0) -> tuple[bool, list[int]]:
-    """True once Triton serves exactly ``wanted`` (a version that is unloading no longer counts)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        serving = ferry.triton.ready_versions(model)
-        if serving == wanted or time.monotonic() > deadline:
-            return serving == wanted, serving
-        time.sleep(0.05)
+def wait_serving(fleet: Fleet, model: str, wanted: list[int],
+                 timeout_s: float = 5.0) -> tuple[bool, dict[str, list[int] | FerryError]]:
+    """True once every replica serves exactly ``wanted`` (a version that is unloading no longer counts);
+    what each replica serves (or why it could not say) either way."""
+    def wait_on(triton: Triton) -> list[int]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            serving = triton.ready_versions(model)
+            if serving == wanted or time.monotonic() > deadline:
+                return serving
+            time.sleep(0.05)
+
+    serving = fleet.settled(wait_on)
+    return all(s == wanted for s in serving.values()), serving
 
 
 def undo(ferry: Ferry, snapshot: Snapshot, failure: Failure, candidate: int | None) -> RollbackReport:
@@ -434,24 +507,34 @@ def undo(ferry: Ferry, snapshot: Snapshot, failure: Failure, candidate: int | No
     attempt("restored config.pbtxt", lambda: model_dir.restore_config_text(snapshot.config_text))
     if failure.step == Step.LOAD and candidate is not None:
         attempt("stopped the candidate's backend stubs", lambda: stop_stubs_of(model_dir.version_dir(candidate)))
+    fleet = fleet_of(ferry, snapshot)
     # Pin Triton before moving the candidate away: with the model directory unchanged since the
     # candidate's load, Triton keeps the active version's running instance instead of re-creating it.
-    attempt("asked Triton to serve only the active version", lambda: _serve_only_active(ferry, snapshot))
-    verified, serving = False, []
-    try:
-        wanted = [snapshot.active_version] if snapshot.current else []
-        verified, serving = wait_serving(ferry, snapshot.model, wanted)
-        if not verified:
-            problems.append(f"Triton serves {serving}, expected {wanted}")
-    except FerryError as error:
-        problems.append(f"could not verify what Triton serves: {error}")
+    attempt("asked Triton to serve only the active version", lambda: _serve_only_active(fleet, snapshot))
+    wanted = [snapshot.active_version] if snapshot.current else []
+    verified, states = wait_serving(fleet, snapshot.model, wanted)
+    problems += serving_problems(states, wanted)
+    replicas = {url: s for url, s in states.items() if not isinstance(s, FerryError)}
+    serving = sorted(set().union(*replicas.values())) if replicas else []
     quarantined = attempt("quarantined the failed version",
                           lambda: _quarantine_failed(model_dir, snapshot, candidate, reason))
     if ferry.settings.quarantine_keep > 0:
         attempt("pruned the files of older quarantined versions",
                 lambda: model_dir.prune_quarantine(ferry.settings.quarantine_keep))
     return RollbackReport(actions=actions, quarantined=quarantined or [], verified=verified, serving=serving,
-                          problems=problems)
+                          problems=problems, replicas=replicas)
+
+
+def serving_problems(states: dict[str, list[int] | FerryError], wanted: list[int]) -> list[str]:
+    """What is wrong with what each replica serves, one line per replica (Triton, for a single server)."""
+    problems = []
+    for url, state in states.items():
+        where = f"replica {url}" if len(states) > 1 else "Triton"
+        if isinstance(state, FerryError):
+            problems.append(f"could not verify what {where} serves: {state}")
+        elif state != wanted:
+            problems.append(f"{where} serves {state or 'nothing'}, expected {wanted or 'nothing'}")
+    return problems
 
 
 def committed_by(model_dir: ModelDir, deploy_id: str) -> bool:

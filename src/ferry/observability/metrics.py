@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,10 +23,11 @@ from prometheus_client.registry import Collector
 from ferry.core.config import Settings
 from ferry.core.current import read_current
 from ferry.core.errors import FerryError, InvalidInput
+from ferry.core.fleet import Fleet
 from ferry.core.records import TRANSACTION_STEPS, Step, parse_utc_stamp
 from ferry.core.repository import ModelDir
-from ferry.core.status import list_models
-from ferry.core.triton import Triton, VersionState, ready_versions
+from ferry.core.status import list_models, replica_indexes
+from ferry.core.triton import VersionState, ready_versions
 
 
 @dataclass
@@ -55,9 +56,11 @@ class _HistoryTally:
 
 
 class FerryCollector(Collector):
-    def __init__(self, settings: Settings, triton: Triton | None = None) -> None:
+    """``fleet``: how to find the replicas at each scrape (a DNS name may list other pods each time)."""
+
+    def __init__(self, settings: Settings, fleet: Callable[[], Fleet] | None = None) -> None:
         self.settings = settings
-        self.triton = triton
+        self.fleet = fleet
         self._tallies: dict[str, _HistoryTally] = {}
 
     def _tally(self, model_dir: ModelDir) -> _HistoryTally:
@@ -80,13 +83,14 @@ class FerryCollector(Collector):
         tally.offset += len(complete)
         return tally
 
-    def _triton_index(self) -> dict[str, list[VersionState]] | None:
-        if self.triton is None:
-            return None
+    def _indexes(self) -> dict[str, dict[str, list[VersionState]] | FerryError]:
+        """Each replica's repository index (or its error), one call per replica per scrape."""
+        if self.fleet is None:
+            return {}
         try:
-            return self.triton.index()
-        except FerryError:
-            return None
+            return replica_indexes(self.fleet())
+        except FerryError:  # the replicas' DNS name does not resolve: no replica to report
+            return {}
 
     def collect(self) -> Iterator[Metric]:
         deploys = CounterMetricFamily("ferry_deploys", "Deploy attempts by outcome and failed step",
@@ -98,10 +102,11 @@ class FerryCollector(Collector):
         last = GaugeMetricFamily("ferry_last_deploy_timestamp_seconds", "When the latest attempt of each outcome "
                                  "ended (UNIX time)", labels=["model", "outcome"])
         active = GaugeMetricFamily("ferry_active_version", "The version current.json commits", labels=["model"])
-        drift = GaugeMetricFamily("ferry_drift", "1 when Triton serves other versions than current.json commits",
-                                  labels=["model"])
-        triton_up = GaugeMetricFamily("ferry_triton_reachable", "1 when Triton answered the exporter's last query")
-        index = self._triton_index()
+        drift = GaugeMetricFamily("ferry_drift", "1 when a replica serves other versions than current.json "
+                                  "commits", labels=["model", "replica"])
+        triton_up = GaugeMetricFamily("ferry_triton_reachable", "1 when the replica answered the exporter's last "
+                                      "query", labels=["replica"])
+        indexes = self._indexes()
         for model in list_models(self.settings.repository):
             model_dir = ModelDir(self.settings.repository, model)
             tally = self._tally(model_dir)
@@ -119,11 +124,12 @@ class FerryCollector(Collector):
                 current = None
             if current is not None:
                 active.add_metric([model], current.active_version)
-            if index is not None:
-                serving = ready_versions(index.get(model, []))
-                drift.add_metric([model], float(serving != ([current.active_version] if current else [])))
-        if self.triton is not None:
-            triton_up.add_metric([], float(index is not None))
+            committed = [current.active_version] if current else []
+            for replica, index in indexes.items():
+                if not isinstance(index, FerryError):
+                    drift.add_metric([model, replica], float(ready_versions(index.get(model, [])) != committed))
+        for replica, index in indexes.items():
+            triton_up.add_metric([replica], float(not isinstance(index, FerryError)))
         yield from (deploys, rollbacks, steps, last, active, drift, triton_up)
 
 

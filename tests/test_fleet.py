@@ -1,0 +1,147 @@
+"""A fleet of real Triton servers sharing one repository: every replica proves and serves the version, or none."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import FAKES, World, assert_invariants, replica_settings, start_fleet, stop_fleet
+from ferry.core.current import read_current
+from ferry.core.reconcile import reconcile
+from ferry.runtime import server
+
+
+def _pid(settings) -> int:
+    return json.loads((settings.triton_dir / "tritonserver.pid").read_text())["pid"]
+
+
+def test_a_good_deploy_is_served_by_every_replica(fleet: World) -> None:
+    fleet.register()
+    assert fleet.deploy().outcome == "committed"
+    fleet.register(trees=3)
+    report = fleet.deploy()
+    assert report.outcome == "committed" and report.version == 2
+    assert [r.ready_versions("iris") for r in fleet.ferry.fleet().replicas] == [[2], [2], [2]]
+    assert_invariants(fleet, attempts=2)
+    status = fleet.cli("status", "iris", "--json")
+    assert status.returncode == 0, status.stderr
+    assert [r["serving"] for r in json.loads(status.stdout)[0]["replicas"]] == [[2], [2], [2]]
+
+
+def test_a_candidate_that_fails_on_one_replica_is_rolled_back_on_all(tmp_path: Path) -> None:
+    world = start_fleet(tmp_path, 3, faulty=2, python_runner=FAKES / "fake_faulty_replica_runner.py")
+    try:
+        faulty = world.settings.triton_url.split(",")[2]
+        world.register()
+        first = world.deploy()
+        assert first.outcome == "rolled_back" and first.failed_replica == faulty  # even v1 cannot run there
+        assert read_current(world.model_dir) is None
+        result = world.cli("deploy", "iris", "--alias", "champion")
+        assert result.returncode == 1 and f"failed at smoke on replica {faulty}:" in result.stderr
+        assert all(r.ready_versions("iris") == [] for r in world.ferry.fleet().replicas)
+        assert_invariants(world, attempts=2)
+    finally:
+        stop_fleet(world)
+
+
+def test_a_replica_killed_during_the_load_rolls_back_the_others_and_reconcile_brings_it_back(tmp_path: Path) -> None:
+    world = start_fleet(tmp_path, 2, python_runner=FAKES / "fake_slow_start_runner.py")
+    try:
+        world.register()
+        assert world.deploy().outcome == "committed"
+        world.register(trees=3)
+        doomed = replica_settings(world.settings)[1]
+        killer = threading.Timer(0.8, lambda: os.kill(_pid(doomed), signal.SIGKILL))
+        killer.start()
+        report = world.deploy()
+        killer.join()
+        assert report.outcome == "rolled_back" and report.failed_step == "load"
+        assert report.failed_replica == doomed.triton.url
+        survivor = world.settings.triton_url.split(",")[0]
+        assert report.rollback.replicas[survivor] == [1]
+        assert any(doomed.triton.url in problem for problem in report.rollback.problems)
+        server.down(doomed, grace_s=0)
+        server.up(doomed)
+        result = reconcile(world.ferry, "iris")
+        assert result.action == "loaded" and result.replicas == {survivor: [1], doomed.triton.url: [1]}
+        assert [r.ready_versions("iris") for r in world.ferry.fleet().replicas] == [[1], [1]]
+    finally:
+        stop_fleet(world)
+
+
+def test_an_unreachable_replica_rejects_the_deploy_and_changes_nothing(fleet: World) -> None:
+    fleet.register()
+    fleet.deploy()
+    before = fleet.current_bytes()
+    fleet.register(trees=3)
+    down = replica_settings(fleet.settings)[1]
+    server.down(down, grace_s=0)
+    result = fleet.cli("deploy", "iris", "--alias", "champion")
+    assert result.returncode == 3 and f"on replica {down.triton.url}" in result.stderr
+    assert fleet.current_bytes() == before
+    assert not fleet.model_dir.version_dir(2).exists(), "nothing was staged"
+    status = fleet.cli("status", "iris")
+    assert status.returncode == 1 and "unreachable" in status.stdout
+    server.up(down)
+    reconciled = fleet.cli("reconcile", "--json")
+    assert reconciled.returncode == 0 and json.loads(reconciled.stdout)[0]["action"] == "loaded"
+    assert_invariants(fleet, attempts=2)
+
+
+def test_reconcile_every_keeps_a_restarted_replica_serving(fleet: World) -> None:
+    import subprocess
+    import sys
+
+    fleet.register()
+    fleet.deploy()
+    restarted = replica_settings(fleet.settings)[2]
+    watcher = subprocess.Popen([sys.executable, "-m", "ferry", "reconcile", "--every", "0.5s"],
+                               env={**os.environ, **fleet.env()},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        server.down(restarted, grace_s=0)
+        server.up(restarted)
+        deadline = time.monotonic() + 30
+        while fleet.ferry.fleet().replicas[2].ready_versions("iris") != [1] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert fleet.ferry.fleet().replicas[2].ready_versions("iris") == [1]
+    finally:
+        watcher.send_signal(signal.SIGINT)
+        output, _ = watcher.communicate(timeout=30)
+    assert watcher.returncode == 0 and "loaded" in output, output
+    assert_invariants(fleet, attempts=1)
+
+
+def test_a_dns_name_is_resolved_to_its_replicas(world: World) -> None:
+    port = world.settings.triton.port
+    world.register()
+    by_name = world.cli("deploy", "iris", "--alias", "champion", FERRY_TRITON_URL=f"dns+http://localhost:{port}")
+    assert by_name.returncode == 0, by_name.stderr
+    status = world.cli("status", "iris", "--json", FERRY_TRITON_URL=f"dns+http://localhost:{port}")
+    replicas = json.loads(status.stdout)[0]["replicas"]
+    assert [r["url"] for r in replicas] == [f"http://127.0.0.1:{port}"], "localhost is one replica, not two"
+    assert_invariants(world, attempts=1)
+
+
+@pytest.mark.parametrize("replicas", [2])
+def test_the_dag_steps_run_on_every_replica(tmp_path: Path, replicas: int) -> None:
+    from ferry.adapters import dag_steps
+
+    world = start_fleet(tmp_path, replicas)
+    try:
+        world.register()
+        handle = dag_steps.snapshot_current(world.ferry, "iris", "champion")
+        handle = dag_steps.materialize_repo(world.ferry, handle)
+        for step in (dag_steps.triton_load, dag_steps.triton_ready, dag_steps.triton_infer_smoke):
+            handle = step(world.ferry, handle)
+        assert handle["smoke"]["replicas"] == replicas
+        assert dag_steps.commit_current(world.ferry, handle)["outcome"] == "committed"
+        assert_invariants(world, attempts=1)
+    finally:
+        stop_fleet(world)
