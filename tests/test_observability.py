@@ -31,7 +31,7 @@ def promtool(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("args", [
-    ["check", "config", "prometheus.yml"],
+    ["check", "config", "prometheus.yml", "prometheus-fleet.yml"],
     ["check", "rules", *map(str, RULES)],
     ["test", "rules", *map(str, RULE_TESTS)],
 ], ids=["check-config", "check-rules", "test-rules"])
