@@ -145,3 +145,21 @@ def test_the_dag_steps_run_on_every_replica(tmp_path: Path, replicas: int) -> No
         assert_invariants(world, attempts=1)
     finally:
         stop_fleet(world)
+
+
+def test_demo_fleet_tells_its_story(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from conftest import ROOT, _free_port_block
+
+    env = {**os.environ, "FERRY_DEMO_DIR": str(tmp_path / "demo"), "FERRY_DEMO_PORT": str(_free_port_block(9)),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "demo_fleet.sh")], env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout
+    assert out.count("Triton ready at") == 4 and out.count("Triton stopped") == 3
+    assert "committed iris v1 (was nothing)" in out
+    assert "failed at smoke on replica" in result.stderr
+    assert "(drift on replica" in out and "loaded    iris v1  all 3 replicas serve v1" in out

@@ -25,7 +25,7 @@ def test_a_good_version_is_committed_with_one_record(bench: Bench) -> None:
     assert report.outcome == Outcome.COMMITTED, report.error
     assert read_current(bench.model_dir).active_version == 1
     assert [e for e in events if e[1] != "start"] == [
-        ("snapshot", "ok"), ("registry", "ok"), ("materialize", "ok"), ("load", "ok"), ("ready", "ok"),
+        ("snapshot", "ok"), ("mlflow client", "ok"), ("materialize", "ok"), ("load", "ok"), ("ready", "ok"),
         ("smoke", "ok"), ("commit", "ok"), ("recorded", "committed")]
     assert set(report.steps) == {s.value for s in Step} - {"rollback"}
     bench.check_invariants(attempts=1)

@@ -1,1 +1,567 @@
-"""`mlflow deployments ... -t ferry`: MLflow's deployments API over ferry's transaction."""
+"""`mlflow deployments ... -t ferry`: MLflow's deployments API over ferry's transaction.
+
+A thin adapter, registered under the entry-point group ``mlflow.deployments`` as ``ferry``. A deployment
+is a model: its name is the model's name in MLflow and in Triton, and what it serves is the version
+``current.json`` commits. create and update run the one runner of the transaction (snapshot,
+materialize, load, ready, smoke, commit, or rollback), get and list read ferry's status, delete
+retires the model (:mod:`ferry.core.retire`), and predict goes through the gateway's routing and
+request checks to the committed version. Every failure is an ``MlflowException`` with ferry's
+one-line reason; ``target_help()`` documents it all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import signal
+import textwrap
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from mlflow.deployments import BaseDeploymentClient, PredictionsResponse
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import (
+    INVALID_PARAMETER_VALUE,
+    INVALID_STATE,
+    RESOURCE_ALREADY_EXISTS,
+    RESOURCE_DOES_NOT_EXIST,
+    TEMPORARILY_UNAVAILABLE,
+)
+
+from ferry.core.config import Settings, load_settings
+from ferry.core.current import read_current
+from ferry.core.errors import Busy, FerryError, NoSuchModel, TritonError, unreachable
+from ferry.core.records import CurrentState, DeployReport, Outcome
+from ferry.core.repository import ModelDir, check_name
+from ferry.core.retire import retire
+from ferry.core.runner import RECORDED, EventHandler, Runner, Target
+from ferry.core.status import ModelStatus, list_models, model_status, replica_indexes
+from ferry.core.steps import Ferry
+
+if TYPE_CHECKING:
+    from ferry.adapters.gateway.routing import Route
+
+_logger = logging.getLogger(__name__)
+
+TARGET = "ferry"
+FLAVOR = "onnx"
+SETTING_KEYS = tuple(sorted(field.name for field in dataclasses.fields(Settings)))
+DEPLOY_KEYS = ("force",)  # models:/m/N: deploy the version even though its last deploy failed
+DELETE_KEYS = ("confirm",)  # delete unloads the model: say so
+URI_FORMS = "models:/<name>@<alias>, models:/<name>/<version> or runs:/<run id>/<path>"
+_MODELS_URI = re.compile(r"^models:/(?P<model>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))/?$")
+_RUNS_URI = re.compile(r"^runs:/(?P<run_id>[A-Za-z0-9_-]+)/(?P<path>[^?#]+?)/?$")
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off", "")
+REGISTRATION_TIMEOUT_S = 60.0
+
+
+# ---------------------------------------------------------------- errors and options
+
+
+def _refused(message: str, hint: str = "", code: int = INVALID_PARAMETER_VALUE) -> MlflowException:
+    """ferry's one line for MLflow: what was wrong, and (in parentheses) what to do."""
+    return MlflowException(f"{message} ({hint})" if hint else message, error_code=code)
+
+
+def _as_mlflow(error: FerryError) -> MlflowException:
+    """A ferry error as MLflow's, with ferry's one line (message and hint)."""
+    if isinstance(error, NoSuchModel):
+        code = RESOURCE_DOES_NOT_EXIST
+    elif unreachable(error):
+        code = TEMPORARILY_UNAVAILABLE
+    elif isinstance(error, Busy):
+        code = INVALID_STATE
+    else:
+        code = INVALID_PARAMETER_VALUE
+    return _refused(str(error), code=code)
+
+
+@contextmanager
+def _mlflow_errors() -> Iterator[None]:
+    try:
+        yield
+    except FerryError as error:
+        raise _as_mlflow(error) from error
+
+
+@dataclass(frozen=True)
+class Options:
+    """The ``-C key=value`` config of one call: ferry's settings, and the call's own keys."""
+
+    settings: Settings
+    force: bool = False
+    confirm: bool = False
+
+
+def _flag(key: str, value: object) -> bool:
+    text = str(value).strip().lower()
+    if text not in _TRUE + _FALSE:
+        raise _refused(f"-C {key}={value!r} is not true or false", f"give -C {key}=true or -C {key}=false")
+    return text in _TRUE
+
+
+def options(config: Mapping[str, Any] | None, own_keys: tuple[str, ...] = ()) -> Options:
+    """Settings as ``ferry`` builds them (FERRY_* variables, FERRY_CONFIG), each ``-C`` key overriding its setting.
+
+    A key is a setting's name (``-C triton_url=...`` is FERRY_TRITON_URL); it goes through the same
+    parsing and checks as the variable. An unknown key is refused with the list of valid ones.
+    """
+    config = dict(config or {})
+    unknown = sorted(set(config) - set(SETTING_KEYS) - set(own_keys))
+    if unknown:
+        own = f"; and for this command: {', '.join(own_keys)}" if own_keys else ""
+        raise _refused(f"unknown -C key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} for "
+                       f"-t {TARGET}; valid keys (ferry's settings, FERRY_<KEY> as variables): "
+                       f"{', '.join(SETTING_KEYS)}{own}")
+    overrides = {f"FERRY_{key.upper()}": str(value) for key, value in config.items() if key in SETTING_KEYS}
+    try:
+        settings = load_settings({**os.environ, **overrides})
+    except FerryError as error:
+        raise _refused(f"-C config or FERRY_* variables: {error}") from error
+    own = {key: _flag(key, config[key]) for key in own_keys if key in config}
+    return Options(settings, **own)
+
+
+# ---------------------------------------------------------------- model URIs
+
+
+def _same_model(name: str, named: str, model_uri: str) -> None:
+    if named != name:
+        raise _refused(f"{model_uri} names model '{named}', the deployment is '{name}': a deployment is named "
+                       f"after its model", f"use --name {named}, or a URI of '{name}'")
+
+
+def target_of(ferry: Ferry, name: str, model_uri: str, force: bool = False) -> tuple[Target, int | None]:
+    """What ``model_uri`` deploys, and the version registered for it (a runs:/ URI) if one was."""
+    uri = model_uri.strip()
+    if (found := _MODELS_URI.match(uri)) is not None:
+        _same_model(name, found["model"], uri)
+        if found["alias"] is not None:
+            with _mlflow_errors():
+                return Target.of_alias(found["alias"]), None
+        if not found["version"].isdigit():
+            raise _refused(f"{uri}: ferry deploys a version number or an alias, not {found['version']!r}: a stage "
+                           "or 'latest' does not pin one version", f"give {URI_FORMS}")
+        with _mlflow_errors():
+            return Target.of_version(int(found["version"]), force=force), None
+    if (found := _RUNS_URI.match(uri)) is not None:
+        version = register_run(ferry, name, found["run_id"], found["path"])
+        with _mlflow_errors():
+            return Target.of_version(version, force=force), version
+    raise _refused(f"ferry deploys registered versions of a model; {model_uri!r} is not one of {URI_FORMS}",
+                   "register it first: MlflowClient().create_model_version(name, source, run_id)")
+
+
+def register_run(ferry: Ferry, name: str, run_id: str, path: str) -> int:
+    """The version of ``name`` registered from ``runs:/<run_id>/<path>``: an existing one, else a new one.
+
+    The artifacts are checked first (model.onnx must be there), so a URI ferry cannot deploy registers nothing.
+    """
+    source = f"runs:/{run_id}/{path}"
+    with _mlflow_errors():
+        client = ferry.registry.client
+    existing = [int(v.version) for v in client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+                if (v.source or "").rstrip("/") == source]
+    if existing:
+        return max(existing)
+    _check_run_artifacts(ferry, source)
+    try:
+        client.get_registered_model(name)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        client.create_registered_model(name)
+    version = client.create_model_version(name, source=source, run_id=run_id)
+    _wait_registered(client, name, str(version.version))
+    _logger.info("registered %s as %s v%s", source, name, version.version)
+    return int(version.version)
+
+
+def _check_run_artifacts(ferry: Ferry, source: str) -> None:
+    from mlflow.artifacts import list_artifacts
+
+    try:
+        names = sorted(os.path.basename(f.path) for f in list_artifacts(artifact_uri=source,
+                                                                        tracking_uri=ferry.settings.tracking_uri))
+    except Exception as error:
+        raise _refused(f"cannot list the artifacts of {source} in MLflow at {ferry.settings.tracking_uri}: {error}",
+                       code=RESOURCE_DOES_NOT_EXIST) from error
+    if "model.onnx" not in names:
+        raise _refused(f"{source} holds no model.onnx (it has {', '.join(names) or 'nothing'}): nothing was "
+                       "registered", "log the model with ferry.publish.log_onnx_model and give its URI")
+
+
+def _wait_registered(client: Any, name: str, version: str) -> None:
+    """A tracking server may register asynchronously: wait (bounded) until the version is READY."""
+    deadline = time.monotonic() + REGISTRATION_TIMEOUT_S
+    while (status := str(client.get_model_version(name, version).status)) != "READY":
+        if status == "FAILED_REGISTRATION" or time.monotonic() > deadline:
+            raise _refused(f"MLflow did not register {name} v{version} (status {status})", code=INVALID_STATE)
+        time.sleep(0.5)
+
+
+# ---------------------------------------------------------------- deploys
+
+
+@contextmanager
+def _stop_rolls_back() -> Iterator[EventHandler]:
+    """While a deploy runs (in the main thread), SIGTERM rolls it back as Ctrl-C does, as with `ferry deploy`;
+    once its history record is written, the previous handler is back."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda step, status, seconds, detail: None
+        return
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    previous = signal.SIG_DFL if previous is None else previous
+
+    def on_event(step: str, status: str, seconds: float, detail: str) -> None:
+        if step == RECORDED:
+            signal.signal(signal.SIGTERM, previous)
+
+    try:
+        yield on_event
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def deploy_uri(ferry: Ferry, name: str, model_uri: str, force: bool = False) -> dict[str, Any]:
+    """Deploy what ``model_uri`` names through the runner: the deployment dict, or an MlflowException."""
+    with _mlflow_errors():
+        check_name("deployment name", name)
+    target, registered = target_of(ferry, name, model_uri, force)
+    return deployed(run_deploy(ferry, name, target), registered)
+
+
+def run_deploy(ferry: Ferry, name: str, target: Target) -> DeployReport:
+    with _mlflow_errors(), _stop_rolls_back() as on_event:
+        return Runner(ferry, name, via="mlflow", on_event=on_event).deploy(target)
+
+
+def rolled_back_reason(report: DeployReport) -> str:
+    """The one line `ferry deploy` prints for a rolled-back deploy."""
+    rollback = report.rollback
+    if not (rollback and rollback.verified):
+        state = f"ROLLBACK NOT VERIFIED: check `ferry status {report.model}`"
+    elif report.previous_version is None:
+        state = "nothing was active before, so nothing serves now"
+    else:
+        state = f"v{report.previous_version} still active and serving"
+    quarantined = ", ".join(rollback.quarantined) if rollback and rollback.quarantined else "nothing"
+    problems = "; ".join(rollback.problems) if rollback and rollback.problems else ""
+    where = f" on replica {report.failed_replica}" if report.failed_replica else ""
+    return (f"failed at {report.failed_step}{where}: {report.error} ({state}; quarantined: {quarantined}"
+            f"{'; rollback problems: ' + problems if problems else ''})")
+
+
+def deployed(report: DeployReport, registered: int | None = None) -> dict[str, Any]:
+    """A committed (or no-op) deploy as MLflow's deployment dict; a failed one as an MlflowException."""
+    if report.outcome == Outcome.ROLLED_BACK:
+        raise _refused(rolled_back_reason(report), code=INVALID_STATE)
+    if report.outcome == Outcome.REJECTED:
+        code = TEMPORARILY_UNAVAILABLE if report.retryable else INVALID_PARAMETER_VALUE
+        raise _refused(str(report.error), report.hint or "", code=code)
+    for warning in report.warnings:
+        _logger.warning("ferry: %s", warning)
+    return {"name": report.model, "flavor": FLAVOR, "outcome": str(report.outcome), "version": report.version,
+            "previous_version": report.previous_version, "run_id": report.run_id, "deploy_id": report.deploy_id,
+            "registered_version": registered, "steps": report.steps, "warnings": report.warnings}
+
+
+def _check_flavor(flavor: str | None) -> None:
+    if flavor not in (None, FLAVOR):
+        raise _refused(f"ferry deploys the onnx flavor (a version's model.onnx, checked against its smoke.json), "
+                       f"not {flavor!r}", "leave out --flavor, or give --flavor onnx")
+
+
+def _no_endpoint(endpoint: str | None) -> None:
+    if endpoint is not None:
+        raise _refused(f"ferry has no endpoints (given {endpoint!r}): a deployment is a model in Triton",
+                       "leave out --endpoint")
+
+
+def _committed(ferry: Ferry, name: str) -> CurrentState | None:
+    with _mlflow_errors():
+        return read_current(ModelDir(ferry.settings.repository, check_name("deployment name", name)))
+
+
+# ---------------------------------------------------------------- status
+
+
+def describe(status: ModelStatus) -> dict[str, Any]:
+    """ferry's status of one model as a deployment dict."""
+    current = status.current
+    active = current.active_version if current else None
+    described: dict[str, Any] = {"name": status.model, "flavor": FLAVOR, "active_version": active}
+    described.update({key: getattr(current, key, None) for key in
+                      ("run_id", "alias", "updated_at_utc", "previous_version", "deploy_id", "sha256")})
+    described.update({
+        "serving": status.serving,  # the versions any replica serves
+        "replicas_serving": sum(1 for r in status.replicas if active is not None and r.serving == [active]),
+        "replicas": len(status.replicas),
+        "drift": status.drift,
+        "in_flight": status.in_flight,
+        "quarantined": len(status.quarantined),
+        "errors": [e for e in (status.current_error, *(r.error for r in status.replicas)) if e],
+    })
+    return described
+
+
+def deployment_statuses(ferry: Ferry, models: list[str]) -> list[ModelStatus]:
+    """The status of each of ``models`` that is a deployment (something committed, unreadable or in flight);
+    each replica's repository index is read once for all of them."""
+    fleet = ferry.fleet()
+    indexes = replica_indexes(fleet)
+    statuses = [model_status(ferry.settings.repository, fleet, model, indexes) for model in models]
+    return [s for s in statuses if s.current is not None or s.current_error is not None or s.in_flight is not None]
+
+
+# ---------------------------------------------------------------- predict
+
+
+def _cells(column: Any) -> np.ndarray:
+    return np.stack([np.asarray(cell) for cell in column])
+
+
+def _from_frame(frame: Any, names: list[str], model: str) -> dict[str, Any]:
+    """A DataFrame as named inputs: one column per input (a row per item), the Triton plugin's layout
+    (one column, one row per input, each cell a tensor), or, for a model with one input, the whole frame."""
+    columns = [str(c) for c in frame.columns]
+    if set(columns) == set(names) and len(frame):
+        return {str(c): _cells(frame[c]) for c in frame.columns}
+    if len(columns) == 1 and {str(i) for i in frame.index} == set(names):
+        return {str(i): np.asarray(frame[frame.columns[0]][i]) for i in frame.index}
+    if len(names) == 1:
+        return {names[0]: frame.to_numpy()}
+    raise _refused(f"a DataFrame for '{model}' needs one column per input {names} (a row per item), or one "
+                   f"column indexed by the inputs' names; it has columns {columns[:20]}")
+
+
+def named_inputs(inputs: Any, names: list[str], model: str) -> dict[str, Any]:
+    """``inputs`` (a DataFrame, a dict of arrays, a list of arrays in the model's input order, or an array for a
+    model with one input) as {input name: array or nested list}."""
+    import pandas as pd
+
+    if isinstance(inputs, pd.DataFrame):
+        return _from_frame(inputs, names, model)
+    if isinstance(inputs, Mapping):
+        return {str(k): v for k, v in inputs.items()}
+    if isinstance(inputs, np.ndarray) and len(names) == 1:
+        return {names[0]: inputs}
+    if isinstance(inputs, list | tuple):
+        if len(names) == 1 and not all(isinstance(i, np.ndarray) for i in inputs):
+            return {names[0]: inputs}  # a nested list: the one input's data
+        if len(inputs) == len(names):
+            return dict(zip(names, inputs))
+        raise _refused(f"'{model}' takes {len(names)} inputs {names}; the list gives {len(inputs)}")
+    raise _refused(f"predict takes a pandas DataFrame, a dict of arrays or a list of arrays; got "
+                   f"{type(inputs).__name__}", f"'{model}' takes the inputs {names}")
+
+
+def _jsonable(value: np.ndarray) -> Any:
+    if value.dtype.kind in "OS":
+        return np.vectorize(lambda x: x.decode() if isinstance(x, bytes) else x, otypes=[object])(value).tolist()
+    return value.tolist()
+
+
+def _infer(ferry: Ferry, route: Route, document: dict[str, Any]) -> dict[str, Any]:
+    """A /predict document at one route: the gateway's request shaping and checks, then Triton."""
+    from tritonclient.utils import triton_to_np_dtype
+
+    from ferry.adapters.gateway import guard
+
+    max_elements = getattr(ferry.settings, "gateway_max_elements", 0) or guard.DEFAULT_MAX_ELEMENTS
+    request = guard.predict_request(document, route, max_elements)
+    arrays = {t["name"]: np.asarray(t["data"], dtype=triton_to_np_dtype(t["datatype"])).reshape(t["shape"])
+              for t in request["inputs"]}
+    datatypes = {t["name"]: t["datatype"] for t in request["inputs"]}
+    outputs = ferry.triton.infer(route.model, route.version, arrays, datatypes)
+    return {name: _jsonable(value) for name, value in outputs.items()}
+
+
+def predict_committed(ferry: Ferry, model: str, inputs: Any) -> PredictionsResponse:
+    """Inference at the committed version, as the gateway's /predict does it (routing, checks, one retry when a
+    commit retired the version while the request ran)."""
+    from ferry.adapters.gateway.routing import Router
+
+    router = Router(ferry.settings.repository)
+    route = router.route(model)
+    named = named_inputs(inputs, [spec.name for spec in route.signature.inputs], model)
+    document = {"inputs": {name: np.asarray(value) for name, value in named.items()}}
+    try:
+        outputs = _infer(ferry, route, document)
+    except TritonError:
+        newer = router.route(model)
+        if newer.version == route.version:
+            raise
+        route, outputs = newer, _infer(ferry, newer, document)
+    return PredictionsResponse({"predictions": outputs, "model": model, "version": route.version})
+
+
+# ---------------------------------------------------------------- the client
+
+
+class FerryDeploymentClient(BaseDeploymentClient):
+    """`-t ferry`: deployments are models, each serving the version ferry committed (see ``target_help()``)."""
+
+    def __init__(self, target_uri: str = TARGET) -> None:
+        if target_uri.rstrip(":/") != TARGET:
+            raise _refused(f"the ferry target takes no suffix (given {target_uri!r})",
+                           "use -t ferry; give Triton, the repository and MLflow with -C or FERRY_* variables")
+        super().__init__(target_uri)
+
+    def create_deployment(self, name: str, model_uri: str, flavor: str | None = None,
+                          config: Mapping[str, Any] | None = None, endpoint: str | None = None) -> dict[str, Any]:
+        """Deploy the version ``model_uri`` names as the model's first committed version; refused if one is."""
+        _no_endpoint(endpoint)
+        _check_flavor(flavor)
+        opts = options(config, DEPLOY_KEYS)
+        ferry = Ferry(opts.settings)
+        current = _committed(ferry, name)
+        if current is not None:
+            raise _refused(f"deployment '{name}' exists: v{current.active_version} is committed",
+                           "deploy another version with `mlflow deployments update`", code=RESOURCE_ALREADY_EXISTS)
+        return deploy_uri(ferry, name, model_uri, opts.force)
+
+    def update_deployment(self, name: str, model_uri: str | None = None, flavor: str | None = None,
+                          config: Mapping[str, Any] | None = None, endpoint: str | None = None) -> dict[str, Any]:
+        """Deploy another version; without ``model_uri``, prove and serve the committed version again."""
+        _no_endpoint(endpoint)
+        _check_flavor(flavor)
+        opts = options(config, DEPLOY_KEYS)
+        ferry = Ferry(opts.settings)
+        current = _committed(ferry, name)
+        if current is None:
+            raise _refused(f"no deployment '{name}': nothing is committed",
+                           f"create it with `mlflow deployments create -t ferry --name {name} -m MODEL_URI`",
+                           code=RESOURCE_DOES_NOT_EXIST)
+        if model_uri is None:
+            with _mlflow_errors():
+                target = Target.of_version(current.active_version, opts.force)
+            return deployed(run_deploy(ferry, name, target))
+        return deploy_uri(ferry, name, model_uri, opts.force)
+
+    def delete_deployment(self, name: str, config: Mapping[str, Any] | None = None,
+                          endpoint: str | None = None) -> None:
+        """Unload the model from Triton and retire its current.json (needs -C confirm=true); idempotent."""
+        _no_endpoint(endpoint)
+        opts = options(config, DELETE_KEYS)
+        if not opts.confirm:
+            raise _refused(f"deleting '{name}' unloads it from Triton and retires its current.json (the versions' "
+                           "files and the history stay): add -C confirm=true")
+        with _mlflow_errors():
+            retired = retire(Ferry(opts.settings), name)
+        for warning in retired.warnings:
+            _logger.warning("ferry: %s", warning)
+
+    def list_deployments(self, endpoint: str | None = None) -> list[dict[str, Any]]:
+        """Every model with a committed version (or a deploy in flight), with ferry's status."""
+        _no_endpoint(endpoint)
+        ferry = Ferry(options(None).settings)
+        with _mlflow_errors():
+            return [describe(s) for s in deployment_statuses(ferry, list_models(ferry.settings.repository))]
+
+    def get_deployment(self, name: str, endpoint: str | None = None) -> dict[str, Any]:
+        """ferry's status of the model: active version, run, replicas serving it, drift."""
+        _no_endpoint(endpoint)
+        ferry = Ferry(options(None).settings)
+        with _mlflow_errors():
+            found = deployment_statuses(ferry, [check_name("deployment name", name)])
+        if not found:
+            raise _refused(f"no deployment '{name}': nothing is committed in {ferry.settings.repository}",
+                           code=RESOURCE_DOES_NOT_EXIST)
+        return describe(found[0])
+
+    def predict(self, deployment_name: str | None = None, inputs: Any = None,
+                endpoint: str | None = None) -> PredictionsResponse:
+        """Inference at the committed version; ``inputs``: a DataFrame, a dict of arrays or a list of arrays."""
+        _no_endpoint(endpoint)
+        if not deployment_name:
+            raise _refused("predict needs the deployment's name", "give --name MODEL")
+        ferry = Ferry(options(None).settings)
+        with _mlflow_errors():
+            return predict_committed(ferry, deployment_name, inputs)
+
+
+# ---------------------------------------------------------------- the module's interface
+
+
+def run_local(name: str, model_uri: str, flavor: str | None = None, config: Mapping[str, Any] | None = None) -> None:
+    """Start the local Triton (as `ferry triton up`; kept running) and deploy ``model_uri`` to it."""
+    _check_flavor(flavor)
+    opts = options(config, DEPLOY_KEYS)
+    settings = opts.settings
+    try:
+        from ferry.runtime import server
+    except ImportError as error:
+        raise _refused(f"run-local starts the pip-installed Triton, which needs the 'local-triton' extra "
+                       f"({error.name} is missing)", "pip install 'ferry[local-triton]'") from error
+    with _mlflow_errors():
+        # A server `ferry triton up` started is used as it is: Triton's /v2/health/ready answers 400 once any
+        # model has been unloaded (strict readiness), which server.up would take for a foreign server.
+        state = server.status(settings)
+        state = state if state.running else server.up(settings)
+    deployment = deploy_uri(Ferry(settings), name, model_uri, opts.force)
+    print(f"ferry: {name} v{deployment['version']} {deployment['outcome']} on the local Triton at {state.url} "
+          f"(pid {state.pid}); stop it with `ferry triton down`")
+
+
+def target_help() -> str:
+    keys = textwrap.fill(", ".join(SETTING_KEYS), width=100, initial_indent="  ", subsequent_indent="  ")
+    return _HELP.format(keys=keys, forms=URI_FORMS)
+
+
+_HELP = """\
+ferry: deploy MLflow model versions to NVIDIA Triton as one safe transaction
+
+    snapshot -> materialize -> load -> ready -> smoke -> commit, or rollback
+
+Target URI: `ferry` (no suffix). Deployment name: the model's name, in MLflow and in Triton.
+Flavor: onnx (the default): a version's model.onnx, proven against its smoke.json.
+
+  mlflow deployments create -t ferry --name iris -m models:/iris@champion
+  mlflow deployments update -t ferry --name iris -m models:/iris/3 [-C force=true]
+  mlflow deployments get    -t ferry --name iris
+  mlflow deployments list   -t ferry
+  mlflow deployments predict -t ferry --name iris -I input.json
+  mlflow deployments delete -t ferry --name iris -C confirm=true
+  mlflow deployments run-local -t ferry --name iris -m models:/iris@champion
+
+Model URIs ({forms}):
+  models:/<name>@<alias>    the version the alias names (as `ferry deploy <name> --alias <alias>`)
+  models:/<name>/<version>  that version (as `ferry rollback <name> --to <version>`; a version whose last
+                            deploy failed needs -C force=true)
+  runs:/<run id>/<path>     registered first as a version of <name> (the version already registered from
+                            that run and path is reused; a path without model.onnx registers nothing)
+  The model in the URI must be the deployment's name. Stages, 'latest' and other URIs are refused.
+
+create   deploys the first version; refused if one is committed (use update).
+update   deploys another version through the same transaction; without -m, proves and serves the
+         committed version again (after a Triton restart). A deploy that fails is rolled back first:
+         the previous version still serves, the failed one is quarantined with its reason, and the
+         MlflowException is ferry's one-line reason, naming the step ("failed at smoke: ...").
+get/list ferry's status: active_version, run_id, alias, updated_at_utc, previous_version, deploy_id,
+         serving (the versions any replica serves), replicas_serving / replicas, drift, in_flight,
+         quarantined (how many failed versions are kept), errors (current.json or a replica unreadable).
+delete   needs -C confirm=true: unloads the model from every replica and retires current.json (kept under
+         .ferry/<name>/retired/; the history and the versions' files stay). Idempotent.
+predict  a pandas DataFrame (one column per input and a row per item; or one column indexed by the
+         inputs' names, as the triton plugin took it; or, for a model with one input, the whole frame),
+         a dict of arrays, or a list of arrays in the model's input order; sent to the committed version
+         through the gateway's routing and checks. Returns {{"predictions": {{output: values}}, "model",
+         "version"}}.
+run-local starts the local Triton (as `ferry triton up`, left running) and deploys.
+
+Config (-C key=value): any of ferry's settings, by name, as the FERRY_<KEY> variable would set it
+(-C wins over the variables and FERRY_CONFIG), e.g. -C triton_url=http://127.0.0.1:8000
+-C runtime=onnxruntime -C load_timeout_s=60 -C repository=/models. Valid keys:
+{keys}
+and force (create, update, run-local), confirm (delete). Unknown keys are refused. Keep secrets
+(triton_api_key, gateway_token, ...) in FERRY_* variables: -C values show in the process list.
+MLflow itself is read from MLFLOW_TRACKING_URI (or -C tracking_uri=...).
+"""

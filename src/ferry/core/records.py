@@ -55,7 +55,7 @@ class Kind(StrEnum):
     REVERT = "rollback"  # an earlier version by number (`ferry rollback`); the value is the history's own
 
 
-Via = Literal["cli", "airflow"]
+Via = Literal["cli", "airflow", "mlflow"]  # who runs a deploy: the CLI, the DAG's tasks, the MLflow plugin
 
 
 class CurrentState(BaseModel):

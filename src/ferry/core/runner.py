@@ -44,6 +44,7 @@ from ferry.core.steps import Ferry
 
 EventHandler = Callable[[str, str, float, str], None]  # (step, "start" | "ok" | "failed", seconds, detail)
 RECORDED = "recorded"  # the last event of an attempt: its history record is written, its outcome final
+REGISTRY = "mlflow client"  # shown on its own line: MLflow's client starts beside the snapshot (about a second)
 
 
 def _quiet(step: str, status: str, seconds: float, detail: str) -> None:
@@ -194,7 +195,7 @@ class Runner:
         assert snapshot is not None, "a step runs only after the snapshot"
         if step == Step.MATERIALIZE:
             if record.alias is not None:
-                self._timed(journal, "registry", lambda: self.ferry.registry)  # MLflow's client, if still starting
+                self._timed(journal, REGISTRY, lambda: self.ferry.registry)  # MLflow's client, if still starting
             action = lambda: steps.materialize(self.ferry, snapshot, record.alias, record.version)  # noqa: E731
         else:
             candidate = record.candidate
@@ -346,7 +347,8 @@ class Runner:
         except BaseException as error:
             self.emit(step, "failed", self._took(journal, step, began), str(error))
             raise
-        self.emit(step, "ok", self._took(journal, step, began), _describe(step, result) if recorded else "")
+        detail = _describe(step, result) if recorded else "started beside the snapshot"
+        self.emit(step, "ok", self._took(journal, step, began), detail)
         return result
 
     @staticmethod

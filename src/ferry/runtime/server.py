@@ -97,6 +97,9 @@ def command(settings: Settings, api_key: str) -> list[str]:
         f"--metrics-address={host}", f"--metrics-port={metrics}",
         "--allow-gpu-metrics=false",
         "--disable-auto-complete-config",
+        # Ready means "answers": with strict readiness, a server stays unready once any model was unloaded
+        # (UNAVAILABLE counts as not ready), and ferry checks each model version's readiness itself.
+        "--strict-readiness=false",
         f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
         "--metrics-config=summary_latencies=true",
         f"--backend-config=python,shm-region-prefix-name={shm_prefix(settings)}",
