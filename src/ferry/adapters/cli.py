@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from ferry.core.adopt import adopt, plan_adoption
 from ferry.core.config import Settings, check_port, load_settings, parse_duration
 from ferry.core.current import read_current, read_history
 from ferry.core.errors import FerryError, InvalidInput, NoSuchModel, unreachable
@@ -213,6 +214,25 @@ def recover_command(model: str = ModelArgument, as_json: bool = JsonOption) -> N
             out.print(f"  {escape(report.error or '')}")
     if report.rollback is not None and not report.rollback.verified:
         raise typer.Exit(EXIT_FAILED)
+
+
+@app.command("adopt")
+def adopt_command(
+    model: str = ModelArgument,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show what adoption would do, and change nothing."),
+    as_json: bool = JsonOption,
+) -> None:
+    """Take over a model another tool deployed, checked against MLflow, without reloading anything."""
+    settings = _settings()
+    _known_model(settings, model)
+    ferry = Ferry(settings)
+    plan = _guarded(lambda: plan_adoption(ferry, model) if dry_run else adopt(ferry, model))
+    if as_json:
+        _print_json(plan.model_dump(mode="json"))
+        return
+    out.print(f"{model}: {'would adopt' if dry_run else 'adopted'} v{plan.active_version}")
+    for action in plan.actions:
+        out.print(f"  {'would: ' if dry_run else ''}{escape(action)}")
 
 
 @app.command("reconcile")
