@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,10 +57,15 @@ class FakeTriton:
     wrong_outputs: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
     unreachable: bool = False
     loads: list[tuple[str, list[int]]] = field(default_factory=list)
+    worker: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1), repr=False)
 
     def _check(self) -> None:
         if self.unreachable:
             raise TritonError(f"Triton at {self.url} is not reachable (fake)", retryable=True)
+
+    def submit(self, call: Callable[[], object]) -> Future:
+        """As Triton.submit: the call runs on this replica's thread, concurrently with the other replicas'."""
+        return self.worker.submit(call)
 
     def index(self) -> dict[str, list[VersionState]]:
         self._check()

@@ -13,15 +13,16 @@ and an IPv6 address: IPv4 addresses are used when there are any, so that no repl
 from __future__ import annotations
 
 import socket
+import threading
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from ferry.core.config import Endpoint, ReplicaSource
 from ferry.core.errors import FerryError, Unavailable
 from ferry.core.triton import Triton
 
-MAX_PARALLEL = 16  # concurrent calls to replicas (and so connections) of one action, at most
+MAX_PARALLEL = 128  # concurrent calls to replicas (and so connections) of one action, at most
+_SLOTS = threading.BoundedSemaphore(MAX_PARALLEL)
 T = TypeVar("T")
 
 
@@ -75,8 +76,15 @@ class Fleet:
 
         if len(self.replicas) == 1:  # no thread for the common case
             return {self.replicas[0].url: run(self.replicas[0])}
-        with ThreadPoolExecutor(min(MAX_PARALLEL, len(self.replicas)), thread_name_prefix="ferry-replica") as pool:
-            return dict(zip(self.urls, pool.map(run, self.replicas)))
+
+        def bounded(replica: Triton) -> T | FerryError:
+            with _SLOTS:
+                return run(replica)
+
+        # Each replica's calls run on its own worker thread, so its connection is made once and reused by
+        # every step (a tritonclient HTTP client is bound to the thread that made it).
+        futures = [replica.submit(lambda replica=replica: bounded(replica)) for replica in self.replicas]
+        return {replica.url: future.result() for replica, future in zip(self.replicas, futures)}
 
     def each(self, action: Callable[[Triton], T]) -> dict[str, T]:
         """``action`` on every replica at once; all must succeed, else ReplicaFailed for the first that did not.

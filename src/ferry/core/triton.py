@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import tritonclient.http as triton_http
@@ -21,6 +22,7 @@ from ferry.core.errors import TritonError, TritonTimeout
 # The header that carries the key of Triton's restricted model-control API (load, unload, repository index).
 API_KEY_HEADER = "ferry-api-key"
 READY = "READY"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,13 @@ class Triton:
         self.load_timeout_s = load_timeout_s
         self.headers = {API_KEY_HEADER: api_key} if api_key else None
         self._local = threading.local()
+        self._worker: ThreadPoolExecutor | None = None
+
+    def submit(self, call: Callable[[], T]) -> Future[T]:
+        """Run ``call`` on this replica's own worker thread (made on first use), where its client lives."""
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix=f"ferry-{self.endpoint.host_port}")
+        return self._worker.submit(call)
 
     def _client(self, timeout_s: float) -> triton_http.InferenceServerClient:
         clients: dict[float, triton_http.InferenceServerClient] = self._local.__dict__.setdefault("clients", {})

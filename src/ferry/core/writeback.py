@@ -305,10 +305,13 @@ class _Writer:
                 self._check_time()
                 self.mlflow.set_alias(self.model, alias, mark.version)
                 self.changes.append(f"@{alias}: {f'v{before}' if before else '(none)'} -> v{mark.version}")
-            stale = set(self.mlflow.tagged_serving(self.model)) - {mark.version} - set(explicit)
         except _Refused as refused:
             self.warnings.append(f"MLflow refused @{alias} of {self.model}: {refused}")
             return
+        try:
+            stale = set(self.mlflow.tagged_serving(self.model)) - {mark.version} - set(explicit)
+        except _Refused:
+            return  # a store that cannot search by tag: only the versions named in the plan are retired
         for version in sorted(stale):
             self.mark(Mark(version, RETIRED, mark.deploy_id, mark.updated_at_utc))
 
