@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-stamp
 # Independent test modules run side by side: Triton, MLflow and Airflow wait on I/O half the time.
 WORKERS ?= 3
 
-.PHONY: install prometheus demo demo-airflow demo-fleet test test-fast lint bench clean
+.PHONY: install prometheus demo demo-airflow demo-fleet demo-watch test test-fast lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,9 @@ demo-airflow: install
 demo-fleet: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo_fleet.sh
 
+demo-watch: install
+	$(BIN)/python scripts/demo_watch.py
+
 lint: install
 	$(BIN)/ruff check src tests dags bench examples scripts
 	$(BIN)/lint-imports
@@ -48,4 +51,4 @@ bench: install
 	$(BIN)/python bench/soak.py
 
 clean:
-	rm -rf $(VENV) .ferry-demo .ferry-demo-airflow .ferry-demo-fleet .pytest_cache
+	rm -rf $(VENV) .ferry-demo .ferry-demo-airflow .ferry-demo-fleet .ferry-demo-watch .pytest_cache

@@ -20,6 +20,7 @@ import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
 from ferry.core.errors import NoSuchModel, RegistryError, TritonError, TritonTimeout, Unavailable
+from ferry.core.fsutil import sha256_file
 from ferry.core.registry import VersionRef
 from ferry.core.smoke import SMOKE_FILE, SmokeSample, dump_sample
 from ferry.core.triton import VersionState
@@ -118,6 +119,9 @@ class FakeArtifacts:
         target = destination / name
         shutil.copyfile(self.folder / name, target)
         return target
+
+    def sha256(self, name: str, path: Path) -> str:
+        return sha256_file(path)
 
 
 @dataclass

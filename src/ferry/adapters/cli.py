@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from ferry.adapters import cli_mlflow
 from ferry.core.adopt import adopt, plan_adoption
 from ferry.core.config import Settings, check_port, load_settings, parse_duration
 from ferry.core.current import read_current, read_history
@@ -509,7 +510,7 @@ def triton_status(as_json: bool = JsonOption) -> None:
         raise typer.Exit(EXIT_FAILED)
 
 
-__import__("ferry.adapters.cli_mlflow", fromlist=["register"]).register(app)  # watch, sync
+cli_mlflow.register(app)  # ferry watch, ferry sync
 
 
 def main() -> None:

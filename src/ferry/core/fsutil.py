@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 
@@ -50,6 +51,22 @@ def fsync_tree(root: Path) -> None:
         else:
             fsync_dir(path)
     fsync_dir(root)
+
+
+def copy_and_hash(source: Path, target: Path, block_size: int = 4 << 20) -> str:
+    """Copy ``source`` to a new file ``target`` and return its sha256, in one pass: each block is hashed on
+    another thread while it is written and the next one read (hashlib and file I/O release the GIL)."""
+    digest = hashlib.sha256()
+    with ThreadPoolExecutor(1) as hasher, open(source, "rb") as reader, open(target, "xb") as writer:
+        hashed = None
+        for block in iter(lambda: reader.read(block_size), b""):
+            if hashed is not None:
+                hashed.result()
+            hashed = hasher.submit(digest.update, block)
+            writer.write(block)
+        if hashed is not None:
+            hashed.result()
+    return digest.hexdigest()
 
 
 def sha256_file(path: Path) -> str:

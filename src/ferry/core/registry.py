@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ferry.core.errors import FerryError, NoSuchModel, RegistryError, Unavailable
+from ferry.core.fsutil import copy_and_hash, sha256_file
 
 NOT_FOUND_CODES = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
 
@@ -125,6 +126,11 @@ class Artifacts:
         self.uri = uri
         self.repository = repository
         self._sizes: dict[str, int] | None = None
+        self._digests: dict[str, str] = {}  # sha256 of the files copied and hashed in one pass
+
+    def sha256(self, name: str, path: Path) -> str:
+        """The sha256 of a downloaded file: the one computed while copying it, else read back from disk."""
+        return self._digests.get(name) or sha256_file(path)
 
     def sizes(self) -> dict[str, int]:
         """File name -> size in bytes of the files at the top of the folder."""
@@ -145,6 +151,9 @@ class Artifacts:
         if local_dir is not None and (Path(local_dir) / name).is_symlink():
             raise RegistryError(f"{name} in {self.uri} is a symbolic link; ferry copies only regular files",
                              "log the model's real file, not a link to one")
+        if local_dir is not None and (Path(local_dir) / name).is_file():
+            self._digests[name] = copy_and_hash(Path(local_dir) / name, destination / name)
+            return destination / name
         try:
             path = Path(self.repository.download_artifacts(name, dst_path=str(destination)))
         except Exception as error:

@@ -298,7 +298,7 @@ def _fill_staging(ferry: Ferry, artifacts: Artifacts, staging: Path, snapshot: S
         # Compiled now, so that the backend stub (same Python) has no bytecode to write into the live
         # version directory: a change there makes Triton re-create every loaded version on the next load.
         py_compile.compile(str(staging / "model.py"), doraise=True)
-    return config, size, sha256_file(onnx_path)
+    return config, size, artifacts.sha256("model.onnx", onnx_path)
 
 
 def _check_sample(path: Path, config: model_config_pb2.ModelConfig) -> None:

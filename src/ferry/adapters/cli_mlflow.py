@@ -1,0 +1,162 @@
+"""``ferry watch`` (and ``ferry watch register``) and ``ferry sync``: the MLflow loop at the command line.
+
+Added to the ``ferry`` command by :func:`register`; the helpers of :mod:`ferry.adapters.cli` (messages,
+exit codes) are imported when a command runs, since that module imports this one.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import typer
+from rich.markup import escape
+
+from ferry.core.config import Settings, check_port, parse_duration
+from ferry.core.errors import Busy, InvalidInput
+
+
+def _cli() -> Any:
+    from ferry.adapters import cli
+
+    return cli
+
+
+def watch_command(
+    ctx: typer.Context,
+    host: str | None = typer.Option(None, help="Address to listen on (default FERRY_WATCH_HOST, 127.0.0.1)."),
+    port: int | None = typer.Option(None, help="Port (default FERRY_WATCH_PORT, 8090).", min=1, max=65535),
+    poll: str | None = typer.Option(None, "--poll", metavar="DURATION",
+                                    help="Also poll MLflow's aliases this often (30s, 2m), for where webhooks "
+                                         "cannot reach (default FERRY_WATCH_POLL_S; none: webhooks only)."),
+    aliases: str | None = typer.Option(None, help="Comma-separated aliases to act on (default FERRY_WATCH_ALIASES, "
+                                                  "else FERRY_DEFAULT_ALIAS)."),
+) -> None:
+    """Deploy a version when an MLflow alias moves to it: MLflow webhooks at POST /mlflow/webhook, or polling."""
+    if ctx.invoked_subcommand is not None:
+        return
+    cli = _cli()
+    try:
+        import uvicorn  # noqa: F401
+
+        from ferry.adapters import watch
+    except ImportError as error:
+        cli._needs_extra("gateway", "watch", error)
+    settings = cli._settings()
+    host = host or settings.watch_host
+    port = cli._guarded(lambda: check_port(port or settings.watch_port, "port"))
+    poll_s = cli._guarded(lambda: parse_duration(poll, "--poll")) if poll else settings.watch_poll_s
+    watched = cli._guarded(lambda: watch.watched_aliases(settings, aliases))
+    cli._guarded(lambda: _check_free(host, port))
+    cli.out.print(_banner(settings, host, port, watched, poll_s))
+    watch.serve(settings, host, port, watched, poll_s)
+
+
+def _check_free(host: str, port: int) -> None:
+    """Refuse a port in use with ferry's message (uvicorn's would come after the banner, as a log line)."""
+    try:
+        with socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET):
+            pass
+    except OSError as error:
+        raise InvalidInput(f"cannot listen on {host}:{port}: {error.strerror or error}",
+                           "choose another --port (or FERRY_WATCH_PORT)") from None
+
+
+def _banner(settings: Settings, host: str, port: int, aliases: tuple[str, ...], poll_s: float) -> str:
+    from ferry.adapters.watch import WEBHOOK_PATH, secret_path
+
+    via = f"Airflow DAG runs at {settings.airflow_url}" if settings.airflow_url else "ferry's own deploy, here"
+    host = f"[{host}]" if ":" in host else host
+    secret = secret_path(settings)
+    receiving = (f"webhooks at http://{host}:{port}{WEBHOOK_PATH}" if secret.exists()
+                 else f"no webhook secret in {secret} yet (run `ferry watch register`)")
+    polling = f"polling every {poll_s:g} s" if poll_s > 0 else "not polling"
+    return (f"ferry watch on http://{host}:{port}: @{', @'.join(aliases)} of any model -> {via}; "
+            f"{receiving}; {polling}; /metrics, /triggers")
+
+
+def register_command(
+    url: str | None = typer.Option(None, help="Where MLflow's server reaches this receiver "
+                                              "(default http://FERRY_WATCH_HOST:FERRY_WATCH_PORT/mlflow/webhook)."),
+    name: str = typer.Option("ferry", help="The webhook's name in MLflow (one of that name is updated)."),
+    new_secret: bool = typer.Option(False, "--new-secret", help="Generate a new secret (a running receiver "
+                                                                 "picks it up)."),
+    test: bool = typer.Option(False, "--test", help="Have MLflow send its test event to the receiver."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document instead of text."),
+) -> None:
+    """Create the webhook in MLflow (alias created events, to this receiver) with a generated secret, kept 0600."""
+    cli = _cli()
+    from ferry.adapters.watch import WEBHOOK_PATH, register_webhook
+
+    settings = cli._settings()
+    url = url or f"http://{settings.watch_host}:{settings.watch_port}{WEBHOOK_PATH}"
+    result = cli._guarded(lambda: register_webhook(settings, url, name, new_secret, test))
+    if as_json:
+        cli._print_json(vars(result))
+        return
+    verb = "created" if result.created else "updated"
+    cli.out.print(f"webhook '{result.name}' {verb} in MLflow ({result.webhook_id}): model_version_alias.created "
+                  f"-> {result.url}")
+    cli.out.print(f"secret {'generated into' if result.new_secret else 'kept in'} {result.secret_file} (mode 0600)")
+    cli.out.print("the MLflow server needs, in its environment:")
+    for line in result.server_settings:
+        cli.out.print(f"  {escape(line)}")
+    if result.test:
+        cli.out.print(f"test event: {escape(result.test)}")
+        if not result.test.startswith("delivered"):
+            raise typer.Exit(cli.EXIT_UNAVAILABLE)
+
+
+def sync_command(
+    models: list[str] | None = typer.Argument(None, metavar="[MODEL]...",
+                                                 help="Models to sync (default: every model in the repository)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document instead of text."),
+) -> None:
+    """Write to MLflow what current.json and the history say: each version's ferry.* tags and the serving alias."""
+    cli = _cli()
+    from ferry.core import writeback
+    from ferry.core.runner import holding
+    from ferry.core.status import list_models
+    from ferry.core.steps import Ferry
+
+    settings = cli._settings()
+    names = [cli._known_model(settings, m).model for m in models] if models else list_models(settings.repository)
+    ferry = Ferry(settings)
+    results = []
+    for name in names:
+        model_dir = ferry.model_dir(name)
+        try:
+            with holding(model_dir, settings.lock_wait_s):  # no commit can happen between reading and writing
+                results.append(writeback.sync(settings, cli._guarded(lambda: ferry.registry), model_dir))
+        except Busy as busy:
+            results.append(writeback.SyncResult(model=name, warnings=[f"{busy.message}: its own write-back will "
+                                                                      "tell MLflow; sync again later"]))
+    _show_sync(cli, results, as_json)
+
+
+def _show_sync(cli: Any, results: list[Any], as_json: bool) -> None:
+    if as_json:
+        cli._print_json([r.model_dump(mode="json") for r in results])
+    else:
+        for r in results:
+            serving = f"v{r.serving_version}" if r.serving_version is not None else "nothing"
+            changed = f"{len(r.changes)} change(s)" if r.changes else "already in sync"
+            cli.out.print(f"{r.model}: {serving} serving; {changed}")
+            for change in r.changes:
+                cli.out.print(f"  {escape(change)}")
+            for warning in r.warnings:
+                cli.err.print(f"[yellow]warning:[/yellow] {escape(warning)}")
+    if any(r.unavailable for r in results):
+        raise typer.Exit(cli.EXIT_UNAVAILABLE)
+    if not results and not as_json:
+        cli.out.print("no models to sync")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``watch`` (with ``watch register``) and ``sync`` to the ``ferry`` command."""
+    watch_app = typer.Typer(help="Deploy when an MLflow alias moves (webhooks or polling).", rich_markup_mode=None,
+                            invoke_without_command=True, no_args_is_help=False)
+    watch_app.callback(invoke_without_command=True)(watch_command)
+    watch_app.command("register")(register_command)
+    app.add_typer(watch_app, name="watch")
+    app.command("sync")(sync_command)
