@@ -18,7 +18,6 @@ import pytest
 import yaml
 
 from conftest import ROOT, World, _free_port_block
-from ferry.runtime import server
 
 PROMETHEUS = ROOT / "ops" / "prometheus"
 DASHBOARDS = sorted((ROOT / "ops" / "grafana" / "dashboards").glob("*.json"))
