@@ -140,6 +140,16 @@ class Settings:
     airflow_username: str = "admin"
     airflow_password: str = ""  # for POST /auth/token (none: no token is asked for)
     airflow_dag_id: str = "mlflow_to_triton_deploy"
+    # The bake (ferry.core.rollout): the gate that proves a candidate on live traffic before the commit.
+    gateways: str = ""  # comma-separated gateway URLs whose counters the gate sums (default: the local one)
+    gate_interval_s: float = 10.0  # one evaluation every this many seconds
+    gate_failures: int = 2  # consecutive failed evaluations that roll back at once
+    gate_min_requests: int = 100  # fewer candidate requests than this: no verdict (inconclusive at the end)
+    gate_max_error_ratio: float = 0.01  # the candidate's error ratio may reach max(active's + margin, this)
+    gate_error_margin: float = 0.005
+    gate_latency_factor: float = 1.25  # the candidate's p95 may reach factor x active's + slack
+    gate_latency_slack_ms: float = 2.0
+    gate_min_agreement: float = 0.99  # shadow: the share of mirrored requests whose outputs must agree
 
     @cached_property
     def replica_sources(self) -> tuple[ReplicaSource, ...]:

@@ -33,11 +33,12 @@ class Step(StrEnum):
     LOAD = "load"
     READY = "ready"
     SMOKE = "smoke"
+    BAKE = "bake"  # optional: the candidate proven on live traffic (shadow or canary) before the commit
     COMMIT = "commit"
     ROLLBACK = "rollback"  # the undo of a failed deploy (the value every file already carries)
 
 
-TRANSACTION_STEPS = (Step.SNAPSHOT, Step.MATERIALIZE, Step.LOAD, Step.READY, Step.SMOKE, Step.COMMIT)
+TRANSACTION_STEPS = (Step.SNAPSHOT, Step.MATERIALIZE, Step.LOAD, Step.READY, Step.SMOKE, Step.BAKE, Step.COMMIT)
 VALIDATION_STEPS = (Step.LOAD, Step.READY, Step.SMOKE)
 
 
@@ -145,6 +146,59 @@ class Failure(BaseModel):
     retryable: bool = False  # ... because a dependency did not answer
 
 
+RolloutMode = Literal["shadow", "canary"]
+
+
+class RolloutPlan(BaseModel):
+    """A bake asked for: live traffic proves the candidate before the commit."""
+
+    mode: RolloutMode
+    bake_s: float  # how long the gate watches before the commit
+    canary_percent: float = 0.0  # canary: the share of requests the candidate answers
+    mirror_percent: float = 100.0  # shadow: the share of requests copied to the candidate
+
+
+class RolloutState(BaseModel):
+    """``.ferry/<model>/rollout.json``: what the gateways do with the candidate while a deploy bakes.
+    Written atomically; the commit writes current.json before removing it, a rollback removes it first."""
+
+    format: Literal[1] = 1
+    model: str
+    deploy_id: str
+    active_version: int
+    candidate_version: int
+    plan: RolloutPlan
+    started_at_utc: str
+
+
+class GateFigures(BaseModel):
+    """What one version did under live traffic since the bake started (summed over every gateway)."""
+
+    requests: int = 0
+    errors: int = 0  # answers with status >= 500
+    p95_s: float | None = None
+    agreed: int = 0  # shadow: outputs that agreed with the active version's
+    disagreed: int = 0
+
+    @property
+    def error_ratio(self) -> float:
+        return self.errors / self.requests if self.requests else 0.0
+
+    @property
+    def agreement(self) -> float | None:
+        compared = self.agreed + self.disagreed
+        return self.agreed / compared if compared else None
+
+
+class GateEvaluation(BaseModel):
+    at_utc: str
+    elapsed_s: float
+    verdict: Literal["pass", "fail", "waiting"]  # waiting: too little traffic yet to judge
+    reasons: list[str]  # why it failed, or what it waits for
+    active: GateFigures
+    candidate: GateFigures
+
+
 class RollbackReport(BaseModel):
     actions: list[str]
     quarantined: list[str]
@@ -179,6 +233,7 @@ class DeployReport(BaseModel):
     started_at_utc: str = ""
     finished_at_utc: str = ""
     recovered_by: str | None = None  # who finished or undid it with `ferry recover`, after its process stopped
+    gate: list[GateEvaluation] = []  # the bake's gate evaluations, when a bake was asked for
 
     @property
     def ok(self) -> bool:
@@ -210,3 +265,7 @@ class JournalRecord(BaseModel):
     snapshot: Snapshot | None = None
     candidate: Candidate | None = None
     failure: Failure | None = None
+    rollout: RolloutPlan | None = None  # a bake asked for
+    gate: list[GateEvaluation] = []  # each evaluation of the bake's gate
+    gate_baseline: list[dict] = []  # the gateways' counters when the bake started (ferry.core.rollout)
+    bake_started_unix: float | None = None

@@ -71,6 +71,16 @@ class ModelDir:
         return self.state_dir / "journal.json"
 
     @property
+    def rollout_path(self) -> Path:
+        """What the gateways do with a baking candidate (ferry.core.rollout); present only during a bake."""
+        return self.state_dir / "rollout.json"
+
+    @property
+    def rollout_control_path(self) -> Path:
+        """`ferry rollout promote|abort` leave their request here for the process that runs the bake."""
+        return self.state_dir / "rollout-control.json"
+
+    @property
     def lock_path(self) -> Path:
         return self.state_dir / "deploy.lock"
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from ferry.core import steps, writeback
+from ferry.core import rollout, steps, writeback
 from ferry.core.current import append_history, find_history, read_current, read_history
 from ferry.core.errors import Busy, FerryError, InvalidInput, NoSuchModel, StepFailed, unreachable
 from ferry.core.journal import Journal, read_journal
@@ -31,20 +31,26 @@ from ferry.core.records import (
     Candidate,
     DeployReport,
     Failure,
+    GateEvaluation,
+    GateFigures,
     JournalRecord,
     Kind,
     Outcome,
     Owner,
+    RolloutPlan,
+    RolloutState,
     Step,
     Via,
     utc_stamp,
 )
 from ferry.core.repository import ModelDir, check_name
+from ferry.core.rollout import check_plan
 from ferry.core.steps import Ferry
 
 EventHandler = Callable[[str, str, float, str], None]  # (step, "start" | "ok" | "failed", seconds, detail)
 RECORDED = "recorded"  # the last event of an attempt: its history record is written, its outcome final
 REGISTRY = "mlflow client"  # shown on its own line: MLflow's client starts beside the snapshot (about a second)
+GATE = "gate"  # each evaluation of a bake's gate: status "pass" | "fail" | "waiting"
 
 
 def _quiet(step: str, status: str, seconds: float, detail: str) -> None:
@@ -59,16 +65,17 @@ class Target:
     alias: str | None = None
     version: int | None = None
     force: bool = False  # revert to a version even though its last deploy failed
+    rollout: RolloutPlan | None = None  # bake the candidate on live traffic before the commit
 
     @classmethod
-    def of_alias(cls, alias: str) -> Target:
-        return cls(Kind.DEPLOY, alias=check_name("alias", alias))
+    def of_alias(cls, alias: str, rollout: RolloutPlan | None = None) -> Target:
+        return cls(Kind.DEPLOY, alias=check_name("alias", alias), rollout=rollout and check_plan(rollout))
 
     @classmethod
-    def of_version(cls, version: int, force: bool = False) -> Target:
+    def of_version(cls, version: int, force: bool = False, rollout: RolloutPlan | None = None) -> Target:
         if version < 1:
             raise InvalidInput(f"version {version} is not a model version", "versions are numbered from 1")
-        return cls(Kind.REVERT, version=version, force=force)
+        return cls(Kind.REVERT, version=version, force=force, rollout=rollout and check_plan(rollout))
 
     @property
     def label(self) -> str:
@@ -90,6 +97,15 @@ def holding(model_dir: ModelDir, wait_s: float = 0.0) -> Iterator[None]:
         raise Busy(f"another deploy of '{model_dir.model}' is running (it holds {model_dir.lock_path})",
                    f"wait for it (see `ferry history {model_dir.model}`), or set FERRY_LOCK_WAIT_S to queue "
                    "behind it") from None
+
+
+def _describe_figures(evaluation: GateEvaluation) -> str:
+    def shown(figures: GateFigures) -> str:
+        p95 = f", p95 {figures.p95_s * 1000:.1f} ms" if figures.p95_s is not None else ""
+        agreement = f", agreement {figures.agreement:.1%}" if figures.agreement is not None else ""
+        return f"{figures.requests} requests, {figures.error_ratio:.2%} errors{p95}{agreement}"
+
+    return f"candidate {shown(evaluation.candidate)}; active {shown(evaluation.active)}"
 
 
 def _describe(step: Step, result: Any) -> str:
@@ -148,6 +164,8 @@ class Runner:
                 self.run_step(journal, step)
                 if step == Step.MATERIALIZE and not steps.needs_validation(journal.record.candidate):
                     break
+            if self.bakes(journal):
+                self.run_step(journal, Step.BAKE)
             return self.finish(journal)
         except StepFailed:
             return self.roll_back(journal)
@@ -170,7 +188,7 @@ class Runner:
         record = JournalRecord(model=self.model, kind=target.kind, target=target.label, alias=target.alias,
                                version=target.version, who=current_user(),
                                owner=Owner(via=self.via, host=socket.gethostname(), pid=os.getpid()),
-                               started_at_utc=utc_stamp())
+                               started_at_utc=utc_stamp(), rollout=target.rollout)
         journal = Journal.create(self.model_dir, record)
         try:
             snapshot = self._timed(journal, Step.SNAPSHOT, lambda: steps.take_snapshot(self.ferry, self.model))
@@ -197,6 +215,8 @@ class Runner:
             if record.alias is not None:
                 self._timed(journal, REGISTRY, lambda: self.ferry.registry)  # MLflow's client, if still starting
             action = lambda: steps.materialize(self.ferry, snapshot, record.alias, record.version)  # noqa: E731
+        elif step == Step.BAKE:
+            action = lambda: self._bake(journal)  # noqa: E731
         else:
             candidate = record.candidate
             assert candidate is not None, f"{step} runs only after materialize"
@@ -222,7 +242,7 @@ class Runner:
         current, warnings = self.run_step(journal, Step.COMMIT) if steps.needs_validation(candidate) \
             else (snapshot.current, [])
         report = self._report(record, Outcome.NOOP if candidate.already_active else Outcome.COMMITTED)
-        report.current, report.warnings = current, warnings
+        report.current, report.warnings, report.gate = current, warnings, list(record.gate)
         if candidate.already_active:
             done = "proven and served again" if candidate.revalidate else "nothing to do"
             report.warnings.insert(0, f"v{candidate.version} is already active: {done}")
@@ -250,9 +270,68 @@ class Runner:
         report = self._report(record, Outcome.ROLLED_BACK)
         report.failed_step, report.error, report.hint = failure.step, failure.message, failure.hint
         report.detail, report.failed_replica = failure.detail or None, failure.replica
+        report.gate = list(record.gate)
         report.version = staged if staged is not None else failure.version
         report.rollback, report.recovered_by = undone, recovered_by
         return self._close(journal, report)
+
+    # ------------------------------------------------------------ the bake (ferry.core.rollout)
+
+    def bakes(self, journal: Journal) -> bool:
+        """Whether this deploy bakes its candidate: asked for, and there is a new version to prove."""
+        record = journal.record
+        return record.rollout is not None and record.candidate is not None and not record.candidate.already_active
+
+    def bake_start(self, journal: Journal) -> None:
+        """Tell the gateways (rollout.json) and note where their counters stand."""
+        record = journal.record
+        assert record.rollout is not None and record.candidate is not None and record.snapshot is not None
+        if record.snapshot.active_version is None:
+            raise StepFailed(Step.BAKE, "a first deploy has no active version to compare the candidate with",
+                             "deploy it without a bake")
+        journal.update(gate_baseline=rollout.dump_counts(rollout.read_counts(self.ferry.settings, self.model)),
+                       bake_started_unix=time.time())
+        rollout.write_rollout(self.model_dir, RolloutState(
+            model=self.model, deploy_id=record.deploy_id, active_version=record.snapshot.active_version,
+            candidate_version=record.candidate.version, plan=record.rollout, started_at_utc=utc_stamp()))
+
+    def bake_check(self, journal: Journal) -> bool:
+        """One evaluation of the gate; True once the bake passed (or was promoted), StepFailed if it failed."""
+        record = journal.record
+        assert record.rollout is not None and record.candidate is not None and record.snapshot is not None
+        if (control := rollout.take_control(self.model_dir)) is not None:
+            if control.get("action") == "abort":
+                raise StepFailed(Step.BAKE, f"aborted by {control.get('by', 'someone')}", "deploy again when ready",
+                                 version=record.candidate.version)
+            return True  # promoted
+        elapsed = time.time() - (record.bake_started_unix or time.time())
+        now = rollout.read_counts(self.ferry.settings, self.model)
+        start = rollout.load_counts(record.gate_baseline)
+        role = rollout.ROLES[record.rollout.mode]
+        active = rollout.figures(now, start, record.snapshot.active_version or 0, "active")
+        candidate = rollout.figures(now, start, record.candidate.version, role)
+        evaluation = rollout.evaluate(self.ferry.settings, active, candidate, elapsed, record.rollout.mode == "shadow")
+        journal.update(gate=[*record.gate, evaluation])
+        self.emit(GATE, evaluation.verdict, elapsed, "; ".join(evaluation.reasons) or _describe_figures(evaluation))
+        ended = elapsed >= record.rollout.bake_s
+        failure = rollout.decide(record.gate, self.ferry.settings.gate_failures, record.candidate.version, ended)
+        if failure is not None:
+            raise failure
+        return ended
+
+    def _bake(self, journal: Journal) -> None:
+        """The bake in this process: an evaluation every gate interval until it passes, fails or is decided."""
+        self.bake_start(journal)
+        settings = self.ferry.settings
+        next_check = time.monotonic() + min(settings.gate_interval_s, journal.record.rollout.bake_s)
+        while True:
+            time.sleep(0.2)
+            if time.monotonic() < next_check and not self.model_dir.rollout_control_path.exists():
+                continue
+            if self.bake_check(journal):
+                return
+            remaining = journal.record.rollout.bake_s - (time.time() - (journal.record.bake_started_unix or 0))
+            next_check = time.monotonic() + max(0.2, min(settings.gate_interval_s, remaining))
 
     def record_rejected(self, target: Target, error: FerryError) -> DeployReport:
         """The one history record of an attempt refused before it touched anything."""

@@ -50,6 +50,7 @@ from ferry.core.records import (
 )
 from ferry.core.registry import Artifacts, Registry, VersionRef, disk_full
 from ferry.core.repository import MANIFEST, ModelDir, check_name
+from ferry.core.rollout import remove_rollout
 from ferry.core.smoke import SMOKE_FILE, load_sample, output_problems, synthetic_sample
 from ferry.core.stubs import stop_stubs_of
 from ferry.core.triton import Triton
@@ -417,6 +418,7 @@ def commit(ferry: Ferry, snapshot: Snapshot, candidate: Candidate) -> tuple[Curr
         write_current(model_dir, state)
     except OSError as error:
         raise StepFailed(Step.COMMIT, f"cannot write {model_dir.current_path}: {error}") from error
+    remove_rollout(model_dir)  # after current.json: the candidate is the active version now
     return state, pin_after_commit(model_dir, candidate, fleet_of(ferry, snapshot))
 
 
@@ -502,6 +504,8 @@ def undo(ferry: Ferry, snapshot: Snapshot, failure: Failure, candidate: int | No
         actions.append(what)
         return result
 
+    if attempt("checked rollout.json", lambda: remove_rollout(model_dir)):  # first: no request to the candidate
+        actions.append("removed rollout.json")
     if attempt("checked current.json", lambda: restore_current(model_dir, snapshot.current)):
         actions.append("restored current.json")
     attempt("restored config.pbtxt", lambda: model_dir.restore_config_text(snapshot.config_text))
