@@ -25,10 +25,12 @@ from ferry.core.adopt import adopt, plan_adoption
 from ferry.core.config import Settings, check_port, load_settings, parse_duration
 from ferry.core.current import read_current, read_history
 from ferry.core.errors import FerryError, InvalidInput, NoSuchModel, unreachable
+from ferry.core.journal import read_journal
 from ferry.core.reconcile import Reconciled, reconcile
-from ferry.core.records import DeployReport, Outcome
+from ferry.core.records import DeployReport, Outcome, RolloutPlan
 from ferry.core.repository import ModelDir, check_name
-from ferry.core.runner import RECORDED, Runner, Target
+from ferry.core.rollout import read_rollout, request_control
+from ferry.core.runner import GATE, RECORDED, Runner, Target, current_user
 from ferry.core.status import UNKNOWN, ModelStatus, ReplicaStatus, list_models, model_status, replica_indexes
 from ferry.core.steps import Ferry
 
@@ -103,7 +105,9 @@ def _on_event(as_json: bool) -> Callable[[str, str, float, str], None]:
 def _show_step(step: str, status: str, seconds: float, detail: str) -> None:
     if status == "start":
         return
-    mark = "[green]✓[/green]" if status == "ok" else "[red]✗[/red]"
+    mark = {"ok": "[green]✓[/green]", "pass": "[green]✓[/green]", "waiting": "[dim]…[/dim]"}.get(status, "[red]✗[/red]")
+    if step == GATE:
+        step = f"gate {status}"
     out.print(f"  {mark} {step:<12} {seconds:7.3f} s  {escape(detail.splitlines()[0] if detail else '')}")
 
 
@@ -163,12 +167,89 @@ def _run_deploy(settings: Settings, model: str, target: Target, as_json: bool) -
 def deploy_command(
     model: str = ModelArgument,
     alias: str = typer.Option(..., "--alias", "-a", help="MLflow alias naming the version to deploy."),
+    shadow: str | None = typer.Option(None, "--shadow", metavar="DURATION",
+                                      help="Bake in shadow mode this long (5m): copies of live requests go to the "
+                                      "candidate, its answers are compared, clients see only the active version's."),
+    canary: float | None = typer.Option(None, "--canary", metavar="PERCENT",
+                                        help="Bake in canary mode: the candidate answers this share of requests."),
+    bake: str | None = typer.Option(None, "--bake", metavar="DURATION", help="How long a canary bakes (5m)."),
+    mirror: float = typer.Option(100.0, "--mirror", metavar="PERCENT", help="Shadow: the share of requests copied."),
+    gate_failures: int | None = typer.Option(None, "--gate-failures", min=1,
+                                             help="Failed gate evaluations in a row that roll back at once."),
     as_json: bool = JsonOption,
 ) -> None:
-    """Deploy the version an MLflow alias points at: load, ready, smoke, then commit or roll back."""
+    """Deploy the version an MLflow alias points at: load, ready, smoke, [bake,] then commit or roll back."""
     _guarded(lambda: check_name("model name", model))  # bad names are refused before anything starts
-    target = _guarded(lambda: Target.of_alias(alias))
-    _run_deploy(_settings(), model, target, as_json)
+    plan = _guarded(lambda: _rollout_plan(shadow, canary, bake, mirror))
+    target = _guarded(lambda: Target.of_alias(alias, rollout=plan))
+    settings = _settings()
+    if gate_failures is not None:
+        settings = settings.with_overrides(gate_failures=gate_failures)
+    _run_deploy(settings, model, target, as_json)
+
+
+def _rollout_plan(shadow: str | None, canary: float | None, bake: str | None, mirror: float) -> RolloutPlan | None:
+    if shadow is not None and canary is not None:
+        raise InvalidInput("--shadow and --canary are two ways to bake: choose one")
+    if shadow is not None:
+        return RolloutPlan(mode="shadow", bake_s=parse_duration(shadow, "--shadow"), mirror_percent=mirror)
+    if canary is not None:
+        if bake is None:
+            raise InvalidInput("--canary needs --bake DURATION: how long the candidate takes its share")
+        return RolloutPlan(mode="canary", bake_s=parse_duration(bake, "--bake"), canary_percent=canary)
+    if bake is not None:
+        raise InvalidInput("--bake goes with --canary PERCENT (or bake in shadow with --shadow DURATION)")
+    return None
+
+
+rollout_app = typer.Typer(help="A deploy that bakes on live traffic (ferry deploy --shadow | --canary).",
+                          no_args_is_help=True, rich_markup_mode=None)
+app.add_typer(rollout_app, name="rollout")
+
+
+@rollout_app.command("status")
+def rollout_status(model: str = ModelArgument, as_json: bool = JsonOption) -> None:
+    """The bake in progress: mode, elapsed, the gate's evaluations so far."""
+    settings = _settings()
+    model_dir = _known_model(settings, model)
+    state = _guarded(lambda: read_rollout(model_dir))
+    journal = _guarded(lambda: read_journal(model_dir))
+    gate = journal.record.gate if journal is not None else []
+    if as_json:
+        _print_json({"rollout": state and state.model_dump(mode="json"),
+                     "gate": [g.model_dump(mode="json") for g in gate]})
+        return
+    if state is None:
+        out.print(f"{model}: no bake in progress")
+        return
+    plan = state.plan
+    share = (f"{plan.canary_percent:g}% canary" if plan.mode == "canary"
+             else f"shadow, {plan.mirror_percent:g}% mirrored")
+    out.print(f"{model}: v{state.candidate_version} bakes beside v{state.active_version} ({share}) since "
+              f"{state.started_at_utc} UTC, for {plan.bake_s:g} s; deploy {state.deploy_id}")
+    for evaluation in gate:
+        out.print(f"  {evaluation.elapsed_s:7.1f} s  {evaluation.verdict:<7} {escape('; '.join(evaluation.reasons))}")
+
+
+@rollout_app.command("promote")
+def rollout_promote(model: str = ModelArgument) -> None:
+    """Commit the baking candidate now."""
+    _control(model, "promote")
+
+
+@rollout_app.command("abort")
+def rollout_abort(model: str = ModelArgument) -> None:
+    """Roll the baking candidate back now."""
+    _control(model, "abort")
+
+
+def _control(model: str, action: str) -> None:
+    settings = _settings()
+    model_dir = _known_model(settings, model)
+    if _guarded(lambda: read_rollout(model_dir)) is None:
+        _fail(InvalidInput(f"'{model}' has no bake in progress", f"see `ferry status {model}`"))
+    request_control(model_dir, action, current_user())
+    out.print(f"{model}: {action} asked; the deploy's process acts on it within a second")
 
 
 @app.command("rollback")
