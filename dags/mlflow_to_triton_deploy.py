@@ -1,7 +1,7 @@
 """Deploy an MLflow model version (by alias) into Triton: the ferry transaction as an Airflow DAG.
 
 Each task is one call of ferry's runner (ferry.adapters.dag_steps); XCom carries small plain JSON.
-A failure in any step from materialize to smoke runs rollback_minimal; commit_current is then
+A failure in any step from materialize to the bake runs rollback_minimal; commit_current is then
 upstream_failed, so a rolled-back run ends failed. Only an unreachable MLflow or Triton is retried.
 Reads the same environment as the ferry CLI (FERRY_*, MLFLOW_TRACKING_URI).
 """
@@ -13,6 +13,7 @@ import logging
 from datetime import timedelta
 
 from airflow.providers.standard.operators.python import PythonOperator
+from airflow.providers.standard.sensors.python import PythonSensor
 from airflow.sdk import DAG, Param, TriggerRule
 from airflow.sdk.exceptions import AirflowFailException
 
@@ -39,9 +40,19 @@ def _call(step: str, *args):
         raise AirflowFailException(reason) from error
 
 
-def snapshot_current(model: str, alias: str, ti) -> dict:
+def rollout_plan(bake: str, mode: str, percent: float) -> dict | None:
+    """The run's bake params as ferry's rollout plan (none when ``bake`` is empty)."""
+    if not bake:
+        return None
+    from ferry.core.config import parse_duration
+
+    share = {"canary_percent": percent} if mode == "canary" else {"mirror_percent": percent}
+    return {"mode": mode, "bake_s": parse_duration(bake, "bake"), **share}
+
+
+def snapshot_current(model: str, alias: str, bake: str, mode: str, percent: float, ti) -> dict:
     try:
-        return _call("snapshot_current", model, alias)
+        return _call("snapshot_current", model, alias, rollout_plan(bake, mode, float(percent)))
     except Exception as error:
         cause = error.__cause__
         ti.xcom_push(key="failure", value={"message": getattr(cause, "message", str(error)),
@@ -54,6 +65,11 @@ def step(name: str):
         return _call(name, ti.xcom_pull(task_ids="snapshot_current"))
 
     return run
+
+
+def bake(ti) -> bool:
+    """One look at the bake (reschedule mode: the worker slot is free between looks); True once it passed."""
+    return _call("triton_bake", ti.xcom_pull(task_ids="snapshot_current"))
 
 
 def rollback_minimal(model: str, alias: str, ti) -> dict:
@@ -78,13 +94,23 @@ with DAG(
         "model": Param(settings.default_model, description="Registered model name in MLflow (and in Triton)",
                        **name_schema),
         "alias": Param(settings.default_alias, description="MLflow alias naming the version to deploy", **name_schema),
+        "bake": Param("", type="string", pattern=r"^(\d+(\.\d+)?[smh]?)?$",
+                      description="Bake on live traffic this long before the commit (5m); empty: no bake"),
+        "mode": Param("canary", enum=["canary", "shadow"], description="canary: the candidate answers a share; "
+                      "shadow: it gets copies and its answers are compared"),
+        "percent": Param(10, type="number", minimum=1, maximum=100,
+                         description="canary: the share of requests it answers; shadow: the share copied to it"),
     },
     tags=["ferry"],
 ) as dag:
     names = {"model": "{{ params.model }}", "alias": "{{ params.alias }}"}
-    snapshot = PythonOperator(task_id="snapshot_current", python_callable=snapshot_current, op_kwargs=names,
-                              **retry_dependencies)
+    snapshot = PythonOperator(task_id="snapshot_current", python_callable=snapshot_current,
+                              op_kwargs={**names, "bake": "{{ params.bake }}", "mode": "{{ params.mode }}",
+                                         "percent": "{{ params.percent }}"}, **retry_dependencies)
     steps = [PythonOperator(task_id=name, python_callable=step(name), **retry_dependencies) for name in STEPS]
+    # A sensor in reschedule mode: each look is a short task run, and no worker waits through the bake.
+    steps.append(PythonSensor(task_id="triton_bake", python_callable=bake, mode="reschedule",
+                              poke_interval=settings.gate_interval_s, timeout=24 * 3600, **retry_dependencies))
     commit = PythonOperator(task_id="commit_current", python_callable=step("commit_current"), **retry_dependencies)
     rollback = PythonOperator(task_id="rollback_minimal", python_callable=rollback_minimal, op_kwargs=names,
                               trigger_rule=TriggerRule.ONE_FAILED)

@@ -80,7 +80,7 @@ def deploy_through_airflow(airflow: Airflow, label: str) -> str:
     run_id = airflow.trigger({"model": "iris", "alias": "champion"})
     state = wait_for(f"run {run_id}", lambda: airflow.finished(run_id), timeout_s=180)
     print(f"{label}: run {run_id} ended {state.upper()}")
-    order = ["snapshot_current", "materialize_repo", "triton_load", "triton_ready", "triton_infer_smoke",
+    order = ["snapshot_current", "materialize_repo", "triton_load", "triton_ready", "triton_infer_smoke", "triton_bake",
              "commit_current", "rollback_minimal"]
     for task, task_state in sorted(airflow.task_states(run_id).items(), key=lambda kv: order.index(kv[0])):
         print(f"  {task:<20} {task_state}")

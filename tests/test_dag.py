@@ -16,7 +16,7 @@ from ferry.core.runner import deploy
 from ferry.core.steps import Ferry
 
 DAG_ID = "mlflow_to_triton_deploy"
-STEP_TASKS = ["materialize_repo", "triton_load", "triton_ready", "triton_infer_smoke"]
+STEP_TASKS = ["materialize_repo", "triton_load", "triton_ready", "triton_infer_smoke", "triton_bake"]
 TASK_OF_STEP = dict(zip(["materialize", "load", "ready", "smoke"], STEP_TASKS))
 
 

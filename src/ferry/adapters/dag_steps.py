@@ -13,7 +13,7 @@ from typing import Any
 
 from ferry.core.current import find_history
 from ferry.core.errors import InvalidInput
-from ferry.core.records import Kind, Step
+from ferry.core.records import Kind, RolloutPlan, Step
 from ferry.core.runner import Runner, Target, holding
 from ferry.core.steps import Ferry
 
@@ -24,14 +24,15 @@ def _runner(ferry: Ferry, model: str) -> Runner:
     return Runner(ferry, model, via="airflow")
 
 
-def snapshot_current(ferry: Ferry, model: str, alias: str) -> Handle:
+def snapshot_current(ferry: Ferry, model: str, alias: str, rollout: dict | None = None) -> Handle:
     """Take the model (fail fast if another deploy holds it), then record what is committed and served.
 
     The model is taken before the snapshot, so no other deploy can commit in between and be undone
     by this one's rollback. A failure here removes the journal and writes no history: the orchestrator
     may retry, and :func:`rollback_minimal` records the attempt once it is given up.
     """
-    runner, target = _runner(ferry, model), Target.of_alias(alias)
+    plan = RolloutPlan.model_validate(rollout) if rollout else None
+    runner, target = _runner(ferry, model), Target.of_alias(alias, rollout=plan)
     with holding(runner.model_dir):
         journal = runner.begin(target)
     snapshot = journal.record.snapshot
@@ -63,6 +64,14 @@ def triton_ready(ferry: Ferry, handle: Handle) -> Handle:
 
 def triton_infer_smoke(ferry: Ferry, handle: Handle) -> Handle:
     return {**handle, "smoke": _step(ferry, handle, Step.SMOKE)}
+
+
+def triton_bake(ferry: Ferry, handle: Handle) -> bool:
+    """One look at the bake (a no-op when the run asked for none); True once it passed. For a sensor in
+    reschedule mode: between looks the task gives its worker slot back."""
+    runner = _runner(ferry, handle["model"])
+    with holding(runner.model_dir):
+        return runner.bake_poke(runner.journal_of(handle["deploy_id"]))
 
 
 def commit_current(ferry: Ferry, handle: Handle) -> dict:

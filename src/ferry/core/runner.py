@@ -319,6 +319,26 @@ class Runner:
             raise failure
         return ended
 
+    def bake_poke(self, journal: Journal) -> bool:
+        """The bake one look at a time, for an orchestrator that must not hold a worker for the whole bake
+        (the DAG's sensor): starts it on the first call, then one gate evaluation per call; True once done."""
+        if not self.bakes(journal):
+            return True
+        record = journal.record
+        try:
+            if record.bake_started_unix is None:
+                journal.begin(Step.BAKE)
+                self.bake_start(journal)
+                return False
+            done = self.bake_check(journal)
+        except StepFailed as failure:
+            journal.update(failure=steps.failure_of(failure))
+            raise
+        if done:
+            record.steps[Step.BAKE] = round(time.time() - (record.bake_started_unix or time.time()), 4)
+            journal.save()
+        return done
+
     def _bake(self, journal: Journal) -> None:
         """The bake in this process: an evaluation every gate interval until it passes, fails or is decided."""
         self.bake_start(journal)
