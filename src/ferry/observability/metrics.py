@@ -41,6 +41,7 @@ class _HistoryTally:
     step_sum: Counter = field(default_factory=Counter)  # step -> seconds
     step_count: Counter = field(default_factory=Counter)  # step -> count
     last_at: dict[str, float] = field(default_factory=dict)  # outcome -> UNIX time of the latest
+    last_gate_failure: float = 0.0  # UNIX time of the latest deploy a bake's gate rolled back (0: none)
 
     def add(self, record: dict) -> None:
         outcome = record.get("outcome", "unknown")
@@ -52,7 +53,10 @@ class _HistoryTally:
             self.step_count[step] += 1
         finished = record.get("finished_at_utc") or record.get("started_at_utc")
         if finished:
-            self.last_at[outcome] = max(self.last_at.get(outcome, 0.0), parse_utc_stamp(finished).timestamp())
+            at = parse_utc_stamp(finished).timestamp()
+            self.last_at[outcome] = max(self.last_at.get(outcome, 0.0), at)
+            if record.get("failed_step") == Step.BAKE:
+                self.last_gate_failure = max(self.last_gate_failure, at)
 
 
 class FerryCollector(Collector):
@@ -106,6 +110,10 @@ class FerryCollector(Collector):
                                   "commits", labels=["model", "replica"])
         triton_up = GaugeMetricFamily("ferry_triton_reachable", "1 when the replica answered the exporter's last "
                                       "query", labels=["replica"])
+        baking = GaugeMetricFamily("ferry_bake_in_progress", "1 while a deploy bakes its candidate on live traffic",
+                                   labels=["model"])
+        gate_failed = GaugeMetricFamily("ferry_last_gate_failure_timestamp_seconds", "When a bake's gate last "
+                                        "rolled a deploy back (UNIX time; 0: never)", labels=["model"])
         indexes = self._indexes()
         for model in list_models(self.settings.repository):
             model_dir = ModelDir(self.settings.repository, model)
@@ -118,6 +126,8 @@ class FerryCollector(Collector):
                 steps.add_metric([model, step], tally.step_count[step], tally.step_sum[step])
             for outcome, at in tally.last_at.items():
                 last.add_metric([model, outcome], at)
+            baking.add_metric([model], float(model_dir.rollout_path.exists()))
+            gate_failed.add_metric([model], tally.last_gate_failure)
             try:
                 current = read_current(model_dir)
             except FerryError:
@@ -130,7 +140,7 @@ class FerryCollector(Collector):
                     drift.add_metric([model, replica], float(ready_versions(index.get(model, [])) != committed))
         for replica, index in indexes.items():
             triton_up.add_metric([replica], float(not isinstance(index, FerryError)))
-        yield from (deploys, rollbacks, steps, last, active, drift, triton_up)
+        yield from (deploys, rollbacks, steps, last, active, drift, triton_up, baking, gate_failed)
 
 
 def write_textfile(path: Path, collector: FerryCollector) -> None:
