@@ -149,3 +149,22 @@ def test_a_bake_needs_a_sensible_plan() -> None:
                  RolloutPlan(mode="shadow", bake_s=60, mirror_percent=150)):
         with pytest.raises(InvalidInput):
             Target.of_alias("champion", rollout=plan)
+
+
+def test_a_controller_that_died_during_the_bake_is_recovered_and_rollout_json_is_gone(bench: Bench,
+                                                                                       baking: list) -> None:
+    from ferry.core.records import Step
+
+    baking.append({})
+    runner = Runner(bench.ferry, "iris")
+    journal = runner.begin(Target.of_alias("champion", rollout=RolloutPlan(mode="shadow", bake_s=60)))
+    for step in (Step.MATERIALIZE, Step.LOAD, Step.READY, Step.SMOKE):
+        runner.run_step(journal, step)
+    journal.begin(Step.BAKE)
+    runner.bake_start(journal)  # ... and the process is killed here
+    assert bench.model_dir.rollout_path.exists()
+    report = Runner(bench.ferry, "iris").recover()
+    assert report.outcome == Outcome.ROLLED_BACK and "stopped during bake" in report.error
+    assert not bench.model_dir.rollout_path.exists() and read_current(bench.model_dir).active_version == 1
+    assert "removed rollout.json" in report.rollback.actions
+    bench.check_invariants(attempts=2)
