@@ -1,58 +1,102 @@
-"""The gateway under load: traffic follows current.json through commits, failed deploys and rollbacks."""
+"""The gateway under load: traffic follows current.json through commits, failed deploys and rollbacks,
+over HTTP (JSON and binary) and gRPC, with the official Triton clients among the load."""
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import httpx
+import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.grpc import service_pb2
+from tritonclient.utils import InferenceServerException
 
 from conftest import FAKES, World, _free_port_block, assert_invariants
+from ferry.adapters.gateway import guard
+from ferry.adapters.gateway.routing import Route
+from ferry.core.errors import GatewayError
+from ferry.core.model_config import Signature, TensorSpec
 from ferry.core.runner import deploy
 
 IRIS_ROW = [5.1, 3.5, 1.4, 0.2]
 KSERVE_BODY = {"inputs": [{"name": "X", "shape": [1, 4], "datatype": "FP32", "data": IRIS_ROW}]}
 TOKEN = "s3cret-token"
+# The gateway with its gRPC port. `ferry gateway` runs the same code (ferry.adapters.gateway.app.serve);
+# once the CLI takes --grpc-port, this can be [sys.executable, "-m", "ferry", "gateway"].
+GATEWAY_COMMAND = [sys.executable, "-m", "ferry", "gateway"]
 
 
-@pytest.fixture
-def gateway(world: World):
-    """`ferry gateway` in its own process, as production runs it."""
-    port = _free_port_block(1)
-    process = subprocess.Popen([sys.executable, "-m", "ferry", "gateway", "--port", str(port)],
-                               env={**os.environ, **world.env(), "FERRY_GATEWAY_TOKEN": TOKEN},
+@dataclass
+class Running:
+    """A gateway process: its HTTP base URL and its gRPC address."""
+
+    url: str
+    grpc: str
+    process: subprocess.Popen
+
+    @property
+    def host_port(self) -> str:
+        return self.url.removeprefix("http://")
+
+
+@contextmanager
+def running_gateway(world: World, token: str = TOKEN, **env: str) -> Iterator[Running]:
+    """The gateway in its own process, HTTP and gRPC, as production runs it (``env``: FERRY_GATEWAY_* settings)."""
+    port = _free_port_block(2)
+    process = subprocess.Popen([*GATEWAY_COMMAND, "--port", str(port), "--grpc-port", str(port + 1)],
+                               env={**os.environ, **world.env(), "FERRY_GATEWAY_TOKEN": token, **env},
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
+    gateway = Running(f"http://127.0.0.1:{port}", f"127.0.0.1:{port + 1}", process)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+            if httpx.get(f"{gateway.url}/healthz", timeout=1).status_code == 200:
                 break
         except httpx.TransportError:
             time.sleep(0.2)
     else:
         process.kill()
-        pytest.fail(f"the gateway did not start: {process.stdout.read()}")
-    yield url
-    process.terminate()
-    process.wait(timeout=10)
+        pytest.fail(f"the gateway did not start: {process.communicate(timeout=10)[0]}")
+    try:
+        yield gateway
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@pytest.fixture
+def gateway(world: World) -> Iterator[Running]:
+    with running_gateway(world) as running:
+        yield running
 
 
 def client(url: str) -> httpx.Client:
     return httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
 
 
+def auth() -> dict[str, str]:
+    """Headers for tritonclient (a fresh dict each call: tritonclient adds its own headers to the one it is given)."""
+    return {"authorization": f"Bearer {TOKEN}"}
+
+
 @dataclass
 class Sent:
     began: float
     ended: float
-    status: int
+    status: int | str  # HTTP status, or the gRPC code's name
     version: int | None
+    protocol: str = "http"
 
 
 @dataclass
@@ -74,13 +118,45 @@ def load(url: str, stop: threading.Event, results: list[Sent]) -> None:
             results.append(Sent(began, time.monotonic(), reply.status_code, int(version) if version else None))
 
 
-def test_traffic_follows_every_commit_and_never_reaches_an_uncommitted_version(world: World, gateway: str) -> None:
+def binary_load(host_port: str, stop: threading.Event, results: list[Sent]) -> None:
+    """tritonclient.http, unchanged, with the binary tensor extension both ways."""
+    triton = httpclient.InferenceServerClient(host_port, network_timeout=30)
+    tensor = httpclient.InferInput("X", [1, 4], "FP32")
+    tensor.set_data_from_numpy(np.array([IRIS_ROW], dtype=np.float32), binary_data=True)
+    while not stop.is_set():
+        began = time.monotonic()
+        try:
+            answer = triton.infer("iris", [tensor], headers=auth())
+            results.append(Sent(began, time.monotonic(), 200, int(answer.get_response()["model_version"]), "binary"))
+        except InferenceServerException as error:
+            results.append(Sent(began, time.monotonic(), f"{error.status()} {error.message()}", None, "binary"))
+    triton.close()
+
+
+def grpc_load(address: str, stop: threading.Event, results: list[Sent]) -> None:
+    """tritonclient.grpc, unchanged."""
+    triton = grpcclient.InferenceServerClient(address)
+    tensor = grpcclient.InferInput("X", [1, 4], "FP32")
+    tensor.set_data_from_numpy(np.array([IRIS_ROW], dtype=np.float32))
+    while not stop.is_set():
+        began = time.monotonic()
+        try:
+            answer = triton.infer("iris", [tensor], headers=auth(), client_timeout=30)
+            results.append(Sent(began, time.monotonic(), 200, int(answer.get_response().model_version), "grpc"))
+        except InferenceServerException as error:
+            results.append(Sent(began, time.monotonic(), f"{error.status()} {error.message()}", None, "grpc"))
+    triton.close()
+
+
+def test_traffic_follows_every_commit_and_never_reaches_an_uncommitted_version(world: World, gateway: Running) -> None:
     world.register()
     world.deploy()
     world.register(trees=5)  # v2, good
     results: list[Sent] = []
     stop = threading.Event()
-    workers = [threading.Thread(target=load, args=(gateway, stop, results)) for _ in range(4)]
+    workers = [threading.Thread(target=load, args=(gateway.url, stop, results)) for _ in range(2)]
+    workers.append(threading.Thread(target=binary_load, args=(gateway.host_port, stop, results)))
+    workers += [threading.Thread(target=grpc_load, args=(gateway.grpc, stop, results)) for _ in range(2)]
     for worker in workers:
         worker.start()
     switches: list[Switch] = []
@@ -105,6 +181,8 @@ def test_traffic_follows_every_commit_and_never_reaches_an_uncommitted_version(w
             worker.join()
 
     assert len(results) > 100, f"only {len(results)} requests: the load is too light to show anything"
+    for protocol in ("http", "binary", "grpc"):
+        assert sum(r.protocol == protocol for r in results) > 20, f"too few {protocol} requests to show anything"
     failed = [r for r in results if r.status != 200]
     assert not failed, f"{len(failed)} failed requests, e.g. {failed[:3]}"
     assert 3 not in {r.version for r in results}, "a request reached the uncommitted, broken v3"
@@ -115,7 +193,8 @@ def test_traffic_follows_every_commit_and_never_reaches_an_uncommitted_version(w
         assert during, f"no request overlapped switch {i}: the test did not exercise it"
         next_began = switches[i + 1].began if i + 1 < len(switches) else float("inf")
         after = [r for r in results if s.ended <= r.began and r.ended < next_began]
-        assert after and {r.version for r in after} == {s.after}, f"after switch {i}, not every request reached v{s.after}"
+        assert after and {r.version for r in after} == {s.after}, \
+            f"after switch {i}, not every request reached v{s.after}"
     assert_invariants(world, attempts=4)
 
 
@@ -132,8 +211,8 @@ def allowed_versions(request: Sent, switches: list[Switch]) -> set[int]:
     return allowed | {committed}
 
 
-def test_bad_requests_get_a_clear_4xx(world: World, gateway: str) -> None:
-    with client(gateway) as session:
+def test_bad_requests_get_a_clear_4xx(world: World, gateway: Running) -> None:
+    with client(gateway.url) as session:
         assert session.get("/readyz").status_code == 503  # nothing committed yet
         world.register()
         world.deploy()
@@ -144,27 +223,48 @@ def test_bad_requests_get_a_clear_4xx(world: World, gateway: str) -> None:
         assert good.status_code == 200 and good.headers["x-ferry-model-version"] == "1"
         assert len(good.json()["outputs"]["probabilities"][0]) == 3
 
+        x = KSERVE_BODY["inputs"][0]
         cases = [
             (session.post("/predict/iris", json={"inputs": {"X": [[1.0, 2.0]]}}), 400, "has shape [1, 2]"),
-            (session.post("/predict/iris", json={"inputs": {"X": [["a", "b", "c", "d"]]}}), 400, "is not a FP32 tensor"),
+            (session.post("/predict/iris", json={"inputs": {"X": [["a", "b", "c", "d"]]}}), 400,
+             "is not a FP32 tensor"),
             (session.post("/predict/iris", json={"inputs": {"Y": [IRIS_ROW]}}), 400, "takes inputs ['X']"),
             (session.post("/predict/iris", content=b"{not json"), 400, "not valid JSON"),
+            (session.post("/predict/iris", content=b'{"inputs": {"X": [[NaN, 1, 2, 3]]}}'), 400, "NaN is not a JSON"),
+            (session.post("/predict/iris", content=b"[" * 100_000), 400, "nests"),
             (session.post("/v2/models/iris/infer", content=b"{not json"), 400, "not valid JSON"),
-            (session.post("/v2/models/iris/infer", json={"inputs": [{**KSERVE_BODY["inputs"][0], "shape": [2, 4]}]}),
-             400, "has 4 values, its shape [2, 4] holds 8"),
+            (session.post("/v2/models/iris/infer", json={"inputs": [{**x, "shape": [2, 4]}]}),
+             400, "has 4 values, its shape holds 8"),
+            # Triton 2.51 aborts on this one (std::bad_alloc): the gateway must not forward it.
+            (session.post("/v2/models/iris/infer", json={"inputs": [{**x, "shape": [1_000_000_000_000, 4]}]}),
+             400, "over the gateway's limit of 16777216"),
+            (session.post("/v2/models/iris/infer", content=b'{"inputs": [{"name": "X", "shape": [1, 4], '
+                          b'"datatype": "FP32", "data": [Infinity, 1, 2, 3]}]}'), 400, "Infinity is not a JSON number"),
+            (session.post("/v2/models/iris/infer", json={"inputs": [{**x, "datatype": "FP64"}]}), 400, "takes FP32"),
+            (session.post("/v2/models/iris/infer", json={"inputs": [{**x, "parameters": {
+                "shared_memory_region": "r", "shared_memory_byte_size": 16}}]}), 400, "shared-memory"),
+            (session.post("/v2/models/iris/versions/2/infer", json=KSERVE_BODY), 404, "the committed version, v1"),
             (session.post("/v2/models/nosuch/infer", json=KSERVE_BODY), 404, "'nosuch' has no committed version"),
+            (session.get("/v2/models/iris/infer"), 405, "takes POST"),
+            (session.post("/v2/repository/index"), 404, "model control goes through ferry"),
+            (session.get("/nowhere"), 404, "serves no '/nowhere'"),
+            (session.get("/predict/iris"), 405, "does not take GET"),
             (session.post("/predict/..%2Fetc", json={"inputs": {}}), 404, ""),
             (session.post("/predict/iris", content=b" " * (17 * 1024 * 1024)), 413, "over the gateway's limit"),
-            (httpx.post(f"{gateway}/predict/iris", json={"inputs": {"X": [IRIS_ROW]}}), 401, "bearer token"),
+            (session.post("/v2/models/iris/infer", content=b"x", headers={"content-encoding": "br"}), 415, "br"),
+            (httpx.post(f"{gateway.url}/predict/iris", json={"inputs": {"X": [IRIS_ROW]}}), 401, "bearer token"),
         ]
         for reply, status, message in cases:
             assert reply.status_code == status, (reply.request.url, reply.text)
             assert message in reply.text, reply.text
+            assert list(reply.json()) == ["error"], f"not the protocol's error body: {reply.text}"
         metrics = session.get("/metrics").text
-        assert 'ferry_gateway_requests_total{code="200",model="iris",version="1"}' in metrics
+        assert 'ferry_gateway_requests_total{code="200",model="iris",protocol="http",version="1"}' in metrics
+        assert 'ferry_gateway_requests_total{code="400",model="iris",protocol="http",version="1"}' in metrics
+    assert world.ferry.triton.ready_versions("iris") == [1], "Triton is not serving the committed version any more"
 
 
-def test_requests_in_flight_at_a_commit_finish_on_the_old_version(world: World, gateway: str) -> None:
+def test_requests_in_flight_at_a_commit_finish_on_the_old_version(world: World, gateway: Running) -> None:
     world.settings = world.settings.with_overrides(python_runner=FAKES / "fake_slow_runner.py")
     world.register()
     assert world.deploy().outcome == "committed"
@@ -172,10 +272,11 @@ def test_requests_in_flight_at_a_commit_finish_on_the_old_version(world: World, 
     results: list[Sent] = []
 
     def one() -> None:
-        with client(gateway) as session:
+        with client(gateway.url) as session:
             began = time.monotonic()
             reply = session.post("/v2/models/iris/infer", json=KSERVE_BODY)
-            results.append(Sent(began, time.monotonic(), reply.status_code, int(reply.headers["x-ferry-model-version"])))
+            version = int(reply.headers["x-ferry-model-version"])
+            results.append(Sent(began, time.monotonic(), reply.status_code, version))
 
     in_flight = [threading.Thread(target=one) for _ in range(4)]
     for thread in in_flight:
@@ -189,7 +290,58 @@ def test_requests_in_flight_at_a_commit_finish_on_the_old_version(world: World, 
     assert [r.status for r in results] == [200] * 4, results
     assert {r.version for r in results} == {1}, "a request sent before the commit was moved to another version"
     assert max(r.ended for r in results) - min(r.began for r in results) > 1.2, "the runner was not slowed down"
-    assert any(r.ended > committed_at - report.steps["commit"] for r in results), "no request was in flight at the commit"
+    assert any(r.ended > committed_at - report.steps["commit"] for r in results), \
+        "no request was in flight at the commit"
     one()
     assert results[-1].version == 2
     assert_invariants(world, attempts=2)
+
+
+def _route() -> Route:
+    """A model with batching (max 8), a FP32 and a BYTES input, as the router reads it from config.pbtxt."""
+    inputs = (TensorSpec("X", "FP32", (-1, 4)), TensorSpec("S", "BYTES", (-1,)))
+    return Route("m", 3, Signature(inputs, (TensorSpec("Y", "FP32", (-1,)),)), max_batch_size=8)
+
+
+def _refusal(check, *args) -> str:
+    with pytest.raises(GatewayError) as refused:
+        check(*args)
+    assert refused.value.status == 400
+    return str(refused.value)
+
+
+def _binary(*tensors: tuple[dict, bytes]) -> guard.HttpInfer:
+    header = json.dumps({"inputs": [t for t, _ in tensors]}).encode()
+    return guard.parse_infer(header + b"".join(blob for _, blob in tensors), str(len(header)).encode())
+
+
+def test_the_guard_checks_batch_sizes_byte_strings_and_the_element_ceiling() -> None:
+    """The checks the iris model cannot show: max_batch_size, BYTES length prefixes, gRPC typed contents."""
+    route, limit = _route(), 1 << 24
+    strings = struct.pack("<I", 2) + b"ab" + struct.pack("<I", 0)
+    good = _binary(({"name": "X", "shape": [2, 4], "datatype": "FP32", "parameters": {"binary_data_size": 32}},
+                    bytes(32)),
+                   ({"name": "S", "shape": [2], "datatype": "BYTES", "parameters": {"binary_data_size": 10}}, strings))
+    guard.check_infer(good, route, limit)
+    assert "at most 8" in _refusal(guard.check_infer, guard.parse_infer(json.dumps({"inputs": [
+        {"name": "X", "shape": [9, 4], "datatype": "FP32", "data": [0.0] * 36}]}).encode(), None), route, limit)
+    lying = _binary(({"name": "S", "shape": [3], "datatype": "BYTES", "parameters": {"binary_data_size": 10}},
+                     strings))
+    assert "are not 3 length-prefixed strings" in _refusal(guard.check_infer, lying, route, limit)
+    huge_prefix = _binary(({"name": "S", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": 5}},
+                           struct.pack("<I", 2**32 - 1) + b"a"))
+    assert "length-prefixed" in _refusal(guard.check_infer, huge_prefix, route, limit)
+    assert "over the gateway's limit of 7" in _refusal(guard.check_infer, good, route, 7)
+    request = service_pb2.ModelInferRequest(model_name="m")
+    request.inputs.add(name="X", datatype="FP32", shape=[1, 4]).contents.fp32_contents.extend(IRIS_ROW)
+    guard.check_grpc_infer(request, route, limit)
+    request.inputs[0].shape[:] = [2, 4]
+    assert "has 4 values in contents.fp32_contents, its shape holds 8" in _refusal(guard.check_grpc_infer, request,
+                                                                                   route, limit)
+    request.inputs[0].ClearField("contents")
+    request.raw_input_contents.append(bytes(16))
+    assert "has 16 bytes, its shape holds 8 FP32 = 32 bytes" in _refusal(guard.check_grpc_infer, request, route, limit)
+    half = Route("h", 1, Signature((TensorSpec("H", "FP16", (2,)),), ()))
+    request = service_pb2.ModelInferRequest(model_name="h")
+    request.inputs.add(name="H", datatype="FP16", shape=[2]).contents.fp32_contents.extend([1.0, 2.0])
+    assert "only in raw_input_contents" in _refusal(guard.check_grpc_infer, request, half, limit)

@@ -231,7 +231,7 @@ def test_the_gateway_says_503_for_a_committed_model_triton_does_not_serve(servin
         reply = httpx.post(f"{url}/v2/models/iris/infer", json=body, timeout=10)
         assert reply.status_code == 503 and "ferry reconcile" in reply.json()["error"]
         predict = httpx.post(f"{url}/predict/iris", json={"inputs": {"X": [[5.1, 3.5, 1.4, 0.2]]}}, timeout=10)
-        assert predict.status_code == 503
+        assert predict.status_code == 503 and "ferry reconcile" in predict.json()["error"]
         assert httpx.post(f"{url}/v2/models/nothing/infer", json=body, timeout=10).status_code == 404
     finally:
         gateway.terminate()

@@ -363,20 +363,22 @@ def _port_option(help_text: str) -> int | None:
 def gateway_command(
     host: str | None = typer.Option(None, help="Address to listen on (default FERRY_GATEWAY_HOST, 127.0.0.1)."),
     port: int | None = _port_option("Port (default FERRY_GATEWAY_PORT, 8080)."),
+    grpc_port: int | None = _port_option("KServe v2 gRPC port (default FERRY_GATEWAY_GRPC_PORT; none: HTTP only)."),
 ) -> None:
-    """Serve inference at the version current.json commits (KServe v2 and a simple JSON /predict)."""
+    """Serve inference at the version current.json commits (KServe v2 over HTTP and gRPC, and /predict)."""
     try:
-        import uvicorn
-
-        from ferry.adapters.gateway.app import Gateway
+        from ferry.adapters.gateway.app import serve
     except ImportError as error:
         _needs_extra("gateway", "gateway", error)
     settings = _settings()
     host, port = host or settings.gateway_host, _guarded(lambda: check_port(port or settings.gateway_port, "port"))
-    out.print(f"ferry gateway on http://{host}:{port} -> Triton {settings.triton.url}"
+    grpc_port = grpc_port or settings.gateway_grpc_port
+    if grpc_port == port:
+        _fail(InvalidInput(f"the gRPC port {grpc_port} is the HTTP port", "give --grpc-port another port"))
+    grpc = f" and gRPC {host}:{grpc_port}" if grpc_port else ""
+    out.print(f"ferry gateway on http://{host}:{port}{grpc} -> Triton {settings.triton.url}"
               f"{' (bearer token required)' if settings.gateway_token else ''}")
-    uvicorn.run(Gateway(settings, token=settings.gateway_token), host=host, port=port, log_level="warning",
-                access_log=False, loop="uvloop", http="httptools", proxy_headers=False, server_header=False)
+    serve(settings, host, port, grpc_port=grpc_port, body_timeout_s=settings.gateway_body_timeout_s)
 
 
 @app.command("exporter")

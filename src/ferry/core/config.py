@@ -124,6 +124,9 @@ class Settings:
     gateway_host: str = "127.0.0.1"
     gateway_port: int = 8080
     gateway_token: str = ""  # a bearer token the gateway requires on inference requests (none: open)
+    gateway_grpc_port: int = 0  # KServe v2 gRPC port of `ferry gateway` (0: HTTP only)
+    gateway_max_elements: int = 16 * 1024 * 1024  # elements one inference request may declare
+    gateway_body_timeout_s: float = 30.0  # a request body that takes longer to arrive gets a 408
     default_model: str = "iris"  # the DAG's default params
     default_alias: str = "champion"
     rtol: float = 1e-4
@@ -242,7 +245,10 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     if settings.runtime not in RUNTIMES:
         raise InvalidInput(f"unknown runtime {settings.runtime!r}", f"set FERRY_RUNTIME to one of {RUNTIMES}")
     parse_replica_sources(settings.triton_url)  # now, so that a bad URL is refused before anything runs
-    for name in ("gateway_port", "triton_grpc_port", "triton_metrics_port"):
+    if settings.gateway_max_elements < 1:
+        raise InvalidInput(f"FERRY_GATEWAY_MAX_ELEMENTS={settings.gateway_max_elements} lets no request through",
+                           "give a positive number of elements (default 16777216)")
+    for name in ("gateway_port", "gateway_grpc_port", "triton_grpc_port", "triton_metrics_port"):
         if getattr(settings, name):
             check_port(getattr(settings, name), f"FERRY_{name.upper()}")
     return settings

@@ -1,245 +1,179 @@
 """``ferry gateway``: production traffic to the version current.json commits, and to nothing else.
 
-An adapter (uvicorn, FastAPI) over :mod:`ferry.routing`. Every request is routed afresh, so a commit
-takes effect from the next request on, without a restart; the answer names the version that served it
-in the ``X-Ferry-Model-Version`` header. A client cannot pick a version: the KServe path with
-``/versions/<N>`` is not served.
+An adapter (uvicorn, FastAPI, grpc.aio) over :mod:`ferry.adapters.gateway.routing`. Every request is routed
+afresh, so a commit takes effect from the next request on, without a restart; the answer names the version
+that served it (the ``X-Ferry-Model-Version`` header, gRPC trailing metadata of the same name). A client may
+name a version only if it is the committed one.
 
-The KServe v2 inference path is a plain ASGI handler over a pool of kept-alive connections
-(:mod:`ferry.upstream`): it forwards the bytes without parsing them, and looks into a request only
-when Triton refused it, to tell the client what was wrong. The rest (/predict, health, metrics) is FastAPI.
+KServe v2 over HTTP is a plain ASGI handler (:mod:`.kserve_http`) over a pool of kept-alive connections
+(:mod:`.upstream`); KServe v2 over gRPC is a grpc.aio server in the same event loop (:mod:`.kserve_grpc`).
+Both check every inference against the model's config first (:mod:`.guard`). The rest (/predict, /healthz,
+/readyz, /metrics) is FastAPI.
 
 Draining: Triton unloads a retired version only once the requests it is running have finished. A
 request routed to the old version just before a commit can still reach Triton after the version is
 gone; Triton then refuses it before running it, and the gateway sends it again, once, to the version
-now committed.
+now committed (:meth:`Gateway.at_committed`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
-import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from tritonclient.utils import triton_to_np_dtype
+from starlette.exceptions import HTTPException
 
+from ferry.adapters.gateway import guard
+from ferry.adapters.gateway.kserve_grpc import KServeGrpc
+from ferry.adapters.gateway.kserve_http import VERSION_HEADER, KServeHttp, status_of, triton_failure
 from ferry.adapters.gateway.routing import Route, Router, UnknownModel
 from ferry.adapters.gateway.upstream import Reply, UpstreamPool
 from ferry.core.config import Settings
-from ferry.core.errors import GatewayError
-from ferry.core.model_config import Signature, shape_fits
+from ferry.core.errors import FerryError, GatewayError
 from ferry.core.status import list_models
 
-VERSION_HEADER = b"x-ferry-model-version"
-BINARY_HEADER = b"inference-header-content-length"  # KServe v2 binary tensor extension: passed through as is
-KSERVE_PREFIX, KSERVE_SUFFIX = "/v2/models/", "/infer"
+BODY_TIMEOUT_S = 30.0  # a client that stalls sending its body gets a 408, not a handler waiting for ever
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
+T = TypeVar("T")
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("ferry_gateway_requests", "Requests by model, served version and HTTP status",
-                                ["model", "version", "code"], registry=self.registry)
-        self.seconds = Histogram("ferry_gateway_request_seconds", "Time to answer, Triton included", ["model"],
-                                 registry=self.registry,
+        self.requests = Counter("ferry_gateway_requests", "Inference requests by model, served version, status "
+                                "(HTTP; a gRPC code as its HTTP equivalent) and protocol",
+                                ["model", "version", "code", "protocol"], registry=self.registry)
+        self.seconds = Histogram("ferry_gateway_request_seconds", "Time to answer, Triton included, by model and "
+                                 "served version", ["model", "version"], registry=self.registry,
                                  buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
         self.rerouted = Counter("ferry_gateway_rerouted", "Requests sent again to the version a commit made active "
                                 "after the version they were routed to had been retired", ["model"],
                                 registry=self.registry)
-        self._children: dict[tuple[str, int, int], tuple[Any, Any]] = {}
+        self._children: dict[tuple[str, int, int, str], tuple[Any, Any]] = {}
 
-    def count(self, route: Route | None, status: int, began: float) -> None:
+    def count(self, route: Route | None, status: int, began: float, protocol: str = "http") -> None:
         # Labelled by the routed model only: a name from the URL would let any client grow the label set.
         model, version = (route.model, route.version) if route else ("", 0)
-        children = self._children.get((model, version, status))
+        key = (model, version, status, protocol)
+        children = self._children.get(key)
         if children is None:  # labels() costs more than the increment itself: look each child up once
-            children = (self.requests.labels(model, str(version) if route else "", str(status)),
-                        self.seconds.labels(model))
-            self._children[(model, version, status)] = children
+            served = str(version) if route else ""
+            children = (self.requests.labels(model, served, str(status), protocol), self.seconds.labels(model, served))
+            self._children[key] = children
         children[0].inc()
         children[1].observe(time.perf_counter() - began)
 
 
-def _to_tensors(body: bytes, signature: Signature) -> dict:
-    """A /predict body ``{"inputs": {name: nested list}}`` as a KServe v2 request, checked against the model."""
-    try:
-        document = json.loads(body)
-    except ValueError as error:
-        raise GatewayError(400, f"the body is not valid JSON: {error}") from None
-    inputs = document.get("inputs") if isinstance(document, dict) else None
-    if not isinstance(inputs, dict):
-        raise GatewayError(400, 'the body must be {"inputs": {"<input name>": <nested list>}}')
-    wanted = {t.name: t for t in signature.inputs}
-    if set(inputs) != set(wanted):
-        raise GatewayError(400, f"the model takes inputs {sorted(wanted)}, the request gives {sorted(inputs)}")
-    tensors = []
-    for name, value in inputs.items():
-        spec = wanted[name]
-        try:
-            array = np.asarray(value, dtype=triton_to_np_dtype(spec.datatype))
-        except (ValueError, TypeError) as error:
-            raise GatewayError(400, f"input '{name}' is not a {spec.datatype} tensor: {error}") from None
-        if not shape_fits(list(array.shape), spec.dims):
-            raise GatewayError(400, f"input '{name}' has shape {list(array.shape)}, the model takes {list(spec.dims)}")
-        tensors.append({"name": name, "shape": list(array.shape), "datatype": spec.datatype,
-                        "data": array.flatten().tolist()})
-    return {"inputs": tensors}
-
-
-def _count(data: object) -> int:
-    return sum(_count(item) for item in data) if isinstance(data, list) else 1
-
-
-def _request_problem(body: bytes, headers: dict[bytes, bytes], signature: Signature) -> str | None:
-    """What is wrong with a KServe v2 request, if anything. Checked only after Triton failed on it
-    (Triton answers 500 to many bad requests), so it costs nothing on the hot path."""
-    length = headers.get(BINARY_HEADER, b"").decode()
-    try:
-        document = json.loads(body[: int(length)] if length and length.isdigit() else body)
-    except ValueError as error:
-        return f"the body is not valid JSON: {error}"
-    inputs = document.get("inputs") if isinstance(document, dict) else None
-    if not isinstance(inputs, list):
-        return 'the body must be a KServe v2 request: {"inputs": [{"name", "shape", "datatype", "data"}]}'
-    wanted = {t.name: t for t in signature.inputs}
-    for tensor in inputs:
-        spec = wanted.get(tensor.get("name")) if isinstance(tensor, dict) else None
-        if spec is None:
-            return f"the model takes inputs {sorted(wanted)}; the request gives {tensor!r:.100}"
-        name, shape = spec.name, tensor.get("shape")
-        if tensor.get("datatype") != spec.datatype:
-            return f"input '{name}' is {tensor.get('datatype')}, the model takes {spec.datatype}"
-        if not shape_fits(shape, spec.dims):
-            return f"input '{name}' has shape {shape}, the model takes {list(spec.dims)}"
-        if "data" in tensor and _count(tensor["data"]) != math.prod(shape):
-            return f"input '{name}' has {_count(tensor['data'])} values, its shape {shape} holds {math.prod(shape)}"
-    return None
-
-
-def _triton_message(payload: bytes) -> str:
-    try:
-        return str(json.loads(payload)["error"])
-    except (ValueError, KeyError, TypeError):
-        return payload.decode(errors="replace")[:500]
-
-
-def _outputs(answer: bytes) -> dict:
-    outputs = json.loads(answer).get("outputs", [])
-    return {o["name"]: np.asarray(o["data"]).reshape(o["shape"]).tolist() for o in outputs}
-
-
 class Gateway:
-    """The ASGI application: the KServe hot path here, everything else in a FastAPI app."""
+    """The ASGI application: KServe v2 (HTTP here, gRPC beside it in the same loop), the rest in FastAPI."""
 
-    def __init__(self, settings: Settings, token: str = "", max_body_bytes: int = 16 * 1024 * 1024) -> None:
+    def __init__(self, settings: Settings, token: str = "", max_body_bytes: int = 16 * 1024 * 1024,
+                 grpc_port: int | None = None, max_elements: int | None = None, host: str | None = None,
+                 body_timeout_s: float = BODY_TIMEOUT_S) -> None:
         self.settings = settings
         self.router = Router(settings.repository)
         self.metrics = Metrics()
         self.token = token.encode()
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
+        # Explicit arguments win; else the settings (once Settings carries them); else the defaults.
+        if grpc_port is None:
+            grpc_port = getattr(settings, "gateway_grpc_port", 0)
+        if max_elements is None:
+            max_elements = getattr(settings, "gateway_max_elements", 0) or guard.DEFAULT_MAX_ELEMENTS
+        self.grpc_port, self.max_elements = grpc_port, max_elements
+        self.host = host or settings.gateway_host
         self.triton = UpstreamPool(settings.triton.host, settings.triton.port, settings.triton_timeout_s)
+        self.cache: dict[tuple[str, str, int], bytes] = {}  # (what, model, version) -> metadata or config answer
+        self.http = KServeHttp(self)
+        self.grpc: KServeGrpc | None = None  # the gRPC server, started with the application (lifespan)
         self.app = _admin_app(self)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "")
-        if scope["type"] == "http" and scope["method"] == "POST" and path.startswith(KSERVE_PREFIX) \
-                and path.endswith(KSERVE_SUFFIX) and "/" not in path[len(KSERVE_PREFIX):-len(KSERVE_SUFFIX)]:
-            await self._kserve(path[len(KSERVE_PREFIX):-len(KSERVE_SUFFIX)], scope, receive, send)
+        if scope["type"] == "http" and scope["path"].startswith("/v2") and scope["path"][3:4] in ("", "/"):
+            await self.http(scope, receive, send)
         else:
             await self.app(scope, receive, send)
 
     def check_token(self, authorization: bytes) -> None:
         if self.token and not (authorization.startswith(b"Bearer ")
                                and hmac.compare_digest(authorization[7:], self.token)):
-            raise GatewayError(401, "missing or wrong bearer token")
-
-    async def _kserve(self, model: str, scope: Scope, receive: Receive, send: Send) -> None:
-        began = time.perf_counter()
-        headers = dict(scope["headers"])
-        route = None
-        try:
-            self.check_token(headers.get(b"authorization", b""))
-            body = await self.read_body(receive, headers.get(b"content-length"))
-            passed = [(b"content-type", headers.get(b"content-type", b"application/json"))]
-            if BINARY_HEADER in headers:
-                passed.append((BINARY_HEADER, headers[BINARY_HEADER]))
-            route, reply = await self.forward(model, body, passed)
-            status, payload = reply.status, reply.body
-            out = [(b"content-type", reply.headers.get(b"content-type", b"application/json"))]
-            if BINARY_HEADER in reply.headers:
-                out.append((BINARY_HEADER, reply.headers[BINARY_HEADER]))
-            if status >= 500:
-                status, payload, out = self._explain(route, reply, body, passed)
-        except UnknownModel as error:
-            status, payload, out = 404, _error_body(str(error)), [(b"content-type", b"application/json")]
-        except GatewayError as error:
-            status, payload, out = error.status, _error_body(str(error)), [(b"content-type", b"application/json")]
-        if route is not None:
-            out.append((VERSION_HEADER, str(route.version).encode()))
-        await send({"type": "http.response.start", "status": status, "headers": out})
-        await send({"type": "http.response.body", "body": payload})
-        self.metrics.count(route, status, began)
+            raise GatewayError(401, "missing or wrong bearer token", "send the header 'Authorization: Bearer <token>'")
 
     async def read_body(self, receive: Receive, length: bytes | None) -> bytes:
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
             raise GatewayError(413, f"the body is {int(length)} bytes, over the gateway's limit of "
-                                    f"{self.max_body_bytes}")
-        chunks, size = [], 0
-        while True:
+                                    f"{self.max_body_bytes}", "split the request")
+        try:
+            async with asyncio.timeout(self.body_timeout_s):
+                return await self._receive_body(receive)
+        except TimeoutError:
+            raise GatewayError(408, f"the body did not arrive within {self.body_timeout_s:g} s",
+                               "send the whole body promptly") from None
+
+    async def _receive_body(self, receive: Receive) -> bytes:
+        message = await receive()
+        if not message.get("more_body"):
+            return message.get("body", b"")
+        chunks, size = [message.get("body", b"")], len(message.get("body", b""))
+        while message.get("more_body"):
             message = await receive()
-            chunk = message.get("body", b"")
-            size += len(chunk)
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
             if size > self.max_body_bytes:
-                raise GatewayError(413, f"the body is over the gateway's limit of {self.max_body_bytes} bytes")
-            chunks.append(chunk)
-            if not message.get("more_body"):
-                return b"".join(chunks)
+                raise GatewayError(413, f"the body is over the gateway's limit of {self.max_body_bytes} bytes",
+                                   "split the request")
+        return b"".join(chunks)
 
-    async def forward(self, model: str, body: bytes, headers: list[tuple[bytes, bytes]]) -> tuple[Route, Reply]:
-        """Send an inference to the committed version; once more to the new one if a commit retired it meanwhile."""
+    def route(self, model: str, version: str = "") -> Route:
+        """The committed version of ``model``; 404 if the client named another version."""
         route = self.router.route(model)
-        for attempt in (1, 2):
-            path = f"/v2/models/{model}/versions/{route.version}/infer"
-            try:
-                reply = await self.triton.request("POST", path, body, headers)
-            except (OSError, TimeoutError) as error:
-                raise GatewayError(503, f"Triton at {self.settings.triton_url} did not answer: "
-                                        f"{type(error).__name__} {error}") from None
-            if reply.status == 200 or attempt == 2:
-                return route, self._served(route, reply)
-            newer = self.router.route(model)
-            if newer.version == route.version:
-                return route, self._served(route, reply)
-            self.metrics.rerouted.labels(model).inc()
-            route = newer
-        raise AssertionError("unreachable")
+        if not route.serves(version):
+            error = GatewayError(404, f"model '{model}' version {version!r:.20} is not served: the gateway serves "
+                                      f"the committed version, v{route.version}",
+                                 f"name version {route.version}, or none")
+            error.route = route  # type: ignore[attr-defined]  # the answer names the committed version
+            raise error
+        return route
 
-    def _served(self, route: Route, reply: Reply) -> Reply:
-        """The reply, unless Triton does not serve the committed version at all (restarted, not reconciled)."""
-        if reply.status in (400, 404) and b"unknown model" in reply.body[:300].lower():
-            raise GatewayError(503, f"'{route.model}' v{route.version} is committed but Triton does not serve it",
-                               "run `ferry reconcile` (after a Triton restart, it serves nothing until then)")
-        return reply
+    async def at_committed(self, model: str, version: str, call: Callable[[Route], Awaitable[T]],
+                           done: Callable[[T], bool]) -> tuple[Route, T]:
+        """``call`` at the committed version; if it fails and a commit retired that version meanwhile, once
+        more at the version now committed (a client that named the old version gets a 404 instead)."""
+        route = self.route(model, version)
+        answer = await _attempt(call, route)
+        if done(answer):
+            return route, answer
+        newer = self.router.route(model)
+        if newer.version == route.version:
+            return route, answer
+        if version:
+            raise GatewayError(404, f"model '{model}' v{version} was retired by a commit while the request ran",
+                               f"v{newer.version} is committed now: name it, or no version")
+        self.metrics.rerouted.labels(model).inc()
+        return newer, await _attempt(call, newer)
 
-    def _explain(self, route: Route, reply: Reply, body: bytes,
-                 headers: list[tuple[bytes, bytes]]) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
-        """Triton answers 500 to many bad requests: say what is wrong with it (400), or that Triton failed (502)."""
-        json_type = [(b"content-type", b"application/json")]
-        if problem := _request_problem(body, dict(headers), route.signature):
-            return 400, _error_body(problem), json_type
-        return 502, _error_body(f"Triton failed: {_triton_message(reply.body)}"), json_type
+    def cached(self, what: str, route: Route) -> bytes | None:
+        return self.cache.get((what, route.model, route.version))
+
+    def remember(self, what: str, route: Route, answer: bytes) -> bytes:
+        if len(self.cache) > 4096:  # model names and versions are bounded by the repository; be safe anyway
+            self.cache.clear()
+        self.cache[(what, route.model, route.version)] = answer
+        return answer
 
     async def ready(self) -> tuple[dict[str, int], list[str]]:
         """Every committed model's active version, if it answers ready in Triton, and what does not."""
@@ -259,9 +193,31 @@ class Gateway:
                 problems.append(f"{model} v{route.version} is not ready in Triton")
         return serving, problems
 
+    async def triton_request(self, method: str, path: str, body: bytes = b"",
+                             headers: list[tuple[bytes, bytes]] | tuple = ()) -> Reply:
+        try:
+            return await self.triton.request(method, path, body, headers)
+        except (OSError, TimeoutError) as error:
+            raise GatewayError(503, f"Triton at {self.settings.triton_url} did not answer: "
+                                    f"{type(error).__name__} {error}", "check that Triton runs") from None
 
-def _error_body(message: str) -> bytes:
-    return json.dumps({"error": message}).encode()
+    async def start(self) -> None:
+        if self.grpc_port:
+            self.grpc = KServeGrpc(self, self.host, self.grpc_port)
+            await self.grpc.start()
+
+    async def stop(self) -> None:
+        if self.grpc is not None:
+            await self.grpc.stop()
+        self.triton.close()
+
+
+async def _attempt(call: Callable[[Route], Awaitable[T]], route: Route) -> T:
+    try:
+        return await call(route)
+    except GatewayError as error:
+        error.route = route  # type: ignore[attr-defined]  # a refusal names the version it was checked against
+        raise
 
 
 def _error(status: int, message: str, route: Route | None = None) -> JSONResponse:
@@ -269,11 +225,36 @@ def _error(status: int, message: str, route: Route | None = None) -> JSONRespons
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
+def _outputs(answer: bytes) -> dict:
+    outputs = json.loads(answer).get("outputs", [])
+    return {o["name"]: np.asarray(o["data"]).reshape(o["shape"]).tolist() for o in outputs}
+
+
+async def _predict(gateway: Gateway, model: str, request: Request) -> tuple[Route | None, Response]:
+    gateway.check_token(request.headers.get("authorization", "").encode())
+    body = await gateway.read_body(request.receive, request.headers.get("content-length", "").encode() or None)
+    json_type = [(b"content-type", b"application/json")]
+    document = guard.predict_document(body)
+
+    async def attempt(route: Route) -> Reply:
+        tensors = json.dumps(guard.predict_request(document, route, gateway.max_elements)).encode()
+        return await gateway.triton_request("POST", f"/v2/models/{model}/versions/{route.version}/infer", tensors,
+                                            json_type)
+
+    route, reply = await gateway.at_committed(model, "", attempt, lambda reply: reply.status == 200)
+    if reply.status == 200:
+        return route, JSONResponse({"model": model, "version": route.version, "outputs": _outputs(reply.body)},
+                                   headers={VERSION_HEADER.decode(): str(route.version)})
+    status, message = triton_failure(route, reply)
+    return route, _error(status, message, route)
+
+
 def _admin_app(gateway: Gateway) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await gateway.start()
         yield
-        gateway.triton.close()
+        await gateway.stop()
 
     app = FastAPI(title="ferry gateway", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
 
@@ -282,22 +263,9 @@ def _admin_app(gateway: Gateway) -> FastAPI:
         """``{"inputs": {name: nested list}}`` in, ``{"model", "version", "outputs": {name: nested list}}`` out."""
         began, route = time.perf_counter(), None
         try:
-            gateway.check_token(request.headers.get("authorization", "").encode())
-            body = await gateway.read_body(request.receive, request.headers.get("content-length", "").encode() or None)
-            route = gateway.router.route(model)
-            tensors = json.dumps(_to_tensors(body, route.signature)).encode()
-            route, reply = await gateway.forward(model, tensors, [(b"content-type", b"application/json")])
-            if reply.status == 200:
-                response = JSONResponse({"model": model, "version": route.version, "outputs": _outputs(reply.body)},
-                                        headers={VERSION_HEADER.decode(): str(route.version)})
-            elif reply.status < 500:
-                response = _error(reply.status, _triton_message(reply.body), route)
-            else:
-                response = _error(502, f"Triton failed: {_triton_message(reply.body)}", route)
-        except UnknownModel as error:
-            response = _error(404, str(error))
-        except GatewayError as error:
-            response = _error(error.status, str(error), route)
+            route, response = await _predict(gateway, model, request)
+        except FerryError as error:
+            response = _error(status_of(error), str(error), route)
         gateway.metrics.count(route, response.status_code, began)
         return response
 
@@ -317,8 +285,37 @@ def _admin_app(gateway: Gateway) -> FastAPI:
     async def prometheus() -> Response:
         return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    _error_handlers(app)
+    return app
+
+
+def _error_handlers(app: FastAPI) -> None:
+    """Every answer that is not a success is ``{"error": "..."}``, FastAPI's own 404, 405 and 422 included."""
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+        message = {404: f"the gateway serves no {request.url.path[:200]!r}",
+                   405: f"{request.url.path[:200]!r} does not take {request.method}"}.get(error.status_code,
+                                                                                   str(error.detail))
+        response = _error(error.status_code, message)
+        response.headers.update(error.headers or {})
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        return _error(400, f"the request is not valid: {str(error.errors())[:300]}")
+
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception) -> JSONResponse:
         return _error(502, f"the gateway failed: {type(error).__name__}: {error}")
 
-    return app
+
+def serve(settings: Settings, host: str, port: int, grpc_port: int | None = None, token: str | None = None,
+          max_elements: int | None = None, body_timeout_s: float = BODY_TIMEOUT_S) -> None:
+    """Run the gateway (what ``ferry gateway`` does): HTTP on ``port``, gRPC on ``grpc_port`` (0: none)."""
+    import uvicorn
+
+    gateway = Gateway(settings, token=settings.gateway_token if token is None else token, grpc_port=grpc_port,
+                      max_elements=max_elements, host=host, body_timeout_s=body_timeout_s)
+    uvicorn.run(gateway, host=host, port=port, log_level="warning", access_log=False, loop="uvloop",
+                http="httptools", proxy_headers=False, server_header=False)

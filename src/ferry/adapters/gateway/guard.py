@@ -39,6 +39,7 @@ _INTS = {f"{sign}INT{bits}": ((0, 2**bits - 1) if sign else (-(2 ** (bits - 1)),
          for sign in ("", "U") for bits in (8, 16, 32, 64)}
 _FLOATS = {"FP16": 65504.0, "BF16": 3.3895313892515355e38, "FP32": 3.4028234663852886e38,
            "FP64": 1.7976931348623157e308}
+_BOUNDS = {**_INTS, **{name: (-largest, largest) for name, largest in _FLOATS.items()}}
 # The JSON values each datatype takes (bool is not an int here: Triton refuses true for a number).
 _KINDS: dict[str, frozenset[type]] = {**{name: frozenset({int}) for name in _INTS},
                                       **{name: frozenset({int, float}) for name in _FLOATS},
@@ -100,7 +101,28 @@ def parse_infer(body: bytes, header_length: bytes | None) -> HttpInfer:
     document = parse_json(body[:length] if length < len(body) else body)
     if not isinstance(document, dict) or not isinstance(document.get("inputs"), list) or not document["inputs"]:
         raise refused("the body is not a KServe v2 inference request", KSERVE_HINT)
+    if not isinstance(document.get("id", ""), str):
+        raise refused(f"the request's id is {type(document['id']).__name__}, not a string", "send a string id, or none")
+    _check_parameters("the request", document.get("parameters", {}))
     return HttpInfer(document, memoryview(body)[length:], length)
+
+
+def _check_parameters(owner: str, parameters: object) -> dict:
+    """KServe parameters: an object whose values are booleans, numbers or strings; no shared memory."""
+    if not isinstance(parameters, dict):
+        raise refused(f"the parameters of {owner} are {type(parameters).__name__}, not an object", KSERVE_HINT)
+    if _SHARED_MEMORY in parameters:
+        raise _shared_memory(owner)
+    for name, value in parameters.items():
+        if not isinstance(value, (bool, int, float, str)):
+            raise refused(f"parameter {name!r:.40} of {owner} is {type(value).__name__}",
+                          "give parameters as booleans, numbers or strings")
+    return parameters
+
+
+def _shared_memory(owner: str) -> GatewayError:
+    return refused(f"{owner} names a shared-memory region",
+                   "the gateway does not serve shared memory: send the tensor's data in the request")
 
 
 def check_infer(request: HttpInfer, route: Route, max_elements: int) -> None:
@@ -108,8 +130,12 @@ def check_infer(request: HttpInfer, route: Route, max_elements: int) -> None:
     seen: set[str] = set()
     offset, total = 0, 0
     for tensor in request.document["inputs"]:
-        spec, elements, size = _json_input(tensor, route, seen)
+        if not isinstance(tensor, dict):
+            raise refused(f"an input is {type(tensor).__name__}, not an object", KSERVE_HINT)
+        spec = _spec(tensor.get("name"), tensor.get("datatype"), route, seen)
+        elements = _elements(spec, tensor.get("shape"), route)
         total = _within(total + elements, max_elements)
+        size = _json_data(spec, tensor, elements)
         if size is not None:
             _check_blob(spec, elements, request.binary, offset, size)
             offset += size
@@ -119,16 +145,9 @@ def check_infer(request: HttpInfer, route: Route, max_elements: int) -> None:
     _check_outputs(request.document.get("outputs", []), route)
 
 
-def _json_input(tensor: object, route: Route, seen: set[str]) -> tuple[TensorSpec, int, int | None]:
-    """The input's spec, its element count and its binary size (None: its values are in ``data``)."""
-    if not isinstance(tensor, dict):
-        raise refused(f"an input is {type(tensor).__name__}, not an object", KSERVE_HINT)
-    spec = _spec(tensor.get("name"), tensor.get("datatype"), route, seen)
-    elements = _elements(spec, tensor.get("shape"), route)
-    parameters = tensor.get("parameters", {})
-    if not isinstance(parameters, dict) or _SHARED_MEMORY in parameters:
-        raise _parameters_refused(spec.name, parameters)
-    size = parameters.get("binary_data_size")
+def _json_data(spec: TensorSpec, tensor: dict, elements: int) -> int | None:
+    """Check the input's JSON ``data``, or return its ``binary_data_size`` for the caller to check."""
+    size = _check_parameters(f"input '{spec.name}'", tensor.get("parameters", {})).get("binary_data_size")
     if ("data" in tensor) == (size is not None):
         raise refused(f"input '{spec.name}' must carry either 'data' or parameters.binary_data_size, and not both",
                       KSERVE_HINT)
@@ -136,7 +155,7 @@ def _json_input(tensor: object, route: Route, seen: set[str]) -> tuple[TensorSpe
         _check_values(spec, tensor["data"], elements)
     elif type(size) is not int or size < 0:
         raise refused(f"input '{spec.name}' has binary_data_size {size!r:.40}", "give a size in bytes")
-    return spec, elements, size
+    return size
 
 
 def _spec(name: object, datatype: object, route: Route, seen: set[str]) -> TensorSpec:
@@ -155,8 +174,11 @@ def _spec(name: object, datatype: object, route: Route, seen: set[str]) -> Tenso
 def _elements(spec: TensorSpec, shape: object, route: Route) -> int:
     """The elements a shape declares, once it fits the config (rank, fixed dimensions, max_batch_size)."""
     if not shape_fits(shape, spec.dims):
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise refused(f"input '{spec.name}' has shape {shape!r:.100}", "give the shape as a list of non-negative "
+                          f"integers that fits {list(spec.dims)} (-1: any size)")
         raise refused(f"input '{spec.name}' has shape {shape!r:.100}, the model takes {list(spec.dims)}",
-                      "-1 is any size; give every dimension as a non-negative integer")
+                      "-1 is any size; every other dimension must be as given")
     if route.max_batch_size and shape[0] > route.max_batch_size:  # type: ignore[index]
         raise refused(f"input '{spec.name}' has a batch of {shape[0]}, the model takes at most "  # type: ignore[index]
                       f"{route.max_batch_size}", "split the request")
@@ -170,23 +192,15 @@ def _within(total: int, max_elements: int) -> int:
     return total
 
 
-def _parameters_refused(name: str, parameters: object) -> GatewayError:
-    if isinstance(parameters, dict):
-        return refused(f"'{name}' names a shared-memory region", "the gateway does not serve shared memory: "
-                       "send the tensor's data in the request")
-    return refused(f"the parameters of '{name}' are {type(parameters).__name__}, not an object", KSERVE_HINT)
-
-
 def _check_outputs(outputs: object, route: Route) -> None:
     if not isinstance(outputs, list):
         raise refused(f"'outputs' is {type(outputs).__name__}, not a list", 'send [{"name": "<output>"}] or nothing')
     for output in outputs:
         name = output.get("name") if isinstance(output, dict) else None
-        if name not in route.outputs:
-            raise refused(f"model '{route.model}' has no output {name!r:.80}", f"its outputs are {sorted(route.outputs)}")
-        parameters = output.get("parameters", {})
-        if not isinstance(parameters, dict) or _SHARED_MEMORY in parameters:
-            raise _parameters_refused(name, parameters)
+        if not isinstance(name, str) or name not in route.outputs:
+            raise refused(f"model '{route.model}' has no output {name!r:.80}",
+                          f"its outputs are {sorted(route.outputs)}")
+        _check_parameters(f"output '{name}'", output.get("parameters", {}))
 
 
 def _check_values(spec: TensorSpec, data: object, elements: int) -> None:
@@ -208,7 +222,8 @@ def _collect(data: list, depth: int, leaves: list[list], name: str) -> None:
         leaves.append(data)
         return
     if depth <= 1:
-        raise refused(f"input '{name}' has data nested deeper than its shape", "send the values flat, in row-major order")
+        raise refused(f"input '{name}' has data nested deeper than its shape",
+                      "send the values flat, in row-major order")
     for item in data:
         if type(item) is not list:
             raise refused(f"input '{name}' mixes lists and values at one level", "send the values flat")
@@ -217,12 +232,12 @@ def _collect(data: list, depth: int, leaves: list[list], name: str) -> None:
 
 def _check_kind(spec: TensorSpec, values: list) -> None:
     kinds = _KINDS.get(spec.datatype, frozenset())
-    for value in values:
-        if type(value) not in kinds:
-            raise refused(f"input '{spec.name}' is {spec.datatype}, and holds {value!r:.40}",
-                          f"send {spec.datatype} values ({'/'.join(sorted(k.__name__ for k in kinds))})")
-    bounds = _INTS.get(spec.datatype) or (-_FLOATS.get(spec.datatype, math.inf), _FLOATS.get(spec.datatype, math.inf))
-    if values and spec.datatype not in ("BOOL", "BYTES") and (min(values) < bounds[0] or max(values) > bounds[1]):
+    if not kinds.issuperset(map(type, values)):
+        value = next(v for v in values if type(v) not in kinds)
+        raise refused(f"input '{spec.name}' is {spec.datatype}, and holds {value!r:.40}",
+                      f"send {spec.datatype} values ({'/'.join(sorted(k.__name__ for k in kinds))})")
+    bounds = _BOUNDS.get(spec.datatype)
+    if bounds is not None and values and (min(values) < bounds[0] or max(values) > bounds[1]):
         raise refused(f"input '{spec.name}' holds a value outside the range of {spec.datatype}",
                       f"send values from {bounds[0]} to {bounds[1]}")
 
@@ -269,7 +284,7 @@ def check_grpc_infer(request: service_pb2.ModelInferRequest, route: Route, max_e
     for i, tensor in enumerate(request.inputs):
         spec = _spec(tensor.name, tensor.datatype, route, seen)
         if _SHARED_MEMORY in tensor.parameters:
-            raise _parameters_refused(spec.name, {})
+            raise _shared_memory(f"input '{spec.name}'")
         elements = _elements(spec, list(tensor.shape), route)
         total = _within(total + elements, max_elements)
         if raw:
@@ -282,7 +297,7 @@ def check_grpc_infer(request: service_pb2.ModelInferRequest, route: Route, max_e
             raise refused(f"model '{route.model}' has no output {output.name!r:.80}",
                           f"its outputs are {sorted(route.outputs)}")
         if _SHARED_MEMORY in output.parameters:
-            raise _parameters_refused(output.name, {})
+            raise _shared_memory(f"output '{output.name}'")
 
 
 def _check_contents(spec: TensorSpec, contents: service_pb2.InferTensorContents, elements: int) -> None:
@@ -299,12 +314,17 @@ def _check_contents(spec: TensorSpec, contents: service_pb2.InferTensorContents,
 # ---------------------------------------------------------------- /predict
 
 
-def predict_request(body: bytes, route: Route, max_elements: int) -> dict:
-    """A /predict body ``{"inputs": {name: nested list}}`` as a KServe v2 request, checked against the model."""
+def predict_document(body: bytes) -> dict:
+    """A /predict body ``{"inputs": {name: nested list}}``, parsed (once)."""
     document = parse_json(body)
-    inputs = document.get("inputs") if isinstance(document, dict) else None
-    if not isinstance(inputs, dict):
-        raise refused('the body is not a /predict request', 'send {"inputs": {"<input name>": <nested list>}}')
+    if not isinstance(document, dict) or not isinstance(document.get("inputs"), dict):
+        raise refused("the body is not a /predict request", 'send {"inputs": {"<input name>": <nested list>}}')
+    return document
+
+
+def predict_request(document: dict, route: Route, max_elements: int) -> dict:
+    """A /predict document as a KServe v2 request, checked against the model."""
+    inputs = document["inputs"]
     if set(inputs) != set(route.inputs):
         raise refused(f"the model takes inputs {sorted(route.inputs)}, the request gives {sorted(inputs)[:20]}",
                       "give every input, by name")

@@ -1,0 +1,242 @@
+"""KServe v2 over gRPC (``inference.GRPCInferenceService``), as ``tritonclient.grpc`` calls it, at the committed
+version only: ServerLive, ServerReady, ServerMetadata, ModelReady, ModelMetadata, ModelConfig, ModelInfer
+(any other method: UNIMPLEMENTED).
+
+A grpc.aio server in the gateway's own event loop (uvicorn's uvloop), forwarding to Triton's gRPC port over one
+grpc.aio channel. Handlers take and return serialized messages: a request is parsed once (for routing and the
+guard) and forwarded as the bytes the client sent with the committed version appended (in protobuf the last
+value of a field wins, and ``version`` is field 2 of every request forwarded here); Triton's answer goes back as
+it came, except metadata and config, which name the committed version alone and are cached per version.
+
+The same routing, reroute-once, bearer token (``authorization: Bearer <token>`` metadata) and metrics as HTTP;
+the version that served is in the trailing metadata ``x-ferry-model-version``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import grpc
+from google.protobuf.message import DecodeError, Message
+from tritonclient.grpc import service_pb2
+
+from ferry.adapters.gateway import guard
+from ferry.adapters.gateway.kserve_http import SERVED_EXTENSIONS, status_of
+from ferry.adapters.gateway.routing import Route
+from ferry.core.config import Endpoint
+from ferry.core.errors import FerryError, GatewayError, InvalidInput
+
+if TYPE_CHECKING:
+    from ferry.adapters.gateway.app import Gateway
+
+SERVICE = "inference.GRPCInferenceService"
+VERSION_KEY = "x-ferry-model-version"
+MAX_MESSAGE = 2**31 - 1
+OK = grpc.StatusCode.OK
+_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED, 404: grpc.StatusCode.NOT_FOUND,
+          408: grpc.StatusCode.DEADLINE_EXCEEDED, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+          415: grpc.StatusCode.INVALID_ARGUMENT, 502: grpc.StatusCode.INTERNAL, 503: grpc.StatusCode.UNAVAILABLE}
+_STATUSES = {code: status for status, code in _CODES.items() if status not in (415,)} | {OK: 200}
+_PARSE_FAILURES = ("unable to parse", "failed to parse")
+
+
+@dataclass
+class Result:
+    """What a handler answers: the serialized response, or a code and details; the route that served."""
+
+    code: grpc.StatusCode = OK
+    payload: bytes = b""
+    details: str = ""
+    route: Route | None = None
+
+
+def _parse(kind: type[Message], raw: bytes) -> Message:
+    try:
+        return kind.FromString(raw)
+    except DecodeError as error:
+        raise GatewayError(400, f"the request is not a valid {kind.__name__} message: {error}",
+                           f"send an {SERVICE} {kind.__name__}") from None
+
+
+def _with_version(raw: bytes, version: int) -> bytes:
+    """The serialized request with field 2 (``model_version`` / ``version``) set to ``version``: appended, it wins."""
+    value = str(version).encode()
+    return raw + bytes((0x12, len(value))) + value
+
+
+class KServeGrpc:
+    """The gRPC server of the gateway, started and stopped with the ASGI application (its lifespan)."""
+
+    def __init__(self, gateway: Gateway, host: str, port: int) -> None:
+        self.gateway = gateway
+        self.address = Endpoint(host, port).host_port
+        self.timeout_s = gateway.settings.triton_timeout_s
+        self.triton_address = gateway.settings.triton_grpc.host_port
+        self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", gateway.max_body_bytes),
+                                               ("grpc.max_send_message_length", MAX_MESSAGE)])
+        methods: dict[str, tuple[Callable[[bytes, grpc.aio.ServicerContext], Awaitable[Result]], bool]] = {
+            "ServerLive": (self.server_live, False), "ServerReady": (self.server_ready, False),
+            "ServerMetadata": (self.server_metadata, False), "ModelReady": (self.model_ready, False),
+            "ModelMetadata": (self.model_metadata, False), "ModelConfig": (self.model_config, False),
+            "ModelInfer": (self.model_infer, True)}
+        handlers = {name: grpc.unary_unary_rpc_method_handler(self._rpc(method, counted))
+                    for name, (method, counted) in methods.items()}
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+        self.channel: grpc.aio.Channel | None = None
+        self.calls: dict[str, grpc.aio.UnaryUnaryMultiCallable] = {}
+
+    async def start(self) -> None:
+        try:
+            bound = self.server.add_insecure_port(self.address)
+        except RuntimeError as error:
+            bound, reason = 0, str(error)
+        else:
+            reason = "the port is taken"
+        if not bound:
+            raise InvalidInput(f"the gateway cannot listen for gRPC on {self.address}: {reason}",
+                               "choose another gRPC port")
+        self.channel = grpc.aio.insecure_channel(self.triton_address, options=[
+            ("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)])
+        self.calls = {name: self.channel.unary_unary(f"/{SERVICE}/{name}") for name in
+                      ("ServerMetadata", "ModelReady", "ModelMetadata", "ModelConfig", "ModelInfer")}
+        await self.server.start()
+
+    async def stop(self) -> None:
+        await self.server.stop(grace=1.0)
+        if self.channel is not None:
+            await self.channel.close()
+
+    def _rpc(self, method: Callable[[bytes, grpc.aio.ServicerContext], Awaitable[Result]],
+             counted: bool) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]:
+        async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            began = time.perf_counter()
+            try:
+                result = await method(raw, context)
+            except FerryError as error:
+                result = Result(_CODES.get(status_of(error), grpc.StatusCode.UNKNOWN), details=str(error),
+                                route=getattr(error, "route", None))
+            except Exception as error:  # a bug: a clear INTERNAL rather than grpcio's UNKNOWN
+                result = Result(grpc.StatusCode.INTERNAL, details=f"the gateway failed: {type(error).__name__}: "
+                                f"{error}")
+            if counted:
+                self.gateway.metrics.count(result.route, _STATUSES.get(result.code, 500), began, "grpc")
+            trailing = ((VERSION_KEY, str(result.route.version)),) if result.route is not None else ()
+            if result.code is not OK:
+                await context.abort(result.code, result.details, trailing)
+            context.set_trailing_metadata(trailing)
+            return result.payload
+
+        return handle
+
+    def _authorize(self, context: grpc.aio.ServicerContext) -> None:
+        if self.gateway.token:
+            given = next((value for key, value in context.invocation_metadata() or () if key == "authorization"), "")
+            self.gateway.check_token(given.encode() if isinstance(given, str) else given)
+
+    async def _triton(self, method: str, raw: bytes) -> Result:
+        try:
+            return Result(payload=await self.calls[method](raw, timeout=self.timeout_s))
+        except grpc.aio.AioRpcError as error:
+            return Result(error.code(), details=error.details() or "")
+
+    def _failure(self, route: Route | None, reply: Result) -> Result:
+        """What to answer when Triton did not answer OK."""
+        details = reply.details
+        not_served = reply.code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE)
+        if route is not None and not_served and "unknown model" in details.lower():
+            return Result(grpc.StatusCode.UNAVAILABLE, details=f"'{route.model}' v{route.version} is committed but "
+                          "Triton does not serve it (run `ferry reconcile`: after a restart Triton serves nothing "
+                          "until then)", route=route)
+        if reply.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            return Result(grpc.StatusCode.UNAVAILABLE, details=f"Triton at {self.triton_address} did not answer: "
+                          f"{reply.code.name} {details}", route=route)
+        if reply.code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
+            if any(marker in details.lower() for marker in _PARSE_FAILURES):
+                return Result(grpc.StatusCode.INVALID_ARGUMENT, details=f"Triton refused the request: {details}",
+                              route=route)
+            return Result(grpc.StatusCode.INTERNAL, details=f"Triton failed: {details}", route=route)
+        return Result(reply.code, details=details, route=route)
+
+    async def _at_committed(self, model: str, version: str, call: Callable[[Route], Awaitable[Result]]) -> Result:
+        route, reply = await self.gateway.at_committed(model, version, call, lambda reply: reply.code is OK)
+        if reply.code is not OK:
+            return self._failure(route, reply)
+        reply.route = route
+        return reply
+
+    # ------------------------------------------------------------ the service's methods
+
+    async def server_live(self, raw: bytes, context: grpc.aio.ServicerContext) -> Result:
+        return Result(payload=service_pb2.ServerLiveResponse(live=True).SerializeToString())
+
+    async def server_ready(self, raw: bytes, context: grpc.aio.ServicerContext) -> Result:
+        serving, problems = await self.gateway.ready()
+        ready = bool(serving) and not problems
+        return Result(payload=service_pb2.ServerReadyResponse(ready=ready).SerializeToString())
+
+    async def server_metadata(self, raw: bytes, context: grpc.aio.ServicerContext) -> Result:
+        reply = await self._triton("ServerMetadata", b"")
+        if reply.code is not OK:
+            return self._failure(None, reply)
+        metadata = service_pb2.ServerMetadataResponse.FromString(reply.payload)
+        served = [e for e in metadata.extensions if e in SERVED_EXTENSIONS]
+        del metadata.extensions[:]
+        metadata.extensions.extend(served)
+        return Result(payload=metadata.SerializeToString())
+
+    async def model_ready(self, raw: bytes, context: grpc.aio.ServicerContext) -> Result:
+        self._authorize(context)
+        request = _parse(service_pb2.ModelReadyRequest, raw)
+
+        async def attempt(route: Route) -> Result:
+            return await self._triton("ModelReady", _with_version(raw, route.version))
+
+        return await self._at_committed(request.name, request.version, attempt)
+
+    async def model_metadata(self, raw: bytes, context: grpc.aio.ServicerContext) -> Result:
+        self._authorize(context)
+        request = _parse(service_pb2.ModelMetadataRequest, raw)
+        return await self._at_committed(request.name, request.version, self._cached("ModelMetadata", raw))
+
+    async def model_config(self, raw: bytes, context: grpc.aio.ServicerContext) -> Result:
+        self._authorize(context)
+        request = _parse(service_pb2.ModelConfigRequest, raw)
+        return await self._at_committed(request.name, request.version, self._cached("ModelConfig", raw))
+
+    def _cached(self, method: str, raw: bytes) -> Callable[[Route], Awaitable[Result]]:
+        async def attempt(route: Route) -> Result:
+            cached = self.gateway.cached(method, route)
+            if cached is not None:
+                return Result(payload=cached)
+            reply = await self._triton(method, _with_version(raw, route.version))
+            if reply.code is OK:
+                reply.payload = self.gateway.remember(method, route, _as_committed(method, reply.payload, route))
+            return reply
+
+        return attempt
+
+    async def model_infer(self, raw: bytes, context: grpc.aio.ServicerContext) -> Result:
+        self._authorize(context)
+        request = _parse(service_pb2.ModelInferRequest, raw)
+
+        async def attempt(route: Route) -> Result:
+            guard.check_grpc_infer(request, route, self.gateway.max_elements)
+            return await self._triton("ModelInfer", _with_version(raw, route.version))
+
+        return await self._at_committed(request.model_name, request.model_version, attempt)
+
+
+def _as_committed(method: str, payload: bytes, route: Route) -> bytes:
+    """Triton's metadata or config, naming the committed version alone (a deploy may have loaded another beside)."""
+    if method == "ModelConfig":
+        answer = service_pb2.ModelConfigResponse.FromString(payload)
+        answer.config.version_policy.Clear()
+        answer.config.version_policy.specific.versions.append(route.version)
+    else:
+        answer = service_pb2.ModelMetadataResponse.FromString(payload)
+        del answer.versions[:]
+        answer.versions.append(str(route.version))
+    return answer.SerializeToString()
