@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-# Independent test modules run side by side: Triton, MLflow and Airflow wait on I/O half the time.
+# Tests run side by side (each has its own Triton and MLflow): the servers wait on I/O much of the time.
 WORKERS ?= 3
 
 .PHONY: install prometheus demo demo-airflow demo-fleet demo-watch test test-fast lint bench clean
@@ -43,7 +43,7 @@ test-fast: install
 	$(BIN)/pytest -q tests/unit
 
 test: install prometheus lint
-	$(BIN)/pytest -q -n $(WORKERS) --dist loadfile --durations=15
+	$(BIN)/pytest -q -n $(WORKERS) --dist worksteal --durations=15
 
 bench: install
 	$(BIN)/python bench/deploy_overhead.py

@@ -11,44 +11,18 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
+from demo_support import BIN, ROOT, free_port, run, say, wait_for
 
-ROOT = Path(__file__).resolve().parents[1]
 DAG_ID = "mlflow_to_triton_deploy"
-BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def say(text: str) -> None:
-    print(f"\n\033[1m== {text}\033[0m", flush=True)
-
-
-def run(*args: str) -> None:
-    subprocess.run(args, check=True, env=os.environ)
-
-
-def wait_for(what: str, check, timeout_s: float = 120.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            result = check()
-            if result:
-                return result
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise SystemExit(f"{what} did not happen within {timeout_s:g} s")
 
 
 class Airflow:

@@ -13,58 +13,19 @@ import base64
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
+from demo_support import BIN, ROOT, free_port, run, say, wait_for
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 MODEL = "iris"
 
 
-def free_port(block: int = 1) -> int:
-    """A port with ``block - 1`` free ports after it (Triton takes three in a row)."""
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + block < 65536 and all(_free(base + i) for i in range(1, block)):
-            return base
-    raise SystemExit("no free port on 127.0.0.1")
 
 
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
 
-
-def say(text: str) -> None:
-    print(f"\n\033[1m== {text}\033[0m", flush=True)
-
-
-def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(args, check=True, env=os.environ)
-
-
-def wait_for(what: str, check, timeout_s: float = 120.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            result = check()
-            if result:
-                return result
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"{what} did not happen within {timeout_s:g} s")
 
 
 def start(name: str, args: list[str], home: Path, env: dict[str, str] | None = None) -> subprocess.Popen:

@@ -148,9 +148,9 @@ def stop_fleet(world: World) -> None:
 
 
 @pytest.fixture
-def fleet(tmp_path: Path):
-    """Three real Triton servers sharing one repository."""
-    world = start_fleet(tmp_path, 3)
+def fleet(request: pytest.FixtureRequest, tmp_path: Path):
+    """Real Triton servers sharing one repository: three, or as many as ``indirect`` parametrization says."""
+    world = start_fleet(tmp_path, getattr(request, "param", 3))
     try:
         yield world
     finally:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
-from conftest import FAKES, World, assert_invariants, start_fleet, stop_fleet
+from conftest import FAKES, World, assert_invariants
 from ferry.core.current import read_current, read_history
 from ferry.core.reconcile import reconcile
 from ferry.runtime import server
@@ -36,20 +36,10 @@ CRASH_POINTS = [
 ]
 
 
-@pytest.fixture
-def fleet_of_two(tmp_path: Path):
-    """Two real Triton servers sharing one repository: recovery must finish or undo the deploy on both."""
-    world = start_fleet(tmp_path, 2)
-    try:
-        yield world
-    finally:
-        stop_fleet(world)
-
-
+@pytest.mark.parametrize("fleet", [2], indirect=True, ids=["two replicas"])  # undone or finished on both
 @pytest.mark.parametrize("point, breakage, active", CRASH_POINTS, ids=[p[0] for p in CRASH_POINTS])
-def test_a_deploy_killed_at_any_point_is_recovered(fleet_of_two: World, point: str, breakage: str,
-                                                   active: int) -> None:
-    world = fleet_of_two
+def test_a_deploy_killed_at_any_point_is_recovered(fleet: World, point: str, breakage: str, active: int) -> None:
+    world = fleet
     world.register()
     assert world.deploy().outcome == "committed"
     world.register(breakage)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import Bench
 from ferry.adapters import dag_steps
 from ferry.core.current import read_current, read_history
 from ferry.core.errors import Busy, FerryError, StepFailed
 from ferry.core.runner import Runner
+from unit.support import Bench
 
 
 def test_the_steps_commit_like_one_deploy(bench: Bench) -> None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import Bench
-from fakes import FakeTriton
 from ferry.core.config import Endpoint, ReplicaSource, parse_replica_sources
 from ferry.core.current import read_current
 from ferry.core.errors import TritonError
@@ -14,6 +12,8 @@ from ferry.core.fleet import resolve_replicas
 from ferry.core.reconcile import reconcile
 from ferry.core.records import Outcome
 from ferry.core.steps import Ferry
+from unit.fakes import FakeTriton
+from unit.support import Bench
 
 
 class RefusesToServeOnly(FakeTriton):

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Bench
-from fakes import tiny_onnx, write_version_files
 from ferry.core.current import read_current
 from ferry.core.errors import InvalidInput
 from ferry.core.journal import read_journal
 from ferry.core.records import Outcome, Step
 from ferry.core.runner import Runner, Target
+from unit.fakes import tiny_onnx, write_version_files
+from unit.support import Bench
 
 FIXTURE = Path(__file__).parent / "data" / "journal-written-before-format.json"
 

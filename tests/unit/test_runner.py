@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from filelock import FileLock
 
-from conftest import Bench
-from fakes import tiny_onnx
 from ferry.core.current import read_current, read_history
 from ferry.core.errors import Busy, NoSuchModel
 from ferry.core.journal import read_journal
 from ferry.core.records import Outcome, QuarantineReason, Step
 from ferry.core.runner import Runner, Target
+from unit.fakes import tiny_onnx
+from unit.support import Bench
 
 
 def test_a_good_version_is_committed_with_one_record(bench: Bench) -> None:

@@ -7,12 +7,12 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from conftest import Bench
-from fakes import FakeRegistry
 from ferry.core import writeback
 from ferry.core.current import read_current, read_history
 from ferry.core.records import Outcome
 from ferry.core.runner import Runner, Target
+from unit.fakes import FakeRegistry
+from unit.support import Bench
 
 
 class MlflowError(Exception):

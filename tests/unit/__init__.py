@@ -1,0 +1,1 @@
+"""The unit tier (`make test-fast`): the core over in-process fakes."""
