@@ -154,7 +154,7 @@ def main() -> None:
                     began = time.perf_counter()
                     report = deploy(ferry, MODEL, alias="champion")
                     deploys.append(time.perf_counter() - began)
-                    STEP_SUMS.append([report.steps[name] for name in STEP_NAMES])
+                    STEP_SUMS.append([report.steps.get(name, 0.0) for name in STEP_NAMES])
                     assert report.outcome == "committed", report.error
                 else:
                     twin_version, twin_run = register(model_bytes, sample, golden, settings.tracking_uri, TWIN)
