@@ -48,6 +48,27 @@ def test_a_triton_url_ferry_cannot_use_is_refused(serving_v1: World, url: str) -
     assert result.returncode == 2 and "FERRY_TRITON_URL" in result.stderr
 
 
+def test_the_exporter_answers_every_scrape(serving_v1: World) -> None:
+    """prometheus_client serves each scrape on a new thread; Triton's HTTP client is bound to its thread."""
+    port = _free_port_block(1)
+    exporter = subprocess.Popen([sys.executable, "-m", "ferry", "exporter", "--port", str(port)],
+                                env={**os.environ, **serving_v1.env()}, stdout=subprocess.DEVNULL)
+    try:
+        url, deadline = f"http://127.0.0.1:{port}/metrics", time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(url, timeout=5)
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        answers = [httpx.get(url, timeout=10) for _ in range(50)]
+        assert [a.status_code for a in answers] == [200] * 50
+        assert all('ferry_triton_reachable{replica=' in a.text and '} 1.0' in a.text for a in answers)
+    finally:
+        exporter.terminate()
+        exporter.wait(timeout=10)
+
+
 def test_metrics_textfile_into_a_missing_folder_says_so(serving_v1: World, tmp_path: Path) -> None:
     result = serving_v1.cli("metrics", "--textfile", str(tmp_path / "missing" / "ferry.prom"))
     _no_traceback(result)
