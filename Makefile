@@ -49,6 +49,8 @@ bench: install
 	$(BIN)/python bench/deploy_overhead.py
 	$(BIN)/python bench/gateway_overhead.py
 	$(BIN)/python bench/soak.py
+	$(BIN)/python bench/fleet.py
+	$(BIN)/python bench/rollout.py
 
 clean:
 	rm -rf $(VENV) .ferry-demo .ferry-demo-airflow .ferry-demo-fleet .ferry-demo-watch .pytest_cache

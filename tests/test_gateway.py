@@ -259,8 +259,10 @@ def test_bad_requests_get_a_clear_4xx(world: World, gateway: Running) -> None:
             assert message in reply.text, reply.text
             assert list(reply.json()) == ["error"], f"not the protocol's error body: {reply.text}"
         metrics = session.get("/metrics").text
-        assert 'ferry_gateway_requests_total{code="200",model="iris",protocol="http",version="1"}' in metrics
-        assert 'ferry_gateway_requests_total{code="400",model="iris",protocol="http",version="1"}' in metrics
+        assert ('ferry_gateway_requests_total{code="200",model="iris",protocol="http",role="active",version="1"}'
+                in metrics)
+        assert ('ferry_gateway_requests_total{code="400",model="iris",protocol="http",role="active",version="1"}'
+                in metrics)
     assert world.ferry.triton.ready_versions("iris") == [1], "Triton is not serving the committed version any more"
 
 

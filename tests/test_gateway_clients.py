@@ -107,8 +107,8 @@ def test_the_official_clients_see_the_committed_version_only(world: World, gatew
         http.close()
         grpc.close()
     metrics = httpx.get(f"{gateway.url}/metrics", timeout=10).text
-    assert 'ferry_gateway_requests_total{code="200",model="iris",protocol="grpc",version="2"}' in metrics
-    assert 'ferry_gateway_requests_total{code="404",model="iris",protocol="grpc",version="2"}' in metrics
+    assert 'ferry_gateway_requests_total{code="200",model="iris",protocol="grpc",role="active",version="2"}' in metrics
+    assert 'ferry_gateway_requests_total{code="404",model="iris",protocol="grpc",role="active",version="2"}' in metrics
 
 
 def test_every_error_is_the_protocols_error_body(world: World, gateway: Running) -> None:

@@ -14,6 +14,12 @@ Draining: Triton unloads a retired version only once the requests it is running 
 request routed to the old version just before a commit can still reach Triton after the version is
 gone; Triton then refuses it before running it, and the gateway sends it again, once, to the version
 now committed (:meth:`Gateway.at_committed`).
+
+During a bake (rollout.json, :meth:`.routing.Router.bake`), an inference that names no version may be the
+candidate's: in canary mode the candidate answers that share of them (``X-Ferry-Canary: 1``, gRPC trailing
+metadata ``x-ferry-canary``); in shadow mode the active version answers every one and a copy of that share
+goes to the candidate off the response path (:mod:`.shadow`). Metrics carry the role of each answer:
+``active``, ``candidate`` (a canary's answer) or ``shadow`` (a copy, never seen by a client).
 """
 
 from __future__ import annotations
@@ -35,8 +41,9 @@ from starlette.exceptions import HTTPException
 
 from ferry.adapters.gateway import guard
 from ferry.adapters.gateway.kserve_grpc import KServeGrpc
-from ferry.adapters.gateway.kserve_http import VERSION_HEADER, KServeHttp, status_of, triton_failure
-from ferry.adapters.gateway.routing import Route, Router, UnknownModel
+from ferry.adapters.gateway.kserve_http import KServeHttp, served_by, status_of, triton_failure
+from ferry.adapters.gateway.routing import ACTIVE, CANDIDATE, Route, Router, UnknownModel
+from ferry.adapters.gateway.shadow import Shadow
 from ferry.adapters.gateway.upstream import Reply, UpstreamPool
 from ferry.core.config import Settings
 from ferry.core.errors import FerryError, GatewayError
@@ -54,27 +61,41 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter("ferry_gateway_requests", "Inference requests by model, served version, status "
-                                "(HTTP; a gRPC code as its HTTP equivalent) and protocol",
-                                ["model", "version", "code", "protocol"], registry=self.registry)
-        self.seconds = Histogram("ferry_gateway_request_seconds", "Time to answer, Triton included, by model and "
-                                 "served version", ["model", "version"], registry=self.registry,
+                                "(HTTP; a gRPC code as its HTTP equivalent), protocol and role (active; candidate: "
+                                "a canary's answer; shadow: a mirrored copy)",
+                                ["model", "version", "code", "protocol", "role"], registry=self.registry)
+        self.seconds = Histogram("ferry_gateway_request_seconds", "Time to answer, Triton included, by model, "
+                                 "served version and role", ["model", "version", "role"], registry=self.registry,
                                  buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
         self.rerouted = Counter("ferry_gateway_rerouted", "Requests sent again to the version a commit made active "
                                 "after the version they were routed to had been retired", ["model"],
                                 registry=self.registry)
-        self._children: dict[tuple[str, int, int, str], tuple[Any, Any]] = {}
+        self.comparisons = Counter("ferry_gateway_shadow_comparisons", "Shadow copies whose outputs agreed with the "
+                                   "active version's, disagreed, or could not be compared (error), by the "
+                                   "candidate's model and version", ["model", "version", "result"],
+                                   registry=self.registry)
+        self.shadow_dropped = Counter("ferry_gateway_shadow_dropped", "Shadow copies not sent because too many "
+                                      "were in flight", ["model"], registry=self.registry)
+        self._children: dict[tuple[str, int, int, str, str], tuple[Any, Any]] = {}
 
     def count(self, route: Route | None, status: int, began: float, protocol: str = "http") -> None:
         # Labelled by the routed model only: a name from the URL would let any client grow the label set.
-        model, version = (route.model, route.version) if route else ("", 0)
-        key = (model, version, status, protocol)
+        model, version, role = (route.model, route.version, route.role) if route else ("", 0, ACTIVE)
+        key = (model, version, status, protocol, role)
         children = self._children.get(key)
         if children is None:  # labels() costs more than the increment itself: look each child up once
             served = str(version) if route else ""
-            children = (self.requests.labels(model, served, str(status), protocol), self.seconds.labels(model, served))
+            children = (self.requests.labels(model, served, str(status), protocol, role),
+                        self.seconds.labels(model, served, role))
             self._children[key] = children
         children[0].inc()
         children[1].observe(time.perf_counter() - began)
+
+    def compared(self, candidate: Route, result: str) -> None:
+        self.comparisons.labels(candidate.model, str(candidate.version), result).inc()
+
+    def dropped(self, model: str) -> None:
+        self.shadow_dropped.labels(model).inc()
 
 
 class Gateway:
@@ -99,6 +120,7 @@ class Gateway:
         self.triton = UpstreamPool(settings.triton.host, settings.triton.port, settings.triton_timeout_s)
         self.cache: dict[tuple[str, str, int], bytes] = {}  # (what, model, version) -> metadata or config answer
         self.http = KServeHttp(self)
+        self.shadow = Shadow(self)
         self.grpc: KServeGrpc | None = None  # the gRPC server, started with the application (lifespan)
         self.app = _admin_app(self)
 
@@ -150,21 +172,30 @@ class Gateway:
         return route
 
     async def at_committed(self, model: str, version: str, call: Callable[[Route], Awaitable[T]],
-                           done: Callable[[T], bool]) -> tuple[Route, T]:
+                           done: Callable[[T], bool], split: bool = False) -> tuple[Route, T]:
         """``call`` at the committed version; if it fails and a commit retired that version meanwhile, once
-        more at the version now committed (a client that named the old version gets a 404 instead)."""
+        more at the version now committed (a client that named the old version gets a 404 instead).
+
+        ``split`` (inference): during a canary bake, a request that names no version is the candidate's with
+        the canary's probability; its failure is the client's answer, unless the bake was decided meanwhile."""
         route = self.route(model, version)
+        if split and not version and (bake := self.router.bake(route)) is not None and bake.canary and bake.takes():
+            route = bake.candidate
         answer = await _attempt(call, route)
         if done(answer):
             return route, answer
         newer = self.router.route(model)
-        if newer.version == route.version:
+        if newer.version == route.version or (route.role == CANDIDATE and self._still_canary(newer, route)):
             return route, answer
         if version:
             raise GatewayError(404, f"model '{model}' v{version} was retired by a commit while the request ran",
                                f"v{newer.version} is committed now: name it, or no version")
         self.metrics.rerouted.labels(model).inc()
         return newer, await _attempt(call, newer)
+
+    def _still_canary(self, committed: Route, candidate: Route) -> bool:
+        bake = self.router.bake(committed)
+        return bake is not None and bake.candidate.version == candidate.version
 
     def cached(self, what: str, route: Route) -> bytes | None:
         return self.cache.get((what, route.model, route.version))
@@ -209,6 +240,7 @@ class Gateway:
     async def stop(self) -> None:
         if self.grpc is not None:
             await self.grpc.stop()
+        await self.shadow.close()
         self.triton.close()
 
 
@@ -221,8 +253,7 @@ async def _attempt(call: Callable[[Route], Awaitable[T]], route: Route) -> T:
 
 
 def _error(status: int, message: str, route: Route | None = None) -> JSONResponse:
-    headers = {VERSION_HEADER.decode(): str(route.version)} if route else None
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+    return JSONResponse({"error": message}, status_code=status, headers=served_by(route))
 
 
 def _outputs(answer: bytes) -> dict:
@@ -235,16 +266,20 @@ async def _predict(gateway: Gateway, model: str, request: Request) -> tuple[Rout
     body = await gateway.read_body(request.receive, request.headers.get("content-length", "").encode() or None)
     json_type = [(b"content-type", b"application/json")]
     document = guard.predict_document(body)
+    shadow = gateway.http.shadowed()
 
     async def attempt(route: Route) -> Reply:
         tensors = json.dumps(guard.predict_request(document, route, gateway.max_elements)).encode()
+        shadow.start(route, lambda: gateway.http.copy(model, tensors, json_type))
         return await gateway.triton_request("POST", f"/v2/models/{model}/versions/{route.version}/infer", tensors,
                                             json_type)
 
-    route, reply = await gateway.at_committed(model, "", attempt, lambda reply: reply.status == 200)
+    with shadow:
+        route, reply = await gateway.at_committed(model, "", attempt, lambda reply: reply.status == 200, split=True)
+        shadow.answered(route, reply)
     if reply.status == 200:
         return route, JSONResponse({"model": model, "version": route.version, "outputs": _outputs(reply.body)},
-                                   headers={VERSION_HEADER.decode(): str(route.version)})
+                                   headers=served_by(route))
     status, message = triton_failure(route, reply)
     return route, _error(status, message, route)
 

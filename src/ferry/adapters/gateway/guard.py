@@ -45,10 +45,10 @@ _KINDS: dict[str, frozenset[type]] = {**{name: frozenset({int}) for name in _INT
                                       **{name: frozenset({int, float}) for name in _FLOATS},
                                       "BOOL": frozenset({bool}), "BYTES": frozenset({str})}
 # Where gRPC's typed contents carry each datatype (FP16 and BF16 travel only as raw bytes).
-_GRPC_CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents",
-                  "INT32": "int_contents", "INT64": "int64_contents", "UINT8": "uint_contents",
-                  "UINT16": "uint_contents", "UINT32": "uint_contents", "UINT64": "uint64_contents",
-                  "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents"}
+GRPC_CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents",
+                 "INT32": "int_contents", "INT64": "int64_contents", "UINT8": "uint_contents",
+                 "UINT16": "uint_contents", "UINT32": "uint_contents", "UINT64": "uint64_contents",
+                 "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents"}
 _SHARED_MEMORY = "shared_memory_region"
 
 
@@ -301,7 +301,7 @@ def check_grpc_infer(request: service_pb2.ModelInferRequest, route: Route, max_e
 
 
 def _check_contents(spec: TensorSpec, contents: service_pb2.InferTensorContents, elements: int) -> None:
-    field = _GRPC_CONTENTS.get(spec.datatype)
+    field = GRPC_CONTENTS.get(spec.datatype)
     if field is None:
         raise refused(f"input '{spec.name}' is {spec.datatype}, which gRPC carries only in raw_input_contents",
                       "send it in raw_input_contents")

@@ -8,8 +8,9 @@ guard) and forwarded as the bytes the client sent with the committed version app
 value of a field wins, and ``version`` is field 2 of every request forwarded here); Triton's answer goes back as
 it came, except metadata and config, which name the committed version alone and are cached per version.
 
-The same routing, reroute-once, bearer token (``authorization: Bearer <token>`` metadata) and metrics as HTTP;
-the version that served is in the trailing metadata ``x-ferry-model-version``.
+The same routing, reroute-once, bearer token (``authorization: Bearer <token>`` metadata), bake (canary
+split, shadow copies) and metrics as HTTP; the version that served is in the trailing metadata
+``x-ferry-model-version``, and a canary's answer carries ``x-ferry-canary: 1``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from tritonclient.grpc import service_pb2
 
 from ferry.adapters.gateway import guard
 from ferry.adapters.gateway.kserve_http import SERVED_EXTENSIONS, status_of
-from ferry.adapters.gateway.routing import Route
+from ferry.adapters.gateway.routing import CANDIDATE, Route
+from ferry.adapters.gateway.shadow import Outputs, Shadowed, grpc_outputs, http_copy_of_grpc
 from ferry.core.config import Endpoint
 from ferry.core.errors import FerryError, GatewayError, InvalidInput
 
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
 
 SERVICE = "inference.GRPCInferenceService"
 VERSION_KEY = "x-ferry-model-version"
+CANARY_KEY = "x-ferry-canary"
 MAX_MESSAGE = 2**31 - 1
 OK = grpc.StatusCode.OK
 _CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED, 404: grpc.StatusCode.NOT_FOUND,
@@ -123,7 +126,7 @@ class KServeGrpc:
                                 f"{error}")
             if counted:
                 self.gateway.metrics.count(result.route, _STATUSES.get(result.code, 500), began, "grpc")
-            trailing = ((VERSION_KEY, str(result.route.version)),) if result.route is not None else ()
+            trailing = _served_by(result.route)
             if result.code is not OK:
                 await context.abort(result.code, result.details, trailing)
             context.set_trailing_metadata(trailing)
@@ -160,8 +163,9 @@ class KServeGrpc:
             return Result(grpc.StatusCode.INTERNAL, details=f"Triton failed: {details}", route=route)
         return Result(reply.code, details=details, route=route)
 
-    async def _at_committed(self, model: str, version: str, call: Callable[[Route], Awaitable[Result]]) -> Result:
-        route, reply = await self.gateway.at_committed(model, version, call, lambda reply: reply.code is OK)
+    async def _at_committed(self, model: str, version: str, call: Callable[[Route], Awaitable[Result]],
+                            split: bool = False) -> Result:
+        route, reply = await self.gateway.at_committed(model, version, call, lambda reply: reply.code is OK, split)
         if reply.code is not OK:
             return self._failure(route, reply)
         reply.route = route
@@ -221,12 +225,35 @@ class KServeGrpc:
     async def model_infer(self, raw: bytes, context: grpc.aio.ServicerContext) -> Result:
         self._authorize(context)
         request = _parse(service_pb2.ModelInferRequest, raw)
+        shadow = Shadowed(self.gateway.shadow, "grpc", _succeeded, _outputs)
 
         async def attempt(route: Route) -> Result:
             guard.check_grpc_infer(request, route, self.gateway.max_elements)
+            if not request.model_version:
+                shadow.start(route, lambda: self.gateway.http.copy(route.model, *http_copy_of_grpc(request)))
             return await self._triton("ModelInfer", _with_version(raw, route.version))
 
-        return await self._at_committed(request.model_name, request.model_version, attempt)
+        with shadow:
+            result = await self._at_committed(request.model_name, request.model_version, attempt, split=True)
+            shadow.answered(result.route, result)
+        return result
+
+
+def _succeeded(result: Result) -> bool:
+    return result.code is OK
+
+
+def _outputs(result: Result) -> Outputs:
+    return grpc_outputs(result.payload)
+
+
+def _served_by(route: Route | None) -> tuple[tuple[str, str], ...]:
+    """The trailing metadata that names the version that answered (and a canary's answer as such)."""
+    if route is None:
+        return ()
+    if route.role == CANDIDATE:
+        return (VERSION_KEY, str(route.version)), (CANARY_KEY, "1")
+    return ((VERSION_KEY, str(route.version)),)
 
 
 def _as_committed(method: str, payload: bytes, route: Route) -> bytes:

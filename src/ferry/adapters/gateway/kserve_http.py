@@ -9,7 +9,8 @@
 
 A path that names a version is served only if it names the committed version (else 404). Every error is
 ``{"error": "..."}``, which tritonclient decodes. A plain ASGI handler: FastAPI's routing and request
-objects cost more than forwarding itself.
+objects cost more than forwarding itself. During a bake, an inference that names no version may be answered
+by a canary (``X-Ferry-Canary: 1``) or copied to a shadow candidate (:mod:`.shadow`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ferry.adapters.gateway import guard
-from ferry.adapters.gateway.routing import Route, UnknownModel
+from ferry.adapters.gateway.routing import CANDIDATE, Route, UnknownModel
+from ferry.adapters.gateway.shadow import Copy, Outputs, Shadowed, http_outputs, json_copy
 from ferry.adapters.gateway.upstream import Reply
 from ferry.core.errors import FerryError, GatewayError
 
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
     from ferry.adapters.gateway.app import Gateway
 
 VERSION_HEADER = b"x-ferry-model-version"
+CANARY_HEADER = b"x-ferry-canary"  # "1" on an answer a canary candidate gave
 BINARY_HEADER = b"inference-header-content-length"  # KServe v2 binary tensor extension
 JSON_TYPE = (b"content-type", b"application/json")
 # Of Triton's extensions, those a client of the gateway can use (no model control, shared memory, statistics...).
@@ -60,6 +63,16 @@ def status_of(error: FerryError) -> int:
     if isinstance(error, GatewayError):
         return error.status
     return 404 if isinstance(error, UnknownModel) else 503  # else the repository's files could not be read
+
+
+def served_by(route: Route | None) -> dict[str, str] | None:
+    """The headers that name the version that answered (and a canary's answer as such), for a Starlette response."""
+    if route is None:
+        return None
+    headers = {VERSION_HEADER.decode(): str(route.version)}
+    if route.role == CANDIDATE:
+        headers[CANARY_HEADER.decode()] = "1"
+    return headers
 
 
 def triton_failure(route: Route, reply: Reply) -> tuple[int, str]:
@@ -159,6 +172,8 @@ class KServeHttp:
         headers.append((b"content-length", b"%d" % len(answer.body)))  # else uvicorn sends it chunked
         if answer.route is not None:
             headers.append((VERSION_HEADER, str(answer.route.version).encode()))
+            if answer.route.role == CANDIDATE:
+                headers.append((CANARY_HEADER, b"1"))
         await send({"type": "http.response.start", "status": answer.status, "headers": headers})
         await send({"type": "http.response.body", "body": answer.body})
         if asked is not None and asked.endpoint == "infer":
@@ -203,17 +218,38 @@ class KServeHttp:
         body = _decoded(body, headers.get(b"content-encoding"), gateway.max_body_bytes)
         request = guard.parse_infer(body, headers.get(BINARY_HEADER))
         passed = [(name, headers[name]) for name in _PASSED_REQUEST if name in headers]
+        shadow = self.shadowed()
 
         async def attempt(route: Route) -> Reply:
             guard.check_infer(request, route, gateway.max_elements)
+            if not asked.version:
+                shadow.start(route, lambda: self.copy(route.model, *json_copy(request, body,
+                                                                             headers.get(b"content-type"))))
             path = f"/v2/models/{asked.model}/versions/{route.version}/infer"
             return await gateway.triton_request("POST", path, body, passed)
 
-        route, reply = await gateway.at_committed(asked.model, asked.version, attempt, _ok)
+        with shadow:
+            route, reply = await gateway.at_committed(asked.model, asked.version, attempt, _ok, split=True)
+            shadow.answered(route, reply)
         if reply.status != 200:
             return Answer.error(*triton_failure(route, reply), route)
         return Answer(200, reply.body, [(name, reply.headers[name]) for name in _PASSED_REPLY if name in reply.headers],
                       route)
+
+    def shadowed(self) -> Shadowed[Reply]:
+        """A request's part in a shadow bake, over HTTP (KServe here, and /predict)."""
+        return Shadowed(self.gateway.shadow, "http", _ok, http_outputs)
+
+    def copy(self, model: str, body: bytes, headers: list[tuple[bytes, bytes]]) -> Copy:
+        """Send ``body`` to a shadow candidate: its status as the gateway would answer it, and its outputs."""
+        async def send(candidate: Route) -> tuple[int, Outputs | None]:
+            path = f"/v2/models/{model}/versions/{candidate.version}/infer"
+            reply = await self.gateway.triton_request("POST", path, body, headers)
+            if reply.status != 200:
+                return triton_failure(candidate, reply)[0], None
+            return 200, http_outputs(reply)
+
+        return send
 
     async def _model_ready(self, asked: Target) -> Answer:
         async def attempt(route: Route) -> Reply:
