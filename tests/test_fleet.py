@@ -163,3 +163,86 @@ def test_demo_fleet_tells_its_story(tmp_path: Path) -> None:
     assert "committed iris v1 (was nothing)" in out
     assert "failed at smoke on replica" in result.stderr
     assert "(drift on replica" in out and "loaded    iris v1  all 3 replicas serve v1" in out
+
+
+def _triton_successes(settings, version: int) -> float:
+    """Inferences of iris ``version`` one replica ran, from its Triton's metrics port."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(settings.triton_metrics_url, timeout=5).text
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name.startswith("nv_inference_request_success")
+               and sample.labels.get("model") == "iris" and sample.labels.get("version") == str(version))
+
+
+def test_the_gateway_balances_over_the_replicas_through_a_killed_replica_and_a_deploy(tmp_path: Path) -> None:
+    """Steady HTTP and gRPC load through `ferry gateway` over three replicas while one is SIGKILLed (a deploy
+    then is rejected), comes back, is reconciled, and a deploy commits: no failed request, no answer from a
+    version that was not committed, and every replica takes its share."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from test_gateway import TOKEN, Sent, grpc_load, load, running_gateway
+
+    world = start_fleet(tmp_path, 3)
+    replicas = replica_settings(world.settings)
+    try:
+        world.register()
+        assert world.deploy().outcome == "committed"
+        world.register(trees=3)  # v2
+        results: list[Sent] = []
+        stop = threading.Event()
+        with running_gateway(world) as gateway:
+            workers = [threading.Thread(target=load, args=(gateway.url, stop, results)) for _ in range(3)]
+            workers += [threading.Thread(target=grpc_load, args=(gateway.grpc, stop, results)) for _ in range(2)]
+            for worker in workers:
+                worker.start()
+            try:
+                time.sleep(1.0)
+                os.kill(_pid(replicas[0]), signal.SIGKILL)  # the one a single-server gateway would use
+                time.sleep(1.0)  # the load goes on over two replicas
+                before = world.current_bytes()
+                assert world.deploy().outcome == "rejected", "a deploy must not go on with a replica unreachable"
+                assert world.current_bytes() == before
+                server.down(replicas[0], grace_s=0)
+                server.up(replicas[0])  # serves nothing: the gateway must not send it anything yet
+                assert reconcile(world.ferry, "iris").action == "loaded"
+                time.sleep(1.5)  # probed back in
+                began = time.monotonic()
+                report = world.deploy()
+                committed_by = time.monotonic()
+                assert report.outcome == "committed" and report.version == 2, report.error
+                time.sleep(1.5)
+            finally:
+                stop.set()
+                for worker in workers:
+                    worker.join(timeout=60)
+            metrics = httpx.get(f"{gateway.url}/metrics", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5).text
+
+        assert sum(r.protocol == "http" for r in results) > 100 and sum(r.protocol == "grpc" for r in results) > 30
+        failed = [r for r in results if r.status != 200]
+        assert not failed, f"{len(failed)} of {len(results)} requests failed, e.g. {failed[:3]}"
+        assert {r.version for r in results} <= {1, 2}
+        assert all(r.version == 1 for r in results if r.ended < began), "v2 answered before its deploy"
+        assert all(r.version == 2 for r in results if r.began > committed_by), "v1 answered after the commit"
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for family in text_string_to_metric_families(metrics) for s in family.samples}
+
+        def gateway_metric(name: str, **labels: str) -> float:
+            return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+        doomed = replicas[0].triton.url
+        ejected = sum(gateway_metric("ferry_gateway_replica_ejections_total", replica=doomed, protocol=p, reason=r)
+                      for p in ("http", "grpc") for r in ("connect", "probe"))
+        assert ejected >= 2, "the killed replica was not taken out of both protocols' balancing"
+        assert all(gateway_metric("ferry_gateway_replica_up", replica=r.triton.url, protocol=p) == 1
+                   for r in replicas for p in ("http", "grpc")), "a replica was not admitted again"
+        sent = {r.triton.url: sum(gateway_metric("ferry_gateway_replica_requests_total", replica=r.triton.url,
+                                                 protocol=p) for p in ("http", "grpc")) for r in replicas}
+        assert all(count > sum(sent.values()) / 10 for count in sent.values()), f"the load was not spread: {sent}"
+        served_v2 = [_triton_successes(r, 2) for r in replicas]
+        assert all(count > 20 for count in served_v2), f"each replica's Triton ran v2 {served_v2} times"
+        assert_invariants(world, attempts=3)
+    finally:
+        stop_fleet(world)

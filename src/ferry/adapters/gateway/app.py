@@ -6,9 +6,9 @@ that served it (the ``X-Ferry-Model-Version`` header, gRPC trailing metadata of 
 name a version only if it is the committed one.
 
 KServe v2 over HTTP is a plain ASGI handler (:mod:`.kserve_http`) over a pool of kept-alive connections
-(:mod:`.upstream`); KServe v2 over gRPC is a grpc.aio server in the same event loop (:mod:`.kserve_grpc`).
-Both check every inference against the model's config first (:mod:`.guard`). The rest (/predict, /healthz,
-/readyz, /metrics) is FastAPI.
+(:mod:`.upstream`) per Triton replica, balanced (:mod:`.balancer`); KServe v2 over gRPC is a grpc.aio server in the
+same event loop (:mod:`.kserve_grpc`), over a channel per replica. Both check every inference against the model's
+config first (:mod:`.guard`). The rest (/predict, /healthz, /readyz, /metrics) is FastAPI.
 
 Draining: Triton unloads a retired version only once the requests it is running have finished. A
 request routed to the old version just before a commit can still reach Triton after the version is
@@ -40,11 +40,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from starlette.exceptions import HTTPException
 
 from ferry.adapters.gateway import guard
+from ferry.adapters.gateway.balancer import HttpBalancer
 from ferry.adapters.gateway.kserve_grpc import KServeGrpc
 from ferry.adapters.gateway.kserve_http import KServeHttp, served_by, status_of, triton_failure
 from ferry.adapters.gateway.routing import ACTIVE, CANDIDATE, Route, Router, UnknownModel
 from ferry.adapters.gateway.shadow import Shadow
-from ferry.adapters.gateway.upstream import Reply, UpstreamPool
+from ferry.adapters.gateway.upstream import Reply
 from ferry.core.config import Settings
 from ferry.core.errors import FerryError, GatewayError
 from ferry.core.status import list_models
@@ -117,7 +118,7 @@ class Gateway:
             max_elements = getattr(settings, "gateway_max_elements", 0) or guard.DEFAULT_MAX_ELEMENTS
         self.grpc_port, self.max_elements = grpc_port, max_elements
         self.host = host or settings.gateway_host
-        self.triton = UpstreamPool(settings.triton.host, settings.triton.port, settings.triton_timeout_s)
+        self.triton = HttpBalancer(settings, self.metrics.registry, self.router)  # over every replica
         self.cache: dict[tuple[str, str, int], bytes] = {}  # (what, model, version) -> metadata or config answer
         self.http = KServeHttp(self)
         self.shadow = Shadow(self)

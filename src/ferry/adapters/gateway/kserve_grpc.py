@@ -2,11 +2,12 @@
 version only: ServerLive, ServerReady, ServerMetadata, ModelReady, ModelMetadata, ModelConfig, ModelInfer
 (any other method: UNIMPLEMENTED).
 
-A grpc.aio server in the gateway's own event loop (uvicorn's uvloop), forwarding to Triton's gRPC port over one
-grpc.aio channel. Handlers take and return serialized messages: a request is parsed once (for routing and the
-guard) and forwarded as the bytes the client sent with the committed version appended (in protobuf the last
-value of a field wins, and ``version`` is field 2 of every request forwarded here); Triton's answer goes back as
-it came, except metadata and config, which name the committed version alone and are cached per version.
+A grpc.aio server in the gateway's own event loop (uvicorn's uvloop), forwarding to Triton's gRPC ports over one
+grpc.aio channel per replica, balanced (:mod:`.grpc_balancer`). Handlers take and return serialized messages: a
+request is parsed once (for routing and the guard) and forwarded as the bytes the client sent with the committed
+version appended (in protobuf the last value of a field wins, and ``version`` is field 2 of every request forwarded
+here); Triton's answer goes back as it came, except metadata and config, which name the committed version alone and
+are cached per version.
 
 The same routing, reroute-once, bearer token (``authorization: Bearer <token>`` metadata), bake (canary
 split, shadow copies) and metrics as HTTP; the version that served is in the trailing metadata
@@ -25,6 +26,7 @@ from google.protobuf.message import DecodeError, Message
 from tritonclient.grpc import service_pb2
 
 from ferry.adapters.gateway import guard
+from ferry.adapters.gateway.grpc_balancer import GrpcBalancer
 from ferry.adapters.gateway.kserve_http import SERVED_EXTENSIONS, status_of
 from ferry.adapters.gateway.routing import CANDIDATE, Route
 from ferry.adapters.gateway.shadow import Outputs, Shadowed, grpc_outputs, http_copy_of_grpc
@@ -88,8 +90,8 @@ class KServeGrpc:
         handlers = {name: grpc.unary_unary_rpc_method_handler(self._rpc(method, counted))
                     for name, (method, counted) in methods.items()}
         self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-        self.channel: grpc.aio.Channel | None = None
-        self.calls: dict[str, grpc.aio.UnaryUnaryMultiCallable] = {}
+        self.channel: GrpcBalancer | None = None
+        self.calls: dict[str, Callable[..., Awaitable[bytes]]] = {}
 
     async def start(self) -> None:
         try:
@@ -101,8 +103,7 @@ class KServeGrpc:
         if not bound:
             raise InvalidInput(f"the gateway cannot listen for gRPC on {self.address}: {reason}",
                                "choose another gRPC port")
-        self.channel = grpc.aio.insecure_channel(self.triton_address, options=[
-            ("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)])
+        self.channel = GrpcBalancer(self.gateway.settings, self.gateway.metrics.registry, self.gateway.router)
         self.calls = {name: self.channel.unary_unary(f"/{SERVICE}/{name}") for name in
                       ("ServerMetadata", "ModelReady", "ModelMetadata", "ModelConfig", "ModelInfer")}
         await self.server.start()
