@@ -220,7 +220,7 @@ def test_no_serving_alias_means_no_write_back(bench: Bench, mlflow: FakeMlflowCl
 
 def test_one_line() -> None:
     assert writeback.one_line("\n  first\x1b[31m line \nsecond") == "first [31m line"
-    assert writeback.one_line("x" * 600) == "x" * 499 + "…"
+    assert writeback.one_line("x" * 600, writeback.ERROR_CHARS) == "x" * 499 + "…"
     assert writeback.one_line(None) == ""
 
 

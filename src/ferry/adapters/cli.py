@@ -24,7 +24,7 @@ from ferry.adapters import cli_mlflow
 from ferry.core.adopt import adopt, plan_adoption
 from ferry.core.config import Settings, check_port, load_settings, parse_duration
 from ferry.core.current import read_current, read_history
-from ferry.core.errors import FerryError, InvalidInput, NoSuchModel, unreachable
+from ferry.core.errors import FerryError, InvalidInput, NoSuchModel, one_line, unreachable
 from ferry.core.journal import read_journal
 from ferry.core.reconcile import Reconciled, reconcile
 from ferry.core.records import DeployReport, Outcome, RolloutPlan
@@ -520,11 +520,6 @@ def _print_status_table(reports: list[ModelStatus], settings: Settings) -> None:
                 err.print(f"[red]{r.model}:[/red] {escape(problem)}")
 
 
-def _cut(text: str, width: int = 80) -> str:
-    line = text.splitlines()[0] if text else ""
-    return line if len(line) <= width else line[: width - 1] + "…"
-
-
 @app.command("history")
 def history_command(
     model: str = ModelArgument,
@@ -545,7 +540,7 @@ def history_command(
             r.get("started_at_utc", ""), r.get("who", ""), r.get("target", ""),
             f"v{r['version']}" if r.get("version") else "-", f"[{colour}]{r.get('outcome')}[/{colour}]",
             r.get("failed_step") or "-", f"{sum((r.get('steps') or {}).values()):.2f}",
-            escape(_cut(r.get("error") or "")),
+            escape(one_line(r.get("error"), 80)),
         )
     out.print(table)
 

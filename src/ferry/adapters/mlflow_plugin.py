@@ -406,6 +406,16 @@ def predict_committed(ferry: Ferry, model: str, inputs: Any) -> PredictionsRespo
 # ---------------------------------------------------------------- the client
 
 
+def _deployment(name: str, flavor: str | None, config: Mapping[str, Any] | None,
+                endpoint: str | None) -> tuple[Options, Ferry, CurrentState | None]:
+    """What create and update both start from: the checked arguments, ferry, and what is committed now."""
+    _no_endpoint(endpoint)
+    _check_flavor(flavor)
+    opts = options(config, DEPLOY_KEYS)
+    ferry = Ferry(opts.settings)
+    return opts, ferry, _committed(ferry, name)
+
+
 class FerryDeploymentClient(BaseDeploymentClient):
     """`-t ferry`: deployments are models, each serving the version ferry committed (see ``target_help()``)."""
 
@@ -418,11 +428,7 @@ class FerryDeploymentClient(BaseDeploymentClient):
     def create_deployment(self, name: str, model_uri: str, flavor: str | None = None,
                           config: Mapping[str, Any] | None = None, endpoint: str | None = None) -> dict[str, Any]:
         """Deploy the version ``model_uri`` names as the model's first committed version; refused if one is."""
-        _no_endpoint(endpoint)
-        _check_flavor(flavor)
-        opts = options(config, DEPLOY_KEYS)
-        ferry = Ferry(opts.settings)
-        current = _committed(ferry, name)
+        opts, ferry, current = _deployment(name, flavor, config, endpoint)
         if current is not None:
             raise _refused(f"deployment '{name}' exists: v{current.active_version} is committed",
                            "deploy another version with `mlflow deployments update`", code=RESOURCE_ALREADY_EXISTS)
@@ -431,11 +437,7 @@ class FerryDeploymentClient(BaseDeploymentClient):
     def update_deployment(self, name: str, model_uri: str | None = None, flavor: str | None = None,
                           config: Mapping[str, Any] | None = None, endpoint: str | None = None) -> dict[str, Any]:
         """Deploy another version; without ``model_uri``, prove and serve the committed version again."""
-        _no_endpoint(endpoint)
-        _check_flavor(flavor)
-        opts = options(config, DEPLOY_KEYS)
-        ferry = Ferry(opts.settings)
-        current = _committed(ferry, name)
+        opts, ferry, current = _deployment(name, flavor, config, endpoint)
         if current is None:
             raise _refused(f"no deployment '{name}': nothing is committed",
                            f"create it with `mlflow deployments create -t ferry --name {name} -m MODEL_URI`",

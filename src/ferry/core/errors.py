@@ -85,6 +85,14 @@ class GatewayError(FerryError):
         self.status = status
 
 
+def one_line(text: str | None, limit: int = 600) -> str:
+    """The first non-empty line of a message, control characters out, at most ``limit`` characters (Triton
+    appends a failed backend's Python stack to its messages; a tag or a table cell holds one line)."""
+    line = next((part.strip() for part in (text or "").splitlines() if part.strip()), "")
+    line = "".join(ch if ch.isprintable() else " " for ch in line)
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
 def unreachable(error: FerryError) -> bool:
     """An error whose cause is a dependency that did not answer (an exit code of its own in the CLI)."""
     return error.retryable

@@ -17,7 +17,7 @@ import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
 from ferry.core.config import Endpoint, parse_endpoint
-from ferry.core.errors import TritonError, TritonTimeout
+from ferry.core.errors import TritonError, TritonTimeout, one_line
 
 # The header that carries the key of Triton's restricted model-control API (load, unload, repository index).
 API_KEY_HEADER = "ferry-api-key"
@@ -35,12 +35,6 @@ class VersionState:
 def ready_versions(states: list[VersionState]) -> list[int]:
     """The versions that serve, sorted: the one place that decides what "serving" means."""
     return sorted(v.version for v in states if v.state == READY)
-
-
-def one_line(text: str, limit: int = 600) -> str:
-    """The first line of a server's message (Triton appends the Python stack of a failed backend)."""
-    line = text.strip().splitlines()[0] if text.strip() else ""
-    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 class Triton:

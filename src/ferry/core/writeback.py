@@ -29,6 +29,7 @@ from pydantic import BaseModel
 
 from ferry.core.config import Settings
 from ferry.core.current import read_current, read_history
+from ferry.core.errors import one_line
 from ferry.core.records import CurrentState, DeployReport, Outcome
 from ferry.core.registry import NOT_FOUND_CODES, Registry
 from ferry.core.repository import ModelDir
@@ -54,7 +55,8 @@ class Mark:
     def tags(self) -> dict[str, str]:
         tags = {STATUS: self.status, DEPLOY_ID: self.deploy_id, UPDATED_AT: self.updated_at_utc}
         if self.status == REFUSED:
-            tags.update({FAILED_STEP: self.failed_step or "unknown", ERROR: one_line(self.error) or "no reason"})
+            error = one_line(self.error, ERROR_CHARS) or "no reason"
+            tags.update({FAILED_STEP: self.failed_step or "unknown", ERROR: error})
         return tags
 
 
@@ -76,13 +78,6 @@ class SyncResult(BaseModel):
     changes: list[str] = []
     warnings: list[str] = []
     unavailable: bool = False  # MLflow did not answer: worth running again
-
-
-def one_line(text: str | None, limit: int = ERROR_CHARS) -> str:
-    """The first non-empty line of ``text``, control characters out, at most ``limit`` characters."""
-    line = next((part.strip() for part in (text or "").splitlines() if part.strip()), "")
-    line = "".join(ch if ch.isprintable() else " " for ch in line)
-    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 # ---------------------------------------------------------------- what to write
