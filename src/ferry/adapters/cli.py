@@ -334,7 +334,10 @@ def reconcile_command(
     while True:
         names = models or list_models(settings.repository)
         results = [reconcile(ferry, name) for name in names]
-        _print_reconciled(results, as_json)
+        # Kept running, it says only what it changed or could not fix: a sidecar's log is not a heartbeat.
+        shown = [r for r in results if interval is None or r.action != "in place"]
+        if shown or interval is None:
+            _print_reconciled(shown, as_json)
         if interval is None:
             if not all(r.ok for r in results):
                 raise typer.Exit(EXIT_FAILED)
