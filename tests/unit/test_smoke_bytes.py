@@ -162,3 +162,17 @@ def test_golden_outputs_refuse_a_sample_that_is_not_utf8_and_name_the_element() 
                                            "invalid start byte\\)") as refused:
         golden_outputs(ECHO, {"INPUT0": objects([b"a", b"b", b"\xff"], (1, 3))})
     assert "onnxruntime's string tensors hold text" in refused.value.hint
+
+
+def test_the_gateways_predict_answer_keeps_every_byte_of_a_bytes_output() -> None:
+    from ferry.adapters.gateway.app import _outputs
+
+    # Triton's JSON answer as it writes it: UTF-8 as is, NUL escaped, any other byte unescaped (not UTF-8).
+    answer = (b'{"model_name":"echo","outputs":[{"name":"OUTPUT0","datatype":"BYTES","shape":[1,5],'
+              b'"data":["a\\u0000b","\xc3\xa9","trail\\u0000","caf\xe9","\xff\xfe"]},'
+              b'{"name":"N","datatype":"FP32","shape":[2],"data":[1.5,2.0]}]}')
+    outputs = _outputs(answer)
+    assert outputs == {"OUTPUT0": [["a\x00b", "\u00e9", "trail\x00", {"b64": "Y2Fm6Q=="}, {"b64": "//4="}]],
+                       "N": [1.5, 2.0]}
+    assert base64.b64decode(outputs["OUTPUT0"][0][3]["b64"]) == b"caf\xe9"
+    json.dumps(outputs, ensure_ascii=False).encode()  # what the JSON response does: must not raise

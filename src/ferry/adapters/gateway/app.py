@@ -48,6 +48,7 @@ from ferry.adapters.gateway.shadow import Shadow
 from ferry.adapters.gateway.upstream import Reply
 from ferry.core.config import Settings
 from ferry.core.errors import FerryError, GatewayError
+from ferry.core.smoke import bytes_to_json
 from ferry.core.status import list_models
 
 BODY_TIMEOUT_S = 30.0  # a client that stalls sending its body gets a 408, not a handler waiting for ever
@@ -258,8 +259,17 @@ def _error(status: int, message: str, route: Route | None = None) -> JSONRespons
 
 
 def _outputs(answer: bytes) -> dict:
-    outputs = json.loads(answer).get("outputs", [])
-    return {o["name"]: np.asarray(o["data"]).reshape(o["shape"]).tolist() for o in outputs}
+    """{output: nested list}; a BYTES element is its text, or {"b64": ...} when it is not UTF-8 (as in smoke.json)."""
+    # Triton writes a BYTES element's bytes into its JSON unescaped: surrogateescape keeps any byte for bytes_to_json.
+    outputs = json.loads(answer.decode("utf-8", "surrogateescape")).get("outputs", [])
+    values = {}
+    for o in outputs:
+        data = o["data"]
+        if o["datatype"] == "BYTES":  # an object array: a numpy str array would drop trailing NULs
+            data = np.empty(len(o["data"]), dtype=np.object_)
+            data[:] = [bytes_to_json(item.encode("utf-8", "surrogateescape")) for item in o["data"]]
+        values[o["name"]] = np.asarray(data).reshape(o["shape"]).tolist()
+    return values
 
 
 async def _predict(gateway: Gateway, model: str, request: Request) -> tuple[Route | None, Response]:
