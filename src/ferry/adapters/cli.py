@@ -48,6 +48,7 @@ err = Console(stderr=True, soft_wrap=True, width=_WIDTH, highlight=False)
 EXIT_FAILED = 1  # the deploy ran and was rolled back; or status found a problem
 EXIT_REJECTED = 2  # bad input: nothing was changed
 EXIT_UNAVAILABLE = 3  # a dependency did not answer: nothing was changed, worth retrying
+CONTROL_POLL_S = 0.2  # how often a baking deploy looks for `ferry rollout promote|abort` (ferry.core.runner)
 
 JsonOption = typer.Option(False, "--json", help="Print one JSON document instead of text.")
 ModelArgument = typer.Argument(..., metavar="MODEL", help="The model's name (in MLflow and in Triton).")
@@ -87,8 +88,19 @@ def _needs_extra(extra: str, command: str, error: ImportError) -> NoReturn:
                        f"pip install 'ferry[{extra}]'"))
 
 
+def _finite(data: object) -> object:
+    """``data`` with every NaN or infinity as None: neither is JSON (RFC 8259), and scripts' parsers refuse them."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return None
+    if isinstance(data, dict):
+        return {key: _finite(value) for key, value in data.items()}
+    if isinstance(data, list | tuple):
+        return [_finite(value) for value in data]
+    return data
+
+
 def _print_json(data: object) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    sys.stdout.write(json.dumps(_finite(data), indent=2, default=str, allow_nan=False) + "\n")
 
 
 def _on_event(as_json: bool) -> Callable[[str, str, float, str], None]:
@@ -249,7 +261,8 @@ def _control(model: str, action: str) -> None:
     if _guarded(lambda: read_rollout(model_dir)) is None:
         _fail(InvalidInput(f"'{model}' has no bake in progress", f"see `ferry status {model}`"))
     request_control(model_dir, action, current_user())
-    out.print(f"{model}: {action} asked; the deploy's process acts on it within a second")
+    out.print(f"{model}: {action} asked; the deploying process acts on it within {CONTROL_POLL_S:g} s "
+              "(an Airflow DAG's bake sensor, at its next look)")
 
 
 @app.command("rollback")
@@ -302,13 +315,15 @@ def recover_command(model: str = ModelArgument, as_json: bool = JsonOption) -> N
 def adopt_command(
     model: str = ModelArgument,
     dry_run: bool = typer.Option(False, "--dry-run", help="Show what adoption would do, and change nothing."),
+    version: int | None = typer.Option(None, "--version", min=1, help="The version to adopt when Triton serves "
+                                       "none (default: the one the other tool's current.json names)."),
     as_json: bool = JsonOption,
 ) -> None:
     """Take over a model another tool deployed, checked against MLflow, without reloading anything."""
     settings = _settings()
     _known_model(settings, model)
     ferry = Ferry(settings)
-    plan = _guarded(lambda: plan_adoption(ferry, model) if dry_run else adopt(ferry, model))
+    plan = _guarded(lambda: plan_adoption(ferry, model, version) if dry_run else adopt(ferry, model, version))
     if as_json:
         _print_json(plan.model_dump(mode="json"))
         return
@@ -448,6 +463,12 @@ def report_command(
         _fail(InvalidInput("ferry report reads the series from Prometheus, and FERRY_PROMETHEUS_URL is not set",
                            "set it to a Prometheus that scrapes Triton with the rules of ops/prometheus"))
     summary = _guarded(lambda: write_report(settings.prometheus_url, model_dir, output, deploys))
+    if summary.path is None:
+        since = time.strftime("%Y-%m-%d %H:%M", time.gmtime(summary.start))
+        err.print(f"[red]no data:[/red] Prometheus at {escape(settings.prometheus_url)} has no latency or traffic "
+                  f"of '{model}' since {since} UTC ({summary.deploys} deploys in the history); {output} not written")
+        err.print("  hint: check that it scrapes Triton's metrics and loads the rules of ops/prometheus")
+        raise typer.Exit(EXIT_FAILED)
     out.print(f"wrote {summary.path}: {summary.deploys} deploys marked, {summary.points} points")
 
 
@@ -471,8 +492,17 @@ def status_command(
         _print_json([r.model_dump(mode="json") for r in reports])
     else:
         _print_status_table(reports, settings)
-    if any(r.drift or r.current_error or any(x.error for x in r.replicas) or r.in_flight for r in reports):
-        raise typer.Exit(EXIT_FAILED)
+    raise typer.Exit(_status_exit_code(reports))
+
+
+def _status_exit_code(reports: list[ModelStatus]) -> int:
+    """1 for a problem status found (drift, a damaged current.json, an unfinished deploy); else 3 when a
+    replica did not answer (what it serves is not known: ask again later); else 0."""
+    if any((r.drift and r.drift != UNKNOWN) or r.current_error or r.in_flight for r in reports):
+        return EXIT_FAILED
+    if any(x.error for r in reports for x in r.replicas):
+        return EXIT_UNAVAILABLE
+    return EXIT_FAILED if any(r.drift for r in reports) else 0
 
 
 def _p95(report: ModelStatus) -> str:

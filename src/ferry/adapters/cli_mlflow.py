@@ -129,27 +129,47 @@ def sync_command(
             with holding(model_dir, settings.lock_wait_s):  # no commit can happen between reading and writing
                 results.append(writeback.sync(settings, cli._guarded(lambda: ferry.registry), model_dir))
         except Busy as busy:
-            results.append(writeback.SyncResult(model=name, warnings=[f"{busy.message}: its own write-back will "
-                                                                      "tell MLflow; sync again later"]))
-    _show_sync(cli, results, as_json)
+            results.append(writeback.SyncResult(model=name, skipped=f"{busy.message}: its own write-back will "
+                                                                    "tell MLflow; sync again later"))
+    _show_sync(cli, results, as_json, settings.tracking_uri)
 
 
-def _show_sync(cli: Any, results: list[Any], as_json: bool) -> None:
+def _sync_state(result: Any, tracking_uri: str) -> str:
+    """What one model's sync came to, for its line: only a model whose every write MLflow took is in sync."""
+    if result.skipped:
+        return f"skipped: {result.skipped}"
+    if result.unavailable:
+        return "NOT in sync: MLflow did not answer (run `ferry sync` again once it does)"
+    if result.refused:
+        return (f"NOT in sync: MLflow at {tracking_uri} does not have {', '.join(result.refused)} of "
+                f"'{result.model}' (is MLFLOW_TRACKING_URI the registry these versions came from?)")
+    return f"{len(result.changes)} change(s)" if result.changes else "already in sync"
+
+
+def sync_exit_code(results: list[Any]) -> int:
+    """3 when MLflow did not answer (retry later), 1 when it would not take a write, 2 when a deploy held a
+    model (nothing was changed there), else 0."""
+    if any(r.unavailable for r in results):
+        return 3
+    if any(r.refused for r in results):
+        return 1
+    return 2 if any(r.skipped for r in results) else 0
+
+
+def _show_sync(cli: Any, results: list[Any], as_json: bool, tracking_uri: str) -> None:
     if as_json:
         cli._print_json([r.model_dump(mode="json") for r in results])
     else:
         for r in results:
             serving = f"v{r.serving_version}" if r.serving_version is not None else "nothing"
-            changed = f"{len(r.changes)} change(s)" if r.changes else "already in sync"
-            cli.out.print(f"{r.model}: {serving} serving; {changed}")
+            cli.out.print(f"{r.model}: {serving} serving; {escape(_sync_state(r, tracking_uri))}")
             for change in r.changes:
                 cli.out.print(f"  {escape(change)}")
             for warning in r.warnings:
                 cli.err.print(f"[yellow]warning:[/yellow] {escape(warning)}")
-    if any(r.unavailable for r in results):
-        raise typer.Exit(cli.EXIT_UNAVAILABLE)
-    if not results and not as_json:
-        cli.out.print("no models to sync")
+        if not results:
+            cli.out.print("no models to sync")
+    raise typer.Exit(sync_exit_code(results))
 
 
 def register(app: typer.Typer) -> None:

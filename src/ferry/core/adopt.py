@@ -1,12 +1,16 @@
 """Take over a model that another tool deployed, without reloading anything: ``ferry adopt MODEL``.
 
-The common hand-written layout: version directories, perhaps a ``current.json`` inside the model
-directory (``active_version``, ``run_id``, ``alias``, ``updated_at_utc``), perhaps ``13.failed_<UTC>``
+The common hand-written layout: version directories, perhaps a marker file ``current.json`` inside the
+model directory (in whatever shape the other tool wrote it), perhaps ``13.failed_<UTC>``
 directories beside the versions (which Triton takes for version 13). Adoption checks each version
 directory against its MLflow version (the sha256 of ``model.onnx``), writes ferry's manifest into the
 ones that match, moves the ``.failed_`` directories into ferry's quarantine, pins ``config.pbtxt`` to the
 version every replica serves and commits it in ferry's ``current.json``. Nothing is loaded or unloaded:
 production keeps serving the same version throughout. A plan is made first and can be shown alone.
+
+What Triton serves decides the version; the old marker is then only moved aside, whatever it holds. Only
+when nothing serves is the marker read, under the key names tools commonly use (LEGACY_VERSION_KEYS), or
+the version is given explicitly (``ferry adopt MODEL --version N``).
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from ferry.core.runner import current_user, holding
 from ferry.core.steps import Ferry
 
 ADOPTED_DIR = "adopted"
+LEGACY_FILE = "current.json"
+LEGACY_VERSION_KEYS = ("active_version", "version", "model_version")  # read in this order
 
 
 class VersionFinding(BaseModel):
@@ -52,43 +58,48 @@ class AdoptionPlan(BaseModel):
     served_by: dict[str, list[int]]  # each replica and what it serves
     versions: list[VersionFinding]
     failed_dirs: list[str]  # directories another tool marked failed, to move into quarantine
-    legacy_current: dict | None = None  # the other tool's current.json, if it had one
+    legacy_current: dict | None = None  # the other tool's marker, if it is a JSON object
+    legacy_file: str | None = None  # the other tool's marker file, moved into adopted/ whatever it holds
     alias: str | None = None
     actions: list[str] = []
     adopted_by: str = ""
     adopted_at_utc: str = ""
 
 
-def plan_adoption(ferry: Ferry, model: str) -> AdoptionPlan:
-    """Look, change nothing: what the repository holds, what MLflow says of it and what Triton serves."""
+def plan_adoption(ferry: Ferry, model: str, version: int | None = None) -> AdoptionPlan:
+    """Look, change nothing: what the repository holds, what MLflow says of it and what Triton serves.
+    ``version``: the version to adopt when nothing serves (what serves decides otherwise)."""
     model_dir = ferry.model_dir(model)
     if read_current(model_dir) is not None:
         raise InvalidInput(f"'{model}' is already managed by ferry", f"see `ferry status {model}`")
     if not model_dir.path.is_dir():
         raise InvalidInput(f"there is no model directory {model_dir.path} to adopt", "check FERRY_REPOSITORY")
     served_by = ferry.fleet().each(lambda triton: triton.ready_versions(model))
-    legacy = _legacy_current(model_dir)
-    active = _active_version(model, served_by, legacy)
+    legacy_path = model_dir.path / LEGACY_FILE
+    active = _active_version(model, served_by, legacy_path, version)
+    legacy = _read_legacy(legacy_path)
     versions = [_check_version(ferry, model_dir, n) for n in _version_numbers(model_dir)]
     found = next((v for v in versions if v.version == active), None)
     if found is None or not found.trusted:
         verdict = found.verdict if found else "has no directory"
         raise InvalidInput(f"the version to adopt, v{active}, {verdict}: ferry cannot vouch for it",
                            "deploy a version MLflow has with your current tool first, or register this one")
+    alias = (legacy or {}).get("alias")
     plan = AdoptionPlan(model=model, active_version=active, served_by=served_by, versions=versions,
                         failed_dirs=_failed_dirs(model_dir), legacy_current=legacy,
-                        alias=(legacy or {}).get("alias"))
+                        legacy_file=str(legacy_path) if legacy_path.is_file() else None,
+                        alias=alias if isinstance(alias, str) else None)
     plan.actions = _actions(plan, model_dir)
     return plan
 
 
-def adopt(ferry: Ferry, model: str) -> AdoptionPlan:
+def adopt(ferry: Ferry, model: str, version: int | None = None) -> AdoptionPlan:
     """Carry out the plan, under the model's lock; Triton is not touched."""
     model_dir = ferry.model_dir(model)
     with holding(model_dir, ferry.settings.lock_wait_s):
         if (journal := read_journal(model_dir)) is not None:
             raise unfinished_error(model_dir, journal)
-        plan = plan_adoption(ferry, model)
+        plan = plan_adoption(ferry, model, version)
         for finding in plan.versions:
             if finding.trusted:
                 _write_manifest(model_dir, finding, ferry.settings.runtime)
@@ -99,20 +110,16 @@ def adopt(ferry: Ferry, model: str) -> AdoptionPlan:
         return plan
 
 
-def _legacy_current(model_dir: ModelDir) -> dict | None:
-    path = model_dir.path / "current.json"
+def _read_legacy(path: Path) -> dict | None:
+    """The other tool's marker as a JSON object; None when there is none, or it is not one."""
     try:
         record = json.loads(path.read_text())
-    except FileNotFoundError:
+    except (OSError, ValueError):  # absent, or not JSON: moved aside all the same when something serves
         return None
-    except ValueError as error:
-        raise InvalidInput(f"{path} is not JSON ({error})", "fix or remove it, then adopt again") from None
-    if not isinstance(record, dict) or not isinstance(record.get("active_version"), int):
-        raise InvalidInput(f"{path} names no active_version", "fix or remove it, then adopt again")
-    return record
+    return record if isinstance(record, dict) else None
 
 
-def _active_version(model: str, served_by: dict[str, list[int]], legacy: dict | None) -> int:
+def _active_version(model: str, served_by: dict[str, list[int]], legacy_path: Path, given: int | None) -> int:
     served = {tuple(versions) for versions in served_by.values()}
     if len(served) > 1:
         raise InvalidInput(f"the replicas serve different versions of '{model}': {served_by}",
@@ -122,11 +129,44 @@ def _active_version(model: str, served_by: dict[str, list[int]], legacy: dict | 
         raise InvalidInput(f"Triton serves several versions of '{model}' ({list(versions)})",
                            "ferry commits one active version: retire the others with your current tool first")
     if versions:
+        if given is not None and given != versions[0]:
+            raise InvalidInput(f"--version {given} was given, but Triton serves v{versions[0]} of '{model}'",
+                               "what serves is adopted (adoption never reloads anything): drop --version")
         return versions[0]
-    if legacy is not None:
-        return int(legacy["active_version"])  # nothing serves: adopt what the other tool committed
-    raise InvalidInput(f"Triton serves nothing of '{model}' and there is no current.json to say what should",
-                       f"deploy it with `ferry deploy {model} --alias ...` instead")
+    if given is not None:
+        return given
+    return _legacy_version(model, legacy_path)  # nothing serves: adopt what the other tool committed
+
+
+def _legacy_version(model: str, path: Path) -> int:
+    hint = f"say which version to adopt with `ferry adopt {model} --version N`"
+    if not path.is_file():
+        raise InvalidInput(f"Triton serves nothing of '{model}' and there is no {path} to say what should",
+                           f"{hint}, or deploy it with `ferry deploy {model} --alias ...`")
+    try:
+        record = json.loads(path.read_text())
+    except ValueError as error:
+        raise InvalidInput(f"Triton serves nothing of '{model}', and {path} is not JSON ({error})", hint) from None
+    found = _version_in(record)
+    if found is None:
+        keys = ", ".join(LEGACY_VERSION_KEYS)
+        raise InvalidInput(f"Triton serves nothing of '{model}', and {path} names no version under {keys}", hint)
+    return found
+
+
+def _version_in(record: object) -> int | None:
+    """The first of LEGACY_VERSION_KEYS that holds a version number (an int, or a string of digits)."""
+    if not isinstance(record, dict):
+        return None
+    for key in LEGACY_VERSION_KEYS:
+        value = record.get(key)
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, int) and value > 0:
+            return value
+        if isinstance(value, str) and value.strip().isdigit() and int(value) > 0:
+            return int(value)
+    return None
 
 
 def _version_numbers(model_dir: ModelDir) -> list[int]:
@@ -164,8 +204,8 @@ def _actions(plan: AdoptionPlan, model_dir: ModelDir) -> list[str]:
             actions.append(f"v{finding.version}: {finding.verdict}: left as it is (ferry will not deploy over it)")
     actions += [f"{name}: move into {model_dir.quarantine_root}" for name in plan.failed_dirs]
     actions.append(f"config.pbtxt: pin to v{plan.active_version}")
-    if plan.legacy_current is not None:
-        actions.append(f"{model_dir.path / 'current.json'}: move to {model_dir.state_dir / ADOPTED_DIR}")
+    if plan.legacy_file is not None:
+        actions.append(f"{plan.legacy_file}: move to {model_dir.state_dir / ADOPTED_DIR} (the other tool's marker)")
     actions.append(f"current.json: commit v{plan.active_version} (what {len(plan.served_by)} replica(s) serve; "
                    "nothing is reloaded)")
     return actions
@@ -200,8 +240,8 @@ def _commit(model_dir: ModelDir, plan: AdoptionPlan) -> None:
     active = next(v for v in plan.versions if v.version == plan.active_version)
     kept = model_dir.state_dir / ADOPTED_DIR
     kept.mkdir(parents=True, exist_ok=True)
-    if plan.legacy_current is not None:
-        os.replace(model_dir.path / "current.json", kept / "current.json")
+    if plan.legacy_file is not None:
+        os.replace(plan.legacy_file, kept / LEGACY_FILE)
         fsync_dir(model_dir.path)
     plan.adopted_by, plan.adopted_at_utc = current_user(), utc_stamp()
     atomic_write(kept / "adoption.json", plan.model_dump_json(indent=1).encode())

@@ -207,6 +207,8 @@ def materialize(ferry: Ferry, snapshot: Snapshot, alias: str | None = None, vers
         if model_dir.version_dir(ref.version).exists():
             return _reuse(model_dir, ref, snapshot)
         return _stage(ferry, model_dir, ref, snapshot)
+    except ForeignVersion:
+        raise  # refused before anything was touched: not a failed step, nothing to roll back
     except Exception as error:
         failure = as_step_failure(Step.MATERIALIZE, error)
         failure.version = ref.version
@@ -313,15 +315,20 @@ def _check_sample(path: Path, config: model_config_pb2.ModelConfig) -> None:
                          f"smoke.json gives inputs {sorted(sample.inputs)}, the model takes {sorted(wanted)}")
 
 
+class ForeignVersion(InvalidInput):
+    """A version directory ferry did not write (or that changed since): the deploy is refused, the directory
+    left as it is, and nothing is rolled back, since nothing was touched."""
+
+
 def _reuse(model_dir: ModelDir, ref: VersionRef, snapshot: Snapshot) -> Candidate:
     """A version directory already exists: use it only if ferry staged it from the same run, intact."""
     folder = model_dir.version_dir(ref.version)
     manifest = model_dir.read_manifest(ref.version)
     hint = f"ferry did not stage it for this run: move {folder} out of the repository and deploy again"
     if manifest is None or manifest.run_id != ref.run_id:
-        raise InvalidInput(f"{folder} exists but holds no ferry manifest for run {ref.run_id}", hint)
+        raise ForeignVersion(f"{folder} exists but holds no ferry manifest for run {ref.run_id}", hint)
     if sha256_file(folder / "model.onnx") != manifest.sha256:
-        raise InvalidInput(f"{folder}/model.onnx changed since ferry staged it (sha256 differs)", hint)
+        raise ForeignVersion(f"{folder}/model.onnx changed since ferry staged it (sha256 differs)", hint)
     config = _model_config(snapshot, read_onnx_signature(folder / "model.onnx"), manifest.runtime)
     return Candidate(model=ref.model, version=ref.version, run_id=ref.run_id, alias=ref.alias,
                      sha256=manifest.sha256, size_bytes=manifest.size_bytes, config_pbtxt=to_pbtxt(config),

@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from pydantic import BaseModel
+from pydantic import BaseModel, computed_field
 
 from ferry.core.config import Settings
 from ferry.core.current import read_current, read_history
@@ -78,6 +78,13 @@ class SyncResult(BaseModel):
     changes: list[str] = []
     warnings: list[str] = []
     unavailable: bool = False  # MLflow did not answer: worth running again
+    refused: list[str] = []  # what MLflow would not take ("v9", "@serving"): it has no such model or version
+    skipped: str = ""  # why the model was not synced at all (a deploy holds it)
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def in_sync(self) -> bool:
+        return not (self.unavailable or self.refused or self.skipped)
 
 
 # ---------------------------------------------------------------- what to write
@@ -267,6 +274,7 @@ class _Writer:
     deadline: float
     changes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
 
     def _check_time(self) -> None:
         if time.monotonic() > self.deadline:
@@ -286,6 +294,7 @@ class _Writer:
                 if key in now and key not in wanted:
                     self.mlflow.delete_tag(self.model, mark.version, key)
         except _Refused as refused:
+            self.refused.append(f"v{mark.version}")
             self.warnings.append(f"MLflow refused the outcome of {self.model} v{mark.version}: {refused}")
             return
         if now.get(STATUS) != mark.status or now.get(DEPLOY_ID) != mark.deploy_id:
@@ -301,6 +310,7 @@ class _Writer:
                 self.mlflow.set_alias(self.model, alias, mark.version)
                 self.changes.append(f"@{alias}: {f'v{before}' if before else '(none)'} -> v{mark.version}")
         except _Refused as refused:
+            self.refused.append(f"@{alias}")
             self.warnings.append(f"MLflow refused @{alias} of {self.model}: {refused}")
             return
         try:
@@ -326,7 +336,7 @@ def _apply(settings: Settings, registry: Registry, plan: Plan) -> SyncResult:
             for mark in plan.marks:
                 writer.mark(mark)
         finally:
-            result.changes, result.warnings = writer.changes, writer.warnings
+            result.changes, result.warnings, result.refused = writer.changes, writer.warnings, writer.refused
     except _Down as down:
         result.unavailable = True
         result.warnings.append(f"MLflow at {_uri(settings, registry)} was not told of the outcome: {down} "
