@@ -16,10 +16,12 @@ from filelock import FileLock
 
 from ferry.core.config import Settings
 from ferry.core.current import read_current, read_history
+from ferry.core.front import store_name
 from ferry.core.records import DeployReport
 from ferry.core.repository import ModelDir
 from ferry.core.runner import deploy
 from ferry.core.steps import Ferry
+from ferry.core.triton import Placement
 from ferry.runtime import server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,14 +165,15 @@ def assert_invariants(world: World, attempts: int) -> None:
     # 1. current.json parses and names a version whose files exist and that every replica serves.
     current = read_current(model_dir)
     for replica in world.ferry.fleet().replicas:
-        _assert_replica_invariants(world, replica.ready_versions(world.model), current, replica.url)
+        _assert_replica_invariants(world, replica.placement(world.model), current, replica.url)
     _assert_record_invariants(world, attempts)
 
 
-def _assert_replica_invariants(world: World, serving: list[int], current, replica: str) -> None:
+def _assert_replica_invariants(world: World, where: Placement, current, replica: str) -> None:
     model_dir = world.model_dir
+    serving = where.front
     if current is None:
-        assert serving == [], f"nothing is committed but {replica} serves {serving}"
+        assert serving == [] and where.store == [], f"nothing is committed but {replica} holds {where}"
         assert not model_dir.config_path.exists(), "a config.pbtxt was left for a model with nothing committed"
     else:
         version_dir = model_dir.version_dir(current.active_version)
@@ -178,15 +181,19 @@ def _assert_replica_invariants(world: World, serving: list[int], current, replic
         manifest = json.loads((version_dir / "ferry.json").read_text())
         assert manifest["sha256"] == current.sha256
         # 2. Production reaches only the committed version: at rest, Triton serves it alone.
+        # Clients that name no version reach the front's one version; the store holds no candidate.
         assert serving == [current.active_version], \
-            f"current.json says v{current.active_version}, {replica} serves {serving}"
+            f"current.json says v{current.active_version}, {replica}'s front serves {serving}"
+        assert where.store == [current.active_version], \
+            f"current.json says v{current.active_version}, {replica}'s store holds {where.store}"
         policy = list(model_dir.read_config().version_policy.specific.versions)
         assert policy == [current.active_version], f"config.pbtxt pins {policy}"
 
 
 def _assert_record_invariants(world: World, attempts: int) -> None:
     model_dir = world.model_dir
-    serving = set().union(*(r.ready_versions(world.model) for r in world.ferry.fleet().replicas))
+    serving = set().union(*(r.ready_versions(world.model) + r.ready_versions(store_name(world.model))
+                            for r in world.ferry.fleet().replicas))
     # 3. Failed candidates are quarantined with their reason, never live, never beside the versions.
     history = read_history(model_dir)
     for i, record in enumerate(history):
@@ -203,8 +210,9 @@ def _assert_record_invariants(world: World, attempts: int) -> None:
     for entry in model_dir.path.iterdir() if model_dir.path.exists() else []:
         if entry.name[:1].isdigit():
             assert entry.name.isdigit(), f"{entry} would be read by Triton as a version"
-    staging = model_dir.path / ".staging"
-    assert not staging.exists() or not any(staging.iterdir()), "a deploy left a staging directory"
+    for staging in (model_dir.staging_root, model_dir.path / ".staging"):
+        assert not staging.exists() or not any(staging.iterdir()), f"a deploy left a staging directory in {staging}"
+    assert not (model_dir.path / ".staging").exists(), "staging inside the model directory re-creates its versions"
     # 4. No deploy holds the model's lock or left its journal behind.
     with FileLock(str(model_dir.lock_path), timeout=0):
         pass

@@ -10,9 +10,11 @@ from ferry.core.current import read_current
 from ferry.core.errors import Busy, FerryError, InvalidInput
 from ferry.core.fleet import Fleet
 from ferry.core.journal import read_journal
+from ferry.core.records import CurrentState, parse_utc_stamp, utc_stamp
 from ferry.core.repository import ModelDir
 from ferry.core.runner import holding
-from ferry.core.steps import Ferry, pin, serving_problems, wait_serving
+from ferry.core.steps import Ferry, pin, retire, serving_problems, wait_serving
+from ferry.core.triton import Placement
 
 Action = Literal["in place", "loaded", "unloaded", "skipped", "failed"]
 
@@ -52,17 +54,21 @@ def _reconcile(ferry: Ferry, model_dir: ModelDir) -> Reconciled:
     current = read_current(model_dir)
     version = current.active_version if current else None
     wanted = [version] if version is not None else []
+    held = _held(current)
     fleet = ferry.fleet()
-    states = fleet.settled(lambda triton: triton.ready_versions(model_dir.model))
-    astray = Fleet([r for r in fleet.replicas if states[r.url] != wanted])  # unreachable ones are astray too
-    pinned = version is None or _pinned(model_dir, version)
+    placements = fleet.settled(lambda triton: triton.placement(model_dir.model))
+    states: dict[str, list[int] | FerryError] = {
+        url: where.serving if isinstance(where, Placement) else where for url, where in placements.items()}
+    # Unreachable replicas are astray too; a warm previous version past its window makes a replica astray.
+    astray = Fleet([r for r in fleet.replicas if not _in_place(placements[r.url], wanted, held)])
+    pinned = version is None or _pinned(model_dir, wanted, held)
     if not astray.replicas and pinned:
         return _result(model_dir, version, "in place", states, wanted)
     if version is None:
-        astray.settled(lambda triton: triton.unload(model_dir.model))
+        astray.settled(lambda triton: retire(triton, model_dir.model))
         return _result(model_dir, None, "unloaded", wait_serving(astray, model_dir.model, [])[1], wanted)
-    if not (model_dir.version_dir(version) / "model.onnx").is_file():
-        raise InvalidInput(f"current.json names v{version}, but {model_dir.version_dir(version)} has no model.onnx",
+    if not model_dir.version_dir(version).is_dir():
+        raise InvalidInput(f"current.json names v{version}, but {model_dir.version_dir(version)} is missing",
                            f"restore that directory, or `ferry rollback {model_dir.model} --to` a version that "
                            "has its files")
     config_text = model_dir.read_config_text()
@@ -70,14 +76,31 @@ def _reconcile(ferry: Ferry, model_dir: ModelDir) -> Reconciled:
         raise InvalidInput(f"{model_dir.config_path} is missing", "restore it, or deploy the version again")
     # Only the replicas that differ are loaded: a replica in place keeps its running instance.
     target = astray if astray.replicas else fleet
-    failed = pin(model_dir, config_text, version, target)
-    _, after = wait_serving(target, model_dir.model, wanted, timeout_s=ferry.settings.ready_timeout_s)
+    warm = next((v for v in held if v != version), None)
+    failed = pin(model_dir, config_text, version, target, warm)
+    _, after = wait_serving(target, model_dir.model, wanted, timeout_s=ferry.settings.ready_timeout_s,
+                            held=held)
     return _result(model_dir, version, "loaded", {**states, **after, **failed}, wanted)
 
 
-def _pinned(model_dir: ModelDir, version: int) -> bool:
+def _held(current: CurrentState | None) -> list[int]:
+    """What the store should hold: the active version, and the previous one while it is kept warm."""
+    if current is None:
+        return []
+    warm = current.previous_version if current.previous_warm_until_utc and current.previous_version is not None \
+        and parse_utc_stamp(current.previous_warm_until_utc) >= parse_utc_stamp(utc_stamp()) else None
+    return sorted({current.active_version} | ({warm} if warm is not None else set()))
+
+
+def _in_place(where: Placement | FerryError, wanted: list[int], held: list[int]) -> bool:
+    return isinstance(where, Placement) and where.front == wanted and where.store in (wanted, held)
+
+
+def _pinned(model_dir: ModelDir, wanted: list[int], held: list[int]) -> bool:
+    """Whether config.pbtxt says what Triton should hold (and names no model, as ferry writes it)."""
     config = model_dir.read_config()
-    return config is not None and list(config.version_policy.specific.versions) == [version]
+    return config is not None and list(config.version_policy.specific.versions) in (wanted, held) \
+        and not config.name
 
 
 def _result(model_dir: ModelDir, version: int | None, action: Action,

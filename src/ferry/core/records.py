@@ -68,6 +68,7 @@ class CurrentState(BaseModel):
     previous_version: int | None = None
     sha256: str
     deploy_id: str
+    previous_warm_until_utc: str | None = None  # previous_version stays loaded, reachable by nothing, until then
 
 
 class Manifest(BaseModel):
@@ -109,6 +110,7 @@ class Snapshot(BaseModel):
     config_text: str | None
     triton_ready: list[int]  # the versions any replica served
     replicas: dict[str, list[int]] = {}  # each replica (its URL) and the versions it served: the deploy's fleet
+    stores: dict[str, list[int]] = {}  # each replica and the versions its store held (served, warm or candidate)
 
     @property
     def active_version(self) -> int | None:
@@ -131,6 +133,7 @@ class Candidate(BaseModel):
     already_active: bool = False
     reused: bool = False  # the version directory was staged by an earlier deploy and verified again
     revalidate: bool = False  # the active version, which Triton did not serve: proven and pinned again
+    warm: bool = False  # the previous version, still loaded on every replica: served again without a load
 
 
 class Failure(BaseModel):

@@ -1,18 +1,22 @@
 """One model's directory in the Triton model repository, and ferry's state for it.
 
-    <repository>/<model>/config.pbtxt               the one config; its version policy pins the active version
+    <repository>/<model>/config.pbtxt               the model's config; its version policy names what is loaded
     <repository>/<model>/<N>/                       a staged version (model.onnx, model.py, smoke.json, ferry.json)
-    <repository>/<model>/.staging/                  versions being written, renamed into place when complete
+    <repository>/<model>.versions -> <model>        the link through which Triton loads the version store
     <repository>/.ferry/<model>/current.json        the committed state, read by the gateway, operators and rollbacks
     <repository>/.ferry/<model>/history.jsonl       one line per deploy attempt
+    <repository>/.ferry/<model>/staging/            versions being written, renamed into place when complete
     <repository>/.ferry/<model>/quarantine/         failed versions, <N>.failed_<UTC>/ with reason.json
     <repository>/.ferry/<model>/journal.json        the deploy in flight, step by step (ferry.journal)
     <repository>/.ferry/<model>/deploy.lock         held by the process running a deploy step
 
-ferry's state stays out of the model directory: when anything in it but config.pbtxt changes,
-Triton's next load re-creates every loaded version, so a commit would replace the instance that
-was just validated. It stays inside the repository so that quarantining is one atomic rename.
-Triton takes any directory whose name starts with digits for a version; nothing else does.
+Triton serves the directory under two names (:mod:`ferry.core.front`): ``<model>``, a front that
+clients call, and ``<model>.versions``, the store that holds the versions. ferry's state, staging
+included, stays out of the model directory: when anything in it but config.pbtxt and the version
+folders changes, Triton's next load re-creates every loaded version, so a candidate's load would
+re-create the active version's instance. It stays inside the repository so that staging and
+quarantining are atomic renames. Triton takes any directory whose name starts with digits for a
+version; nothing else does.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from ferry.core.errors import InvalidInput
+from ferry.core.front import STORE_SUFFIX, store_name
 from ferry.core.fsutil import atomic_write, fsync_dir, fsync_tree
 from ferry.core.model_config import from_pbtxt, model_config_pb2, to_pbtxt
 from ferry.core.records import Manifest, QuarantineReason, utc_stamp
@@ -43,10 +48,19 @@ def check_name(kind: str, value: str) -> str:
     return value
 
 
+def check_model_name(value: str) -> str:
+    check_name("model name", value)
+    if value.endswith(STORE_SUFFIX):
+        raise InvalidInput(f"model name {value!r} ends with {STORE_SUFFIX!r}, which names a model's version store",
+                           f"name the model without {STORE_SUFFIX!r}")
+    return value
+
+
 class ModelDir:
     def __init__(self, repository: Path, model: str) -> None:
-        self.model = check_name("model name", model)
+        self.model = check_model_name(model)
         self.path = repository / model
+        self.store_link = repository / store_name(model)
         self.state_dir = repository / STATE_DIR / model
 
     @property
@@ -90,6 +104,18 @@ class ModelDir:
     def ensure(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.ensure_store_link()
+
+    def ensure_store_link(self) -> None:
+        """The link ``<model>.versions -> <model>`` through which Triton loads the version store (relative, so
+        that the repository can be mounted anywhere)."""
+        if self.store_link.is_symlink() and os.readlink(self.store_link) == self.model:
+            return
+        if self.store_link.exists() or self.store_link.is_symlink():
+            raise InvalidInput(f"{self.store_link} exists and is not ferry's link to {self.model}/",
+                               f"move it out of the repository: ferry serves {self.model}'s versions under that name")
+        os.symlink(self.model, self.store_link)
+        fsync_dir(self.store_link.parent)
 
     def read_config_text(self) -> str | None:
         try:
@@ -127,9 +153,13 @@ class ModelDir:
         """Whether the repository holds anything of this model (its directory or ferry's state for it)."""
         return self.path.exists() or self.state_dir.exists()
 
+    @property
+    def staging_root(self) -> Path:
+        return self.state_dir / "staging"
+
     def new_staging_dir(self, version: int, deploy_id: str) -> Path:
         """An empty staging folder for this deploy (a retried materialize starts it over)."""
-        staging = self.path / ".staging" / f"v{version}-{deploy_id}"
+        staging = self.staging_root / f"v{version}-{deploy_id}"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         return staging
@@ -176,11 +206,13 @@ class ModelDir:
         return pruned
 
     def staging_dirs(self, deploy_id: str) -> dict[Path, int]:
-        """The staging folders a deploy left, with the version each was for."""
-        root = self.path / ".staging"
-        if not root.exists():
-            return {}
-        return {path: int(path.name[1:].split("-", 1)[0]) for path in root.glob(f"v*-{deploy_id}")}
+        """The staging folders a deploy left, with the version each was for (``<model>/.staging`` is where
+        earlier releases staged: a deploy they left is still found there)."""
+        found = {}
+        for root in (self.staging_root, self.path / ".staging"):
+            if root.exists():
+                found |= {path: int(path.name[1:].split("-", 1)[0]) for path in root.glob(f"v*-{deploy_id}")}
+        return found
 
     def discard_staging(self, staging: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)

@@ -23,6 +23,7 @@ from ferry.core.records import CurrentState, utc_stamp
 from ferry.core.repository import ModelDir
 from ferry.core.runner import current_user, holding
 from ferry.core.steps import Ferry, serving_problems, wait_serving
+from ferry.core.steps import retire as retire_from
 
 RETIRED_DIR = "retired"
 
@@ -93,7 +94,7 @@ def _unload(ferry: Ferry, retired: Retired) -> None:
         retired.warnings.append(f"nothing is committed for '{model}' any more, but its replicas are unknown: {error} "
                                 f"(run `ferry reconcile {model}`)")
         return
-    unloaded = fleet.settled(lambda triton: triton.unload(model))
+    unloaded = fleet.settled(lambda triton: retire_from(triton, model))
     _, states = wait_serving(fleet, model, [])
     # A refused unload matters only where the model still serves (Triton refuses to unload a model it never had).
     states.update({url: error for url, error in unloaded.items() if isinstance(error, FerryError) and states[url]})

@@ -417,8 +417,12 @@ class Runner:
             report.warnings.append(f"committed v{candidate.version}, but its replicas are unknown: {error} "
                                    "(run `ferry reconcile`)")
             return report
-        report.warnings += steps.pin_after_commit(self.model_dir, candidate, fleet)
-        _, states = steps.wait_serving(fleet, self.model, [candidate.version])
+        current = report.current
+        warm = current.previous_version if current is not None and current.previous_warm_until_utc else None
+        report.warnings += steps.pin_after_commit(self.model_dir, candidate, fleet, warm,
+                                                  record.snapshot.active_version)
+        _, states = steps.wait_serving(fleet, self.model, [candidate.version],
+                                       held=sorted({candidate.version, warm}) if warm is not None else None)
         report.warnings += [f"{problem} (drift: run `ferry reconcile`)"
                             for problem in steps.serving_problems(states, [candidate.version])]
         return report

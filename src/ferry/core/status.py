@@ -10,10 +10,11 @@ from pydantic import BaseModel
 from ferry.core.current import read_current
 from ferry.core.errors import FerryError
 from ferry.core.fleet import Fleet
+from ferry.core.front import store_name
 from ferry.core.journal import read_journal, unfinished_error
 from ferry.core.records import CurrentState
 from ferry.core.repository import STATE_DIR, ModelDir
-from ferry.core.triton import VersionState, ready_versions
+from ferry.core.triton import VersionState, placement
 
 UNKNOWN = "unknown"
 
@@ -87,8 +88,8 @@ def replica_indexes(fleet: Fleet) -> dict[str, dict]:
 def _replica(url: str, index: dict | FerryError, model: str, committed: list[int] | None) -> ReplicaStatus:
     if isinstance(index, FerryError):
         return ReplicaStatus(url=url, error=str(index), drift=UNKNOWN)
-    versions = index.get(model, [])
-    serving = ready_versions(versions)
+    versions = index.get(store_name(model), []) or index.get(model, [])
+    serving = placement(index, model).serving
     if committed is None:
         drift = UNKNOWN  # current.json cannot be read
     elif serving == committed:

@@ -7,6 +7,7 @@ timing, history) for the CLI, the DAG and ``ferry recover`` alike. A step that f
 
 from __future__ import annotations
 
+import datetime as dt
 import importlib.resources
 import py_compile
 import shutil
@@ -23,6 +24,7 @@ from ferry.core.config import Endpoint, Settings, parse_endpoint
 from ferry.core.current import read_current, restore_current, write_current
 from ferry.core.errors import FerryError, InvalidInput, StepFailed, TritonError, TritonTimeout
 from ferry.core.fleet import Fleet, ReplicaFailed, resolve_replicas
+from ferry.core.front import disk_config, front_config, front_files, store_config, store_name
 from ferry.core.fsutil import atomic_write, sha256_file
 from ferry.core.model_config import (
     NotOnnx,
@@ -46,6 +48,7 @@ from ferry.core.records import (
     RollbackReport,
     Snapshot,
     Step,
+    parse_utc_stamp,
     utc_stamp,
 )
 from ferry.core.registry import Artifacts, Registry, VersionRef, disk_full
@@ -53,7 +56,7 @@ from ferry.core.repository import MANIFEST, ModelDir, check_name
 from ferry.core.rollout import remove_rollout
 from ferry.core.smoke import SMOKE_FILE, load_sample, output_problems, synthetic_sample
 from ferry.core.stubs import stop_stubs_of
-from ferry.core.triton import Triton
+from ferry.core.triton import Placement, Triton, placement
 
 T = TypeVar("T")
 
@@ -151,11 +154,14 @@ def take_snapshot(ferry: Ferry, model: str) -> Snapshot:
     model_dir = ferry.model_dir(model)
     current = read_current(model_dir)
     fleet = ferry.fleet()
-    serving = fleet.each(lambda triton: triton.ready_versions(model))
+    indexes = fleet.each(lambda triton: triton.index())
+    foreign = sorted({v.version for index in indexes.values() for v in index.get(model, []) if v.state == "READY"})
+    if current is None and foreign:
+        raise InvalidInput(f"Triton serves v{', v'.join(map(str, foreign))} of '{model}', but ferry has no state for "
+                           "it (another tool deployed it)", f"take it over first with `ferry adopt {model}`")
+    placements = {url: placement(index, model) for url, index in indexes.items()}
+    serving = {url: where.serving for url, where in placements.items()}
     served = sorted(set().union(*serving.values()))
-    if current is None and served:
-        raise InvalidInput(f"Triton serves v{', v'.join(map(str, served))} of '{model}', but ferry has no state for it "
-                           "(another tool deployed it)", f"take it over first with `ferry adopt {model}`")
     return Snapshot(
         model=model,
         deploy_id=f"{utc_stamp()}-{uuid.uuid4().hex[:6]}",
@@ -164,6 +170,7 @@ def take_snapshot(ferry: Ferry, model: str) -> Snapshot:
         config_text=model_dir.read_config_text(),
         triton_ready=served,
         replicas=serving,
+        stores={url: where.store for url, where in placements.items()},
     )
 
 
@@ -204,6 +211,8 @@ def materialize(ferry: Ferry, snapshot: Snapshot, alias: str | None = None, vers
             revalidate=any(served != [ref.version] for served in _served_by_replica(snapshot)),
         )
     try:
+        if is_warm(snapshot, ref.version):
+            return _warm(model_dir, ref, snapshot)
         if model_dir.version_dir(ref.version).exists():
             return _reuse(model_dir, ref, snapshot)
         return _stage(ferry, model_dir, ref, snapshot)
@@ -215,13 +224,37 @@ def materialize(ferry: Ferry, snapshot: Snapshot, alias: str | None = None, vers
         raise failure from error
 
 
+def is_warm(snapshot: Snapshot, version: int) -> bool:
+    """Whether ``version`` is the previous version, kept loaded after the last commit on every replica and
+    still inside its window (FERRY_KEEP_PREVIOUS_S)."""
+    current = snapshot.current
+    if current is None or current.previous_version != version or not current.previous_warm_until_utc:
+        return False
+    if parse_utc_stamp(current.previous_warm_until_utc) < parse_utc_stamp(utc_stamp()):
+        return False
+    return bool(snapshot.stores) and all(version in held for held in snapshot.stores.values())
+
+
+def _warm(model_dir: ModelDir, ref: VersionRef, snapshot: Snapshot) -> Candidate:
+    """The previous version, still loaded: it served until the last commit, and what serves is the loaded
+    instance, not the files (kept, and hashed again at the next load that needs them)."""
+    manifest = model_dir.read_manifest(ref.version)
+    if manifest is None or snapshot.config_text is None:
+        raise InvalidInput(f"v{ref.version} is loaded but ferry's manifest for it is missing",
+                           f"restore {model_dir.version_dir(ref.version)}/{MANIFEST}, or deploy another version")
+    return Candidate(model=ref.model, version=ref.version, run_id=manifest.run_id, alias=ref.alias,
+                     sha256=manifest.sha256, size_bytes=manifest.size_bytes,
+                     config_pbtxt=to_pbtxt(with_versions(from_pbtxt(snapshot.config_text), [])), reused=True, warm=True)
+
+
 def _served_by_replica(snapshot: Snapshot) -> list[list[int]]:
     return list(snapshot.replicas.values()) if snapshot.replicas else [snapshot.triton_ready]
 
 
 def needs_validation(candidate: Candidate) -> bool:
-    """False only for the active version while Triton serves it: nothing to do then."""
-    return not candidate.already_active or candidate.revalidate
+    """False for the active version while Triton serves it (nothing to do then), and for a warm previous
+    version (proven when it was committed, and still loaded: the commit repoints the front to it)."""
+    return (not candidate.already_active or candidate.revalidate) and not candidate.warm
 
 
 def _model_config(snapshot: Snapshot, signature: Signature, runtime: str) -> model_config_pb2.ModelConfig:
@@ -339,17 +372,21 @@ def _reuse(model_dir: ModelDir, ref: VersionRef, snapshot: Snapshot) -> Candidat
 
 
 def load(ferry: Ferry, snapshot: Snapshot, candidate: Candidate) -> None:
-    """Load the candidate beside the active version: both serve, production still reaches only the active one."""
+    """Load the candidate into the store beside the active version: the front still serves the active one,
+    whose instance is updated in place, not re-created."""
     if not needs_validation(candidate):
         return
     versions = [v for v in (snapshot.active_version, candidate.version) if v is not None]
-    config = to_override_json(with_versions(from_pbtxt(candidate.config_pbtxt), versions))
+    # config.pbtxt first: Triton records a config override's time only when the file exists, and a later load
+    # of the front then finds the store unchanged (the undo restores the file the snapshot kept).
+    ferry.model_dir(snapshot.model).write_config(disk_config(from_pbtxt(candidate.config_pbtxt), versions))
+    config = to_override_json(store_config(from_pbtxt(candidate.config_pbtxt), snapshot.model, versions))
     on_every_replica(fleet_of(ferry, snapshot), lambda triton: _load_on(triton, snapshot.model, config, candidate))
 
 
 def _load_on(triton: Triton, model: str, config_json: str, candidate: Candidate) -> None:
     try:
-        triton.load(model, config_json)
+        triton.load(store_name(model), config_json)
     except TritonTimeout as error:
         raise StepFailed(Step.LOAD, f"load of v{candidate.version} timed out: {error.message}",
                          "a backend that cannot start hangs the load; see the Triton log") from error
@@ -363,7 +400,7 @@ def wait_ready(ferry: Ferry, snapshot: Snapshot, candidate: Candidate) -> None:
         return
     timeout_s = ferry.settings.ready_timeout_s
     on_every_replica(fleet_of(ferry, snapshot),
-                     lambda triton: _wait_ready_on(triton, snapshot.model, candidate.version, timeout_s))
+                     lambda triton: _wait_ready_on(triton, store_name(snapshot.model), candidate.version, timeout_s))
 
 
 def _wait_ready_on(triton: Triton, model: str, version: int, timeout_s: float) -> None:
@@ -394,7 +431,7 @@ def smoke(ferry: Ferry, snapshot: Snapshot, candidate: Candidate) -> dict:
 
     def smoke_on(triton: Triton) -> dict[str, list[int]]:
         try:
-            outputs = triton.infer(snapshot.model, candidate.version, sample.inputs, datatypes)
+            outputs = triton.infer(store_name(snapshot.model), candidate.version, sample.inputs, datatypes)
         except TritonError as error:
             raise StepFailed(Step.SMOKE, f"inference on v{candidate.version} failed: {error.message}",
                              detail=error.detail) from error
@@ -411,42 +448,81 @@ def smoke(ferry: Ferry, snapshot: Snapshot, candidate: Candidate) -> dict:
 
 
 def commit(ferry: Ferry, snapshot: Snapshot, candidate: Candidate) -> tuple[CurrentState | None, list[str]]:
-    """Write current.json (the commit point), then pin the config to the new version and retire the old one."""
+    """Write current.json (the commit point), then repoint every replica's front to the new version and
+    let the store drop the old one (or keep it warm for FERRY_KEEP_PREVIOUS_S)."""
     model_dir = ferry.model_dir(snapshot.model)
     if candidate.already_active:
         pinned = pin_after_commit(model_dir, candidate, fleet_of(ferry, snapshot)) if candidate.revalidate else []
         return snapshot.current, pinned
+    keep_s = ferry.settings.keep_previous_s
+    warm_until = utc_stamp(dt.datetime.now(dt.UTC) + dt.timedelta(seconds=keep_s)) \
+        if keep_s > 0 and snapshot.active_version is not None else None
     state = CurrentState(
         active_version=candidate.version, run_id=candidate.run_id, alias=candidate.alias,
         updated_at_utc=utc_stamp(), model=snapshot.model, previous_version=snapshot.active_version,
-        sha256=candidate.sha256, deploy_id=snapshot.deploy_id,
+        sha256=candidate.sha256, deploy_id=snapshot.deploy_id, previous_warm_until_utc=warm_until,
     )
     try:
         write_current(model_dir, state)
     except OSError as error:
         raise StepFailed(Step.COMMIT, f"cannot write {model_dir.current_path}: {error}") from error
     remove_rollout(model_dir)  # after current.json: the candidate is the active version now
-    return state, pin_after_commit(model_dir, candidate, fleet_of(ferry, snapshot))
+    warm = snapshot.active_version if warm_until else None
+    return state, pin_after_commit(model_dir, candidate, fleet_of(ferry, snapshot), warm, snapshot.active_version)
 
 
-def pin_after_commit(model_dir: ModelDir, candidate: Candidate, fleet: Fleet) -> list[str]:
+def pin_after_commit(model_dir: ModelDir, candidate: Candidate, fleet: Fleet, warm: int | None = None,
+                     previous: int | None = None) -> list[str]:
     """After the commit point a failure is drift for reconcile to repair, never a reason to un-commit."""
-    try:
-        failed = pin(model_dir, candidate.config_pbtxt, candidate.version, fleet)
-    except OSError as error:
-        return [f"committed v{candidate.version}, but writing {model_dir.config_path} failed: {error}"]
+    failed = pin(model_dir, candidate.config_pbtxt, candidate.version, fleet, warm, previous)
     where = "replica {}".format if len(fleet.replicas) > 1 else (lambda url: "Triton")
     return [f"committed v{candidate.version}, but pinning {where(url)} to it failed: {error} "
             "(drift: run `ferry reconcile`)" for url, error in failed.items()]
 
 
-def pin(model_dir: ModelDir, config_pbtxt: str, version: int, fleet: Fleet) -> dict[str, FerryError]:
-    """Make config.pbtxt and every replica serve ``version`` alone (Triton drains any other version, then
-    unloads it); the replicas that failed, with why."""
-    config = with_versions(from_pbtxt(config_pbtxt), [version])
-    model_dir.write_config(config)
-    results = fleet.settled(lambda triton: triton.load(model_dir.model, to_override_json(config)))
-    return {url: result for url, result in results.items() if isinstance(result, FerryError)}
+def pin(model_dir: ModelDir, config_pbtxt: str, version: int, fleet: Fleet, warm: int | None = None,
+        previous: int | None = None) -> dict[str, FerryError]:
+    """Make every replica's front serve ``version`` and its store hold it alone (and ``warm``, the previous
+    version kept loaded); then config.pbtxt says so. ``previous``: what the fronts served until now, kept
+    loaded until they are repointed. The replicas that failed, with why."""
+    config = from_pbtxt(config_pbtxt)
+    keep = sorted({version} | ({warm} if warm is not None else set()))
+    during = [previous] if previous is not None else []
+    results = fleet.settled(lambda triton: serve(triton, model_dir.model, config, version, keep, during))
+    failed: dict[str, FerryError] = {url: r for url, r in results.items() if isinstance(r, FerryError)}
+    try:
+        model_dir.write_config(disk_config(config, keep))
+    except OSError as error:
+        failed[str(model_dir.config_path)] = FerryError(f"writing {model_dir.config_path} failed: {error}")
+    return failed
+
+
+def serve(triton: Triton, model: str, config: model_config_pb2.ModelConfig, version: int, keep: list[int],
+          during: list[int] | None = None) -> None:
+    """Point ``model``'s front at ``version`` and leave its store holding ``keep`` (which includes it).
+
+    The store is loaded first, holding ``during`` too (what the front serves until it is repointed: an
+    in-place update of what is loaded already), so that the front, whose load makes Triton poll the store,
+    finds it current; the front is repointed; only then does the store drop ``during`` (Triton drains it)."""
+    store = store_name(model)
+    hold = sorted(set(keep) | set(during or ()))
+    triton.load(store, to_override_json(store_config(config, model, hold)))
+    triton.load(model, to_override_json(front_config(config, model, version)), front_files(model, version))
+    if hold != keep:
+        triton.load(store, to_override_json(store_config(config, model, keep)))
+
+
+def retire(triton: Triton, model: str) -> None:
+    """Nothing of ``model`` loaded: its front first, so that no client reaches a store being unloaded.
+    Both are asked even if the first refuses (Triton refuses to unload a model it never had)."""
+    refused: TritonError | None = None
+    for name in (model, store_name(model)):
+        try:
+            triton.unload(name)
+        except TritonError as error:
+            refused = refused or error
+    if refused is not None:
+        raise refused
 
 
 # ---------------------------------------------------------------- undo
@@ -465,27 +541,34 @@ def _quarantine_failed(model_dir: ModelDir, snapshot: Snapshot, candidate: int |
 def _serve_only_active(fleet: Fleet, snapshot: Snapshot) -> None:
     """Every replica back to the active version alone (or to nothing); raises if any replica refused."""
     if snapshot.current is None:
-        fleet.each(lambda triton: triton.unload(snapshot.model))
+        fleet.each(lambda triton: retire(triton, snapshot.model))
     else:
-        config = to_override_json(with_versions(from_pbtxt(snapshot.config_text or ""),
-                                                 [snapshot.current.active_version]))
-        fleet.each(lambda triton: triton.load(snapshot.model, config))
+        config = from_pbtxt(snapshot.config_text or "")
+        active = snapshot.current.active_version
+        fleet.each(lambda triton: serve(triton, snapshot.model, config, active, [active]))
 
 
-def wait_serving(fleet: Fleet, model: str, wanted: list[int],
-                 timeout_s: float = 5.0) -> tuple[bool, dict[str, list[int] | FerryError]]:
-    """True once every replica serves exactly ``wanted`` (a version that is unloading no longer counts);
-    what each replica serves (or why it could not say) either way."""
-    def wait_on(triton: Triton) -> list[int]:
+def wait_serving(fleet: Fleet, model: str, wanted: list[int], timeout_s: float = 5.0,
+                 held: list[int] | None = None) -> tuple[bool, dict[str, list[int] | FerryError]]:
+    """True once every replica serves exactly ``wanted`` and its store holds nothing else (or ``held``: the
+    previous version kept warm too; a version that is unloading no longer counts); what each replica
+    serves (or why it could not say) either way."""
+    def settled(where: Placement | FerryError) -> bool:
+        return isinstance(where, Placement) and where.front == wanted and where.store in (wanted, held or wanted)
+
+    def wait_on(triton: Triton) -> Placement:
         deadline = time.monotonic() + timeout_s
         while True:
-            serving = triton.ready_versions(model)
-            if serving == wanted or time.monotonic() > deadline:
-                return serving
+            where = triton.placement(model)
+            if settled(where) or time.monotonic() > deadline:
+                return where
             time.sleep(0.05)
 
-    serving = fleet.settled(wait_on)
-    return all(s == wanted for s in serving.values()), serving
+    placements = fleet.settled(wait_on)
+    serving: dict[str, list[int] | FerryError] = {
+        url: where if isinstance(where, FerryError) else where.serving for url, where in placements.items()}
+    verified = all(settled(where) for where in placements.values())
+    return verified, serving
 
 
 def undo(ferry: Ferry, snapshot: Snapshot, failure: Failure, candidate: int | None) -> RollbackReport:

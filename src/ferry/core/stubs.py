@@ -17,7 +17,8 @@ STUB_NAME = "triton_python_backend_stub"
 
 def stubs_of(version_dir: Path) -> list[int]:
     """PIDs of the stubs running ``<version_dir>/model.py``."""
-    wanted = {str(version_dir / "model.py").encode(), str(version_dir.resolve() / "model.py").encode()}
+    # Triton names the file by the path it loaded the model from: the store's link, for ferry's models.
+    wanted = os.fsencode(version_dir.resolve() / "model.py")
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -26,9 +27,16 @@ def stubs_of(version_dir: Path) -> list[int]:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if len(argv) > 1 and argv[0].endswith(STUB_NAME.encode()) and argv[1] in wanted:
+        if len(argv) > 1 and argv[0].endswith(STUB_NAME.encode()) and _resolved(argv[1]) == wanted:
             pids.append(int(entry.name))
     return pids
+
+
+def _resolved(path: bytes) -> bytes:
+    try:
+        return os.fsencode(Path(os.fsdecode(path)).resolve())
+    except (OSError, RuntimeError):  # a path that cannot be resolved is not the one looked for
+        return path
 
 
 def stop_stubs_of(version_dir: Path) -> int:

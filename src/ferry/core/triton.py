@@ -18,6 +18,7 @@ from tritonclient.utils import InferenceServerException
 
 from ferry.core.config import Endpoint, parse_endpoint
 from ferry.core.errors import TritonError, TritonTimeout, one_line
+from ferry.core.front import store_name
 
 # The header that carries the key of Triton's restricted model-control API (load, unload, repository index).
 API_KEY_HEADER = "ferry-api-key"
@@ -33,8 +34,32 @@ class VersionState:
 
 
 def ready_versions(states: list[VersionState]) -> list[int]:
-    """The versions that serve, sorted: the one place that decides what "serving" means."""
+    """The versions that are READY, sorted."""
     return sorted(v.version for v in states if v.state == READY)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """What Triton holds of one model: the front's version (what clients of the model's name reach) and
+    the versions loaded in its store (:mod:`ferry.core.front`)."""
+
+    front: list[int]
+    store: list[int]
+
+    @property
+    def serving(self) -> list[int]:
+        """The versions clients of the model's name reach: the one place that decides what "serving" means.
+        With an empty store the name is not a front (a model deployed by an earlier release of ferry, or by
+        another tool): what it serves itself."""
+        return sorted(set(self.front) & set(self.store)) if self.store else self.front
+
+    def exactly(self, versions: list[int]) -> bool:
+        """Whether the front serves ``versions`` and the store holds nothing else (no candidate left)."""
+        return self.front == versions and self.store == versions
+
+
+def placement(index: dict[str, list[VersionState]], model: str) -> Placement:
+    return Placement(ready_versions(index.get(model, [])), ready_versions(index.get(store_name(model), [])))
 
 
 class Triton:
@@ -87,8 +112,8 @@ class Triton:
         if not self._call("the health check", lambda c: c.is_server_live):
             raise TritonError(f"Triton at {self.url} is not live", "check its log, or restart it")
 
-    def load(self, model: str, config_json: str) -> None:
-        self._call(f"loading '{model}'", lambda c: c.load_model, model, config=config_json,
+    def load(self, model: str, config_json: str, files: dict[str, bytes] | None = None) -> None:
+        self._call(f"loading '{model}'", lambda c: c.load_model, model, config=config_json, files=files,
                    timeout_s=self.load_timeout_s)
 
     def unload(self, model: str) -> None:
@@ -111,7 +136,14 @@ class Triton:
         return self.index().get(model, [])
 
     def ready_versions(self, model: str) -> list[int]:
+        """The READY versions of the Triton model named ``model`` (a front, a store, or another tool's model)."""
         return ready_versions(self.versions(model))
+
+    def placement(self, model: str) -> Placement:
+        return placement(self.index(), model)
+
+    def serving(self, model: str) -> list[int]:
+        return self.placement(model).serving
 
     def version_ready(self, model: str, version: int) -> bool:
         return bool(self._call("the readiness check", lambda c: c.is_model_ready, model, str(version)))

@@ -27,7 +27,7 @@ from ferry.core.fleet import Fleet
 from ferry.core.records import TRANSACTION_STEPS, Step, parse_utc_stamp
 from ferry.core.repository import ModelDir
 from ferry.core.status import list_models, replica_indexes
-from ferry.core.triton import VersionState, ready_versions
+from ferry.core.triton import VersionState, placement
 
 
 @dataclass
@@ -137,7 +137,7 @@ class FerryCollector(Collector):
             committed = [current.active_version] if current else []
             for replica, index in indexes.items():
                 if not isinstance(index, FerryError):
-                    drift.add_metric([model, replica], float(ready_versions(index.get(model, [])) != committed))
+                    drift.add_metric([model, replica], float(placement(index, model).serving != committed))
         for replica, index in indexes.items():
             triton_up.add_metric([replica], float(not isinstance(index, FerryError)))
         yield from (deploys, rollbacks, steps, last, active, drift, triton_up, baking, gate_failed)

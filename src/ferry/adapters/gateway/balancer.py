@@ -40,6 +40,7 @@ from ferry.adapters.gateway.upstream import Reply, UpstreamPool, _Connection
 from ferry.core.config import Endpoint, ReplicaSource, Settings
 from ferry.core.errors import FerryError
 from ferry.core.fleet import resolve_replicas
+from ferry.core.front import store_name
 from ferry.core.status import list_models
 
 PROBE_INTERVAL_S = 1.0  # every replica's readiness, this often
@@ -365,7 +366,7 @@ class HttpBalancer(Balancer[_HttpClient]):
         return isinstance(error, OSError) and not isinstance(error, TimeoutError)
 
     async def _ready(self, replica: Replica[_HttpClient], committed: Sequence[tuple[str, int]]) -> bool:
-        paths = [f"/v2/models/{model}/versions/{version}/ready" for model, version in committed]
+        paths = [f"/v2/models/{store_name(model)}/versions/{version}/ready" for model, version in committed]
         for path in paths or ["/v2/health/ready"]:
             if (await replica.client.probes.request("GET", path)).status != 200:
                 return False

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ferry.core.current import read_current
 from ferry.core.errors import FerryError, NoSuchModel
+from ferry.core.front import store_name
 from ferry.core.model_config import Signature, TensorSpec, config_signature
 from ferry.core.records import CurrentState, RolloutState
 from ferry.core.repository import ModelDir
@@ -36,6 +37,13 @@ class Route:
     signature: Signature  # the model's inputs and outputs, from its config.pbtxt (batch dimension included)
     max_batch_size: int = 0  # from config.pbtxt; with batching on, the first dimension may not exceed it
     role: str = ACTIVE  # CANDIDATE: the candidate version answering a canary's share; SHADOW: a mirrored copy
+
+    @cached_property
+    def upstream(self) -> str:
+        """The Triton model the gateway sends this route's requests to, naming its version: the model's store,
+        which holds the committed version from the candidate's load on (the front only from the commit's repoint
+        on, a few milliseconds after current.json) and a baking candidate beside it."""
+        return store_name(self.model)
 
     def serves(self, version: str) -> bool:
         """Whether a version a client named (a URL segment, a gRPC field; empty: none named) is this one."""
