@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-stamp
 # Tests run side by side (each has its own Triton and MLflow): the servers wait on I/O much of the time.
 WORKERS ?= 3
 
-.PHONY: install prometheus demo demo-airflow demo-fleet demo-watch test test-fast lint bench clean
+.PHONY: install prometheus perf-analyzer demo demo-airflow demo-fleet demo-watch test test-fast lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ install: $(STAMP)
 
 prometheus:
 	bash scripts/install_prometheus.sh
+
+# NVIDIA's perf_analyzer in its own venv (.venv-bench), for bench/perf.py; run it as bench/perf_analyzer.
+perf-analyzer:
+	PYTHON=$(PYTHON) bash bench/install_perf_analyzer.sh
 
 demo: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
@@ -45,12 +49,13 @@ test-fast: install
 test: install prometheus lint
 	$(BIN)/pytest -q -n $(WORKERS) --dist worksteal --durations=15
 
-bench: install
+bench: install perf-analyzer
 	$(BIN)/python bench/deploy_overhead.py
 	$(BIN)/python bench/gateway_overhead.py
 	$(BIN)/python bench/soak.py
 	$(BIN)/python bench/fleet.py
 	$(BIN)/python bench/rollout.py
+	$(BIN)/python bench/perf.py
 
 clean:
-	rm -rf $(VENV) .ferry-demo .ferry-demo-airflow .ferry-demo-fleet .ferry-demo-watch .pytest_cache
+	rm -rf $(VENV) .venv-bench .ferry-demo .ferry-demo-airflow .ferry-demo-fleet .ferry-demo-watch .pytest_cache
