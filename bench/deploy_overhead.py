@@ -101,6 +101,25 @@ def bare_round(ferry: Ferry, run_id: str, version: int, active: int, config, wor
     return download_s + (t3 - t1)
 
 
+def warm_rollbacks(settings, model_bytes: bytes, sample: dict, golden: dict, rounds: int) -> list[float]:
+    """``ferry rollback`` to the previous version while it is kept warm: the front is repointed, nothing loaded."""
+    ferry = Ferry(settings.with_overrides(keep_previous_s=600))
+    seconds = []
+    for _ in range(rounds):
+        register(model_bytes, sample, golden, settings.tracking_uri)
+        settle(ferry)
+        committed = deploy(ferry, MODEL, alias="champion")
+        assert committed.outcome == "committed", committed.error
+        previous = committed.current.previous_version
+        began = time.perf_counter()
+        report = deploy(ferry, MODEL, version=previous)
+        while ferry.triton.placement(MODEL).front != [previous]:  # deploy returns after the repoint; check it
+            time.sleep(0.001)
+        seconds.append(time.perf_counter() - began)
+        assert report.outcome == "committed" and "load" not in report.steps, report.steps
+    return seconds
+
+
 def direct_download_seconds(ferry: Ferry, run_id: str, workdir: Path) -> float:
     """The same download from the run's own store, as ferry does it (not part of the baseline)."""
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
@@ -188,6 +207,9 @@ def main() -> None:
         print(f"overhead ratio: {statistics.median(paired):.3f}")
         if rollbacks:
             print(f"rollback seconds: {statistics.median(rollbacks):.3f} (median; max {max(rollbacks):.3f})")
+        warm = warm_rollbacks(settings, model_bytes, sample, golden, rounds=max(3, min(args.rounds, 7)))
+        print(f"warm rollback seconds: {statistics.median(warm):.4f} (median of {len(warm)}; max {max(warm):.4f}; "
+              "from the transaction's start to the previous version serving, with FERRY_KEEP_PREVIOUS_S)")
     finally:
         server.down(settings)
         shutil.rmtree(home, ignore_errors=True)

@@ -160,7 +160,7 @@ def fleet(request: pytest.FixtureRequest, tmp_path: Path):
 
 
 def assert_invariants(world: World, attempts: int) -> None:
-    """The invariants of DESIGN.md, checked against the files and against Triton's repository index."""
+    """The invariants of docs/design.md, checked against the files and against Triton's repository index."""
     model_dir = world.model_dir
     # 1. current.json parses and names a version whose files exist and that every replica serves.
     current = read_current(model_dir)

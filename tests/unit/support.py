@@ -35,7 +35,7 @@ class Bench:
         return deploy(self.ferry, self.model, alias=None if version else alias, version=version, **kwargs)
 
     def check_invariants(self, attempts: int) -> None:
-        """DESIGN.md's invariants, against the files and the fake Triton."""
+        """docs/design.md's invariants, against the files and the fake Triton."""
         current = read_current(self.model_dir)
         serving = self.triton.ready_versions(self.model)
         if current is None:

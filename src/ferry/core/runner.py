@@ -239,7 +239,7 @@ class Runner:
         record = journal.record
         candidate, snapshot = record.candidate, record.snapshot
         assert candidate is not None and snapshot is not None
-        current, warnings = self.run_step(journal, Step.COMMIT) if steps.needs_validation(candidate) \
+        current, warnings = self.run_step(journal, Step.COMMIT) if steps.needs_commit(candidate) \
             else (snapshot.current, [])
         report = self._report(record, Outcome.NOOP if candidate.already_active else Outcome.COMMITTED)
         report.current, report.warnings, report.gate = current, warnings, list(record.gate)

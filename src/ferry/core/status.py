@@ -31,7 +31,8 @@ class LiveFigures(BaseModel):
 class ReplicaStatus(BaseModel):
     url: str
     versions: list[VersionState] | None = None  # None when the replica did not answer
-    serving: list[int] = []
+    serving: list[int] = []  # what clients of the model's name reach (the front's version)
+    held: list[int] = []  # the versions the model's store holds: the served one, a warm previous one, a candidate
     error: str | None = None
     drift: str | None = None  # None when it serves exactly the committed version; "unknown" when it cannot tell
 
@@ -54,7 +55,7 @@ def list_models(repository: Path) -> list[str]:
     if not repository.exists():
         return []
     committed = {p.parent.name for p in (repository / STATE_DIR).glob("*/current.json")}
-    configured = {p.parent.name for p in repository.glob("*/config.pbtxt")}
+    configured = {p.parent.name for p in repository.glob("*/config.pbtxt") if not p.parent.is_symlink()}  # a store
     return sorted((committed | configured) - {STATE_DIR})
 
 
@@ -89,14 +90,15 @@ def _replica(url: str, index: dict | FerryError, model: str, committed: list[int
     if isinstance(index, FerryError):
         return ReplicaStatus(url=url, error=str(index), drift=UNKNOWN)
     versions = index.get(store_name(model), []) or index.get(model, [])
-    serving = placement(index, model).serving
+    where = placement(index, model)
+    serving = where.serving
     if committed is None:
         drift = UNKNOWN  # current.json cannot be read
     elif serving == committed:
         drift = None
     else:
         drift = f"current.json names {committed or 'no version'}, Triton serves {serving or 'nothing'}"
-    return ReplicaStatus(url=url, versions=versions, serving=serving, drift=drift)
+    return ReplicaStatus(url=url, versions=versions, serving=serving, held=where.store, drift=drift)
 
 
 def _in_flight(model_dir: ModelDir) -> str | None:

@@ -254,7 +254,12 @@ def _served_by_replica(snapshot: Snapshot) -> list[list[int]]:
 def needs_validation(candidate: Candidate) -> bool:
     """False for the active version while Triton serves it (nothing to do then), and for a warm previous
     version (proven when it was committed, and still loaded: the commit repoints the front to it)."""
-    return (not candidate.already_active or candidate.revalidate) and not candidate.warm
+    return needs_commit(candidate) and not candidate.warm
+
+
+def needs_commit(candidate: Candidate) -> bool:
+    """False only for the active version while Triton serves it."""
+    return not candidate.already_active or candidate.revalidate
 
 
 def _model_config(snapshot: Snapshot, signature: Signature, runtime: str) -> model_config_pb2.ModelConfig:

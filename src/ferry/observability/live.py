@@ -24,7 +24,7 @@ def live_figures(settings: Settings, model: str, version: int) -> LiveFigures:
 def from_prometheus(prometheus_url: str, model: str, version: int) -> LiveFigures:
     labels = f'model="{model}",version="{version}"'
     try:
-        p95 = query_scalar(prometheus_url, f"max(model_version:triton_request_latency_seconds:p95{{{labels}}})",
+        p95 = query_scalar(prometheus_url, f"max(model_version:request_latency_seconds:p95{{{labels}}})",
                            TIMEOUT_S)
         ratio = query_scalar(prometheus_url, f"max(model_version:triton_failure_ratio:rate5m{{{labels}}})",
                              TIMEOUT_S)

@@ -75,7 +75,7 @@ def gather(prometheus_url: str, model_dir: ModelDir, deploys: int = 5) -> Report
     start = (min(times) if times else end - 3600) - MARGIN_S
     step = max(1.0, (end - start) / 600)
     selector = f'{{model="{model_dir.model}"}}'
-    latency = _series(_query_range(prometheus_url, f"model_version:triton_request_latency_seconds:p95{selector}",
+    latency = _series(_query_range(prometheus_url, f"model_version:request_latency_seconds:p95{selector}",
                                    start, end, step), 1000.0)
     traffic = _series(_query_range(prometheus_url, f"model_version:triton_requests:rate1m{selector}",
                                    start, end, step), 1.0)
