@@ -1,7 +1,7 @@
 """`ferry watch` against a real MLflow tracking server and a real Triton (and, for the Airflow path, a real
 `airflow standalone`): an alias set through MLflow's client deploys through the webhook, with the outcome
-written back; hostile deliveries change nothing; polling catches a move made while the watcher was down;
-an Airflow run is started once per delivery, with the model and alias in its conf."""
+written back; hostile deliveries and stalled connections change nothing; polling catches a move made while
+the watcher was down; an Airflow run is started once per delivery, with the model and alias in its conf."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import json
 import os
 import random
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -25,6 +26,7 @@ import pytest
 from conftest import ROOT, World, make_settings
 from ferry.adapters.watch import (
     Trigger,
+    TriggerLog,
     Watch,
     build_app,
     dag_run_id,
@@ -32,6 +34,8 @@ from ferry.adapters.watch import (
     secret_path,
     sign,
 )
+from ferry.adapters.watch.connections import server_config
+from ferry.adapters.watch.files import deliveries_path, triggers_path
 from ferry.core.config import Settings
 from test_writeback import BIN, MlflowServer, ferry_tags, free_port, mlflow_server, on_server, serving_version
 
@@ -176,9 +180,13 @@ class Recorder:
         return "committed", "recorded"
 
 
+HEADER_TIMEOUT_S, MAX_CONNECTIONS = 1.0, 8  # the receiver's bounds in these tests (ferry watch: 10 s, 64)
+
+
 @pytest.fixture
 def receiver(tmp_path: Path) -> Iterator[tuple[str, bytes, Recorder, Watch]]:
-    """The receiver on a real HTTP server (uvicorn in a thread), deploying into a recorder."""
+    """The receiver on a real HTTP server (uvicorn in a thread, served as `ferry watch` serves it), deploying
+    into a recorder."""
     import uvicorn
 
     settings = Settings(home=tmp_path, repository=tmp_path / "repository", tracking_uri="sqlite:///unused.db")
@@ -186,7 +194,8 @@ def receiver(tmp_path: Path) -> Iterator[tuple[str, bytes, Recorder, Watch]]:
     recorder = Recorder()
     watch = Watch(settings, deployer=recorder)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(build_app(watch), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(server_config(build_app(watch), "127.0.0.1", port, header_timeout_s=HEADER_TIMEOUT_S,
+                                          max_connections=MAX_CONNECTIONS))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -228,10 +237,12 @@ def test_hostile_deliveries_are_refused_or_ignored_and_deploy_nothing(receiver) 
     expect(200, delivery(secret, {**alias_created(), "entity": "model_version", "action": "created"}), "ignored")
     expect(200, delivery(secret, alias_created(alias="challenger")), "is not watched")
     expect(200, delivery(secret, alias_created(alias="serving")), "ferry moves itself")
-    expect(200, delivery(secret, alias_created(name="../../etc")), "not one ferry deploys")
+    expect(400, delivery(secret, alias_created(name="../../etc")), "not a plain name")
+    expect(400, delivery(secret, alias_created(alias="champion\nforged")), "not a plain name")
+    expect(400, delivery(secret, {**alias_created(), "data": {"name": "iris", "alias": "champion"}}), "no 'version'")
     expect(400, delivery(secret, alias_created(name=123)), "string 'name'")
-    expect(400, delivery(secret, alias_created(version="two")), "version number")
-    expect(400, delivery(secret, alias_created(version=[1])), "version number")
+    expect(400, delivery(secret, alias_created(version="two")), "must name the version")
+    expect(400, delivery(secret, alias_created(version=[1])), "must name the version")
     expect(400, delivery(secret, {**alias_created(), "data": "iris@champion"}), "string 'name'")
     expect(400, delivery(secret, b"{not json"), "not JSON")
     expect(400, delivery(secret, b"\xff\xfe\x00"), "not JSON")
@@ -272,9 +283,72 @@ def test_hostile_deliveries_are_refused_or_ignored_and_deploy_nothing(receiver) 
     assert [(t.model, t.alias, t.version) for t in recorder.calls] == [("iris", "champion", 1)], \
         "only the one authentic, fresh, watched delivery deployed"
     metrics = httpx.get(f"{url}/metrics", timeout=5).text
-    for result in ("accepted", "replayed", "bad_signature", "unsigned", "stale", "malformed", "ignored", "too_large",
-                   "no_secret"):
+    for result in ("accepted", "replayed", "bad_signature", "unsigned", "stale", "malformed", "bad_name", "ignored",
+                   "too_large", "no_secret"):
         assert f'ferry_watch_deliveries_total{{result="{result}"}}' in metrics, result
+
+
+def _read_to_end(sock: socket.socket, timeout_s: float) -> bytes:
+    """What the server sends until it closes the connection; raises TimeoutError if it keeps it open."""
+    sock.settimeout(timeout_s)
+    received = b""
+    while chunk := sock.recv(65536):
+        received += chunk
+    return received
+
+
+def test_stalled_headers_time_out_and_the_connections_are_bounded(receiver) -> None:
+    """Half a request held its connection forever: now it gets 408 after the header deadline, the
+    connections beyond the bound get 503 at once, and the receiver answers again afterwards."""
+    url = receiver[0]
+    address = ("127.0.0.1", int(url.rsplit(":", 1)[1]))
+    opened: list[socket.socket] = []
+    try:
+        started = time.monotonic()
+        for number in range(MAX_CONNECTIONS):
+            sock = socket.create_connection(address, timeout=5)
+            opened.append(sock)
+            if number % 2:  # half send part of their headers, half send nothing at all
+                sock.sendall(b"POST /mlflow/webhook HTTP/1.1\r\nHost: 127.0.0.1\r\nX-MLflow-Sig")
+        time.sleep(0.3)  # accepted by the server
+        over = socket.create_connection(address, timeout=5)
+        opened.append(over)
+        assert _read_to_end(over, 3).startswith(b"HTTP/1.1 503 "), "a connection over the bound is refused at once"
+        for sock in opened[:MAX_CONNECTIONS]:
+            answer = _read_to_end(sock, HEADER_TIMEOUT_S + 5)
+            assert answer.startswith(b"HTTP/1.1 408 ") and b"headers did not arrive" in answer, answer
+        took = time.monotonic() - started
+        assert took < HEADER_TIMEOUT_S + 3, f"the stalled connections were closed after {took:.1f} s"
+
+        kept_alive = socket.create_connection(address, timeout=5)
+        opened.append(kept_alive)
+        kept_alive.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        first = b""
+        while b'"poll_s"' not in first and (chunk := kept_alive.recv(65536)):
+            first += chunk
+        assert first.startswith(b"HTTP/1.1 200 "), first
+        kept_alive.sendall(b"GET /healthz HTTP/1.1\r\nHo")  # the next request on it stalls
+        answer = _read_to_end(kept_alive, HEADER_TIMEOUT_S + 5)
+        assert answer.startswith(b"HTTP/1.1 408 "), answer
+        assert httpx.get(f"{url}/healthz", timeout=5).status_code == 200
+    finally:
+        for sock in opened:
+            sock.close()
+
+
+def test_an_unknown_model_is_refused_with_the_reason_and_written_down(tmp_path: Path) -> None:
+    """ferry's own deploy behind the receiver, MLflow on sqlite that has no such model (and no Triton)."""
+    settings = make_settings(tmp_path)
+    secret = read_or_create_secret(secret_path(settings))[0].encode()
+    watch = Watch(settings, poll_s=0)
+    status, answer = watch.handle(*delivery(secret, alias_created(name="ghost")))
+    assert status == 202, answer
+    assert watch.dispatcher.drain(120)
+    [ghost] = watch.dispatcher.recent
+    assert ghost.outcome == "refused" and "no model named 'ghost'" in ghost.detail, ghost
+    [record] = TriggerLog(triggers_path(settings)).read()
+    assert (record["model"], record["outcome"], record["detail"]) == ("ghost", "refused", ghost.detail)
+    assert not (settings.repository / "ghost").exists()
 
 
 def test_the_serving_alias_cannot_be_watched(tmp_path: Path) -> None:
@@ -386,6 +460,7 @@ def test_the_trigger_starts_one_airflow_run_per_delivery(tmp_path: Path, airflow
 
     settings = make_settings(tmp_path / "ferry", airflow_url=airflow.url, airflow_password=airflow.password())
     secret = read_or_create_secret(secret_path(settings))[0].encode()
+    register_versions(settings, "iris", 3, alias="champion")  # the run is started while @champion names v3
 
     def watcher() -> Watch:  # a fresh process: nothing remembered of earlier deliveries
         return Watch(settings, deployer=AirflowDeployer(settings, follow_s=0))
@@ -399,15 +474,29 @@ def test_the_trigger_starts_one_airflow_run_per_delivery(tmp_path: Path, airflow
     assert started.outcome == "airflow_queued" and "the DAG is paused" in started.detail, started
 
     restarted = watcher()  # MLflow retries the delivery after the receiver restarted
-    assert restarted.handle(headers, body)[0] == 202
-    assert restarted.dispatcher.drain(60)
-    [again] = restarted.dispatcher.recent
+    assert restarted.handle(headers, body)[0] == 409, "the delivery ids of the replay window are kept on disk"
+    deliveries_path(settings).unlink()  # a receiver that lost them (another host) still starts no second run
+    lost = watcher()
+    assert lost.handle(headers, body)[0] == 202
+    assert lost.dispatcher.drain(60)
+    [again] = lost.dispatcher.recent
     assert again.outcome == "duplicate", again
 
     with airflow.client() as client:
         runs = client.get("/api/v2/dags/mlflow_to_triton_deploy/dagRuns").json()["dag_runs"]
     assert [r["dag_run_id"] for r in runs] == [dag_run_id(started)] == [f"ferry__iris__champion__{started.key}"]
     assert runs[0]["conf"] == {"model": "iris", "alias": "champion"}
+
+
+def register_versions(settings: Settings, model: str, count: int, alias: str) -> None:
+    """``count`` versions of ``model`` in the MLflow ``settings`` names (no files: nothing deploys them here)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
+    client.create_registered_model(model)
+    for _ in range(count):
+        client.create_model_version(model, source=str(settings.home / "no-files"))
+    client.set_registered_model_alias(model, alias, str(count))
 
 
 def test_demo_watch_tells_the_story(tmp_path: Path) -> None:
