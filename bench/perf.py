@@ -65,6 +65,7 @@ ALIAS = "champion"
 SAMPLE = np.array([[5.1, 3.5, 1.4, 0.2], [5.9, 3.0, 4.2, 1.5], [6.9, 3.1, 5.4, 2.1]], dtype=np.float32)
 PROTOCOLS = ("http", "grpc")
 STATS_ABORT = "failed to find the requested model version"
+SETTLE_S = 4.0  # between deploys: longer than one perf_analyzer run of the isolation loops
 CONCURRENCIES = (1, 4)
 # The isolation plan: what each version is (examples/train_model.py), and what its deploy must end in.
 PLAN = [("good", "none", 5, "committed"), ("output-shape", "output-shape", 0, "rolled_back"),
@@ -237,6 +238,7 @@ class DirectClients:
     """tritonclient HTTP and gRPC loops straight at Triton, no version named, recording every answer."""
 
     world: World
+    model: str
     answers: list[tuple[str, float, np.ndarray]] = field(default_factory=list)  # protocol, received at, output
     failures: list[str] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
@@ -258,8 +260,8 @@ class DirectClients:
             tensor = module.InferInput("X", list(SAMPLE.shape), "FP32")
             tensor.set_data_from_numpy(SAMPLE)
             try:
-                result = client.infer(MODEL, [tensor], client_timeout=10) if protocol == "grpc" \
-                    else client.infer(MODEL, [tensor])
+                result = client.infer(self.model, [tensor], client_timeout=10) if protocol == "grpc" \
+                    else client.infer(self.model, [tensor])
                 self.answers.append((protocol, time.time(), result.as_numpy("probabilities")))
             except Exception as error:  # every failure is counted and shown
                 self.failures.append(f"{protocol}: {str(error).splitlines()[0][:200]}")
@@ -273,7 +275,9 @@ class PerfLoop:
 
     url: str
     protocol: str
+    model: str
     folder: Path
+    began: float = field(default_factory=time.time)
     runs: int = 0
     answers: list[tuple[str, float, np.ndarray]] = field(default_factory=list)
     aborted: list[str] = field(default_factory=list)
@@ -288,7 +292,7 @@ class PerfLoop:
         data, export = self.folder / f"sample-{self.protocol}.json", self.folder / f"profile-{self.protocol}.json"
         data.write_text(json.dumps({"data": [{"X": {"content": SAMPLE.ravel().tolist(), "shape": [*SAMPLE.shape]}}]}))
         shape = ",".join(map(str, SAMPLE.shape))
-        args = [*perf_args(self.url, self.protocol, MODEL, None, 500, stability=100, shape=shape),
+        args = [*perf_args(self.url, self.protocol, self.model, None, 500, stability=100, shape=shape),
                 "--concurrency-range", "1", "--input-data", str(data), "--profile-export-file", str(export)]
         while not self.stop.is_set():
             export.unlink(missing_ok=True)
@@ -297,7 +301,8 @@ class PerfLoop:
             if done.returncode != 0:
                 said = [line.strip() for line in (done.stdout + done.stderr).splitlines() if line.strip()]
                 errors = [line for line in said if "error" in line.lower()] or said[-2:]
-                self.aborted.append(f"perf_analyzer {self.protocol} (exit {done.returncode}) at {time.time():.3f}: "
+                self.aborted.append(f"perf_analyzer {self.protocol} (exit {done.returncode}) at "
+                                    f"{time.time() - self.began:.1f} s: "
                                     + " / ".join(errors[:2]))
             if export.is_file():
                 self.answers += exported_answers(self.protocol, export)
@@ -315,10 +320,10 @@ def exported_answers(protocol: str, export: Path) -> list[tuple[str, float, np.n
 
 
 @contextmanager
-def load_during(world: World, folder: Path) -> Iterator[tuple[DirectClients, list[PerfLoop]]]:
-    clients = DirectClients(world)
-    loops = [PerfLoop(world.settings.triton.host_port, "http", folder),
-             PerfLoop(world.settings.triton_grpc.host_port, "grpc", folder)]
+def load_during(world: World, model: str, folder: Path) -> Iterator[tuple[DirectClients, list[PerfLoop]]]:
+    clients = DirectClients(world, model)
+    loops = [PerfLoop(world.settings.triton.host_port, "http", model, folder),
+             PerfLoop(world.settings.triton_grpc.host_port, "grpc", model, folder)]
     threads = clients.start() + [loop.start() for loop in loops]
     try:
         time.sleep(3)
@@ -349,7 +354,9 @@ def run_deploys(world: World, versions: dict[str, int]) -> list[tuple[float, int
             raise SystemExit(f"the {name} deploy ended {report.outcome}, expected {outcome}: {report.error}")
         if outcome == "committed":
             committed_at.append(commit_moment(world, report.version))
-        time.sleep(1)
+        # perf_analyzer runs that span a commit stop without exporting their answers (see isolation()): give
+        # the loops time for runs that start after this deploy and end before the next one.
+        time.sleep(SETTLE_S)
     previous = read_current(world.model_dir).previous_version
     report = deploy(ferry, MODEL, version=previous)  # what `ferry rollback` runs
     print(f"rollback to v{previous}: {report.outcome}", file=sys.stderr)
@@ -375,9 +382,12 @@ def uncommitted_answers(answers: list[tuple[str, float, np.ndarray]], expected: 
     return wrong, seen
 
 
-def isolation(world: World, versions: dict[str, int], folder: Path) -> None:
+def isolation(world: World, versions: dict[str, int], model: str, folder: Path) -> None:
+    """``model``: what the direct clients call, naming no version (iris; iris.versions shows the check catching
+    candidates, as Triton answers unversioned requests to the store from its highest loaded version)."""
     expected = expected_outputs(world.settings.tracking_uri, sorted(versions.values()), folder)
-    with load_during(world, folder) as (clients, loops):
+    began = time.time()
+    with load_during(world, model, folder) as (clients, loops):
         committed_at = run_deploys(world, versions)
     perf_answers = [a for loop in loops for a in loop.answers]
     perf_wrong, perf_seen = uncommitted_answers(perf_answers, expected, committed_at)
@@ -389,7 +399,9 @@ def isolation(world: World, versions: dict[str, int], folder: Path) -> None:
     # every window: a run that spans a commit stops there (no request failed; its report is lost).
     by_stats = [a for a in aborted if STATS_ABORT in a]
     failed = clients.failures + [a for a in aborted if a not in by_shape and a not in by_stats]
-    print(f"isolation: {', '.join(f'{n} v{v}' for n, v in versions.items())}; commits {committed_at[1:]}")
+    commits = ", ".join(f"v{v} at {at - began:.1f} s" for at, v in committed_at[1:])
+    print(f"isolation, direct clients calling '{model}' with no version: "
+          f"{', '.join(f'{n} v{v}' for n, v in versions.items())}; commits: {commits}")
     print(f"perf_analyzer answers by version: {perf_seen}; tritonclient answers by version: {own_seen}")
     for line in aborted[:5] + perf_wrong[:5] + own_wrong[:5] + clients.failures[:5]:
         print(f"  {line}")
@@ -445,6 +457,8 @@ def main() -> None:
     parser.add_argument("--interval-ms", type=int, default=800, help="perf_analyzer's measurement window")
     parser.add_argument("--skip-isolation", action="store_true", help="measure throughput only")
     parser.add_argument("--skip-throughput", action="store_true", help="run the isolation check only")
+    parser.add_argument("--direct-model", default=MODEL, help="the name the isolation check's direct clients call "
+                        f"(default {MODEL}; {store_name(MODEL)} shows the check catching candidates)")
     args = parser.parse_args()
     if perf_analyzer(["--version"], timeout_s=30).returncode != 0:
         raise SystemExit(f"{PERF_ANALYZER} does not run: install it with `make perf-analyzer`")
@@ -463,7 +477,7 @@ def main() -> None:
                 figures = throughput_rounds(targets(world, port, versions["first"]), world, pids, args, folder)
                 report_throughput(figures)
             if not args.skip_isolation:
-                isolation(world, versions, folder)
+                isolation(world, versions, args.direct_model, folder)
         finally:
             if gateway is not None:
                 gateway.terminate()
