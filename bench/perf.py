@@ -65,6 +65,7 @@ ALIAS = "champion"
 SAMPLE = np.array([[5.1, 3.5, 1.4, 0.2], [5.9, 3.0, 4.2, 1.5], [6.9, 3.1, 5.4, 2.1]], dtype=np.float32)
 PROTOCOLS = ("http", "grpc")
 STATS_ABORT = "failed to find the requested model version"
+UNSTABLE = "Failed to obtain stable measurement"
 SETTLE_S = 4.0  # between deploys: longer than one perf_analyzer run of the isolation loops
 CONCURRENCIES = (1, 4)
 # The isolation plan: what each version is (examples/train_model.py), and what its deploy must end in.
@@ -398,7 +399,9 @@ def isolation(world: World, versions: dict[str, int], model: str, folder: Path) 
     # It reads the version the front's step pins once, at its start, and looks for that version's statistics in
     # every window: a run that spans a commit stops there (no request failed; its report is lost).
     by_stats = [a for a in aborted if STATS_ABORT in a]
-    failed = clients.failures + [a for a in aborted if a not in by_shape and a not in by_stats]
+    # A run whose windows never settled (a busy machine) reports nothing: no request of it failed either.
+    unstable = [a for a in aborted if UNSTABLE in a]
+    failed = clients.failures + [a for a in aborted if a not in by_shape + by_stats + unstable]
     commits = ", ".join(f"v{v} at {at - began:.1f} s" for at, v in committed_at[1:])
     print(f"isolation, direct clients calling '{model}' with no version: "
           f"{', '.join(f'{n} v{v}' for n, v in versions.items())}; commits: {commits}")
@@ -407,7 +410,8 @@ def isolation(world: World, versions: dict[str, int], model: str, folder: Path) 
         print(f"  {line}")
     print(f"perf_analyzer runs straight at Triton during deploys: {sum(loop.runs for loop in loops)}, "
           f"stopped by an answer: {len(by_shape)}, stopped at a commit by their statistics: {len(by_stats)}, "
-          f"by anything else: {len(aborted) - len(by_shape) - len(by_stats)}; answers checked (exported by the runs "
+          f"unstable: {len(unstable)}, stopped by anything else: {len(failed) - len(clients.failures)}; "
+          f"answers checked (exported by the runs "
           f"that finished): {len(perf_answers)}, from an uncommitted version: {len(perf_wrong) + len(by_shape)}")
     print(f"tritonclient answers checked: {len(clients.answers)}, from an uncommitted version: {len(own_wrong)}")
     print(f"direct clients answered by an uncommitted version: {len(perf_wrong) + len(by_shape) + len(own_wrong)}")
