@@ -315,8 +315,9 @@ def exported_answers(protocol: str, export: Path) -> list[tuple[str, float, np.n
     for experiment in json.loads(export.read_text())["experiments"]:
         for request in experiment["requests"]:
             for at, outputs in zip(request["response_timestamps"], request["response_outputs"], strict=False):
-                values = np.asarray(outputs["probabilities"], dtype=np.float32)
-                found.append((protocol, at / 1e9, values.reshape(len(SAMPLE), -1)))
+                # A response without the output matches no version: it counts as uncommitted.
+                values = np.asarray(outputs.get("probabilities", []), dtype=np.float32)
+                found.append((protocol, at / 1e9, values.reshape(len(SAMPLE), -1) if values.size else values))
     return found
 
 
