@@ -12,6 +12,7 @@ import pytest
 
 from conftest import BROKEN_VERSIONS, ROOT, World, assert_invariants
 from ferry.core.current import read_current, read_history
+from ferry.core.front import store_name
 from ferry.core.runner import deploy
 from ferry.core.steps import Ferry
 
@@ -178,7 +179,7 @@ def test_a_version_that_is_not_ready_rolls_back(dag_world: World) -> None:
     handle = orchestration.snapshot_current(ferry, "iris", "champion")
     orchestration.materialize_repo(ferry, handle)
     orchestration.triton_load(ferry, handle)
-    ferry.triton.unload("iris")
+    ferry.triton.unload(store_name("iris"))  # the store, where the candidate is
     with pytest.raises(StepFailed, match="v2 not ready"):
         orchestration.triton_ready(ferry, handle)
     report = orchestration.rollback_minimal(ferry, "iris", "champion", handle["deploy_id"], None)

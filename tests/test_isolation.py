@@ -15,8 +15,8 @@ import onnxruntime
 import pytest
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
-from conftest import World, assert_invariants
 
+from conftest import World, assert_invariants
 from ferry.core.current import read_current
 from ferry.core.front import store_name
 from ferry.core.runner import deploy
@@ -94,7 +94,7 @@ def test_direct_clients_reach_only_committed_versions_through_good_and_broken_de
         time.sleep(0.5)
         plan = [("none", 5, "committed"), ("output-shape", 0, "rolled_back"), ("golden-mismatch", 0, "rolled_back"),
                 ("unknown-op", 0, "rolled_back")]
-        for attempt, (breakage, trees, outcome) in enumerate(plan, start=2):
+        for breakage, trees, outcome in plan:
             world.register(breakage, trees=trees)
             report = world.deploy()
             assert report.outcome == outcome, (breakage, report.error)
@@ -205,3 +205,30 @@ def test_a_restarted_triton_gets_its_front_back_from_reconcile(world: World) -> 
     assert placement.front == [1] and placement.store == [1]
     assert world.ferry.triton.ready_versions(store_name(world.model)) == [1]
     assert_invariants(world, attempts=1)
+
+
+def test_the_gateway_names_the_model_the_client_asked_for(world: World) -> None:
+    """The gateway sends requests to the store's committed version; its answers name the model, not the store."""
+    import httpx
+
+    from test_gateway import auth, running_gateway
+
+    world.register()
+    world.deploy()
+    with running_gateway(world) as gateway:
+        body = {"inputs": [{"name": "X", "shape": [1, 4], "datatype": "FP32", "data": [5.1, 3.5, 1.4, 0.2]}]}
+        reply = httpx.post(f"{gateway.url}/v2/models/iris/infer", json=body, timeout=10,
+                           headers={**auth(), "accept-encoding": "gzip"})
+        assert reply.status_code == 200 and reply.json()["model_name"] == "iris", reply.text
+        http = triton_http.InferenceServerClient(gateway.url.removeprefix("http://"))
+        tensor = triton_http.InferInput("X", [1, 4], "FP32")
+        tensor.set_data_from_numpy(SAMPLE[:1], binary_data=True)
+        assert http.infer("iris", [tensor], headers=auth()).get_response()["model_name"] == "iris"
+        assert http.get_model_metadata("iris", headers=auth())["name"] == "iris"
+        assert http.get_model_config("iris", headers=auth())["name"] == "iris"
+        grpc = triton_grpc.InferenceServerClient(gateway.grpc)
+        tensor = triton_grpc.InferInput("X", [1, 4], "FP32")
+        tensor.set_data_from_numpy(SAMPLE[:1])
+        answer = grpc.infer("iris", [tensor], headers=auth()).get_response()
+        assert (answer.model_name, answer.model_version) == ("iris", "1")
+        assert grpc.get_model_metadata("iris", headers=auth()).name == "iris"

@@ -382,9 +382,10 @@ def load(ferry: Ferry, snapshot: Snapshot, candidate: Candidate) -> None:
     if not needs_validation(candidate):
         return
     versions = [v for v in (snapshot.active_version, candidate.version) if v is not None]
-    # config.pbtxt first: Triton records a config override's time only when the file exists, and a later load
-    # of the front then finds the store unchanged (the undo restores the file the snapshot kept).
-    ferry.model_dir(snapshot.model).write_config(disk_config(from_pbtxt(candidate.config_pbtxt), versions))
+    if snapshot.config_text is None:
+        # Triton records a config override's time only when config.pbtxt exists, and a later load of the front
+        # then finds the store unchanged; the undo removes the file again (the snapshot had none).
+        ferry.model_dir(snapshot.model).write_config(disk_config(from_pbtxt(candidate.config_pbtxt), versions))
     config = to_override_json(store_config(from_pbtxt(candidate.config_pbtxt), snapshot.model, versions))
     on_every_replica(fleet_of(ferry, snapshot), lambda triton: _load_on(triton, snapshot.model, config, candidate))
 
