@@ -187,17 +187,21 @@ class Settings:
 
     @property
     def triton_api_key_file(self) -> Path:
-        """Where `ferry triton up` keeps the model-control key it generated (mode 0600)."""
-        return self.triton_dir / "api-key"
+        """Where `ferry triton up` keeps the model-control key it generated (mode 0600): in the repository, so
+        that every replica started on a shared repository, and every controller, has the same key."""
+        return self.repository / ".ferry" / "triton-api-key"
 
     def model_control_key(self) -> str:
-        """FERRY_TRITON_API_KEY if set, else the key of the Triton that `ferry triton up` started, else none."""
+        """FERRY_TRITON_API_KEY if set, else the key of the Triton that `ferry triton up` started, else none
+        (``$FERRY_HOME/triton/api-key`` is where a `ferry triton up` before the repository's key kept it)."""
         if self.triton_api_key:
             return self.triton_api_key
-        try:
-            return self.triton_api_key_file.read_text().strip()
-        except FileNotFoundError:
-            return ""
+        for path in (self.triton_api_key_file, self.triton_dir / "api-key"):
+            try:
+                return path.read_text().strip()
+            except FileNotFoundError:
+                continue
+        return ""
 
     def with_overrides(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)

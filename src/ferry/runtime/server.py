@@ -109,14 +109,38 @@ def command(settings: Settings, api_key: str) -> list[str]:
 
 
 def _api_key(settings: Settings) -> str:
-    """FERRY_TRITON_API_KEY, else a key generated once and kept where only this user can read it."""
-    if key := settings.model_control_key():
-        return key
-    key = secrets.token_urlsafe(24)
-    fd = os.open(settings.triton_api_key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as file:
-        file.write(key + "\n")
-    return key
+    """FERRY_TRITON_API_KEY, else the repository's key (``<repository>/.ferry/triton-api-key``, 0600), made by
+    the first `ferry triton up` on the repository: replicas that share a repository share the key, and so
+    does every controller that deploys to them."""
+    if settings.triton_api_key:
+        return settings.triton_api_key
+    try:
+        return settings.triton_api_key_file.read_text().strip()
+    except FileNotFoundError:
+        pass
+    legacy = settings.triton_dir / "api-key"  # kept by a `ferry triton up` of before: its server may still run
+    key = legacy.read_text().strip() if legacy.is_file() else secrets.token_urlsafe(24)
+    return _publish_key(settings.triton_api_key_file, key)
+
+
+def _publish_key(path: Path, key: str) -> str:
+    """Make ``key`` the one at ``path`` unless another `ferry triton up` got there first; the key at ``path``.
+
+    The file appears whole (a hard link of a complete file), and only the first link succeeds, so replicas
+    started at the same moment on a shared repository still agree."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    draft = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w") as file:
+            file.write(key + "\n")
+            file.flush()
+            os.fsync(file.fileno())
+        with contextlib.suppress(FileExistsError):
+            os.link(draft, path)
+    finally:
+        draft.unlink(missing_ok=True)
+    return path.read_text().strip()
 
 
 def environment() -> dict[str, str]:
