@@ -119,6 +119,7 @@ class Settings:
     ready_timeout_s: float = 30.0
     max_artifact_mb: float = 1024.0
     lock_wait_s: float = 0.0
+    keep_previous_s: float = 0.0  # after a commit the previous version stays loaded this long (a fast rollback)
     quarantine_keep: int = 0  # keep the files of this many newest failed versions per model (0: all); reasons always
     prometheus_url: str = ""  # where `ferry status` reads live latency and failures (none: Triton's metrics)
     gateway_host: str = "127.0.0.1"
