@@ -3,6 +3,7 @@ over HTTP (JSON and binary) and gRPC, with the official Triton clients among the
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import struct
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -222,13 +224,24 @@ def test_bad_requests_get_a_clear_4xx(world: World, gateway: Running) -> None:
         good = session.post("/predict/iris", json={"inputs": {"X": [IRIS_ROW]}})
         assert good.status_code == 200 and good.headers["x-ferry-model-version"] == "1"
         assert len(good.json()["outputs"]["probabilities"][0]) == 3
+        for encoding, compress in (("gzip", gzip.compress), ("deflate", zlib.compress)):
+            packed = compress(json.dumps({"inputs": {"X": [IRIS_ROW]}}).encode())
+            inflated = session.post("/predict/iris", content=packed, headers={"content-encoding": encoding})
+            assert inflated.status_code == 200 and inflated.json() == good.json(), (encoding, inflated.text)
 
         x = KSERVE_BODY["inputs"][0]
         cases = [
             (session.post("/predict/iris", json={"inputs": {"X": [[1.0, 2.0]]}}), 400, "has shape [1, 2]"),
             (session.post("/predict/iris", json={"inputs": {"X": [["a", "b", "c", "d"]]}}), 400,
-             "is not a FP32 tensor"),
-            (session.post("/predict/iris", json={"inputs": {"Y": [IRIS_ROW]}}), 400, "takes inputs ['X']"),
+             "input 'X' is FP32, and holds 'a'"),
+            # /predict checks as /v2 does (one decoder, one check): booleans are not FP32, encodings are honoured.
+            (session.post("/predict/iris", json={"inputs": {"X": [[True, False, True, False]]}}), 400,
+             "input 'X' is FP32, and holds True"),
+            (session.post("/predict/iris", content=b"x", headers={"content-encoding": "br"}), 415,
+             "'br' is not served"),
+            (session.post("/predict/iris", json={"inputs": {"X": [IRIS_ROW, IRIS_ROW + [1.0] * 4, []]}}), 400,
+             "rows are not all of length [4]"),
+            (session.post("/predict/iris", json={"inputs": {"Y": [IRIS_ROW]}}), 400, "model 'iris' has no input 'Y'"),
             (session.post("/predict/iris", content=b"{not json"), 400, "not valid JSON"),
             (session.post("/predict/iris", content=b'{"inputs": {"X": [[NaN, 1, 2, 3]]}}'), 400, "NaN is not a JSON"),
             (session.post("/predict/iris", content=b"[" * 100_000), 400, "nests"),
@@ -243,8 +256,16 @@ def test_bad_requests_get_a_clear_4xx(world: World, gateway: Running) -> None:
             (session.post("/v2/models/iris/infer", json={"inputs": [{**x, "datatype": "FP64"}]}), 400, "takes FP32"),
             (session.post("/v2/models/iris/infer", json={"inputs": [{**x, "parameters": {
                 "shared_memory_region": "r", "shared_memory_byte_size": 16}}]}), 400, "shared-memory"),
-            (session.post("/v2/models/iris/versions/2/infer", json=KSERVE_BODY), 404, "the committed version, v1"),
-            (session.post("/v2/models/nosuch/infer", json=KSERVE_BODY), 404, "'nosuch' has no committed version"),
+            (session.post("/v2/models/iris/versions/2/infer", json=KSERVE_BODY), 404,
+             "Request for unknown model: 'iris' version 2 is not found (the gateway serves the committed version, v1"),
+            (session.post("/v2/models/iris/versions/x/infer", json=KSERVE_BODY), 400,
+             "failed to get model version from specified version string 'x'"),
+            (session.post("/v2/models/nosuch/infer", json=KSERVE_BODY), 404,
+             "Request for unknown model: 'nosuch' is not found (model 'nosuch' has no committed version"),
+            # The model is checked before the body: an unknown one is a 404 whatever the body holds.
+            (session.post("/v2/models/.ferry/infer", content=b"{not json"), 404, "Request for unknown model: '.ferry'"),
+            (session.post("/v2/models/iris/versions/2/infer", content=b"{not json"), 404, "version 2 is not found"),
+            (session.post("/predict/.ferry", content=b"{not json"), 404, "Request for unknown model: '.ferry'"),
             (session.get("/v2/models/iris/infer"), 405, "takes POST"),
             (session.post("/v2/repository/index"), 404, "model control goes through ferry"),
             (session.get("/nowhere"), 404, "serves no '/nowhere'"),

@@ -5,7 +5,9 @@ of the wrong rank or type), datatypes, data (too few or too many values, wrong k
 out-of-range literals), the binary tensor extension (header length, binary_data_size, BYTES length prefixes),
 encodings (invalid UTF-8, deep nesting, gzip bombs), paths, methods and tokens, on KServe HTTP, /predict and
 gRPC. After each batch: every answer was a 4xx or a success (gRPC: a client-error code or OK), none hung,
-Triton is up and serves the committed version, and a good request still succeeds on both protocols.
+Triton is up and serves the committed version, and a good request still succeeds on both protocols. The same
+inputs sent to /predict, to /v2 infer (as the KServe request they stand for) and to the MLflow plugin's predict
+get the same verdict on every path.
 """
 
 from __future__ import annotations
@@ -26,10 +28,14 @@ from functools import cache
 
 import grpc
 import httpx
+import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2
 
 from conftest import World
+from ferry.adapters.mlflow_plugin import predict_committed
+from ferry.core.errors import GatewayError
+from ferry.core.steps import Ferry
 from test_gateway import IRIS_ROW, KSERVE_BODY, TOKEN, Running, running_gateway
 
 SEED = int(os.environ.get("FERRY_FUZZ_SEED", "20261129"))
@@ -399,3 +405,118 @@ def test_a_stalled_or_abandoned_body_does_not_hold_the_gateway(served: tuple[Wor
         assert session.post("/v2/models/iris/infer", json=KSERVE_BODY).status_code == 200
     assert gateway.process.poll() is None
     assert world.ferry.triton.ready_versions("iris") == [1]
+
+
+# ---------------------------------------------------------------- one decoder, one check: the paths agree
+
+ELEMENTS = [0, 7, -3, True, False, "a", "1.5", None, 1e39, -1e39, 10**30, 3.5e38, 1e-300, -0.0, [1.0], {"a": 1}]
+ENCODINGS = ["gzip", "deflate", "identity", "br", "gzip, deflate", "compress", ""]
+
+
+def rectangular_shape(value: object) -> list[int] | None:
+    """The shape of a nested list whose rows at each level have one length ([] for a value that is not a list);
+    None for a ragged one (not a tensor)."""
+    if not isinstance(value, list):
+        return []
+    shapes = [rectangular_shape(item) for item in value]
+    if any(shape is None or shape != shapes[0] for shape in shapes):
+        return None
+    return [len(value), *(shapes[0] if shapes else [])]
+
+
+def predict_value(rng: random.Random) -> object:
+    """A value for /predict's input X: mostly nested lists of iris rows, some with hostile elements, ragged rows,
+    the wrong depth or width, or no list at all."""
+    if rng.random() < 0.05:
+        return rng.choice(["abc", None, 7, {"a": 1}, [], [[]]])
+    hostile = rng.random() < 0.5
+    rows, width = rng.choice([1, 1, 2, 3, 0]), rng.choice([4, 4, 4, 4, 3, 5])
+    value: list = [[rng.choice(ELEMENTS) if hostile and rng.random() < 0.3 else rng.choice(IRIS_ROW)
+                    for _ in range(width)] for _ in range(rows)]
+    change = rng.random()
+    if change < 0.1 and value:
+        value[rng.randrange(len(value))].append(1.0)  # ragged
+    elif change < 0.15 and len(value) > 1:
+        value[0] += value.pop()  # ragged, with as many values as a rectangle
+        value.append([])
+    elif change < 0.22:
+        value = [value]  # one level too deep
+    elif change < 0.27 and value:
+        value = value[0]  # one level too shallow
+    return value
+
+
+def predict_inputs(rng: random.Random) -> dict:
+    value = predict_value(rng)
+    return rng.choice([{"X": value}] * 8 + [{"X": value, "Y": value}, {"Y": value}])
+
+
+def kserve_of(inputs: dict) -> dict:
+    """The KServe v2 request a /predict document stands for, written here independently of the gateway."""
+    return {"inputs": [{"name": name, "shape": rectangular_shape(value), "datatype": "FP32",
+                        "data": value if isinstance(value, list) else [value]} for name, value in inputs.items()]}
+
+
+def http_verdict(reply: httpx.Response) -> tuple[int, object]:
+    body = reply.json()
+    if reply.status_code != 200:
+        return reply.status_code, body["error"]
+    if "outputs" in body and isinstance(body["outputs"], dict):  # /predict
+        return 200, {name: np.asarray(value, dtype=float).ravel() for name, value in body["outputs"].items()}
+    return 200, {o["name"]: np.asarray(o["data"], dtype=float).ravel() for o in body["outputs"]}
+
+
+def plugin_verdict(ferry: Ferry, inputs: dict) -> tuple[int, object]:
+    try:
+        answer = predict_committed(ferry, "iris", inputs)
+    except GatewayError as error:
+        return error.status, str(error)
+    return 200, {name: np.asarray(value, dtype=float).ravel() for name, value in answer["predictions"].items()}
+
+
+def same_verdict(one: tuple[int, object], other: tuple[int, object]) -> bool:
+    if one[0] != other[0]:
+        return False
+    if one[0] != 200:
+        return one[1] == other[1]
+    outputs, others = one[1], other[1]
+    return outputs.keys() == others.keys() and all(np.allclose(outputs[k], others[k], rtol=1e-6) for k in outputs)
+
+
+def test_predict_kserve_and_the_plugin_give_the_same_verdicts(served: tuple[World, Running]) -> None:
+    """Item 2 of issue 20: one body decoder and one input check for /v2 infer, /predict and the MLflow plugin's
+    predict. The same inputs get the same status and the same words on every path (or the same outputs), and the
+    same body gets the same answer to its Content-Encoding."""
+    world, gateway = served
+    rng, ferry = random.Random(SEED), Ferry(world.settings)
+    disagree, tally = [], Counter()
+    with httpx.Client(base_url=gateway.url, timeout=TIMEOUT_S, headers={"authorization": f"Bearer {TOKEN}"}) as session:
+        for _ in range(150):
+            inputs = predict_inputs(rng)
+            predict = http_verdict(session.post("/predict/iris", json={"inputs": inputs}))
+            plugin = plugin_verdict(ferry, inputs)
+            tally[predict[0]] += 1
+            if not same_verdict(predict, plugin):
+                disagree.append(("plugin", inputs, predict, plugin))
+            if any(rectangular_shape(value) is None for value in inputs.values()):
+                if predict[0] != 400:  # a ragged list is no tensor: /predict cannot say which shape it meant
+                    disagree.append(("ragged", inputs, predict))
+                continue
+            kserve = http_verdict(session.post("/v2/models/iris/infer", json=kserve_of(inputs)))
+            if not same_verdict(predict, kserve):
+                disagree.append(("kserve", inputs, predict, kserve))
+        for encoding in ENCODINGS:
+            for payload in (b"", os.urandom(64), None):
+                verdicts = []
+                for path, document in (("/predict/iris", {"inputs": {"X": [IRIS_ROW]}}),
+                                       ("/v2/models/iris/infer", KSERVE_BODY)):
+                    body = payload if payload is not None else json.dumps(document).encode()
+                    if payload is None and encoding in ("gzip", "deflate"):
+                        body = gzip.compress(body) if encoding == "gzip" else zlib.compress(body)
+                    reply = session.post(path, content=body, headers={"content-encoding": encoding})
+                    verdicts.append((reply.status_code, reply.json().get("error", "") if reply.status_code != 200
+                                     else ""))
+                if verdicts[0] != verdicts[1]:
+                    disagree.append(("encoding", encoding, payload, verdicts))
+    assert not disagree, f"seed {SEED}: {len(disagree)} disagreements, the first: {disagree[:3]}"
+    assert tally[200] >= 20 and tally[400] >= 20, tally  # both verdicts were exercised

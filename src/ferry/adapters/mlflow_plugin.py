@@ -370,29 +370,36 @@ def _jsonable(value: np.ndarray) -> Any:
 
 
 def _infer(ferry: Ferry, route: Route, document: dict[str, Any]) -> dict[str, Any]:
-    """A /predict document at one route: the gateway's request shaping and checks, then Triton."""
+    """A /predict document at one route: the gateway's one input check (:mod:`ferry.adapters.gateway.body`), then
+    Triton."""
     from tritonclient.utils import triton_to_np_dtype
 
     from ferry.adapters.gateway import guard
+    from ferry.adapters.gateway.body import check_rows, predict_infer
 
     max_elements = getattr(ferry.settings, "gateway_max_elements", 0) or guard.DEFAULT_MAX_ELEMENTS
-    request = guard.predict_request(document, route, max_elements)
+    request = predict_infer(document, route)
+    guard.check_infer(request, route, max_elements)
+    check_rows(request)
+    tensors = request.document["inputs"]
     arrays = {t["name"]: np.asarray(t["data"], dtype=triton_to_np_dtype(t["datatype"])).reshape(t["shape"])
-              for t in request["inputs"]}
-    datatypes = {t["name"]: t["datatype"] for t in request["inputs"]}
-    outputs = ferry.triton.infer(route.model, route.version, arrays, datatypes)
+              for t in tensors}
+    datatypes = {t["name"]: t["datatype"] for t in tensors}
+    outputs = ferry.triton.infer(route.upstream, route.version, arrays, datatypes)
     return {name: _jsonable(value) for name, value in outputs.items()}
 
 
 def predict_committed(ferry: Ferry, model: str, inputs: Any) -> PredictionsResponse:
-    """Inference at the committed version, as the gateway's /predict does it (routing, checks, one retry when a
-    commit retired the version while the request ran)."""
+    """Inference at the committed version, as the gateway's /predict does it: the inputs as the /predict body they
+    would be, through its decoder and input check (so the plugin refuses what /predict refuses, for the same
+    reason), routing, and one retry when a commit retired the version while the request ran."""
+    from ferry.adapters.gateway.body import predict_body, predict_document
     from ferry.adapters.gateway.routing import Router
 
     router = Router(ferry.settings.repository)
     route = router.route(model)
     named = named_inputs(inputs, [spec.name for spec in route.signature.inputs], model)
-    document = {"inputs": {name: np.asarray(value) for name, value in named.items()}}
+    document = predict_document(predict_body(named))
     try:
         outputs = _infer(ferry, route, document)
     except TritonError:

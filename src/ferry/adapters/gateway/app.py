@@ -41,11 +41,13 @@ from starlette.exceptions import HTTPException
 
 from ferry.adapters.gateway import guard
 from ferry.adapters.gateway.balancer import HttpBalancer
+from ferry.adapters.gateway.body import check_rows, decode_body, predict_document, predict_infer
 from ferry.adapters.gateway.kserve_grpc import KServeGrpc
 from ferry.adapters.gateway.kserve_http import KServeHttp, served_by, status_of, triton_failure
 from ferry.adapters.gateway.routing import ACTIVE, CANDIDATE, Route, Router, UnknownModel
 from ferry.adapters.gateway.shadow import Shadow
 from ferry.adapters.gateway.upstream import Reply
+from ferry.adapters.gateway.wording import UnknownModelError, UnknownVersionError, version_number
 from ferry.core.config import Settings
 from ferry.core.errors import FerryError, GatewayError
 from ferry.core.smoke import bytes_to_json
@@ -163,14 +165,16 @@ class Gateway:
         return b"".join(chunks)
 
     def route(self, model: str, version: str = "") -> Route:
-        """The committed version of ``model``; 404 if the client named another version."""
-        route = self.router.route(model)
-        if not route.serves(version):
-            error = GatewayError(404, f"model '{model}' version {version!r:.20} is not served: the gateway serves "
-                                      f"the committed version, v{route.version}",
-                                 f"name version {route.version}, or none")
-            error.route = route  # type: ignore[attr-defined]  # the answer names the committed version
-            raise error
+        """The committed version of ``model``, refused in Triton's words (:mod:`.wording`): a version string that
+        is not a number (400), a model with nothing committed (404), a version named that is not the committed
+        one (404). ``version``: an HTTP path's digits, or gRPC's string once read as Triton reads it."""
+        number = version_number(version, path=True)
+        try:
+            route = self.router.route(model)
+        except UnknownModel as error:
+            raise UnknownModelError(model, error) from None
+        if number is not None and number != route.version:
+            raise UnknownVersionError(model, number, route)
         return route
 
     async def at_committed(self, model: str, version: str, call: Callable[[Route], Awaitable[T]],
@@ -214,7 +218,7 @@ class Gateway:
         for model in list_models(self.settings.repository):
             try:
                 route = self.router.route(model)
-                reply = await self.triton.request("GET", f"/v2/models/{model}/versions/{route.version}/ready")
+                reply = await self.triton.request("GET", f"/v2/models/{route.upstream}/versions/{route.version}/ready")
             except UnknownModel:
                 continue
             except (OSError, TimeoutError) as error:
@@ -273,17 +277,24 @@ def _outputs(answer: bytes) -> dict:
 
 
 async def _predict(gateway: Gateway, model: str, request: Request) -> tuple[Route | None, Response]:
+    """/predict: the same body decoder and input check as KServe's infer (:mod:`.body`), then Triton."""
     gateway.check_token(request.headers.get("authorization", "").encode())
+    gateway.route(model)  # an unknown model is a 404 whatever the body holds
     body = await gateway.read_body(request.receive, request.headers.get("content-length", "").encode() or None)
+    encoding = request.headers.get("content-encoding")
+    document = predict_document(decode_body(body, encoding.encode() if encoding is not None else None,
+                                            gateway.max_body_bytes))
     json_type = [(b"content-type", b"application/json")]
-    document = guard.predict_document(body)
     shadow = gateway.http.shadowed()
 
     async def attempt(route: Route) -> Reply:
-        tensors = json.dumps(guard.predict_request(document, route, gateway.max_elements)).encode()
+        infer = predict_infer(document, route)
+        guard.check_infer(infer, route, gateway.max_elements)
+        check_rows(infer)
+        tensors = json.dumps(infer.document, separators=(",", ":")).encode()
         shadow.start(route, lambda: gateway.http.copy(model, tensors, json_type))
-        return await gateway.triton_request("POST", f"/v2/models/{model}/versions/{route.version}/infer", tensors,
-                                            json_type)
+        path = f"/v2/models/{route.upstream}/versions/{route.version}/infer"  # the store: see Route.upstream
+        return await gateway.triton_request("POST", path, tensors, json_type)
 
     with shadow:
         route, reply = await gateway.at_committed(model, "", attempt, lambda reply: reply.status == 200, split=True)
@@ -311,6 +322,7 @@ def _admin_app(gateway: Gateway) -> FastAPI:
         try:
             route, response = await _predict(gateway, model, request)
         except FerryError as error:
+            route = getattr(error, "route", route)  # a refusal names the version it was checked against
             response = _error(status_of(error), str(error), route)
         gateway.metrics.count(route, response.status_code, began)
         return response

@@ -10,7 +10,8 @@ the 4-byte length prefixes add up), and a ceiling on the elements of one request
 parameters are refused: a client of the gateway has no business reading Triton's shared memory.
 
 Every refusal is a :class:`GatewayError` with status 400 that says what was wrong. The JSON is parsed once,
-here, and the request is forwarded as the bytes the client sent.
+here, and the request is forwarded as the bytes the client sent. /predict and the MLflow plugin's predict come
+through :mod:`.body` as KServe requests, so :func:`check_infer` is the one input check of every JSON path.
 """
 
 from __future__ import annotations
@@ -21,9 +22,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 from tritonclient.grpc import service_pb2
-from tritonclient.utils import triton_to_np_dtype
 
 from ferry.adapters.gateway.routing import Route
 from ferry.core.errors import GatewayError
@@ -276,6 +275,10 @@ def _strings_fit(blob: bytes | memoryview, offset: int, size: int, elements: int
 def check_grpc_infer(request: service_pb2.ModelInferRequest, route: Route, max_elements: int) -> None:
     """Refuse (400: INVALID_ARGUMENT) a gRPC ModelInferRequest Triton should not be sent."""
     raw = request.raw_input_contents
+    typed = next((tensor.name for tensor in request.inputs if tensor.HasField("contents")), None) if raw else None
+    if typed is not None:  # Triton's own words, which its clients check
+        raise refused(f"contents field must not be specified when using raw_input_contents for '{typed[:100]}' for "
+                      f"model '{route.model}'", "give every input in raw_input_contents, or every one in contents")
     if raw and len(raw) != len(request.inputs):
         raise refused(f"the request has {len(request.inputs)} inputs and {len(raw)} raw_input_contents",
                       "give one raw_input_contents per input, in order, or use the typed contents")
@@ -309,42 +312,3 @@ def _check_contents(spec: TensorSpec, contents: service_pb2.InferTensorContents,
     if count != elements:
         raise refused(f"input '{spec.name}' has {count} values in contents.{field}, its shape holds {elements}",
                       "make the shape and the data agree")
-
-
-# ---------------------------------------------------------------- /predict
-
-
-def predict_document(body: bytes) -> dict:
-    """A /predict body ``{"inputs": {name: nested list}}``, parsed (once)."""
-    document = parse_json(body)
-    if not isinstance(document, dict) or not isinstance(document.get("inputs"), dict):
-        raise refused("the body is not a /predict request", 'send {"inputs": {"<input name>": <nested list>}}')
-    return document
-
-
-def predict_request(document: dict, route: Route, max_elements: int) -> dict:
-    """A /predict document as a KServe v2 request, checked against the model."""
-    inputs = document["inputs"]
-    if set(inputs) != set(route.inputs):
-        raise refused(f"the model takes inputs {sorted(route.inputs)}, the request gives {sorted(inputs)[:20]}",
-                      "give every input, by name")
-    tensors, total = [], 0
-    for name, value in inputs.items():
-        spec = route.inputs[name]
-        array = _array(spec, value)
-        total = _within(total + _elements(spec, list(array.shape), route), max_elements)
-        tensors.append({"name": name, "shape": list(array.shape), "datatype": spec.datatype,
-                        "data": array.flatten().tolist()})
-    return {"inputs": tensors}
-
-
-def _array(spec: TensorSpec, value: object) -> np.ndarray:
-    try:
-        array = np.asarray(value, dtype=triton_to_np_dtype(spec.datatype))
-    except (ValueError, TypeError, OverflowError) as error:
-        raise refused(f"input '{spec.name}' is not a {spec.datatype} tensor: {str(error)[:200]}",
-                      "send a nested list of numbers whose rows all have the same length") from None
-    if array.dtype.kind == "f" and not np.isfinite(array).all():
-        raise refused(f"input '{spec.name}' holds a value outside the range of {spec.datatype}",
-                      "send finite values")
-    return array

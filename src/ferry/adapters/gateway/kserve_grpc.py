@@ -1,6 +1,7 @@
 """KServe v2 over gRPC (``inference.GRPCInferenceService``), as ``tritonclient.grpc`` calls it, at the committed
-version only: ServerLive, ServerReady, ServerMetadata, ModelReady, ModelMetadata, ModelConfig, ModelInfer
-(any other method: UNIMPLEMENTED).
+version only: ServerLive, ServerReady, ServerMetadata, ModelReady, ModelMetadata, ModelConfig, ModelStatistics,
+ModelInfer (any other method: UNIMPLEMENTED). Refusals of model names and versions are worded as Triton words them
+(:mod:`.wording`).
 
 A grpc.aio server in the gateway's own event loop (uvicorn's uvloop), forwarding to Triton's gRPC ports over one
 grpc.aio channel per replica, balanced (:mod:`.grpc_balancer`). Handlers take and return serialized messages: a
@@ -26,10 +27,12 @@ from google.protobuf.message import DecodeError, Message
 from tritonclient.grpc import service_pb2
 
 from ferry.adapters.gateway import guard
+from ferry.adapters.gateway.balancer import committed_versions
 from ferry.adapters.gateway.grpc_balancer import GrpcBalancer
 from ferry.adapters.gateway.kserve_http import SERVED_EXTENSIONS, status_of
 from ferry.adapters.gateway.routing import CANDIDATE, Route
 from ferry.adapters.gateway.shadow import Outputs, Shadowed, grpc_outputs, http_copy_of_grpc
+from ferry.adapters.gateway.wording import UnknownModelError, UnknownVersionError, version_number
 from ferry.core.config import Endpoint
 from ferry.core.errors import FerryError, GatewayError, InvalidInput
 
@@ -66,10 +69,21 @@ def _parse(kind: type[Message], raw: bytes) -> Message:
                            f"send an {SERVICE} {kind.__name__}") from None
 
 
-def _with_version(raw: bytes, version: int) -> bytes:
-    """The serialized request with field 2 (``model_version`` / ``version``) set to ``version``: appended, it wins."""
-    value = str(version).encode()
-    return raw + bytes((0x12, len(value))) + value
+def _field(number: int, value: str) -> bytes:
+    """A string field, serialized: appended to a message, it wins over the same field before it."""
+    data = value.encode()
+    return bytes((number << 3 | 2, len(data))) + data  # names and versions are shorter than 128 bytes
+
+
+def _at_store(raw: bytes, route: Route) -> bytes:
+    """The serialized request addressed to the route's store (field 1, the model's name) at the route's version
+    (field 2: ``model_version`` or ``version``)."""
+    return raw + _field(1, route.upstream) + _field(2, str(route.version))
+
+
+def _named(payload: bytes, route: Route) -> bytes:
+    """Triton's answer from the store (an infer response), naming the model the client asked for (field 1)."""
+    return payload + _field(1, route.model)
 
 
 class KServeGrpc:
@@ -86,7 +100,7 @@ class KServeGrpc:
             "ServerLive": (self.server_live, False), "ServerReady": (self.server_ready, False),
             "ServerMetadata": (self.server_metadata, False), "ModelReady": (self.model_ready, False),
             "ModelMetadata": (self.model_metadata, False), "ModelConfig": (self.model_config, False),
-            "ModelInfer": (self.model_infer, True)}
+            "ModelStatistics": (self.model_statistics, False), "ModelInfer": (self.model_infer, True)}
         handlers = {name: grpc.unary_unary_rpc_method_handler(self._rpc(method, counted))
                     for name, (method, counted) in methods.items()}
         self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
@@ -105,7 +119,8 @@ class KServeGrpc:
                                "choose another gRPC port")
         self.channel = GrpcBalancer(self.gateway.settings, self.gateway.metrics.registry, self.gateway.router)
         self.calls = {name: self.channel.unary_unary(f"/{SERVICE}/{name}") for name in
-                      ("ServerMetadata", "ModelReady", "ModelMetadata", "ModelConfig", "ModelInfer")}
+                      ("ServerMetadata", "ModelReady", "ModelMetadata", "ModelConfig", "ModelStatistics",
+                                   "ModelInfer")}
         await self.server.start()
 
     async def stop(self) -> None:
@@ -166,6 +181,8 @@ class KServeGrpc:
 
     async def _at_committed(self, model: str, version: str, call: Callable[[Route], Awaitable[Result]],
                             split: bool = False) -> Result:
+        number = version_number(version, path=False)  # as Triton reads it: "1x" is version 1
+        version = "" if number is None else str(number)
         route, reply = await self.gateway.at_committed(model, version, call, lambda reply: reply.code is OK, split)
         if reply.code is not OK:
             return self._failure(route, reply)
@@ -197,9 +214,42 @@ class KServeGrpc:
         request = _parse(service_pb2.ModelReadyRequest, raw)
 
         async def attempt(route: Route) -> Result:
-            return await self._triton("ModelReady", _with_version(raw, route.version))
+            return await self._triton("ModelReady", _at_store(raw, route))
 
-        return await self._at_committed(request.name, request.version, attempt)
+        try:
+            return await self._at_committed(request.name, request.version, attempt)
+        except (UnknownModelError, UnknownVersionError) as error:  # as Triton answers it: not ready
+            return Result(payload=service_pb2.ModelReadyResponse(ready=False).SerializeToString(),
+                          route=getattr(error, "route", None))
+
+    async def model_statistics(self, raw: bytes, context: grpc.aio.ServicerContext) -> Result:
+        """Triton's statistics of the committed version (of every committed model's, if the request names none)."""
+        self._authorize(context)
+        request = _parse(service_pb2.ModelStatisticsRequest, raw)
+        if request.name:
+            return await self._statistics(request.name, request.version, raw)
+        answer = service_pb2.ModelStatisticsResponse()
+        for model, _ in committed_versions(self.gateway.router):
+            one = service_pb2.ModelStatisticsRequest(name=model).SerializeToString()
+            result = await self._statistics(model, "", one)
+            if result.code is OK:  # a model whose files changed meanwhile is left out, as Triton leaves it
+                answer.MergeFromString(result.payload)
+        return Result(payload=answer.SerializeToString())
+
+    async def _statistics(self, model: str, version: str, raw: bytes) -> Result:
+        async def attempt(route: Route) -> Result:
+            reply = await self._triton("ModelStatistics", _at_store(raw, route))
+            if reply.code is not OK and "is not available" in reply.details:  # Triton's words: it does not serve it
+                reply.code, reply.details = grpc.StatusCode.NOT_FOUND, f"unknown model: {reply.details}"
+            return reply
+
+        try:
+            result = await self._at_committed(model, version, attempt)
+        except (UnknownModelError, UnknownVersionError) as error:
+            raise error.for_stats() from None
+        if result.code is OK and result.route is not None:
+            result.payload = _committed_statistics(result.payload, result.route)
+        return result
 
     async def model_metadata(self, raw: bytes, context: grpc.aio.ServicerContext) -> Result:
         self._authorize(context)
@@ -216,7 +266,7 @@ class KServeGrpc:
             cached = self.gateway.cached(method, route)
             if cached is not None:
                 return Result(payload=cached)
-            reply = await self._triton(method, _with_version(raw, route.version))
+            reply = await self._triton(method, _at_store(raw, route))
             if reply.code is OK:
                 reply.payload = self.gateway.remember(method, route, _as_committed(method, reply.payload, route))
             return reply
@@ -232,12 +282,26 @@ class KServeGrpc:
             guard.check_grpc_infer(request, route, self.gateway.max_elements)
             if not request.model_version:
                 shadow.start(route, lambda: self.gateway.http.copy(route.model, *http_copy_of_grpc(request)))
-            return await self._triton("ModelInfer", _with_version(raw, route.version))
+            reply = await self._triton("ModelInfer", _at_store(raw, route))
+            if reply.code is OK:
+                reply.payload = _named(reply.payload, route)
+            return reply
 
         with shadow:
             result = await self._at_committed(request.model_name, request.model_version, attempt, split=True)
             shadow.answered(result.route, result)
         return result
+
+
+def _committed_statistics(payload: bytes, route: Route) -> bytes:
+    """The store's statistics, of the committed version alone, named as the served model."""
+    kept = service_pb2.ModelStatisticsResponse()
+    for entry in service_pb2.ModelStatisticsResponse.FromString(payload).model_stats:
+        if entry.name == route.upstream and entry.version == str(route.version):
+            copy = kept.model_stats.add()
+            copy.CopyFrom(entry)
+            copy.name = route.model
+    return kept.SerializeToString()
 
 
 def _succeeded(result: Result) -> bool:
@@ -261,10 +325,12 @@ def _as_committed(method: str, payload: bytes, route: Route) -> bytes:
     """Triton's metadata or config, naming the committed version alone (a deploy may have loaded another beside)."""
     if method == "ModelConfig":
         answer = service_pb2.ModelConfigResponse.FromString(payload)
+        answer.config.name = route.model
         answer.config.version_policy.Clear()
         answer.config.version_policy.specific.versions.append(route.version)
     else:
         answer = service_pb2.ModelMetadataResponse.FromString(payload)
+        answer.name = route.model
         del answer.versions[:]
         answer.versions.append(str(route.version))
     return answer.SerializeToString()

@@ -5,10 +5,13 @@
     GET  /v2/models/<m>[/versions/<v>]        model metadata           } the committed version's, from Triton,
     GET  /v2/models/<m>[/versions/<v>]/config model config (Triton)    } cached per model and version
     GET  /v2/models/<m>[/versions/<v>]/ready  model readiness
+    GET  /v2/models/<m>[/versions/<v>]/stats  inference statistics (Triton's, of the committed version alone)
+    GET  /v2/models/stats                     every committed model's statistics
     POST /v2/models/<m>[/versions/<v>]/infer  inference: JSON, binary tensor extension, gzip or deflate bodies
 
-A path that names a version is served only if it names the committed version (else 404). Every error is
-``{"error": "..."}``, which tritonclient decodes. A plain ASGI handler: FastAPI's routing and request
+A path that names a version is served only if it names the committed version; refusals of model names and
+versions are worded as Triton words them (:mod:`.wording`). Every error is ``{"error": "..."}``, which
+tritonclient decodes. A plain ASGI handler: FastAPI's routing and request
 objects cost more than forwarding itself. During a bake, an inference that names no version may be answered
 by a canary (``X-Ferry-Canary: 1``) or copied to a shadow candidate (:mod:`.shadow`).
 """
@@ -17,15 +20,17 @@ from __future__ import annotations
 
 import json
 import time
-import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ferry.adapters.gateway import guard
+from ferry.adapters.gateway.balancer import committed_versions
+from ferry.adapters.gateway.body import decode_body
 from ferry.adapters.gateway.routing import CANDIDATE, Route, UnknownModel
 from ferry.adapters.gateway.shadow import Copy, Outputs, Shadowed, http_outputs, json_copy
 from ferry.adapters.gateway.upstream import Reply
+from ferry.adapters.gateway.wording import UnknownModelError, UnknownVersionError
 from ferry.core.errors import FerryError, GatewayError
 
 if TYPE_CHECKING:
@@ -35,12 +40,14 @@ VERSION_HEADER = b"x-ferry-model-version"
 CANARY_HEADER = b"x-ferry-canary"  # "1" on an answer a canary candidate gave
 BINARY_HEADER = b"inference-header-content-length"  # KServe v2 binary tensor extension
 JSON_TYPE = (b"content-type", b"application/json")
-# Of Triton's extensions, those a client of the gateway can use (no model control, shared memory, statistics...).
+# Of Triton's extensions, those a client of the gateway can use (no model control, shared memory, tracing...).
 SERVED_EXTENSIONS = ("classification", "sequence", "schedule_policy", "model_configuration", "binary_tensor_data",
-                     "parameters")
+                     "parameters", "statistics")
 _PARSE_FAILURES = ("unable to parse", "failed to parse")  # Triton answers 500 to these client errors
-_PASSED_REQUEST = (b"content-type", BINARY_HEADER, b"accept-encoding")
-_PASSED_REPLY = (b"content-type", BINARY_HEADER, b"content-encoding")
+# Triton's answers come back uncompressed (no accept-encoding is passed): the gateway names the served model in
+# them (served_as), and compressing across the few hops between a gateway and its replicas costs more than it saves.
+_PASSED_REQUEST = (b"content-type", BINARY_HEADER)
+_PASSED_REPLY = (b"content-type", BINARY_HEADER)
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -102,7 +109,8 @@ class Answer:
 
 @dataclass(frozen=True)
 class Target:
-    """What a /v2 path asks for: ``endpoint`` is server, live, ready, model, model_ready, config or infer."""
+    """What a /v2 path asks for: ``endpoint`` is server, live, ready, model, model_ready, config, infer or stats
+    (``model`` empty: every committed model's statistics)."""
 
     endpoint: str
     model: str = ""
@@ -113,7 +121,8 @@ class Target:
         return "POST" if self.endpoint == "infer" else "GET"
 
 
-_MODEL_ACTIONS = {(): "model", ("ready",): "model_ready", ("config",): "config", ("infer",): "infer"}
+_MODEL_ACTIONS = {(): "model", ("ready",): "model_ready", ("config",): "config", ("infer",): "infer",
+                  ("stats",): "stats"}
 _SERVER = {(): "server", ("",): "server", ("health", "live"): "live", ("health", "ready"): "ready"}
 
 
@@ -122,6 +131,8 @@ def target(path: str) -> Target | None:
     parts = tuple(path.split("/")[2:])
     if parts[:1] != ("models",):
         return Target(_SERVER[parts]) if parts in _SERVER else None
+    if parts == ("models", "stats"):  # as Triton reads it: every model's statistics
+        return Target("stats")
     if len(parts) < 2 or not parts[1]:
         return None
     model, rest, version = parts[1], parts[2:], ""
@@ -131,26 +142,6 @@ def target(path: str) -> Target | None:
         version, rest = rest[1], rest[2:]
     endpoint = _MODEL_ACTIONS.get(rest)
     return Target(endpoint, model, version) if endpoint else None
-
-
-def _decoded(body: bytes, encoding: bytes | None, limit: int) -> bytes:
-    """The body, inflated if the client compressed it (tritonclient's request_compression_algorithm)."""
-    if encoding is None or encoding == b"identity":
-        return body
-    if encoding not in (b"gzip", b"deflate"):
-        raise GatewayError(415, f"Content-Encoding {encoding.decode(errors='replace')!r:.40} is not served",
-                           "send the body as is, or with gzip or deflate")
-    inflater = zlib.decompressobj(wbits=47)  # a gzip or zlib header, whichever it is
-    try:
-        plain = inflater.decompress(body, limit + 1)
-    except zlib.error as error:
-        raise GatewayError(400, f"the {encoding.decode()} body does not inflate: {error}",
-                           "compress the whole body, or send it as is") from None
-    if len(plain) > limit:
-        raise GatewayError(413, f"the body inflates to over the gateway's limit of {limit} bytes", "split the request")
-    if not inflater.eof:
-        raise GatewayError(400, f"the {encoding.decode()} body is truncated", "send the whole compressed body")
-    return plain
 
 
 class KServeHttp:
@@ -195,6 +186,8 @@ class KServeHttp:
             return await self._infer(asked, headers, receive)
         if asked.endpoint == "model_ready":
             return await self._model_ready(asked)
+        if asked.endpoint == "stats":
+            return await self._stats(asked)
         return await self._metadata(asked)
 
     async def _server(self, endpoint: str) -> Answer:
@@ -214,8 +207,9 @@ class KServeHttp:
 
     async def _infer(self, asked: Target, headers: dict[bytes, bytes], receive: Receive) -> Answer:
         gateway = self.gateway
+        gateway.route(asked.model, asked.version)  # an unknown model or version is a 404 whatever the body holds
         body = await gateway.read_body(receive, headers.get(b"content-length"))
-        body = _decoded(body, headers.get(b"content-encoding"), gateway.max_body_bytes)
+        body = decode_body(body, headers.get(b"content-encoding"), gateway.max_body_bytes)
         request = guard.parse_infer(body, headers.get(BINARY_HEADER))
         passed = [(name, headers[name]) for name in _PASSED_REQUEST if name in headers]
         shadow = self.shadowed()
@@ -225,7 +219,7 @@ class KServeHttp:
             if not asked.version:
                 shadow.start(route, lambda: self.copy(route.model, *json_copy(request, body,
                                                                              headers.get(b"content-type"))))
-            path = f"/v2/models/{asked.model}/versions/{route.version}/infer"
+            path = f"/v2/models/{route.upstream}/versions/{route.version}/infer"
             return await gateway.triton_request("POST", path, body, passed)
 
         with shadow:
@@ -233,8 +227,9 @@ class KServeHttp:
             shadow.answered(route, reply)
         if reply.status != 200:
             return Answer.error(*triton_failure(route, reply), route)
-        return Answer(200, reply.body, [(name, reply.headers[name]) for name in _PASSED_REPLY if name in reply.headers],
-                      route)
+        body, headers = served_as(route, reply.body, {name: reply.headers[name] for name in _PASSED_REPLY
+                                                      if name in reply.headers})
+        return Answer(200, body, list(headers.items()), route)
 
     def shadowed(self) -> Shadowed[Reply]:
         """A request's part in a shadow bake, over HTTP (KServe here, and /predict)."""
@@ -243,7 +238,7 @@ class KServeHttp:
     def copy(self, model: str, body: bytes, headers: list[tuple[bytes, bytes]]) -> Copy:
         """Send ``body`` to a shadow candidate: its status as the gateway would answer it, and its outputs."""
         async def send(candidate: Route) -> tuple[int, Outputs | None]:
-            path = f"/v2/models/{model}/versions/{candidate.version}/infer"
+            path = f"/v2/models/{candidate.upstream}/versions/{candidate.version}/infer"
             reply = await self.gateway.triton_request("POST", path, body, headers)
             if reply.status != 200:
                 return triton_failure(candidate, reply)[0], None
@@ -253,9 +248,13 @@ class KServeHttp:
 
     async def _model_ready(self, asked: Target) -> Answer:
         async def attempt(route: Route) -> Reply:
-            return await self.gateway.triton_request("GET", f"/v2/models/{route.model}/versions/{route.version}/ready")
+            path = f"/v2/models/{route.upstream}/versions/{route.version}/ready"
+            return await self.gateway.triton_request("GET", path)
 
-        route, reply = await self.gateway.at_committed(asked.model, asked.version, attempt, _ok)
+        try:
+            route, reply = await self.gateway.at_committed(asked.model, asked.version, attempt, _ok)
+        except (UnknownModelError, UnknownVersionError) as error:  # as Triton answers it: 400, not ready
+            return Answer.error(400, str(error), getattr(error, "route", None))
         if reply.status == 200:
             return Answer(200, route=route)
         if "unknown model" in triton_message(reply.body).lower():
@@ -271,11 +270,11 @@ class KServeHttp:
             if cached is not None:
                 return Reply(200, cached)
             suffix = "/config" if what == "config" else ""
-            reply = await self.gateway.triton_request("GET", f"/v2/models/{route.model}/versions/{route.version}"
+            reply = await self.gateway.triton_request("GET", f"/v2/models/{route.upstream}/versions/{route.version}"
                                                              f"{suffix}")
             if reply.status != 200:
                 return reply
-            return Reply(200, self.gateway.remember(what, route, _as_committed(what, reply.body, route.version)))
+            return Reply(200, self.gateway.remember(what, route, _as_committed(what, reply.body, route)))
 
         route, reply = await self.gateway.at_committed(asked.model, asked.version, attempt, _ok)
         if reply.status != 200:
@@ -283,15 +282,69 @@ class KServeHttp:
         return Answer(200, reply.body, [JSON_TYPE], route)
 
 
+    async def _stats(self, asked: Target) -> Answer:
+        """Triton's statistics of the committed version (of every committed model's, if the path names none)."""
+        if asked.model:
+            return await self._stats_of(asked.model, asked.version)
+        stats = []
+        for model, _ in committed_versions(self.gateway.router):
+            answer = await self._stats_of(model, "")
+            if answer.status == 200:  # a model whose files changed meanwhile is left out, as Triton leaves it
+                stats += json.loads(answer.body)["model_stats"]
+        return Answer(200, json.dumps({"model_stats": stats}, separators=(",", ":")).encode(), [JSON_TYPE])
+
+    async def _stats_of(self, model: str, version: str) -> Answer:
+        async def attempt(route: Route) -> Reply:
+            return await self.gateway.triton_request("GET", f"/v2/models/{route.upstream}/versions/{route.version}"
+                                                            "/stats")
+
+        try:
+            route, reply = await self.gateway.at_committed(model, version, attempt, _ok)
+        except (UnknownModelError, UnknownVersionError) as error:
+            raise error.for_stats() from None
+        if reply.status != 200:
+            message = triton_message(reply.body)
+            if "is not available" in message:  # Triton's words for a model or version it does not serve
+                reply = Reply(404, error_body(f"unknown model: {message}"))
+            return Answer.error(*triton_failure(route, reply), route)
+        return Answer(200, committed_stats(reply.body, route), [JSON_TYPE], route)
+
+
+def committed_stats(answer: bytes, route: Route) -> bytes:
+    """The store's statistics, of the committed version alone, named as the served model."""
+    document = json.loads(answer)
+    stats = [entry for entry in document.get("model_stats", [])
+             if entry.get("name") == route.upstream and entry.get("version") == str(route.version)]
+    document["model_stats"] = [{**entry, "name": route.model} for entry in stats]
+    return json.dumps(document, separators=(",", ":")).encode()
+
+
 def _ok(reply: Reply) -> bool:
     return reply.status == 200
 
 
-def _as_committed(what: str, answer: bytes, version: int) -> bytes:
-    """Triton's metadata or config, naming the committed version alone (a deploy may have loaded another beside)."""
+def served_as(route: Route, body: bytes, headers: dict[bytes, bytes]) -> tuple[bytes, dict[bytes, bytes]]:
+    """Triton's answer from the store, naming the model the client asked for (Triton writes compact JSON with
+    ``model_name`` first)."""
+    stored = f'"model_name":"{route.upstream}"'.encode()
+    length = headers.get(BINARY_HEADER)
+    end = int(length) if length is not None else len(body)
+    at = body.find(stored, 0, min(end, 64 + len(stored)))
+    if at < 0:
+        return body, headers
+    served = f'"model_name":"{route.model}"'.encode()
+    body = body[:at] + served + body[at + len(stored):]
+    if length is not None:
+        headers = {**headers, BINARY_HEADER: str(end - len(stored) + len(served)).encode()}
+    return body, headers
+
+
+def _as_committed(what: str, answer: bytes, route: Route) -> bytes:
+    """The store's metadata or config, as the served model's: its name, the committed version alone."""
     document = json.loads(answer)
+    document["name"] = route.model
     if what == "config":
-        document["version_policy"] = {"specific": {"versions": [version]}}
+        document["version_policy"] = {"specific": {"versions": [route.version]}}
     else:
-        document["versions"] = [str(version)]
+        document["versions"] = [str(route.version)]
     return json.dumps(document, separators=(",", ":")).encode()
