@@ -23,7 +23,7 @@ from ferry.core.errors import NoSuchModel, RegistryError, TritonError, TritonTim
 from ferry.core.fsutil import sha256_file
 from ferry.core.registry import VersionRef
 from ferry.core.smoke import SMOKE_FILE, SmokeSample, dump_sample
-from ferry.core.triton import VersionState
+from ferry.core.triton import Placement, VersionState, placement
 
 WEIGHTS = np.arange(12, dtype=np.float32).reshape(4, 3) / 10
 
@@ -78,10 +78,24 @@ class FakeTriton:
     def ready_versions(self, model: str) -> list[int]:
         return sorted(v.version for v in self.versions(model) if v.state == "READY")
 
-    def load(self, model: str, config_json: str) -> None:
+    def placement(self, model: str) -> Placement:
+        return placement(self.index(), model)
+
+    def serving(self, model: str) -> list[int]:
+        return self.placement(model).serving
+
+    def load(self, model: str, config_json: str, files: dict[str, bytes] | None = None) -> None:
         self._check()
-        wanted = [int(v) for v in json.loads(config_json)["version_policy"]["specific"]["versions"]]
+        config = json.loads(config_json)
+        wanted = [int(v) for v in config["version_policy"]["specific"]["versions"]]
         self.loads.append((model, wanted))
+        if config.get("platform") == "ensemble":  # a front: its one step must find its version in the store
+            step = config["ensemble_scheduling"]["step"][0]
+            if self.models.get(step["model_name"], {}).get(int(step["model_version"])) != "READY":
+                raise TritonError(f"Triton refused loading '{model}': {step['model_name']} v{step['model_version']} "
+                                  "is not loaded (fake)")
+            self.models[model] = {v: "READY" for v in wanted}
+            return
         for version in wanted:
             if version in self.hang_load:
                 raise TritonTimeout(f"Triton at {self.url} did not answer loading '{model}' (fake)")

@@ -21,10 +21,10 @@ class RefusesToServeOnly(FakeTriton):
 
     refuse = True
 
-    def load(self, model: str, config_json: str) -> None:
-        if self.refuse and '"2"' in config_json and '"1"' not in config_json:
+    def load(self, model: str, config_json: str, files: dict[str, bytes] | None = None) -> None:
+        if self.refuse and '"2"' in config_json and '"1"' not in config_json and model.endswith(".versions"):
             raise TritonError(f"Triton refused loading '{model}': out of memory (fake)")
-        super().load(model, config_json)
+        super().load(model, config_json, files)
 
 
 @pytest.fixture
@@ -49,7 +49,9 @@ def test_every_replica_loads_proves_and_serves_the_new_version(bench: Bench, rep
     report = _deploy(bench, replicas)
     assert report.outcome == Outcome.COMMITTED
     assert all(r.ready_versions("iris") == [2] for r in replicas)
-    assert all(r.loads[-2:] == [("iris", [1, 2]), ("iris", [2])] for r in replicas)
+    # The candidate into the store beside v1; at the commit the store as it is, the front repointed, the store pinned.
+    assert all(r.loads[-4:] == [("iris.versions", [1, 2]), ("iris.versions", [1, 2]), ("iris", [2]),
+                                ("iris.versions", [2])] for r in replicas)
 
 
 @pytest.mark.parametrize("fault", ["load", "smoke"])
@@ -90,7 +92,7 @@ def test_a_replica_that_cannot_pin_after_the_commit_is_drift_not_a_rollback(benc
     report = _deploy(bench, replicas)
     assert report.outcome == Outcome.COMMITTED and read_current(bench.model_dir).active_version == 2
     assert any("replica http://replica-1:8000" in w and "ferry reconcile" in w for w in report.warnings)
-    assert replicas[1].ready_versions("iris") == [1, 2], "still serving both: drift"
+    assert replicas[1].placement("iris").store == [1, 2], "still holding both: drift"
     replicas[1].refuse = False
     result = reconcile(_ferry(bench, replicas), "iris")
     assert result.action == "loaded" and result.replicas == {r.url: [2] for r in replicas}
@@ -104,7 +106,7 @@ def test_reconcile_brings_a_restarted_replica_back_and_leaves_the_others(bench: 
     loads = [len(r.loads) for r in replicas]
     result = reconcile(_ferry(bench, replicas), "iris")
     assert result.action == "loaded" and "all 3 replicas serve v1" in result.detail
-    assert [len(r.loads) for r in replicas] == [loads[0] + 1, loads[1], loads[2]]
+    assert [len(r.loads) for r in replicas] == [loads[0] + 2, loads[1], loads[2]], "its store and front only"
     assert reconcile(_ferry(bench, replicas), "iris").action == "in place"
 
 

@@ -37,7 +37,9 @@ def test_the_second_version_retires_the_first(bench: Bench) -> None:
     bench.registry.add("iris", "champion")
     report = bench.deploy()
     assert (report.outcome, report.version, report.previous_version) == (Outcome.COMMITTED, 2, 1)
-    assert bench.triton.loads[-2:] == [("iris", [1, 2]), ("iris", [2])], "loaded beside the active, then pinned"
+    assert bench.triton.loads[-4:] == [("iris.versions", [1, 2]), ("iris.versions", [1, 2]), ("iris", [2]),
+                                       ("iris.versions", [2])], \
+        "loaded into the store beside the active; at the commit the front repointed, then the store pinned"
     bench.check_invariants(attempts=2)
 
 

@@ -10,10 +10,11 @@ from ferry.core.current import read_current
 from ferry.core.errors import Busy, FerryError, InvalidInput
 from ferry.core.fleet import Fleet
 from ferry.core.journal import read_journal
+from ferry.core.placement import pin, retire, serving_problems, wait_serving
 from ferry.core.records import CurrentState, parse_utc_stamp, utc_stamp
 from ferry.core.repository import ModelDir
 from ferry.core.runner import holding
-from ferry.core.steps import Ferry, pin, retire, serving_problems, wait_serving
+from ferry.core.services import Ferry
 from ferry.core.triton import Placement
 
 Action = Literal["in place", "loaded", "unloaded", "skipped", "failed"]

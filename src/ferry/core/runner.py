@@ -22,7 +22,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from ferry.core import rollout, steps, writeback
+from ferry.core import placement, rollout, steps, writeback
 from ferry.core.current import append_history, find_history, read_current, read_history
 from ferry.core.errors import Busy, FerryError, InvalidInput, NoSuchModel, StepFailed, unreachable
 from ferry.core.journal import Journal, read_journal
@@ -419,12 +419,12 @@ class Runner:
             return report
         current = report.current
         warm = current.previous_version if current is not None and current.previous_warm_until_utc else None
-        report.warnings += steps.pin_after_commit(self.model_dir, candidate, fleet, warm,
+        report.warnings += placement.pin_after_commit(self.model_dir, candidate, fleet, warm,
                                                   record.snapshot.active_version)
-        _, states = steps.wait_serving(fleet, self.model, [candidate.version],
+        _, states = placement.wait_serving(fleet, self.model, [candidate.version],
                                        held=sorted({candidate.version, warm}) if warm is not None else None)
         report.warnings += [f"{problem} (drift: run `ferry reconcile`)"
-                            for problem in steps.serving_problems(states, [candidate.version])]
+                            for problem in placement.serving_problems(states, [candidate.version])]
         return report
 
     def _staged_by(self, deploy_id: str) -> int | None:

@@ -8,107 +8,40 @@ timing, history) for the CLI, the DAG and ``ferry recover`` alike. A step that f
 from __future__ import annotations
 
 import datetime as dt
-import importlib.resources
-import py_compile
-import shutil
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from functools import cached_property
-from pathlib import Path
 from typing import TypeVar
 
-from ferry.core.config import Endpoint, Settings, parse_endpoint
+from ferry.core import staging
 from ferry.core.current import read_current, restore_current, write_current
 from ferry.core.errors import FerryError, InvalidInput, StepFailed, TritonError, TritonTimeout
-from ferry.core.fleet import Fleet, ReplicaFailed, resolve_replicas
-from ferry.core.front import disk_config, front_config, front_files, store_config, store_name
-from ferry.core.fsutil import atomic_write, sha256_file
+from ferry.core.fleet import Fleet, ReplicaFailed
+from ferry.core.front import disk_config, store_config, store_name
 from ferry.core.model_config import (
-    NotOnnx,
-    Signature,
-    build_config,
     config_signature,
     from_pbtxt,
-    model_config_pb2,
-    read_onnx_signature,
-    signature_mismatches,
     to_override_json,
-    to_pbtxt,
-    with_versions,
 )
+from ferry.core.placement import pin_after_commit, serve_only_active, serving_problems, wait_serving
 from ferry.core.records import (
     Candidate,
     CurrentState,
     Failure,
-    Manifest,
     QuarantineReason,
     RollbackReport,
     Snapshot,
     Step,
-    parse_utc_stamp,
     utc_stamp,
 )
-from ferry.core.registry import Artifacts, Registry, VersionRef, disk_full
-from ferry.core.repository import MANIFEST, ModelDir, check_name
+from ferry.core.repository import ModelDir
 from ferry.core.rollout import remove_rollout
+from ferry.core.services import Ferry
 from ferry.core.smoke import SMOKE_FILE, load_sample, output_problems, synthetic_sample
 from ferry.core.stubs import stop_stubs_of
-from ferry.core.triton import Placement, Triton, placement
+from ferry.core.triton import Triton, placement
 
 T = TypeVar("T")
-
-
-@dataclass
-class Ferry:
-    """The services a deploy talks to, built from settings (or given: the unit tests pass in-process fakes)."""
-
-    settings: Settings
-    given_replicas: list[Triton] | None = None
-    given_registry: Registry | None = None
-    _registry_future: Future[Registry] | None = field(default=None, repr=False)
-    _clients: dict[str, Triton] = field(default_factory=dict, repr=False)
-
-    def fleet(self, urls: list[str] | None = None) -> Fleet:
-        """The replicas at ``urls`` (a deploy's, from its snapshot), else those FERRY_TRITON_URL names now."""
-        if self.given_replicas is not None:
-            return Fleet([r for r in self.given_replicas if urls is None or r.url in urls])
-        endpoints = [parse_endpoint(url) for url in urls] if urls else resolve_replicas(self.settings.replica_sources)
-        if not endpoints:
-            raise InvalidInput("no Triton replica to act on", "set FERRY_TRITON_URL")
-        return Fleet([self._client(endpoint) for endpoint in endpoints])
-
-    def _client(self, endpoint: Endpoint) -> Triton:
-        if endpoint.url not in self._clients:
-            s = self.settings
-            self._clients[endpoint.url] = Triton(endpoint.url, timeout_s=s.triton_timeout_s,
-                                                 load_timeout_s=s.load_timeout_s, api_key=s.model_control_key())
-        return self._clients[endpoint.url]
-
-    @property
-    def triton(self) -> Triton:
-        """The first replica: the one Triton of a single-server setup (the local one, in the demo and tests)."""
-        return self.fleet().replicas[0]
-
-    def start_registry(self) -> None:
-        """Start MLflow's client in the background (importing mlflow takes about a second); ``registry`` waits."""
-        if self.given_registry is None and self._registry_future is None and "registry" not in self.__dict__:
-            pool = ThreadPoolExecutor(1, thread_name_prefix="ferry-registry")
-            self._registry_future = pool.submit(Registry, self.settings.tracking_uri)
-            pool.shutdown(wait=False)
-
-    @cached_property
-    def registry(self) -> Registry:
-        if self.given_registry is not None:
-            return self.given_registry
-        if self._registry_future is not None:
-            return self._registry_future.result()
-        return Registry(self.settings.tracking_uri)
-
-    def model_dir(self, model: str) -> ModelDir:
-        return ModelDir(self.settings.repository, model)
 
 
 def as_step_failure(step: Step, error: BaseException) -> StepFailed:
@@ -181,19 +114,6 @@ def fleet_of(ferry: Ferry, snapshot: Snapshot) -> Fleet:
 # ---------------------------------------------------------------- materialize
 
 
-def resolve(ferry: Ferry, model_dir: ModelDir, alias: str | None, version: int | None) -> VersionRef:
-    """The version to deploy. A version already staged by ferry is read from its manifest, without MLflow:
-    going back to a kept version must work when MLflow is down."""
-    if alias is not None:
-        return ferry.registry.resolve_alias(model_dir.model, check_name("alias", alias))
-    if version is None:
-        raise InvalidInput("nothing to deploy: give an alias or a version")
-    manifest = model_dir.read_manifest(version)
-    if manifest is not None and manifest.model == model_dir.model:
-        return VersionRef(model_dir.model, version, manifest.run_id, manifest.source, None, manifest.source)
-    return ferry.registry.get_version(model_dir.model, version)
-
-
 def materialize(ferry: Ferry, snapshot: Snapshot, alias: str | None = None, version: int | None = None) -> Candidate:
     """Resolve the target and stage its files as ``<model>/<version>/``, verified.
 
@@ -203,7 +123,7 @@ def materialize(ferry: Ferry, snapshot: Snapshot, alias: str | None = None, vers
     it goes through load, ready and smoke again.
     """
     model_dir = ferry.model_dir(snapshot.model)
-    ref = resolve(ferry, model_dir, alias, version)
+    ref = staging.resolve(ferry, model_dir, alias, version)
     if ref.version == snapshot.active_version and snapshot.current is not None:
         return Candidate(
             model=ref.model, version=ref.version, run_id=ref.run_id, alias=alias, sha256=snapshot.current.sha256,
@@ -211,40 +131,17 @@ def materialize(ferry: Ferry, snapshot: Snapshot, alias: str | None = None, vers
             revalidate=any(served != [ref.version] for served in _served_by_replica(snapshot)),
         )
     try:
-        if is_warm(snapshot, ref.version):
-            return _warm(model_dir, ref, snapshot)
+        if staging.is_warm(snapshot, ref.version):
+            return staging.warm(model_dir, ref, snapshot)
         if model_dir.version_dir(ref.version).exists():
-            return _reuse(model_dir, ref, snapshot)
-        return _stage(ferry, model_dir, ref, snapshot)
-    except ForeignVersion:
+            return staging.reuse(model_dir, ref, snapshot)
+        return staging.stage(ferry, model_dir, ref, snapshot)
+    except staging.ForeignVersion:
         raise  # refused before anything was touched: not a failed step, nothing to roll back
     except Exception as error:
         failure = as_step_failure(Step.MATERIALIZE, error)
         failure.version = ref.version
         raise failure from error
-
-
-def is_warm(snapshot: Snapshot, version: int) -> bool:
-    """Whether ``version`` is the previous version, kept loaded after the last commit on every replica and
-    still inside its window (FERRY_KEEP_PREVIOUS_S)."""
-    current = snapshot.current
-    if current is None or current.previous_version != version or not current.previous_warm_until_utc:
-        return False
-    if parse_utc_stamp(current.previous_warm_until_utc) < parse_utc_stamp(utc_stamp()):
-        return False
-    return bool(snapshot.stores) and all(version in held for held in snapshot.stores.values())
-
-
-def _warm(model_dir: ModelDir, ref: VersionRef, snapshot: Snapshot) -> Candidate:
-    """The previous version, still loaded: it served until the last commit, and what serves is the loaded
-    instance, not the files (kept, and hashed again at the next load that needs them)."""
-    manifest = model_dir.read_manifest(ref.version)
-    if manifest is None or snapshot.config_text is None:
-        raise InvalidInput(f"v{ref.version} is loaded but ferry's manifest for it is missing",
-                           f"restore {model_dir.version_dir(ref.version)}/{MANIFEST}, or deploy another version")
-    return Candidate(model=ref.model, version=ref.version, run_id=manifest.run_id, alias=ref.alias,
-                     sha256=manifest.sha256, size_bytes=manifest.size_bytes,
-                     config_pbtxt=to_pbtxt(with_versions(from_pbtxt(snapshot.config_text), [])), reused=True, warm=True)
 
 
 def _served_by_replica(snapshot: Snapshot) -> list[list[int]]:
@@ -262,117 +159,6 @@ def needs_commit(candidate: Candidate) -> bool:
     return not candidate.already_active or candidate.revalidate
 
 
-def _model_config(snapshot: Snapshot, signature: Signature, runtime: str) -> model_config_pb2.ModelConfig:
-    """The config the candidate must run under: the model's existing one, else one built from its signature."""
-    if snapshot.config_text is not None:
-        return with_versions(from_pbtxt(snapshot.config_text), [])
-    return build_config(snapshot.model, signature, runtime)
-
-
-def _verify_onnx(path: Path, snapshot: Snapshot, runtime: str) -> model_config_pb2.ModelConfig:
-    """Check the file is an ONNX model whose inputs and outputs fit the model's config.
-
-    The graph itself is checked by onnxruntime when Triton loads the candidate beside the active
-    version: that load is atomic, says exactly what is wrong, and a failure rolls back in milliseconds,
-    whereas checking the graph here too would cost about 2 ms per MB on every deploy.
-    """
-    try:
-        signature = read_onnx_signature(path)
-    except NotOnnx as error:
-        raise StepFailed(Step.MATERIALIZE, error.message, error.hint) from None
-    config = _model_config(snapshot, signature, runtime)
-    problems = signature_mismatches(signature, config_signature(config))
-    if problems:
-        raise StepFailed(Step.MATERIALIZE, "model.onnx does not match the model's config: " + "; ".join(problems),
-                         "a version must keep the model's inputs and outputs; a new signature needs a new model name")
-    return config
-
-
-def _stage(ferry: Ferry, model_dir: ModelDir, ref: VersionRef, snapshot: Snapshot) -> Candidate:
-    limit = ferry.settings.max_artifact_bytes
-    artifacts = ferry.registry.artifacts(ref)
-    sizes = artifacts.sizes()
-    if "model.onnx" not in sizes:
-        raise StepFailed(Step.MATERIALIZE, f"version {ref.version} has no model.onnx at {ref.artifact_uri}",
-                         "log the model with ferry.publish.log_onnx_model")
-    if sizes["model.onnx"] > limit:
-        raise StepFailed(Step.MATERIALIZE, f"model.onnx is {sizes['model.onnx']} bytes, over the limit of {limit}",
-                         "raise FERRY_MAX_ARTIFACT_MB if the model really is that large")
-    model_dir.ensure()
-    staging = model_dir.new_staging_dir(ref.version, snapshot.deploy_id)
-    try:
-        config, size, digest = _fill_staging(ferry, artifacts, staging, snapshot, sizes)
-        manifest = Manifest(
-            model=ref.model, version=ref.version, run_id=ref.run_id, source=ref.source, sha256=digest,
-            size_bytes=size, deploy_id=snapshot.deploy_id, staged_at_utc=utc_stamp(), runtime=ferry.settings.runtime,
-        )
-        atomic_write(staging / MANIFEST, manifest.model_dump_json(indent=1).encode())
-    except OSError as error:
-        if not disk_full(error):
-            raise
-        model_dir.discard_staging(staging)  # half a version is no evidence worth keeping, and it holds the space
-        raise StepFailed(Step.MATERIALIZE, f"no space left on the device of {model_dir.path} while staging "
-                         f"v{ref.version}: {error.strerror}",
-                         "free space there (old quarantined versions count too) and deploy again; "
-                         "the partial files were removed") from None
-    model_dir.publish_version(staging, ref.version)
-    return Candidate(model=ref.model, version=ref.version, run_id=ref.run_id, alias=ref.alias, sha256=digest,
-                     size_bytes=size, config_pbtxt=to_pbtxt(config))
-
-
-def _fill_staging(ferry: Ferry, artifacts: Artifacts, staging: Path, snapshot: Snapshot,
-                  sizes: dict[str, int]) -> tuple[model_config_pb2.ModelConfig, int, str]:
-    """Download and check the version's files and add the runner; the config, model size and sha256."""
-    limit = ferry.settings.max_artifact_bytes
-    wanted = ["model.onnx"] + ([SMOKE_FILE] if SMOKE_FILE in sizes else [])
-    with ThreadPoolExecutor(len(wanted)) as pool:  # each download is a round trip to the artifact store
-        onnx_path, *_ = pool.map(lambda name: artifacts.download(name, staging), wanted)
-    size = onnx_path.stat().st_size
-    if size > limit:
-        raise StepFailed(Step.MATERIALIZE, f"model.onnx is {size} bytes, over the limit of {limit}")
-    config = _verify_onnx(onnx_path, snapshot, ferry.settings.runtime)
-    if (staging / SMOKE_FILE).exists():
-        _check_sample(staging / SMOKE_FILE, config)
-    if ferry.settings.runtime == "python":
-        runner = ferry.settings.python_runner or importlib.resources.files("ferry.runtime") / "onnx_runner.py"
-        shutil.copyfile(str(runner), staging / "model.py")
-        # Compiled now, so that the backend stub (same Python) has no bytecode to write into the live
-        # version directory: a change there makes Triton re-create every loaded version on the next load.
-        py_compile.compile(str(staging / "model.py"), doraise=True)
-    return config, size, artifacts.sha256("model.onnx", onnx_path)
-
-
-def _check_sample(path: Path, config: model_config_pb2.ModelConfig) -> None:
-    try:
-        sample = load_sample(path)
-    except InvalidInput as error:
-        raise StepFailed(Step.MATERIALIZE, error.message, error.hint) from None
-    wanted = {t.name for t in config_signature(config).inputs}
-    if set(sample.inputs) != wanted:
-        raise StepFailed(Step.MATERIALIZE,
-                         f"smoke.json gives inputs {sorted(sample.inputs)}, the model takes {sorted(wanted)}")
-
-
-class ForeignVersion(InvalidInput):
-    """A version directory ferry did not write (or that changed since): the deploy is refused, the directory
-    left as it is, and nothing is rolled back, since nothing was touched."""
-
-
-def _reuse(model_dir: ModelDir, ref: VersionRef, snapshot: Snapshot) -> Candidate:
-    """A version directory already exists: use it only if ferry staged it from the same run, intact."""
-    folder = model_dir.version_dir(ref.version)
-    manifest = model_dir.read_manifest(ref.version)
-    hint = f"ferry did not stage it for this run: move {folder} out of the repository and deploy again"
-    if manifest is None or manifest.run_id != ref.run_id:
-        raise ForeignVersion(f"{folder} exists but holds no ferry manifest for run {ref.run_id}", hint)
-    if sha256_file(folder / "model.onnx") != manifest.sha256:
-        raise ForeignVersion(f"{folder}/model.onnx changed since ferry staged it (sha256 differs)", hint)
-    config = _model_config(snapshot, read_onnx_signature(folder / "model.onnx"), manifest.runtime)
-    return Candidate(model=ref.model, version=ref.version, run_id=ref.run_id, alias=ref.alias,
-                     sha256=manifest.sha256, size_bytes=manifest.size_bytes, config_pbtxt=to_pbtxt(config),
-                     reused=True)
-
-
 # ---------------------------------------------------------------- load, ready, smoke
 
 
@@ -382,6 +168,7 @@ def load(ferry: Ferry, snapshot: Snapshot, candidate: Candidate) -> None:
     if not needs_validation(candidate):
         return
     versions = [v for v in (snapshot.active_version, candidate.version) if v is not None]
+    ferry.model_dir(snapshot.model).ensure_store_link()
     if snapshot.config_text is None:
         # Triton records a config override's time only when config.pbtxt exists, and a later load of the front
         # then finds the store unchanged; the undo removes the file again (the snapshot had none).
@@ -477,60 +264,6 @@ def commit(ferry: Ferry, snapshot: Snapshot, candidate: Candidate) -> tuple[Curr
     return state, pin_after_commit(model_dir, candidate, fleet_of(ferry, snapshot), warm, snapshot.active_version)
 
 
-def pin_after_commit(model_dir: ModelDir, candidate: Candidate, fleet: Fleet, warm: int | None = None,
-                     previous: int | None = None) -> list[str]:
-    """After the commit point a failure is drift for reconcile to repair, never a reason to un-commit."""
-    failed = pin(model_dir, candidate.config_pbtxt, candidate.version, fleet, warm, previous)
-    where = "replica {}".format if len(fleet.replicas) > 1 else (lambda url: "Triton")
-    return [f"committed v{candidate.version}, but pinning {where(url)} to it failed: {error} "
-            "(drift: run `ferry reconcile`)" for url, error in failed.items()]
-
-
-def pin(model_dir: ModelDir, config_pbtxt: str, version: int, fleet: Fleet, warm: int | None = None,
-        previous: int | None = None) -> dict[str, FerryError]:
-    """Make every replica's front serve ``version`` and its store hold it alone (and ``warm``, the previous
-    version kept loaded); then config.pbtxt says so. ``previous``: what the fronts served until now, kept
-    loaded until they are repointed. The replicas that failed, with why."""
-    config = from_pbtxt(config_pbtxt)
-    keep = sorted({version} | ({warm} if warm is not None else set()))
-    during = [previous] if previous is not None else []
-    results = fleet.settled(lambda triton: serve(triton, model_dir.model, config, version, keep, during))
-    failed: dict[str, FerryError] = {url: r for url, r in results.items() if isinstance(r, FerryError)}
-    try:
-        model_dir.write_config(disk_config(config, keep))
-    except OSError as error:
-        failed[str(model_dir.config_path)] = FerryError(f"writing {model_dir.config_path} failed: {error}")
-    return failed
-
-
-def serve(triton: Triton, model: str, config: model_config_pb2.ModelConfig, version: int, keep: list[int],
-          during: list[int] | None = None) -> None:
-    """Point ``model``'s front at ``version`` and leave its store holding ``keep`` (which includes it).
-
-    The store is loaded first, holding ``during`` too (what the front serves until it is repointed: an
-    in-place update of what is loaded already), so that the front, whose load makes Triton poll the store,
-    finds it current; the front is repointed; only then does the store drop ``during`` (Triton drains it)."""
-    store = store_name(model)
-    hold = sorted(set(keep) | set(during or ()))
-    triton.load(store, to_override_json(store_config(config, model, hold)))
-    triton.load(model, to_override_json(front_config(config, model, version)), front_files(model, version))
-    if hold != keep:
-        triton.load(store, to_override_json(store_config(config, model, keep)))
-
-
-def retire(triton: Triton, model: str) -> None:
-    """Nothing of ``model`` loaded: its front first, so that no client reaches a store being unloaded.
-    Both are asked even if the first refuses (Triton refuses to unload a model it never had)."""
-    refused: TritonError | None = None
-    for name in (model, store_name(model)):
-        try:
-            triton.unload(name)
-        except TritonError as error:
-            refused = refused or error
-    if refused is not None:
-        raise refused
-
-
 # ---------------------------------------------------------------- undo
 
 
@@ -542,39 +275,6 @@ def _quarantine_failed(model_dir: ModelDir, snapshot: Snapshot, candidate: int |
         folders[model_dir.version_dir(candidate)] = candidate
     return [str(model_dir.quarantine(folder, reason.model_copy(update={"version": v})))
             for folder, v in folders.items()]
-
-
-def _serve_only_active(fleet: Fleet, snapshot: Snapshot) -> None:
-    """Every replica back to the active version alone (or to nothing); raises if any replica refused."""
-    if snapshot.current is None:
-        fleet.each(lambda triton: retire(triton, snapshot.model))
-    else:
-        config = from_pbtxt(snapshot.config_text or "")
-        active = snapshot.current.active_version
-        fleet.each(lambda triton: serve(triton, snapshot.model, config, active, [active]))
-
-
-def wait_serving(fleet: Fleet, model: str, wanted: list[int], timeout_s: float = 5.0,
-                 held: list[int] | None = None) -> tuple[bool, dict[str, list[int] | FerryError]]:
-    """True once every replica serves exactly ``wanted`` and its store holds nothing else (or ``held``: the
-    previous version kept warm too; a version that is unloading no longer counts); what each replica
-    serves (or why it could not say) either way."""
-    def settled(where: Placement | FerryError) -> bool:
-        return isinstance(where, Placement) and where.front == wanted and where.store in (wanted, held or wanted)
-
-    def wait_on(triton: Triton) -> Placement:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            where = triton.placement(model)
-            if settled(where) or time.monotonic() > deadline:
-                return where
-            time.sleep(0.05)
-
-    placements = fleet.settled(wait_on)
-    serving: dict[str, list[int] | FerryError] = {
-        url: where if isinstance(where, FerryError) else where.serving for url, where in placements.items()}
-    verified = all(settled(where) for where in placements.values())
-    return verified, serving
 
 
 def undo(ferry: Ferry, snapshot: Snapshot, failure: Failure, candidate: int | None) -> RollbackReport:
@@ -610,7 +310,9 @@ def undo(ferry: Ferry, snapshot: Snapshot, failure: Failure, candidate: int | No
     fleet = fleet_of(ferry, snapshot)
     # Pin Triton before moving the candidate away: with the model directory unchanged since the
     # candidate's load, Triton keeps the active version's running instance instead of re-creating it.
-    attempt("asked Triton to serve only the active version", lambda: _serve_only_active(fleet, snapshot))
+    if snapshot.current is not None:
+        attempt("checked the store's link", model_dir.ensure_store_link)
+    attempt("asked Triton to serve only the active version", lambda: serve_only_active(fleet, snapshot))
     wanted = [snapshot.active_version] if snapshot.current else []
     verified, states = wait_serving(fleet, snapshot.model, wanted)
     problems += serving_problems(states, wanted)
@@ -623,18 +325,6 @@ def undo(ferry: Ferry, snapshot: Snapshot, failure: Failure, candidate: int | No
                 lambda: model_dir.prune_quarantine(ferry.settings.quarantine_keep))
     return RollbackReport(actions=actions, quarantined=quarantined or [], verified=verified, serving=serving,
                           problems=problems, replicas=replicas)
-
-
-def serving_problems(states: dict[str, list[int] | FerryError], wanted: list[int]) -> list[str]:
-    """What is wrong with what each replica serves, one line per replica (Triton, for a single server)."""
-    problems = []
-    for url, state in states.items():
-        where = f"replica {url}" if len(states) > 1 else "Triton"
-        if isinstance(state, FerryError):
-            problems.append(f"could not verify what {where} serves: {state}")
-        elif state != wanted:
-            problems.append(f"{where} serves {state or 'nothing'}, expected {wanted or 'nothing'}")
-    return problems
 
 
 def committed_by(model_dir: ModelDir, deploy_id: str) -> bool:

@@ -1,0 +1,114 @@
+"""What each replica holds of a model and how ferry changes it: the front repointed, the store loaded or
+drained (:mod:`ferry.core.front`), verified. The commit, the undo, reconcile and retire all go through here."""
+
+from __future__ import annotations
+
+import time
+
+from ferry.core.errors import FerryError, TritonError
+from ferry.core.fleet import Fleet
+from ferry.core.front import disk_config, front_config, front_files, store_config, store_name
+from ferry.core.model_config import from_pbtxt, model_config_pb2, to_override_json
+from ferry.core.records import Candidate, Snapshot
+from ferry.core.repository import ModelDir
+from ferry.core.triton import Placement, Triton
+
+
+def pin_after_commit(model_dir: ModelDir, candidate: Candidate, fleet: Fleet, warm: int | None = None,
+                     previous: int | None = None) -> list[str]:
+    """After the commit point a failure is drift for reconcile to repair, never a reason to un-commit."""
+    failed = pin(model_dir, candidate.config_pbtxt, candidate.version, fleet, warm, previous)
+    where = "replica {}".format if len(fleet.replicas) > 1 else (lambda url: "Triton")
+    return [f"committed v{candidate.version}, but pinning {where(url)} to it failed: {error} "
+            "(drift: run `ferry reconcile`)" for url, error in failed.items()]
+
+
+def pin(model_dir: ModelDir, config_pbtxt: str, version: int, fleet: Fleet, warm: int | None = None,
+        previous: int | None = None) -> dict[str, FerryError]:
+    """Make every replica's front serve ``version`` and its store hold it alone (and ``warm``, the previous
+    version kept loaded); then config.pbtxt says so. ``previous``: what the fronts served until now, kept
+    loaded until they are repointed. The replicas that failed, with why."""
+    config = from_pbtxt(config_pbtxt)
+    model_dir.ensure_store_link()  # a model an earlier release of ferry deployed has none yet
+    keep = sorted({version} | ({warm} if warm is not None else set()))
+    during = [previous] if previous is not None else []
+    results = fleet.settled(lambda triton: serve(triton, model_dir.model, config, version, keep, during))
+    failed: dict[str, FerryError] = {url: r for url, r in results.items() if isinstance(r, FerryError)}
+    try:
+        model_dir.write_config(disk_config(config, keep))
+    except OSError as error:
+        failed[str(model_dir.config_path)] = FerryError(f"writing {model_dir.config_path} failed: {error}")
+    return failed
+
+
+def serve(triton: Triton, model: str, config: model_config_pb2.ModelConfig, version: int, keep: list[int],
+          during: list[int] | None = None) -> None:
+    """Point ``model``'s front at ``version`` and leave its store holding ``keep`` (which includes it).
+
+    The store is loaded first, holding ``during`` too (what the front serves until it is repointed: an
+    in-place update of what is loaded already), so that the front, whose load makes Triton poll the store,
+    finds it current; the front is repointed; only then does the store drop ``during`` (Triton drains it)."""
+    store = store_name(model)
+    hold = sorted(set(keep) | set(during or ()))
+    triton.load(store, to_override_json(store_config(config, model, hold)))
+    triton.load(model, to_override_json(front_config(config, model, version)), front_files(model, version))
+    if hold != keep:
+        triton.load(store, to_override_json(store_config(config, model, keep)))
+
+
+def retire(triton: Triton, model: str) -> None:
+    """Nothing of ``model`` loaded: its front first, so that no client reaches a store being unloaded.
+    Both are asked even if the first refuses (Triton refuses to unload a model it never had)."""
+    refused: TritonError | None = None
+    for name in (model, store_name(model)):
+        try:
+            triton.unload(name)
+        except TritonError as error:
+            refused = refused or error
+    if refused is not None:
+        raise refused
+
+
+def serve_only_active(fleet: Fleet, snapshot: Snapshot) -> None:
+    """Every replica back to the active version alone (or to nothing); raises if any replica refused."""
+    if snapshot.current is None:
+        fleet.each(lambda triton: retire(triton, snapshot.model))
+    else:
+        config = from_pbtxt(snapshot.config_text or "")
+        active = snapshot.current.active_version
+        fleet.each(lambda triton: serve(triton, snapshot.model, config, active, [active]))
+
+
+def wait_serving(fleet: Fleet, model: str, wanted: list[int], timeout_s: float = 5.0,
+                 held: list[int] | None = None) -> tuple[bool, dict[str, list[int] | FerryError]]:
+    """True once every replica serves exactly ``wanted`` and its store holds nothing else (or ``held``: the
+    previous version kept warm too; a version that is unloading no longer counts); what each replica
+    serves (or why it could not say) either way."""
+    def settled(where: Placement | FerryError) -> bool:
+        return isinstance(where, Placement) and where.front == wanted and where.store in (wanted, held or wanted)
+
+    def wait_on(triton: Triton) -> Placement:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            where = triton.placement(model)
+            if settled(where) or time.monotonic() > deadline:
+                return where
+            time.sleep(0.05)
+
+    placements = fleet.settled(wait_on)
+    serving: dict[str, list[int] | FerryError] = {
+        url: where if isinstance(where, FerryError) else where.serving for url, where in placements.items()}
+    verified = all(settled(where) for where in placements.values())
+    return verified, serving
+
+
+def serving_problems(states: dict[str, list[int] | FerryError], wanted: list[int]) -> list[str]:
+    """What is wrong with what each replica serves, one line per replica (Triton, for a single server)."""
+    problems = []
+    for url, state in states.items():
+        where = f"replica {url}" if len(states) > 1 else "Triton"
+        if isinstance(state, FerryError):
+            problems.append(f"could not verify what {where} serves: {state}")
+        elif state != wanted:
+            problems.append(f"{where} serves {state or 'nothing'}, expected {wanted or 'nothing'}")
+    return problems
