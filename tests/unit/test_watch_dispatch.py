@@ -4,7 +4,9 @@ trigger that ends is written down."""
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from pathlib import Path
 
 from ferry.adapters.watch import Dispatcher, LocalDeployer, Trigger, TriggerLog
@@ -121,3 +123,26 @@ def test_the_trigger_file_keeps_the_newest(tmp_path: Path) -> None:
     with path.open("a") as handle:
         handle.write('{"torn')
     assert len(TriggerLog(path).read()) == len(path.read_text().splitlines()) - 1, "a torn line is skipped"
+
+
+class SlowHandler(logging.Handler):
+    """A log that takes a while to write (a slow disk): the worker runs meanwhile."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        time.sleep(0.02)
+
+
+def test_a_trigger_taken_at_once_is_still_answered_as_queued() -> None:
+    gate = Gate()
+    gate.release.set()
+    dispatch = Dispatcher(gate, WatchMetrics(), TriggerLog(None))
+    handler, logger = SlowHandler(), logging.getLogger("ferry.watch")
+    logger.addHandler(handler)
+    level, logger.level = logger.level, logging.INFO
+    try:
+        states = [dispatch.submit(trigger(number, f"k{number}", model=f"m{number}")) for number in range(1, 6)]
+        assert dispatch.drain(10)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert set(states) == {"queued"}, states  # not "running": the delivery's answer says accepted

@@ -51,13 +51,14 @@ class Dispatcher:
                 self._gauge(trigger.model)
                 self._start_worker(trigger.model)
             self.recent.append(trigger)
+            state = trigger.state  # read under the lock: the worker may already be running it
         if superseded is not None:
             log.info("%s: superseded %s", superseded.label, superseded.detail)
             self.ended.append(superseded)
-        if trigger.state == "dropped":
+        if state == "dropped":
             self.ended.append(trigger)
-        log.info("%s: %s", trigger.label, trigger.state)
-        return trigger.state
+        log.info("%s: %s", trigger.label, state)
+        return state
 
     def _start_worker(self, model: str) -> None:
         if model not in self._workers:
