@@ -21,7 +21,7 @@ from unit.fakes import FakeRegistry, tiny_onnx
 from unit.support import Bench
 from unit.test_writeback_unit import FakeMlflowClient
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+BAKE_DOC = Path(__file__).resolve().parents[2] / "docs" / "bake.md"
 
 
 # ---------------------------------------------------------------- a version directory ferry did not write
@@ -142,7 +142,7 @@ def test_rollout_promote_and_abort_say_what_the_readme_says(bench: Bench, monkey
     runner = CliRunner()
     env = {"FERRY_HOME": str(bench.settings.home), "FERRY_REPOSITORY": str(bench.settings.repository)}
     (bench.model_dir.path / "config.pbtxt").write_text("")  # the repository knows the model
-    promised = re.search(r"The deploying process acts on it within ([\d.]+ s)", README.read_text()).group(1)
+    promised = re.search(r"The deploying process acts on it within ([\d.]+ s)", BAKE_DOC.read_text()).group(1)
     for action in ("promote", "abort"):
         result = runner.invoke(cli.app, ["rollout", action, "iris"], env=env)
         assert result.exit_code == 0, result.output
