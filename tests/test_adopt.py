@@ -10,6 +10,7 @@ from pathlib import Path
 from conftest import World, assert_invariants
 from ferry.core.current import read_current
 from ferry.core.model_config import build_config, read_onnx_signature, to_override_json, to_pbtxt, with_versions
+from strict_json import loads
 
 
 def _legacy_repository(world: World) -> None:
@@ -53,7 +54,7 @@ def test_a_served_model_without_ferrys_state_is_adopted_without_a_reload(world: 
     loads_before = _loads(world)
     adopted = world.cli("adopt", "iris", "--json")
     assert adopted.returncode == 0, adopted.stderr
-    plan = json.loads(adopted.stdout)
+    plan = loads(adopted.stdout)
     assert plan["active_version"] == 2 and [v["verdict"] for v in plan["versions"]] == [
         "matches MLflow", "matches MLflow", "not in MLflow"]
     current = read_current(world.model_dir)
@@ -84,3 +85,31 @@ def test_adoption_refuses_a_version_mlflow_does_not_vouch_for(world: World) -> N
 def _loads(world: World) -> int:
     log = Path(world.settings.triton_dir / "tritonserver.log").read_text(errors="replace")
     return log.count("loading: iris:")
+
+
+def test_another_tools_marker_does_not_block_what_serves_and_nothing_serving_asks_for_a_version(
+        world: World) -> None:
+    """The old tool's ``current.json`` in its own shape: a served version decides and the file is only moved
+    aside; with nothing served, a marker without a known key is refused with the option to pass instead."""
+    _legacy_repository(world)
+    marker = json.dumps({"version": 2, "deployed_by": "oldtool"}).encode()
+    (world.model_dir.path / "current.json").write_bytes(marker)
+
+    world.ferry.triton.unload("iris")
+    (world.model_dir.path / "current.json").write_text('{"deployed_by": "oldtool"}')
+    unnamed = world.cli("adopt", "iris")
+    assert unnamed.returncode == 2 and "names no version under active_version, version, model_version" in \
+        unnamed.stderr and "ferry adopt iris --version N" in unnamed.stderr, unnamed.stderr
+    named = world.cli("adopt", "iris", "--dry-run", "--version", "2")
+    assert named.returncode == 0 and "would adopt v2" in named.stdout, named.stderr
+    assert read_current(world.model_dir) is None, "a dry run changes nothing"
+
+    (world.model_dir.path / "current.json").write_bytes(marker)
+    config = world.model_dir.read_config()
+    world.ferry.triton.load("iris", to_override_json(config))
+    adopted = world.cli("adopt", "iris", "--json")
+    assert adopted.returncode == 0, adopted.stderr
+    assert loads(adopted.stdout)["active_version"] == 2 and read_current(world.model_dir).active_version == 2
+    assert (world.model_dir.state_dir / "adopted" / "current.json").read_bytes() == marker, "kept as it was"
+    assert not (world.model_dir.path / "current.json").exists()
+    assert world.ferry.triton.ready_versions("iris") == [2]

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 from conftest import ROOT, World, assert_invariants
+from strict_json import loads
 
 
 def run(world: World, *args: str) -> subprocess.CompletedProcess:
@@ -26,12 +26,12 @@ def test_deploy_status_history_and_rollback_from_the_command_line(world: World) 
     world.register("golden-mismatch")
     failed = run(world, "deploy", "iris", "--alias", "champion", "--json")
     assert failed.returncode == 1
-    report = json.loads(failed.stdout)
+    report = loads(failed.stdout)
     assert (report["outcome"], report["failed_step"], report["version"]) == ("rolled_back", "smoke", 2)
 
     status = run(world, "status", "iris", "--json")
     assert status.returncode == 0, status.stderr
-    [model] = json.loads(status.stdout)
+    [model] = loads(status.stdout)
     assert model["current"]["active_version"] == 1 and model["serving"] == [1] and model["drift"] is None
     assert model["quarantined"][0].startswith("2.failed_")
 
@@ -41,7 +41,7 @@ def test_deploy_status_history_and_rollback_from_the_command_line(world: World) 
     assert back.returncode == 0, back.stderr
     assert "committed iris v1 (was v3)" in back.stdout
 
-    history = json.loads(run(world, "history", "iris", "--json").stdout)
+    history = loads(run(world, "history", "iris", "--json").stdout)
     assert [(r["target"], r["outcome"]) for r in history] == [
         ("@champion", "committed"), ("@champion", "rolled_back"), ("@champion", "committed"), ("v1", "committed")
     ]
@@ -72,7 +72,7 @@ def test_status_reports_drift_when_triton_serves_something_else(world: World) ->
     world.ferry.triton.unload("iris")
     status = run(world, "status", "iris", "--json")
     assert status.returncode == 1
-    [model] = json.loads(status.stdout)
+    [model] = loads(status.stdout)
     assert model["drift"] == "current.json names [1], Triton serves nothing"
 
 

@@ -88,7 +88,7 @@ def test_an_unreachable_replica_rejects_the_deploy_and_changes_nothing(fleet: Wo
     assert fleet.current_bytes() == before
     assert not fleet.model_dir.version_dir(2).exists(), "nothing was staged"
     status = fleet.cli("status", "iris")
-    assert status.returncode == 1 and "unreachable" in status.stdout
+    assert status.returncode == 3 and "unreachable" in status.stdout  # a replica did not answer: retry later
     server.up(down)
     reconciled = fleet.cli("reconcile", "--json")
     assert reconciled.returncode == 0 and json.loads(reconciled.stdout)[0]["action"] == "loaded"

@@ -8,7 +8,6 @@ the warning is recorded, a rollback stays fast); `ferry sync` repairs it and is 
 from __future__ import annotations
 
 import base64
-import json
 import os
 import signal
 import socket
@@ -24,6 +23,7 @@ import pytest
 
 from conftest import World
 from ferry.core.current import read_current, read_history
+from strict_json import loads
 
 BIN = Path(sys.executable).parent
 
@@ -185,7 +185,7 @@ def test_mlflow_stopped_after_the_commit_leaves_a_warning_and_sync_repairs_it(wo
     assert ferry_tags(mlflow_server, "iris", 2)["ferry.deploy_id"] == handle["deploy_id"]
     assert ferry_tags(mlflow_server, "iris", 1)["ferry.status"] == "retired"
     again = world.cli("sync", "iris", "--json")
-    assert again.returncode == 0 and json.loads(again.stdout)[0]["changes"] == []
+    assert again.returncode == 0 and loads(again.stdout)[0]["changes"] == []
 
 
 def test_going_back_with_mlflow_hung_stays_fast(world: World, mlflow_server: MlflowServer) -> None:
