@@ -49,10 +49,15 @@ def test_bad_settings_are_refused(variable: str, value: str, message: str) -> No
         load_settings({variable: value, "FERRY_HOME": "/tmp/x"})
 
 
-@pytest.mark.parametrize("name", ["../etc", "a/b", "..", "", ".hidden", "x" * 200, "a..b"])
+@pytest.mark.parametrize("name", ["../etc", "a/b", "..", "", ".hidden", "x" * 200, "a..b", "iris\n", "iris\r"])
 def test_names_that_could_leave_the_repository_are_refused(name: str, tmp_path: Path) -> None:
     with pytest.raises(InvalidInput, match="not a valid name"):
         ModelDir(tmp_path, name)
+
+
+def test_a_name_that_would_be_a_models_store_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInput, match="version store"):
+        ModelDir(tmp_path, "iris.versions")
 
 
 @pytest.mark.parametrize("content", [b"", b"\x00" * 10, b"\xff" * 64, b"\x0a\x05hello", b"not onnx at all"])

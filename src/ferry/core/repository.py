@@ -40,7 +40,7 @@ MANIFEST = "ferry.json"
 
 
 def check_name(kind: str, value: str) -> str:
-    if not NAME_PATTERN.match(value) or ".." in value:
+    if not NAME_PATTERN.fullmatch(value) or ".." in value:  # fullmatch: "$" would let a final newline through
         raise InvalidInput(
             f"{kind} {value!r} is not a valid name",
             "use letters, digits, '_', '-' and '.', starting with a letter or digit, no '..'",
