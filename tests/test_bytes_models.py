@@ -19,6 +19,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from onnx import TensorProto, helper
+from train_model import use_experiment
 from tritonclient.utils import InferenceServerException
 
 from conftest import FAKES, World
@@ -60,6 +61,7 @@ def _model(nodes: list, inputs: list[str], outputs: list[str], dims: list[int]) 
 
 def publish(world: World, model: str, model_bytes: bytes, sample: dict[str, np.ndarray]) -> int:
     mlflow.set_tracking_uri(world.settings.tracking_uri)
+    use_experiment("ferry-bytes")  # by name in this world's database: another test's experiment id means nothing here
     world.model = model
     with mlflow.start_run() as run:
         source = log_onnx_model(model_bytes, sample)

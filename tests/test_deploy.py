@@ -228,11 +228,10 @@ def test_a_version_directory_ferry_did_not_write_is_refused_and_left_alone(world
     foreign.mkdir()
     (foreign / "model.onnx").write_bytes(b"someone else's file")
     report = world.deploy()
-    assert report.outcome == "rolled_back" and report.failed_step == "materialize"
+    assert report.outcome == "rejected" and report.rollback is None, "refused before anything was touched"
     assert "holds no ferry manifest" in report.error and "move" in report.hint
     assert (foreign / "model.onnx").read_bytes() == b"someone else's file", \
         "a directory ferry did not write was touched"
-    assert report.rollback.quarantined == []
     assert world.ferry.triton.ready_versions(world.model) == [1]
 
 

@@ -31,7 +31,7 @@ POINTS = {
     "inside-commit": (ferry.core.steps, "write_current", "after"),  # committed, Triton not yet pinned to it
     "after-commit": (ferry.core.runner, "append_history", "before"),
     "after-history": (ferry.core.journal.Journal, "remove", "before"),
-    "inside-rollback": (ferry.core.steps, "_serve_only_active", "before"),  # current.json restored, Triton not yet
+    "inside-rollback": (ferry.core.steps, "serve_only_active", "before"),  # current.json restored, Triton not yet
 }
 
 
