@@ -517,7 +517,7 @@ def _p95(report: ModelStatus) -> str:
 def _replica_serves(replica: ReplicaStatus, replicas: int) -> str:
     serves = "[red]unreachable[/red]" if replica.error else ", ".join(f"v{v}" for v in replica.serving) or "nothing"
     loaded = [f"v{v}" for v in replica.held if v not in replica.serving]
-    if loaded and not replica.error:  # loaded in the store, reached by no client: a warm previous version or a candidate
+    if loaded and not replica.error:  # in the store, reached by no client: a warm previous version or a candidate
         serves += f" (also loaded: {', '.join(loaded)})"
     return f"{escape(replica.url)}: {serves}" if replicas > 1 else serves
 
