@@ -128,7 +128,7 @@ def test_sync_exit_codes(bench: Bench, committed: FakeMlflowClient) -> None:
 def test_json_output_has_null_where_a_figure_is_not_a_number() -> None:
     printed = io.StringIO()
     with redirect_stdout(printed):
-        cli._print_json([{"live": {"p95_ms": float("nan"), "rate": float("inf"), "ratio": 0.5}}, (float("-inf"),)])
+        cli.print_json([{"live": {"p95_ms": float("nan"), "rate": float("inf"), "ratio": 0.5}}, (float("-inf"),)])
     assert loads(printed.getvalue()) == [{"live": {"p95_ms": None, "rate": None, "ratio": 0.5}}, [None]]
     with pytest.raises(ValueError, match="NaN is not JSON"):
         loads('{"p95_ms": NaN}')
@@ -156,5 +156,5 @@ def test_a_current_state_dumps_as_strict_json() -> None:
                          previous_version=None, sha256="0" * 64, deploy_id="d")
     printed = io.StringIO()
     with redirect_stdout(printed):
-        cli._print_json(state.model_dump(mode="json"))
+        cli.print_json(state.model_dump(mode="json"))
     assert loads(printed.getvalue())["active_version"] == 1

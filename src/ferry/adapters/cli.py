@@ -6,7 +6,6 @@ changed; 3 a dependency (MLflow, Triton, Prometheus) could not be reached, nothi
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 import sys
@@ -16,19 +15,31 @@ from pathlib import Path
 from typing import NoReturn, TypeVar
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from ferry.adapters import cli_mlflow
+from ferry.adapters.cli_support import (
+    EXIT_FAILED,
+    EXIT_REJECTED,
+    EXIT_UNAVAILABLE,
+    current_settings,
+    err,
+    fail,
+    guarded,
+    known_model,
+    needs_extra,
+    out,
+    print_json,
+)
 from ferry.core.adopt import adopt, plan_adoption
-from ferry.core.config import Settings, check_port, load_settings, parse_duration
+from ferry.core.config import Settings, check_port, parse_duration
 from ferry.core.current import read_current, read_history
-from ferry.core.errors import FerryError, InvalidInput, NoSuchModel, one_line, unreachable
+from ferry.core.errors import InvalidInput, one_line
 from ferry.core.journal import read_journal
 from ferry.core.reconcile import Reconciled, reconcile
 from ferry.core.records import DeployReport, Outcome, RolloutPlan
-from ferry.core.repository import ModelDir, check_name
+from ferry.core.repository import check_name
 from ferry.core.rollout import read_rollout, request_control
 from ferry.core.runner import GATE, RECORDED, Runner, Target, current_user
 from ferry.core.status import UNKNOWN, ModelStatus, ReplicaStatus, list_models, model_status, replica_indexes
@@ -40,67 +51,11 @@ app = typer.Typer(help="Move model versions from the MLflow Model Registry into 
 triton_app = typer.Typer(help="The local Triton server (from the nvidia-pytriton wheel).", no_args_is_help=True,
                          rich_markup_mode=None)
 app.add_typer(triton_app, name="triton")
-# Piped output (CI logs, scripts) is not squeezed into 80 columns.
-_WIDTH = None if sys.stdout.isatty() else 200
-out = Console(soft_wrap=True, width=_WIDTH, highlight=False)
-err = Console(stderr=True, soft_wrap=True, width=_WIDTH, highlight=False)
-
-EXIT_FAILED = 1  # the deploy ran and was rolled back; or status found a problem
-EXIT_REJECTED = 2  # bad input: nothing was changed
-EXIT_UNAVAILABLE = 3  # a dependency did not answer: nothing was changed, worth retrying
 CONTROL_POLL_S = 0.2  # how often a baking deploy looks for `ferry rollout promote|abort` (ferry.core.runner)
 
 JsonOption = typer.Option(False, "--json", help="Print one JSON document instead of text.")
 ModelArgument = typer.Argument(..., metavar="MODEL", help="The model's name (in MLflow and in Triton).")
 T = TypeVar("T")
-
-
-def _fail(error: FerryError) -> NoReturn:
-    err.print(f"[red]error:[/red] {escape(error.message)}")
-    if error.hint:
-        err.print(f"  hint: {escape(error.hint)}")
-    raise typer.Exit(EXIT_UNAVAILABLE if unreachable(error) else EXIT_REJECTED)
-
-
-def _guarded(action: Callable[[], T]) -> T:
-    """Run ``action``; a FerryError it raises ends the command with its message, hint and exit code."""
-    try:
-        return action()
-    except FerryError as error:
-        _fail(error)
-
-
-def _settings() -> Settings:
-    return _guarded(load_settings)
-
-
-def _known_model(settings: Settings, model: str) -> ModelDir:
-    """The model's directory; NoSuchModel when the repository has nothing of it."""
-    model_dir = _guarded(lambda: ModelDir(settings.repository, model))
-    if not model_dir.exists():
-        known = ", ".join(list_models(settings.repository)) or "none"
-        _fail(NoSuchModel(f"no model '{model}' in {settings.repository}", f"models there: {known}"))
-    return model_dir
-
-
-def _needs_extra(extra: str, command: str, error: ImportError) -> NoReturn:
-    _fail(InvalidInput(f"`ferry {command}` needs what the '{extra}' extra installs ({error.name} is missing)",
-                       f"pip install 'ferry[{extra}]'"))
-
-
-def _finite(data: object) -> object:
-    """``data`` with every NaN or infinity as None: neither is JSON (RFC 8259), and scripts' parsers refuse them."""
-    if isinstance(data, float) and not math.isfinite(data):
-        return None
-    if isinstance(data, dict):
-        return {key: _finite(value) for key, value in data.items()}
-    if isinstance(data, list | tuple):
-        return [_finite(value) for value in data]
-    return data
-
-
-def _print_json(data: object) -> None:
-    sys.stdout.write(json.dumps(_finite(data), indent=2, default=str, allow_nan=False) + "\n")
 
 
 def _on_event(as_json: bool) -> Callable[[str, str, float, str], None]:
@@ -153,7 +108,7 @@ def _explain_rollback(report: DeployReport) -> None:
 def _finish(report: DeployReport, as_json: bool) -> NoReturn:
     """Print the outcome (JSON on stdout for scripts; the reason of a failure always on stderr) and exit."""
     if as_json:
-        _print_json(report.model_dump(mode="json"))
+        print_json(report.model_dump(mode="json"))
     elif report.ok:
         _print_success(report)
     if report.outcome == Outcome.ROLLED_BACK:
@@ -170,8 +125,8 @@ def _finish(report: DeployReport, as_json: bool) -> NoReturn:
 def _run_deploy(settings: Settings, model: str, target: Target, as_json: bool) -> NoReturn:
     ferry = Ferry(settings)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a stopped deploy rolls back, as on Ctrl-C
-    runner = _guarded(lambda: Runner(ferry, model, on_event=_on_event(as_json)))
-    report = _guarded(lambda: runner.deploy(target))
+    runner = guarded(lambda: Runner(ferry, model, on_event=_on_event(as_json)))
+    report = guarded(lambda: runner.deploy(target))
     _finish(report, as_json)
 
 
@@ -191,10 +146,10 @@ def deploy_command(
     as_json: bool = JsonOption,
 ) -> None:
     """Deploy the version an MLflow alias points at: load, ready, smoke, [bake,] then commit or roll back."""
-    _guarded(lambda: check_name("model name", model))  # bad names are refused before anything starts
-    plan = _guarded(lambda: _rollout_plan(shadow, canary, bake, mirror))
-    target = _guarded(lambda: Target.of_alias(alias, rollout=plan))
-    settings = _settings()
+    guarded(lambda: check_name("model name", model))  # bad names are refused before anything starts
+    plan = guarded(lambda: _rollout_plan(shadow, canary, bake, mirror))
+    target = guarded(lambda: Target.of_alias(alias, rollout=plan))
+    settings = current_settings()
     if gate_failures is not None:
         settings = settings.with_overrides(gate_failures=gate_failures)
     _run_deploy(settings, model, target, as_json)
@@ -222,13 +177,13 @@ app.add_typer(rollout_app, name="rollout")
 @rollout_app.command("status")
 def rollout_status(model: str = ModelArgument, as_json: bool = JsonOption) -> None:
     """The bake in progress: mode, elapsed, the gate's evaluations so far."""
-    settings = _settings()
-    model_dir = _known_model(settings, model)
-    state = _guarded(lambda: read_rollout(model_dir))
-    journal = _guarded(lambda: read_journal(model_dir))
+    settings = current_settings()
+    model_dir = known_model(settings, model)
+    state = guarded(lambda: read_rollout(model_dir))
+    journal = guarded(lambda: read_journal(model_dir))
     gate = journal.record.gate if journal is not None else []
     if as_json:
-        _print_json({"rollout": state and state.model_dump(mode="json"),
+        print_json({"rollout": state and state.model_dump(mode="json"),
                      "gate": [g.model_dump(mode="json") for g in gate]})
         return
     if state is None:
@@ -256,10 +211,10 @@ def rollout_abort(model: str = ModelArgument) -> None:
 
 
 def _control(model: str, action: str) -> None:
-    settings = _settings()
-    model_dir = _known_model(settings, model)
-    if _guarded(lambda: read_rollout(model_dir)) is None:
-        _fail(InvalidInput(f"'{model}' has no bake in progress", f"see `ferry status {model}`"))
+    settings = current_settings()
+    model_dir = known_model(settings, model)
+    if guarded(lambda: read_rollout(model_dir)) is None:
+        fail(InvalidInput(f"'{model}' has no bake in progress", f"see `ferry status {model}`"))
     request_control(model_dir, action, current_user())
     out.print(f"{model}: {action} asked; the deploying process acts on it within {CONTROL_POLL_S:g} s "
               "(an Airflow DAG's bake sensor, at its next look)")
@@ -273,32 +228,32 @@ def rollback_command(
     as_json: bool = JsonOption,
 ) -> None:
     """Go back to an earlier version, through the same validation chain (no MLflow needed if its files are kept)."""
-    settings = _settings()
-    model_dir = _known_model(settings, model)
+    settings = current_settings()
+    model_dir = known_model(settings, model)
     if to is None:
-        current = _guarded(lambda: read_current(model_dir))
+        current = guarded(lambda: read_current(model_dir))
         if current is None or current.previous_version is None:
-            _fail(InvalidInput(f"'{model}' has no previous version recorded in current.json",
+            fail(InvalidInput(f"'{model}' has no previous version recorded in current.json",
                                "give one with --to VERSION (see `ferry history`)"))
         to = current.previous_version
-    target = _guarded(lambda: Target.of_version(to, force=force))
+    target = guarded(lambda: Target.of_version(to, force=force))
     _run_deploy(settings, model, target, as_json)
 
 
 @app.command("recover")
 def recover_command(model: str = ModelArgument, as_json: bool = JsonOption) -> None:
     """Finish or undo a deploy whose process stopped (killed, crashed), from its journal."""
-    settings = _settings()
-    _known_model(settings, model)
-    report = _guarded(lambda: Runner(Ferry(settings), model).recover())
+    settings = current_settings()
+    known_model(settings, model)
+    report = guarded(lambda: Runner(Ferry(settings), model).recover())
     if report is None:
         if as_json:
-            _print_json(None)
+            print_json(None)
         else:
             out.print(f"{model}: no unfinished deploy, nothing to recover")
         return
     if as_json:
-        _print_json(report.model_dump(mode="json"))
+        print_json(report.model_dump(mode="json"))
     else:
         out.print(f"{model}: deploy {report.deploy_id or '(before its snapshot)'} ({report.target}) was unfinished")
         if report.outcome == Outcome.ROLLED_BACK:
@@ -320,12 +275,12 @@ def adopt_command(
     as_json: bool = JsonOption,
 ) -> None:
     """Take over a model another tool deployed, checked against MLflow, without reloading anything."""
-    settings = _settings()
-    _known_model(settings, model)
+    settings = current_settings()
+    known_model(settings, model)
     ferry = Ferry(settings)
-    plan = _guarded(lambda: plan_adoption(ferry, model, version) if dry_run else adopt(ferry, model, version))
+    plan = guarded(lambda: plan_adoption(ferry, model, version) if dry_run else adopt(ferry, model, version))
     if as_json:
-        _print_json(plan.model_dump(mode="json"))
+        print_json(plan.model_dump(mode="json"))
         return
     out.print(f"{model}: {'would adopt' if dry_run else 'adopted'} v{plan.active_version}")
     for action in plan.actions:
@@ -341,10 +296,10 @@ def reconcile_command(
     as_json: bool = JsonOption,
 ) -> None:
     """Make every Triton replica serve exactly what current.json commits (after a restart, or on a new replica)."""
-    settings = _settings()
-    interval = _guarded(lambda: parse_duration(every, "--every")) if every else None
+    settings = current_settings()
+    interval = guarded(lambda: parse_duration(every, "--every")) if every else None
     for name in models or []:
-        _known_model(settings, name)
+        known_model(settings, name)
     ferry = Ferry(settings)
     while True:
         names = models or list_models(settings.repository)
@@ -365,7 +320,7 @@ def reconcile_command(
 
 def _print_reconciled(results: list[Reconciled], as_json: bool) -> None:
     if as_json:
-        _print_json([r.model_dump(mode="json") for r in results])
+        print_json([r.model_dump(mode="json") for r in results])
         return
     for r in results:
         colour = "green" if r.ok else "red"
@@ -387,12 +342,12 @@ def gateway_command(
     try:
         from ferry.adapters.gateway.app import serve
     except ImportError as error:
-        _needs_extra("gateway", "gateway", error)
-    settings = _settings()
-    host, port = host or settings.gateway_host, _guarded(lambda: check_port(port or settings.gateway_port, "port"))
+        needs_extra("gateway", "gateway", error)
+    settings = current_settings()
+    host, port = host or settings.gateway_host, guarded(lambda: check_port(port or settings.gateway_port, "port"))
     grpc_port = grpc_port or settings.gateway_grpc_port
     if grpc_port == port:
-        _fail(InvalidInput(f"the gRPC port {grpc_port} is the HTTP port", "give --grpc-port another port"))
+        fail(InvalidInput(f"the gRPC port {grpc_port} is the HTTP port", "give --grpc-port another port"))
     grpc = f" and gRPC {host}:{grpc_port}" if grpc_port else ""
     out.print(f"ferry gateway on http://{host}:{port}{grpc} -> Triton {settings.triton.url}"
               f"{' (bearer token required)' if settings.gateway_token else ''}")
@@ -409,13 +364,13 @@ def exporter_command(
 
     from ferry.observability.metrics import FerryCollector
 
-    ferry = Ferry(_settings())
+    ferry = Ferry(current_settings())
     registry = CollectorRegistry(auto_describe=False)
     registry.register(FerryCollector(ferry.settings, ferry.fleet))
     try:
         start_http_server(port, addr=host, registry=registry)
     except OSError as error:
-        _fail(InvalidInput(f"cannot listen on {host}:{port}: {error.strerror}", "choose another --port"))
+        fail(InvalidInput(f"cannot listen on {host}:{port}: {error.strerror}", "choose another --port"))
     out.print(f"ferry metrics on http://{host}:{port}/metrics")
     try:
         while True:
@@ -434,10 +389,10 @@ def metrics_command(
 
     from ferry.observability.metrics import FerryCollector, write_textfile
 
-    ferry = Ferry(_settings())
+    ferry = Ferry(current_settings())
     collector = FerryCollector(ferry.settings, ferry.fleet)
     if textfile:
-        _guarded(lambda: write_textfile(textfile, collector))
+        guarded(lambda: write_textfile(textfile, collector))
         return
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
@@ -456,13 +411,13 @@ def report_command(
 
         from ferry.observability.report import write_report
     except ImportError as error:
-        _needs_extra("report", "report", error)
-    settings = _settings()
-    model_dir = _known_model(settings, model)
+        needs_extra("report", "report", error)
+    settings = current_settings()
+    model_dir = known_model(settings, model)
     if not settings.prometheus_url:
-        _fail(InvalidInput("ferry report reads the series from Prometheus, and FERRY_PROMETHEUS_URL is not set",
+        fail(InvalidInput("ferry report reads the series from Prometheus, and FERRY_PROMETHEUS_URL is not set",
                            "set it to a Prometheus that scrapes Triton with the rules of ops/prometheus"))
-    summary = _guarded(lambda: write_report(settings.prometheus_url, model_dir, output, deploys))
+    summary = guarded(lambda: write_report(settings.prometheus_url, model_dir, output, deploys))
     if summary.path is None:
         since = time.strftime("%Y-%m-%d %H:%M", time.gmtime(summary.start))
         err.print(f"[red]no data:[/red] Prometheus at {escape(settings.prometheus_url)} has no latency or traffic "
@@ -480,16 +435,16 @@ def status_command(
     """The committed version (current.json), the versions Triton serves, and any drift between them."""
     from ferry.observability.live import live_figures
 
-    settings = _settings()
-    models = [_known_model(settings, model).model] if model else list_models(settings.repository)
-    fleet = _guarded(Ferry(settings).fleet)
+    settings = current_settings()
+    models = [known_model(settings, model).model] if model else list_models(settings.repository)
+    fleet = guarded(Ferry(settings).fleet)
     indexes = replica_indexes(fleet)
     reports = [model_status(settings.repository, fleet, name, indexes) for name in models]
     for report in reports:
         if report.current is not None:
             report.live = live_figures(settings, report.model, report.current.active_version)
     if as_json:
-        _print_json([r.model_dump(mode="json") for r in reports])
+        print_json([r.model_dump(mode="json") for r in reports])
     else:
         _print_status_table(reports, settings)
     raise typer.Exit(_status_exit_code(reports))
@@ -563,10 +518,10 @@ def history_command(
     as_json: bool = JsonOption,
 ) -> None:
     """Every deploy attempt of a model: who, when, what, the step timings and the outcome."""
-    settings = _settings()
-    records = read_history(_known_model(settings, model), limit)
+    settings = current_settings()
+    records = read_history(known_model(settings, model), limit)
     if as_json:
-        _print_json(records)
+        print_json(records)
         return
     table = Table("started (UTC)", "who", "target", "version", "outcome", "failed step", "seconds", "error")
     colours = {Outcome.COMMITTED: "green", Outcome.NOOP: "dim", Outcome.ROLLED_BACK: "red", Outcome.REJECTED: "yellow"}
@@ -586,11 +541,11 @@ def triton_up(as_json: bool = JsonOption) -> None:
     """Start tritonserver (explicit model control, loopback) and wait until it is ready."""
     from ferry.runtime import server
 
-    settings = _settings()
+    settings = current_settings()
     was_running = server.status(settings).ready
-    state = _guarded(lambda: server.up(settings))
+    state = guarded(lambda: server.up(settings))
     if as_json:
-        _print_json({**state.as_dict(), "already_running": was_running})
+        print_json({**state.as_dict(), "already_running": was_running})
     elif was_running:
         out.print(f"Triton already running at {state.url} (pid {state.pid})")
     else:
@@ -602,9 +557,9 @@ def triton_down(as_json: bool = JsonOption) -> None:
     """Stop the tritonserver that `ferry triton up` started."""
     from ferry.runtime import server
 
-    stopped = server.down(_settings())
+    stopped = server.down(current_settings())
     if as_json:
-        _print_json({"stopped": stopped})
+        print_json({"stopped": stopped})
     else:
         out.print("Triton stopped" if stopped else "Triton was not running")
 
@@ -614,9 +569,9 @@ def triton_status(as_json: bool = JsonOption) -> None:
     """Whether the local tritonserver runs and is ready."""
     from ferry.runtime import server
 
-    state = server.status(_settings())
+    state = server.status(current_settings())
     if as_json:
-        _print_json(state.as_dict())
+        print_json(state.as_dict())
     else:
         out.print(f"running: {state.running}  ready: {state.ready}  pid: {state.pid}  url: {state.url}  "
                   f"log: {state.log}")

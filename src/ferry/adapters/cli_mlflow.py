@@ -1,7 +1,7 @@
 """``ferry watch`` (and ``ferry watch register``) and ``ferry sync``: the MLflow loop at the command line.
 
-Added to the ``ferry`` command by :func:`register`; the helpers of :mod:`ferry.adapters.cli` (messages,
-exit codes) are imported when a command runs, since that module imports this one.
+Added to the ``ferry`` command by :func:`register`; messages and exit codes come from
+:mod:`ferry.adapters.cli_support`, as for every other command.
 """
 
 from __future__ import annotations
@@ -12,14 +12,9 @@ from typing import Any
 import typer
 from rich.markup import escape
 
+from ferry.adapters import cli_support as cli
 from ferry.core.config import Settings, check_port, parse_duration
 from ferry.core.errors import Busy, InvalidInput
-
-
-def _cli() -> Any:
-    from ferry.adapters import cli
-
-    return cli
 
 
 def watch_command(
@@ -35,19 +30,18 @@ def watch_command(
     """Deploy a version when an MLflow alias moves to it: MLflow webhooks at POST /mlflow/webhook, or polling."""
     if ctx.invoked_subcommand is not None:
         return
-    cli = _cli()
     try:
         import uvicorn  # noqa: F401
 
         from ferry.adapters import watch
     except ImportError as error:
-        cli._needs_extra("gateway", "watch", error)
-    settings = cli._settings()
+        cli.needs_extra("gateway", "watch", error)
+    settings = cli.current_settings()
     host = host or settings.watch_host
-    port = cli._guarded(lambda: check_port(port or settings.watch_port, "port"))
-    poll_s = cli._guarded(lambda: parse_duration(poll, "--poll")) if poll else settings.watch_poll_s
-    watched = cli._guarded(lambda: watch.watched_aliases(settings, aliases))
-    cli._guarded(lambda: _check_free(host, port))
+    port = cli.guarded(lambda: check_port(port or settings.watch_port, "port"))
+    poll_s = cli.guarded(lambda: parse_duration(poll, "--poll")) if poll else settings.watch_poll_s
+    watched = cli.guarded(lambda: watch.watched_aliases(settings, aliases))
+    cli.guarded(lambda: _check_free(host, port))
     cli.out.print(_banner(settings, host, port, watched, poll_s))
     watch.serve(settings, host, port, watched, poll_s)
 
@@ -85,14 +79,13 @@ def register_command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document instead of text."),
 ) -> None:
     """Create the webhook in MLflow (alias created events, to this receiver) with a generated secret, kept 0600."""
-    cli = _cli()
     from ferry.adapters.watch import WEBHOOK_PATH, register_webhook
 
-    settings = cli._settings()
+    settings = cli.current_settings()
     url = url or f"http://{settings.watch_host}:{settings.watch_port}{WEBHOOK_PATH}"
-    result = cli._guarded(lambda: register_webhook(settings, url, name, new_secret, test))
+    result = cli.guarded(lambda: register_webhook(settings, url, name, new_secret, test))
     if as_json:
-        cli._print_json(vars(result))
+        cli.print_json(vars(result))
         return
     verb = "created" if result.created else "updated"
     cli.out.print(f"webhook '{result.name}' {verb} in MLflow ({result.webhook_id}): model_version_alias.created "
@@ -113,21 +106,20 @@ def sync_command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document instead of text."),
 ) -> None:
     """Write to MLflow what current.json and the history say: each version's ferry.* tags and the serving alias."""
-    cli = _cli()
     from ferry.core import writeback
     from ferry.core.runner import holding
     from ferry.core.status import list_models
     from ferry.core.steps import Ferry
 
-    settings = cli._settings()
-    names = [cli._known_model(settings, m).model for m in models] if models else list_models(settings.repository)
+    settings = cli.current_settings()
+    names = [cli.known_model(settings, m).model for m in models] if models else list_models(settings.repository)
     ferry = Ferry(settings)
     results = []
     for name in names:
         model_dir = ferry.model_dir(name)
         try:
             with holding(model_dir, settings.lock_wait_s):  # no commit can happen between reading and writing
-                results.append(writeback.sync(settings, cli._guarded(lambda: ferry.registry), model_dir))
+                results.append(writeback.sync(settings, cli.guarded(lambda: ferry.registry), model_dir))
         except Busy as busy:
             results.append(writeback.SyncResult(model=name, skipped=f"{busy.message}: its own write-back will "
                                                                     "tell MLflow; sync again later"))
@@ -158,7 +150,7 @@ def sync_exit_code(results: list[Any]) -> int:
 
 def _show_sync(cli: Any, results: list[Any], as_json: bool, tracking_uri: str) -> None:
     if as_json:
-        cli._print_json([r.model_dump(mode="json") for r in results])
+        cli.print_json([r.model_dump(mode="json") for r in results])
     else:
         for r in results:
             serving = f"v{r.serving_version}" if r.serving_version is not None else "nothing"
