@@ -13,29 +13,19 @@ import mmap
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import onnx
 from google.protobuf import json_format, text_format
 from google.protobuf.message import DecodeError
 from tritonclient.grpc import model_config_pb2
 
 from ferry.core.errors import InvalidInput
 
-# ONNX element type -> Triton API datatype. BYTES is Triton's name for strings.
+# ONNX element type (TensorProto.DataType, fixed by onnx.proto) -> Triton API datatype. BYTES is Triton's name
+# for strings. onnx itself (150 ms to import) is imported only where a signature is read, not by every command.
 _ONNX_TO_TRITON = {
-    onnx.TensorProto.FLOAT: "FP32",
-    onnx.TensorProto.DOUBLE: "FP64",
-    onnx.TensorProto.FLOAT16: "FP16",
-    onnx.TensorProto.INT8: "INT8",
-    onnx.TensorProto.INT16: "INT16",
-    onnx.TensorProto.INT32: "INT32",
-    onnx.TensorProto.INT64: "INT64",
-    onnx.TensorProto.UINT8: "UINT8",
-    onnx.TensorProto.UINT16: "UINT16",
-    onnx.TensorProto.UINT32: "UINT32",
-    onnx.TensorProto.UINT64: "UINT64",
-    onnx.TensorProto.BOOL: "BOOL",
-    onnx.TensorProto.STRING: "BYTES",
+    1: "FP32", 11: "FP64", 10: "FP16", 3: "INT8", 5: "INT16", 6: "INT32", 7: "INT64",
+    2: "UINT8", 4: "UINT16", 12: "UINT32", 13: "UINT64", 9: "BOOL", 8: "BYTES",
 }
 
 
@@ -64,7 +54,7 @@ class Signature:
     outputs: tuple[TensorSpec, ...]
 
 
-def _tensor_spec(value: onnx.ValueInfoProto) -> TensorSpec:
+def _tensor_spec(value: Any) -> TensorSpec:  # an onnx.ValueInfoProto
     tensor = value.type.tensor_type
     if tensor.elem_type not in _ONNX_TO_TRITON:
         raise ValueError(f"tensor '{value.name}' has an ONNX type ({tensor.elem_type}) Triton cannot carry")
@@ -79,7 +69,7 @@ def _signature(inputs: list, outputs: list, initializers: set[str]) -> Signature
     )
 
 
-def onnx_signature(model: onnx.ModelProto) -> Signature:
+def onnx_signature(model: Any) -> Signature:  # an onnx.ModelProto
     return _signature(list(model.graph.input), list(model.graph.output), {i.name for i in model.graph.initializer})
 
 
@@ -136,6 +126,8 @@ def read_onnx_signature(path: Path) -> Signature:
 
 
 def _read_onnx_signature(path: Path) -> Signature:
+    import onnx
+
     if path.stat().st_size == 0:
         raise ValueError("the file is empty")
     with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
