@@ -33,15 +33,17 @@ from ferry.adapters.cli_support import (
     print_json,
 )
 from ferry.core.adopt import adopt, plan_adoption
+from ferry.core.baking import GATE
 from ferry.core.config import Settings, check_port, parse_duration
 from ferry.core.current import read_current, read_history
 from ferry.core.errors import InvalidInput, one_line
 from ferry.core.journal import read_journal
+from ferry.core.lock import current_user
 from ferry.core.reconcile import Reconciled, reconcile
 from ferry.core.records import DeployReport, Outcome, RolloutPlan
 from ferry.core.repository import check_name
 from ferry.core.rollout import read_rollout, request_control
-from ferry.core.runner import GATE, RECORDED, Runner, Target, current_user
+from ferry.core.runner import RECORDED, Runner, Target
 from ferry.core.status import UNKNOWN, ModelStatus, ReplicaStatus, list_models, model_status, replica_indexes
 from ferry.core.steps import Ferry
 

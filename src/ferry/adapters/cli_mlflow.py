@@ -107,7 +107,7 @@ def sync_command(
 ) -> None:
     """Write to MLflow what current.json and the history say: each version's ferry.* tags and the serving alias."""
     from ferry.core import writeback
-    from ferry.core.runner import holding
+    from ferry.core.lock import holding
     from ferry.core.status import list_models
     from ferry.core.steps import Ferry
 

@@ -13,8 +13,9 @@ from typing import Any
 
 from ferry.core.current import find_history
 from ferry.core.errors import InvalidInput
+from ferry.core.lock import holding
 from ferry.core.records import Kind, RolloutPlan, Step
-from ferry.core.runner import Runner, Target, holding
+from ferry.core.runner import Runner, Target
 from ferry.core.steps import Ferry
 
 Handle = dict[str, Any]  # what XCom carries between tasks: {"model", "deploy_id", ...}

@@ -27,10 +27,10 @@ from ferry.core.current import read_current, write_current
 from ferry.core.errors import FerryError, InvalidInput
 from ferry.core.fsutil import atomic_write, fsync_dir, sha256_file
 from ferry.core.journal import read_journal, unfinished_error
+from ferry.core.lock import current_user, holding
 from ferry.core.model_config import with_versions
 from ferry.core.records import CurrentState, Manifest, QuarantineReason, utc_stamp
 from ferry.core.repository import MANIFEST, ModelDir
-from ferry.core.runner import current_user, holding
 from ferry.core.steps import Ferry
 
 ADOPTED_DIR = "adopted"

@@ -10,10 +10,10 @@ from ferry.core.current import read_current
 from ferry.core.errors import Busy, FerryError, InvalidInput
 from ferry.core.fleet import Fleet
 from ferry.core.journal import read_journal
+from ferry.core.lock import holding
 from ferry.core.placement import pin, retire, serving_problems, wait_serving
 from ferry.core.records import CurrentState, parse_utc_stamp, utc_stamp
 from ferry.core.repository import ModelDir
-from ferry.core.runner import holding
 from ferry.core.services import Ferry
 from ferry.core.triton import Placement
 

@@ -19,11 +19,11 @@ from ferry.core.current import read_current
 from ferry.core.errors import FerryError
 from ferry.core.fsutil import atomic_write, fsync_dir
 from ferry.core.journal import read_journal, unfinished_error
+from ferry.core.lock import current_user, holding
 from ferry.core.placement import retire as retire_from
 from ferry.core.placement import serving_problems, wait_serving
 from ferry.core.records import CurrentState, utc_stamp
 from ferry.core.repository import ModelDir
-from ferry.core.runner import current_user, holding
 from ferry.core.services import Ferry
 
 RETIRED_DIR = "retired"

@@ -10,51 +10,38 @@ the same methods; between processes, the journal is the deploy's memory and its 
 
 from __future__ import annotations
 
-import getpass
 import os
 import shutil
 import socket
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from filelock import FileLock, Timeout
-
-from ferry.core import placement, rollout, steps, writeback
+from ferry.core import placement, steps, writeback
+from ferry.core.baking import Baking
 from ferry.core.current import append_history, find_history, read_current, read_history
 from ferry.core.errors import Busy, FerryError, InvalidInput, NoSuchModel, StepFailed, unreachable
+from ferry.core.events import RECORDED, REGISTRY, EventHandler, describe, quiet
 from ferry.core.journal import Journal, read_journal
+from ferry.core.lock import current_user, holding
 from ferry.core.records import (
     VALIDATION_STEPS,
     Candidate,
     DeployReport,
     Failure,
-    GateEvaluation,
-    GateFigures,
     JournalRecord,
     Kind,
     Outcome,
     Owner,
     RolloutPlan,
-    RolloutState,
     Step,
     Via,
     utc_stamp,
 )
-from ferry.core.repository import ModelDir, check_name
+from ferry.core.repository import check_name
 from ferry.core.rollout import check_plan
 from ferry.core.steps import Ferry
-
-EventHandler = Callable[[str, str, float, str], None]  # (step, "start" | "ok" | "failed", seconds, detail)
-RECORDED = "recorded"  # the last event of an attempt: its history record is written, its outcome final
-REGISTRY = "mlflow client"  # shown on its own line: MLflow's client starts beside the snapshot (about a second)
-GATE = "gate"  # each evaluation of a bake's gate: status "pass" | "fail" | "waiting"
-
-
-def _quiet(step: str, status: str, seconds: float, detail: str) -> None:
-    pass
 
 
 @dataclass(frozen=True)
@@ -82,55 +69,14 @@ class Target:
         return f"@{self.alias}" if self.alias is not None else f"v{self.version}"
 
 
-def current_user() -> str:
-    return f"{getpass.getuser()}@{socket.gethostname()}"
-
-
-@contextmanager
-def holding(model_dir: ModelDir, wait_s: float = 0.0) -> Iterator[None]:
-    """The model's lock: one deploy step (or recover, or reconcile) acts on a model at a time."""
-    model_dir.state_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        with FileLock(str(model_dir.lock_path), timeout=wait_s):
-            yield
-    except Timeout:
-        raise Busy(f"another deploy of '{model_dir.model}' is running (it holds {model_dir.lock_path})",
-                   f"wait for it (see `ferry history {model_dir.model}`), or set FERRY_LOCK_WAIT_S to queue "
-                   "behind it") from None
-
-
-def _describe_figures(evaluation: GateEvaluation) -> str:
-    def shown(figures: GateFigures) -> str:
-        p95 = f", p95 {figures.p95_s * 1000:.1f} ms" if figures.p95_s is not None else ""
-        agreement = f", agreement {figures.agreement:.1%}" if figures.agreement is not None else ""
-        return f"{figures.requests} requests, {figures.error_ratio:.2%} errors{p95}{agreement}"
-
-    return f"candidate {shown(evaluation.candidate)}; active {shown(evaluation.active)}"
-
-
-def _describe(step: Step, result: Any) -> str:
-    if step == Step.SNAPSHOT:
-        return f"active v{result.active_version}" if result.current else "nothing active yet"
-    if step == Step.MATERIALIZE:
-        candidate: Candidate = result
-        if candidate.already_active:
-            served = "Triton did not serve it: proving it again" if candidate.revalidate else "served"
-            return f"v{candidate.version} is already active ({served})"
-        origin = "reused" if candidate.reused else f"{candidate.size_bytes} bytes"
-        return f"v{candidate.version} (run {candidate.run_id[:8]}, {origin}, sha256 {candidate.sha256[:12]})"
-    if step == Step.COMMIT and result[0] is not None:
-        return f"current.json -> v{result[0].active_version}"
-    return ""
-
-
-class Runner:
+class Runner(Baking):
     """Runs the transaction on one model."""
 
     def __init__(self, ferry: Ferry, model: str, via: Via = "cli", on_event: EventHandler | None = None) -> None:
         self.ferry = ferry
         self.model_dir = ferry.model_dir(model)
         self.via = via
-        self.emit = on_event or _quiet
+        self.emit = on_event or quiet
 
     @property
     def model(self) -> str:
@@ -275,84 +221,6 @@ class Runner:
         report.rollback, report.recovered_by = undone, recovered_by
         return self._close(journal, report)
 
-    # ------------------------------------------------------------ the bake (ferry.core.rollout)
-
-    def bakes(self, journal: Journal) -> bool:
-        """Whether this deploy bakes its candidate: asked for, and there is a new version to prove."""
-        record = journal.record
-        return record.rollout is not None and record.candidate is not None and not record.candidate.already_active
-
-    def bake_start(self, journal: Journal) -> None:
-        """Tell the gateways (rollout.json) and note where their counters stand."""
-        record = journal.record
-        assert record.rollout is not None and record.candidate is not None and record.snapshot is not None
-        if record.snapshot.active_version is None:
-            raise StepFailed(Step.BAKE, "a first deploy has no active version to compare the candidate with",
-                             "deploy it without a bake")
-        journal.update(gate_baseline=rollout.dump_counts(rollout.read_counts(self.ferry.settings, self.model)),
-                       bake_started_unix=time.time())
-        rollout.write_rollout(self.model_dir, RolloutState(
-            model=self.model, deploy_id=record.deploy_id, active_version=record.snapshot.active_version,
-            candidate_version=record.candidate.version, plan=record.rollout, started_at_utc=utc_stamp()))
-
-    def bake_check(self, journal: Journal) -> bool:
-        """One evaluation of the gate; True once the bake passed (or was promoted), StepFailed if it failed."""
-        record = journal.record
-        assert record.rollout is not None and record.candidate is not None and record.snapshot is not None
-        if (control := rollout.take_control(self.model_dir)) is not None:
-            if control.get("action") == "abort":
-                raise StepFailed(Step.BAKE, f"aborted by {control.get('by', 'someone')}", "deploy again when ready",
-                                 version=record.candidate.version)
-            return True  # promoted
-        elapsed = time.time() - (record.bake_started_unix or time.time())
-        now = rollout.read_counts(self.ferry.settings, self.model)
-        start = rollout.load_counts(record.gate_baseline)
-        role = rollout.ROLES[record.rollout.mode]
-        active = rollout.figures(now, start, record.snapshot.active_version or 0, "active")
-        candidate = rollout.figures(now, start, record.candidate.version, role)
-        evaluation = rollout.evaluate(self.ferry.settings, active, candidate, elapsed, record.rollout.mode == "shadow")
-        journal.update(gate=[*record.gate, evaluation])
-        self.emit(GATE, evaluation.verdict, elapsed, "; ".join(evaluation.reasons) or _describe_figures(evaluation))
-        ended = elapsed >= record.rollout.bake_s
-        failure = rollout.decide(record.gate, self.ferry.settings.gate_failures, record.candidate.version, ended)
-        if failure is not None:
-            raise failure
-        return ended
-
-    def bake_poke(self, journal: Journal) -> bool:
-        """The bake one look at a time, for an orchestrator that must not hold a worker for the whole bake
-        (the DAG's sensor): starts it on the first call, then one gate evaluation per call; True once done."""
-        if not self.bakes(journal):
-            return True
-        record = journal.record
-        try:
-            if record.bake_started_unix is None:
-                journal.begin(Step.BAKE)
-                self.bake_start(journal)
-                return False
-            done = self.bake_check(journal)
-        except StepFailed as failure:
-            journal.update(failure=steps.failure_of(failure))
-            raise
-        if done:
-            record.steps[Step.BAKE] = round(time.time() - (record.bake_started_unix or time.time()), 4)
-            journal.save()
-        return done
-
-    def _bake(self, journal: Journal) -> None:
-        """The bake in this process: an evaluation every gate interval until it passes, fails or is decided."""
-        self.bake_start(journal)
-        settings = self.ferry.settings
-        next_check = time.monotonic() + min(settings.gate_interval_s, journal.record.rollout.bake_s)
-        while True:
-            time.sleep(0.2)
-            if time.monotonic() < next_check and not self.model_dir.rollout_control_path.exists():
-                continue
-            if self.bake_check(journal):
-                return
-            remaining = journal.record.rollout.bake_s - (time.time() - (journal.record.bake_started_unix or 0))
-            next_check = time.monotonic() + max(0.2, min(settings.gate_interval_s, remaining))
-
     def record_rejected(self, target: Target, error: FerryError) -> DeployReport:
         """The one history record of an attempt refused before it touched anything."""
         report = DeployReport(deploy_id="", model=self.model, kind=target.kind, target=target.label,
@@ -450,7 +318,7 @@ class Runner:
         except BaseException as error:
             self.emit(step, "failed", self._took(journal, step, began), str(error))
             raise
-        detail = _describe(step, result) if recorded else "started beside the snapshot"
+        detail = describe(step, result) if recorded else "started beside the snapshot"
         self.emit(step, "ok", self._took(journal, step, began), detail)
         return result
 
