@@ -37,7 +37,7 @@ from ferry.core.config import Endpoint
 from ferry.core.errors import FerryError, GatewayError, InvalidInput
 
 if TYPE_CHECKING:
-    from ferry.adapters.gateway.app import Gateway
+    from ferry.adapters.gateway.plane import DataPlane
 
 SERVICE = "inference.GRPCInferenceService"
 VERSION_KEY = "x-ferry-model-version"
@@ -89,7 +89,7 @@ def _named(payload: bytes, route: Route) -> bytes:
 class KServeGrpc:
     """The gRPC server of the gateway, started and stopped with the ASGI application (its lifespan)."""
 
-    def __init__(self, gateway: Gateway, host: str, port: int) -> None:
+    def __init__(self, gateway: DataPlane, host: str, port: int) -> None:
         self.gateway = gateway
         self.address = Endpoint(host, port).host_port
         self.timeout_s = gateway.settings.triton_timeout_s

@@ -34,7 +34,7 @@ from ferry.adapters.gateway.wording import UnknownModelError, UnknownVersionErro
 from ferry.core.errors import FerryError, GatewayError
 
 if TYPE_CHECKING:
-    from ferry.adapters.gateway.app import Gateway
+    from ferry.adapters.gateway.plane import DataPlane
 
 VERSION_HEADER = b"x-ferry-model-version"
 CANARY_HEADER = b"x-ferry-canary"  # "1" on an answer a canary candidate gave
@@ -147,7 +147,7 @@ def target(path: str) -> Target | None:
 class KServeHttp:
     """The ASGI handler of every /v2 path."""
 
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: DataPlane) -> None:
         self.gateway = gateway
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -42,7 +42,7 @@ from ferry.adapters.gateway.upstream import Reply
 from ferry.core.errors import FerryError
 
 if TYPE_CHECKING:
-    from ferry.adapters.gateway.app import Gateway
+    from ferry.adapters.gateway.plane import DataPlane
 
 SHADOW_LIMIT = 64  # copies in flight at once; more are dropped (and counted), never queued
 AGREE, DISAGREE, ERROR = "agree", "disagree", "error"
@@ -68,7 +68,7 @@ class Pending:
 class Shadow:
     """The gateway's shadow copies: started by the protocol handlers, awaited by nobody."""
 
-    def __init__(self, gateway: Gateway, limit: int = SHADOW_LIMIT) -> None:
+    def __init__(self, gateway: DataPlane, limit: int = SHADOW_LIMIT) -> None:
         self.gateway = gateway
         self.limit = limit
         self.tasks: set[asyncio.Task] = set()
