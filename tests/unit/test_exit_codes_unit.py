@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ferry.adapters import cli, cli_mlflow
+from ferry.adapters import cli, cli_mlflow, cli_rollout
 from ferry.core import writeback
 from ferry.core.current import read_current, read_history
 from ferry.core.records import CurrentState, Outcome, Step
@@ -138,7 +138,7 @@ def test_rollout_promote_and_abort_say_what_the_readme_says(bench: Bench, monkey
     from typer.testing import CliRunner
 
     bench.model_dir.ensure()
-    monkeypatch.setattr(cli, "read_rollout", lambda model_dir: object())  # a bake in progress
+    monkeypatch.setattr(cli_rollout, "read_rollout", lambda model_dir: object())  # a bake in progress
     runner = CliRunner()
     env = {"FERRY_HOME": str(bench.settings.home), "FERRY_REPOSITORY": str(bench.settings.repository)}
     (bench.model_dir.path / "config.pbtxt").write_text("")  # the repository knows the model

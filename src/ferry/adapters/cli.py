@@ -8,41 +8,37 @@ from __future__ import annotations
 
 import math
 import signal
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import NoReturn, TypeVar
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ferry.adapters import cli_mlflow
+from ferry.adapters import cli_mlflow, cli_rollout, cli_services
 from ferry.adapters.cli_support import (
     EXIT_FAILED,
     EXIT_REJECTED,
     EXIT_UNAVAILABLE,
+    JsonOption,
+    ModelArgument,
     current_settings,
     err,
     fail,
     guarded,
     known_model,
-    needs_extra,
     out,
     print_json,
 )
 from ferry.core.adopt import adopt, plan_adoption
 from ferry.core.baking import GATE
-from ferry.core.config import Settings, check_port, parse_duration
+from ferry.core.config import Settings, parse_duration
 from ferry.core.current import read_current, read_history
 from ferry.core.errors import InvalidInput, one_line
-from ferry.core.journal import read_journal
-from ferry.core.lock import current_user
 from ferry.core.reconcile import Reconciled, reconcile
 from ferry.core.records import DeployReport, Outcome, RolloutPlan
 from ferry.core.repository import check_name
-from ferry.core.rollout import read_rollout, request_control
 from ferry.core.runner import RECORDED, Runner, Target
 from ferry.core.status import UNKNOWN, ModelStatus, ReplicaStatus, list_models, model_status, replica_indexes
 from ferry.core.steps import Ferry
@@ -50,13 +46,7 @@ from ferry.core.steps import Ferry
 # Plain click help: rich's panels show a <bool> metavar on every flag and {MODEL} in the usage line.
 app = typer.Typer(help="Move model versions from the MLflow Model Registry into Triton, safely.",
                   no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None)
-triton_app = typer.Typer(help="The local Triton server (from the nvidia-pytriton wheel).", no_args_is_help=True,
-                         rich_markup_mode=None)
-app.add_typer(triton_app, name="triton")
-CONTROL_POLL_S = 0.2  # how often a baking deploy looks for `ferry rollout promote|abort` (ferry.core.runner)
 
-JsonOption = typer.Option(False, "--json", help="Print one JSON document instead of text.")
-ModelArgument = typer.Argument(..., metavar="MODEL", help="The model's name (in MLflow and in Triton).")
 T = TypeVar("T")
 
 
@@ -171,57 +161,6 @@ def _rollout_plan(shadow: str | None, canary: float | None, bake: str | None, mi
     return None
 
 
-rollout_app = typer.Typer(help="A deploy that bakes on live traffic (ferry deploy --shadow | --canary).",
-                          no_args_is_help=True, rich_markup_mode=None)
-app.add_typer(rollout_app, name="rollout")
-
-
-@rollout_app.command("status")
-def rollout_status(model: str = ModelArgument, as_json: bool = JsonOption) -> None:
-    """The bake in progress: mode, elapsed, the gate's evaluations so far."""
-    settings = current_settings()
-    model_dir = known_model(settings, model)
-    state = guarded(lambda: read_rollout(model_dir))
-    journal = guarded(lambda: read_journal(model_dir))
-    gate = journal.record.gate if journal is not None else []
-    if as_json:
-        print_json({"rollout": state and state.model_dump(mode="json"),
-                     "gate": [g.model_dump(mode="json") for g in gate]})
-        return
-    if state is None:
-        out.print(f"{model}: no bake in progress")
-        return
-    plan = state.plan
-    share = (f"{plan.canary_percent:g}% canary" if plan.mode == "canary"
-             else f"shadow, {plan.mirror_percent:g}% mirrored")
-    out.print(f"{model}: v{state.candidate_version} bakes beside v{state.active_version} ({share}) since "
-              f"{state.started_at_utc} UTC, for {plan.bake_s:g} s; deploy {state.deploy_id}")
-    for evaluation in gate:
-        out.print(f"  {evaluation.elapsed_s:7.1f} s  {evaluation.verdict:<7} {escape('; '.join(evaluation.reasons))}")
-
-
-@rollout_app.command("promote")
-def rollout_promote(model: str = ModelArgument) -> None:
-    """Commit the baking candidate now."""
-    _control(model, "promote")
-
-
-@rollout_app.command("abort")
-def rollout_abort(model: str = ModelArgument) -> None:
-    """Roll the baking candidate back now."""
-    _control(model, "abort")
-
-
-def _control(model: str, action: str) -> None:
-    settings = current_settings()
-    model_dir = known_model(settings, model)
-    if guarded(lambda: read_rollout(model_dir)) is None:
-        fail(InvalidInput(f"'{model}' has no bake in progress", f"see `ferry status {model}`"))
-    request_control(model_dir, action, current_user())
-    out.print(f"{model}: {action} asked; the deploying process acts on it within {CONTROL_POLL_S:g} s "
-              "(an Airflow DAG's bake sensor, at its next look)")
-
-
 @app.command("rollback")
 def rollback_command(
     model: str = ModelArgument,
@@ -328,105 +267,6 @@ def _print_reconciled(results: list[Reconciled], as_json: bool) -> None:
         colour = "green" if r.ok else "red"
         version = f"v{r.active_version}" if r.active_version is not None else "-"
         out.print(f"  [{colour}]{r.action:<9}[/{colour}] {r.model} {version}  {escape(r.detail)}")
-
-
-def _port_option(help_text: str) -> int | None:
-    return typer.Option(None, help=help_text, min=1, max=65535)
-
-
-@app.command("gateway")
-def gateway_command(
-    host: str | None = typer.Option(None, help="Address to listen on (default FERRY_GATEWAY_HOST, 127.0.0.1)."),
-    port: int | None = _port_option("Port (default FERRY_GATEWAY_PORT, 8080)."),
-    grpc_port: int | None = _port_option("KServe v2 gRPC port (default FERRY_GATEWAY_GRPC_PORT; none: HTTP only)."),
-) -> None:
-    """Serve inference at the version current.json commits (KServe v2 over HTTP and gRPC, and /predict)."""
-    try:
-        from ferry.adapters.gateway.app import serve
-    except ImportError as error:
-        needs_extra("gateway", "gateway", error)
-    settings = current_settings()
-    host, port = host or settings.gateway_host, guarded(lambda: check_port(port or settings.gateway_port, "port"))
-    grpc_port = grpc_port or settings.gateway_grpc_port
-    if grpc_port == port:
-        fail(InvalidInput(f"the gRPC port {grpc_port} is the HTTP port", "give --grpc-port another port"))
-    grpc = f" and gRPC {host}:{grpc_port}" if grpc_port else ""
-    out.print(f"ferry gateway on http://{host}:{port}{grpc} -> Triton {settings.triton.url}"
-              f"{' (bearer token required)' if settings.gateway_token else ''}")
-    serve(settings, host, port, grpc_port=grpc_port, body_timeout_s=settings.gateway_body_timeout_s)
-
-
-@app.command("exporter")
-def exporter_command(
-    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
-    port: int = typer.Option(9464, help="Port of the /metrics endpoint.", min=1, max=65535),
-) -> None:
-    """Serve ferry's metrics (deploys, rollbacks, step times, active version, drift) for Prometheus to scrape."""
-    from prometheus_client import CollectorRegistry, start_http_server
-
-    from ferry.observability.metrics import FerryCollector
-
-    ferry = Ferry(current_settings())
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(FerryCollector(ferry.settings, ferry.fleet))
-    try:
-        start_http_server(port, addr=host, registry=registry)
-    except OSError as error:
-        fail(InvalidInput(f"cannot listen on {host}:{port}: {error.strerror}", "choose another --port"))
-    out.print(f"ferry metrics on http://{host}:{port}/metrics")
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
-
-
-@app.command("metrics")
-def metrics_command(
-    textfile: Path | None = typer.Option(None, help="Write them to this file (node_exporter's textfile "
-                                            "collector), atomically; default: print them."),
-) -> None:
-    """ferry's metrics once, in Prometheus' text format."""
-    from prometheus_client import CollectorRegistry, generate_latest
-
-    from ferry.observability.metrics import FerryCollector, write_textfile
-
-    ferry = Ferry(current_settings())
-    collector = FerryCollector(ferry.settings, ferry.fleet)
-    if textfile:
-        guarded(lambda: write_textfile(textfile, collector))
-        return
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(collector)
-    sys.stdout.write(generate_latest(registry).decode())
-
-
-@app.command("report")
-def report_command(
-    model: str = ModelArgument,
-    output: Path = typer.Option(Path("ferry-report.png"), "--out", "-o", help="The PNG to write."),
-    deploys: int = typer.Option(5, min=1, help="How many of the latest deploys (committed or rolled back) to cover."),
-) -> None:
-    """A PNG of p95 latency and request rate per version around the recent deploys, each one marked."""
-    try:
-        import matplotlib  # noqa: F401
-
-        from ferry.observability.report import write_report
-    except ImportError as error:
-        needs_extra("report", "report", error)
-    settings = current_settings()
-    model_dir = known_model(settings, model)
-    if not settings.prometheus_url:
-        fail(InvalidInput("ferry report reads the series from Prometheus, and FERRY_PROMETHEUS_URL is not set",
-                           "set it to a Prometheus that scrapes Triton with the rules of ops/prometheus"))
-    summary = guarded(lambda: write_report(settings.prometheus_url, model_dir, output, deploys))
-    if summary.path is None:
-        since = time.strftime("%Y-%m-%d %H:%M", time.gmtime(summary.start))
-        err.print(f"[red]no data:[/red] Prometheus at {escape(settings.prometheus_url)} has no latency or traffic "
-                  f"of '{model}' since {since} UTC ({summary.deploys} deploys in the history); {output} not written")
-        err.print("  hint: check that it scrapes Triton's metrics and loads the rules of ops/prometheus")
-        raise typer.Exit(EXIT_FAILED)
-    out.print(f"wrote {summary.path}: {summary.deploys} deploys marked, {summary.points} points")
 
 
 @app.command("status")
@@ -538,50 +378,9 @@ def history_command(
     out.print(table)
 
 
-@triton_app.command("up")
-def triton_up(as_json: bool = JsonOption) -> None:
-    """Start tritonserver (explicit model control, loopback) and wait until it is ready."""
-    from ferry.runtime import server
-
-    settings = current_settings()
-    was_running = server.status(settings).ready
-    state = guarded(lambda: server.up(settings))
-    if as_json:
-        print_json({**state.as_dict(), "already_running": was_running})
-    elif was_running:
-        out.print(f"Triton already running at {state.url} (pid {state.pid})")
-    else:
-        out.print(f"Triton ready at {state.url} (pid {state.pid}, metrics {state.metrics_url}, log {state.log})")
-
-
-@triton_app.command("down")
-def triton_down(as_json: bool = JsonOption) -> None:
-    """Stop the tritonserver that `ferry triton up` started."""
-    from ferry.runtime import server
-
-    stopped = server.down(current_settings())
-    if as_json:
-        print_json({"stopped": stopped})
-    else:
-        out.print("Triton stopped" if stopped else "Triton was not running")
-
-
-@triton_app.command("status")
-def triton_status(as_json: bool = JsonOption) -> None:
-    """Whether the local tritonserver runs and is ready."""
-    from ferry.runtime import server
-
-    state = server.status(current_settings())
-    if as_json:
-        print_json(state.as_dict())
-    else:
-        out.print(f"running: {state.running}  ready: {state.ready}  pid: {state.pid}  url: {state.url}  "
-                  f"log: {state.log}")
-    if not state.ready:
-        raise typer.Exit(EXIT_FAILED)
-
-
 cli_mlflow.register(app)  # ferry watch, ferry sync
+cli_rollout.register(app)  # ferry rollout status|promote|abort
+cli_services.register(app)  # ferry gateway, exporter, metrics, report, triton
 
 
 def main() -> None:

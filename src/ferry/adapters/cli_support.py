@@ -26,6 +26,8 @@ err = Console(stderr=True, soft_wrap=True, width=_WIDTH, highlight=False)
 EXIT_FAILED = 1  # the deploy ran and was rolled back; or status found a problem
 EXIT_REJECTED = 2  # bad input: nothing was changed
 EXIT_UNAVAILABLE = 3  # a dependency did not answer: nothing was changed, worth retrying
+JsonOption = typer.Option(False, "--json", help="Print one JSON document instead of text.")
+ModelArgument = typer.Argument(..., metavar="MODEL", help="The model's name (in MLflow and in Triton).")
 T = TypeVar("T")
 
 
