@@ -14,19 +14,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import re
 import signal
 import textwrap
 import threading
-import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from mlflow.deployments import BaseDeploymentClient, PredictionsResponse
-from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import (
     INVALID_PARAMETER_VALUE,
     INVALID_STATE,
@@ -35,9 +31,11 @@ from mlflow.protos.databricks_pb2 import (
     TEMPORARILY_UNAVAILABLE,
 )
 
+from ferry.adapters.mlflow_predict import predict_committed, refused
+from ferry.adapters.mlflow_uris import URI_FORMS, mlflow_errors, target_of
 from ferry.core.config import Settings, load_settings
 from ferry.core.current import read_current
-from ferry.core.errors import Busy, FerryError, NoSuchModel, TritonError, unreachable
+from ferry.core.errors import FerryError
 from ferry.core.records import CurrentState, DeployReport, Outcome
 from ferry.core.repository import ModelDir, check_name
 from ferry.core.retire import retire
@@ -46,7 +44,7 @@ from ferry.core.status import ModelStatus, list_models, model_status, replica_in
 from ferry.core.steps import Ferry
 
 if TYPE_CHECKING:
-    from ferry.adapters.gateway.routing import Route
+    pass
 
 _logger = logging.getLogger(__name__)
 
@@ -55,40 +53,10 @@ FLAVOR = "onnx"
 SETTING_KEYS = tuple(sorted(field.name for field in dataclasses.fields(Settings)))
 DEPLOY_KEYS = ("force",)  # models:/m/N: deploy the version even though its last deploy failed
 DELETE_KEYS = ("confirm",)  # delete unloads the model: say so
-URI_FORMS = "models:/<name>@<alias>, models:/<name>/<version> or runs:/<run id>/<path>"
-_MODELS_URI = re.compile(r"^models:/(?P<model>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))/?$")
-_RUNS_URI = re.compile(r"^runs:/(?P<run_id>[A-Za-z0-9_-]+)/(?P<path>[^?#]+?)/?$")
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off", "")
-REGISTRATION_TIMEOUT_S = 60.0
 
 
 # ---------------------------------------------------------------- errors and options
-
-
-def _refused(message: str, hint: str = "", code: int = INVALID_PARAMETER_VALUE) -> MlflowException:
-    """ferry's one line for MLflow: what was wrong, and (in parentheses) what to do."""
-    return MlflowException(f"{message} ({hint})" if hint else message, error_code=code)
-
-
-def _as_mlflow(error: FerryError) -> MlflowException:
-    """A ferry error as MLflow's, with ferry's one line (message and hint)."""
-    if isinstance(error, NoSuchModel):
-        code = RESOURCE_DOES_NOT_EXIST
-    elif unreachable(error):
-        code = TEMPORARILY_UNAVAILABLE
-    elif isinstance(error, Busy):
-        code = INVALID_STATE
-    else:
-        code = INVALID_PARAMETER_VALUE
-    return _refused(str(error), code=code)
-
-
-@contextmanager
-def _mlflow_errors() -> Iterator[None]:
-    try:
-        yield
-    except FerryError as error:
-        raise _as_mlflow(error) from error
 
 
 @dataclass(frozen=True)
@@ -103,7 +71,7 @@ class Options:
 def _flag(key: str, value: object) -> bool:
     text = str(value).strip().lower()
     if text not in _TRUE + _FALSE:
-        raise _refused(f"-C {key}={value!r} is not true or false", f"give -C {key}=true or -C {key}=false")
+        raise refused(f"-C {key}={value!r} is not true or false", f"give -C {key}=true or -C {key}=false")
     return text in _TRUE
 
 
@@ -117,94 +85,16 @@ def options(config: Mapping[str, Any] | None, own_keys: tuple[str, ...] = ()) ->
     unknown = sorted(set(config) - set(SETTING_KEYS) - set(own_keys))
     if unknown:
         own = f"; and for this command: {', '.join(own_keys)}" if own_keys else ""
-        raise _refused(f"unknown -C key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} for "
+        raise refused(f"unknown -C key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} for "
                        f"-t {TARGET}; valid keys (ferry's settings, FERRY_<KEY> as variables): "
                        f"{', '.join(SETTING_KEYS)}{own}")
     overrides = {f"FERRY_{key.upper()}": str(value) for key, value in config.items() if key in SETTING_KEYS}
     try:
         settings = load_settings({**os.environ, **overrides})
     except FerryError as error:
-        raise _refused(f"-C config or FERRY_* variables: {error}") from error
+        raise refused(f"-C config or FERRY_* variables: {error}") from error
     own = {key: _flag(key, config[key]) for key in own_keys if key in config}
     return Options(settings, **own)
-
-
-# ---------------------------------------------------------------- model URIs
-
-
-def _same_model(name: str, named: str, model_uri: str) -> None:
-    if named != name:
-        raise _refused(f"{model_uri} names model '{named}', the deployment is '{name}': a deployment is named "
-                       f"after its model", f"use --name {named}, or a URI of '{name}'")
-
-
-def target_of(ferry: Ferry, name: str, model_uri: str, force: bool = False) -> tuple[Target, int | None]:
-    """What ``model_uri`` deploys, and the version registered for it (a runs:/ URI) if one was."""
-    uri = model_uri.strip()
-    if (found := _MODELS_URI.match(uri)) is not None:
-        _same_model(name, found["model"], uri)
-        if found["alias"] is not None:
-            with _mlflow_errors():
-                return Target.of_alias(found["alias"]), None
-        if not found["version"].isdigit():
-            raise _refused(f"{uri}: ferry deploys a version number or an alias, not {found['version']!r}: a stage "
-                           "or 'latest' does not pin one version", f"give {URI_FORMS}")
-        with _mlflow_errors():
-            return Target.of_version(int(found["version"]), force=force), None
-    if (found := _RUNS_URI.match(uri)) is not None:
-        version = register_run(ferry, name, found["run_id"], found["path"])
-        with _mlflow_errors():
-            return Target.of_version(version, force=force), version
-    raise _refused(f"ferry deploys registered versions of a model; {model_uri!r} is not one of {URI_FORMS}",
-                   "register it first: MlflowClient().create_model_version(name, source, run_id)")
-
-
-def register_run(ferry: Ferry, name: str, run_id: str, path: str) -> int:
-    """The version of ``name`` registered from ``runs:/<run_id>/<path>``: an existing one, else a new one.
-
-    The artifacts are checked first (model.onnx must be there), so a URI ferry cannot deploy registers nothing.
-    """
-    source = f"runs:/{run_id}/{path}"
-    with _mlflow_errors():
-        client = ferry.registry.client
-    existing = [int(v.version) for v in client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
-                if (v.source or "").rstrip("/") == source]
-    if existing:
-        return max(existing)
-    _check_run_artifacts(ferry, source)
-    try:
-        client.get_registered_model(name)
-    except MlflowException as error:
-        if error.error_code != "RESOURCE_DOES_NOT_EXIST":
-            raise
-        client.create_registered_model(name)
-    version = client.create_model_version(name, source=source, run_id=run_id)
-    _wait_registered(client, name, str(version.version))
-    _logger.info("registered %s as %s v%s", source, name, version.version)
-    return int(version.version)
-
-
-def _check_run_artifacts(ferry: Ferry, source: str) -> None:
-    from mlflow.artifacts import list_artifacts
-
-    try:
-        names = sorted(os.path.basename(f.path) for f in list_artifacts(artifact_uri=source,
-                                                                        tracking_uri=ferry.settings.tracking_uri))
-    except Exception as error:
-        raise _refused(f"cannot list the artifacts of {source} in MLflow at {ferry.settings.tracking_uri}: {error}",
-                       code=RESOURCE_DOES_NOT_EXIST) from error
-    if "model.onnx" not in names:
-        raise _refused(f"{source} holds no model.onnx (it has {', '.join(names) or 'nothing'}): nothing was "
-                       "registered", "log the model with ferry.publish.log_onnx_model and give its URI")
-
-
-def _wait_registered(client: Any, name: str, version: str) -> None:
-    """A tracking server may register asynchronously: wait (bounded) until the version is READY."""
-    deadline = time.monotonic() + REGISTRATION_TIMEOUT_S
-    while (status := str(client.get_model_version(name, version).status)) != "READY":
-        if status == "FAILED_REGISTRATION" or time.monotonic() > deadline:
-            raise _refused(f"MLflow did not register {name} v{version} (status {status})", code=INVALID_STATE)
-        time.sleep(0.5)
 
 
 # ---------------------------------------------------------------- deploys
@@ -232,14 +122,14 @@ def _stop_rolls_back() -> Iterator[EventHandler]:
 
 def deploy_uri(ferry: Ferry, name: str, model_uri: str, force: bool = False) -> dict[str, Any]:
     """Deploy what ``model_uri`` names through the runner: the deployment dict, or an MlflowException."""
-    with _mlflow_errors():
+    with mlflow_errors():
         check_name("deployment name", name)
     target, registered = target_of(ferry, name, model_uri, force)
     return deployed(run_deploy(ferry, name, target), registered)
 
 
 def run_deploy(ferry: Ferry, name: str, target: Target) -> DeployReport:
-    with _mlflow_errors(), _stop_rolls_back() as on_event:
+    with mlflow_errors(), _stop_rolls_back() as on_event:
         return Runner(ferry, name, via="mlflow", on_event=on_event).deploy(target)
 
 
@@ -262,10 +152,10 @@ def rolled_back_reason(report: DeployReport) -> str:
 def deployed(report: DeployReport, registered: int | None = None) -> dict[str, Any]:
     """A committed (or no-op) deploy as MLflow's deployment dict; a failed one as an MlflowException."""
     if report.outcome == Outcome.ROLLED_BACK:
-        raise _refused(rolled_back_reason(report), code=INVALID_STATE)
+        raise refused(rolled_back_reason(report), code=INVALID_STATE)
     if report.outcome == Outcome.REJECTED:
         code = TEMPORARILY_UNAVAILABLE if report.retryable else INVALID_PARAMETER_VALUE
-        raise _refused(str(report.error), report.hint or "", code=code)
+        raise refused(str(report.error), report.hint or "", code=code)
     for warning in report.warnings:
         _logger.warning("ferry: %s", warning)
     return {"name": report.model, "flavor": FLAVOR, "outcome": str(report.outcome), "version": report.version,
@@ -275,18 +165,18 @@ def deployed(report: DeployReport, registered: int | None = None) -> dict[str, A
 
 def _check_flavor(flavor: str | None) -> None:
     if flavor not in (None, FLAVOR):
-        raise _refused(f"ferry deploys the onnx flavor (a version's model.onnx, checked against its smoke.json), "
+        raise refused(f"ferry deploys the onnx flavor (a version's model.onnx, checked against its smoke.json), "
                        f"not {flavor!r}", "leave out --flavor, or give --flavor onnx")
 
 
 def _no_endpoint(endpoint: str | None) -> None:
     if endpoint is not None:
-        raise _refused(f"ferry has no endpoints (given {endpoint!r}): a deployment is a model in Triton",
+        raise refused(f"ferry has no endpoints (given {endpoint!r}): a deployment is a model in Triton",
                        "leave out --endpoint")
 
 
 def _committed(ferry: Ferry, name: str) -> CurrentState | None:
-    with _mlflow_errors():
+    with mlflow_errors():
         return read_current(ModelDir(ferry.settings.repository, check_name("deployment name", name)))
 
 
@@ -321,95 +211,6 @@ def deployment_statuses(ferry: Ferry, models: list[str]) -> list[ModelStatus]:
     return [s for s in statuses if s.current is not None or s.current_error is not None or s.in_flight is not None]
 
 
-# ---------------------------------------------------------------- predict
-
-
-def _cells(column: Any) -> np.ndarray:
-    return np.stack([np.asarray(cell) for cell in column])
-
-
-def _from_frame(frame: Any, names: list[str], model: str) -> dict[str, Any]:
-    """A DataFrame as named inputs: one column per input (a row per item), the Triton plugin's layout
-    (one column, one row per input, each cell a tensor), or, for a model with one input, the whole frame."""
-    columns = [str(c) for c in frame.columns]
-    if set(columns) == set(names) and len(frame):
-        return {str(c): _cells(frame[c]) for c in frame.columns}
-    if len(columns) == 1 and {str(i) for i in frame.index} == set(names):
-        return {str(i): np.asarray(frame[frame.columns[0]][i]) for i in frame.index}
-    if len(names) == 1:
-        return {names[0]: frame.to_numpy()}
-    raise _refused(f"a DataFrame for '{model}' needs one column per input {names} (a row per item), or one "
-                   f"column indexed by the inputs' names; it has columns {columns[:20]}")
-
-
-def named_inputs(inputs: Any, names: list[str], model: str) -> dict[str, Any]:
-    """``inputs`` (a DataFrame, a dict of arrays, a list of arrays in the model's input order, or an array for a
-    model with one input) as {input name: array or nested list}."""
-    import pandas as pd
-
-    if isinstance(inputs, pd.DataFrame):
-        return _from_frame(inputs, names, model)
-    if isinstance(inputs, Mapping):
-        return {str(k): v for k, v in inputs.items()}
-    if isinstance(inputs, np.ndarray) and len(names) == 1:
-        return {names[0]: inputs}
-    if isinstance(inputs, list | tuple):
-        if len(names) == 1 and not all(isinstance(i, np.ndarray) for i in inputs):
-            return {names[0]: inputs}  # a nested list: the one input's data
-        if len(inputs) == len(names):
-            return dict(zip(names, inputs))
-        raise _refused(f"'{model}' takes {len(names)} inputs {names}; the list gives {len(inputs)}")
-    raise _refused(f"predict takes a pandas DataFrame, a dict of arrays or a list of arrays; got "
-                   f"{type(inputs).__name__}", f"'{model}' takes the inputs {names}")
-
-
-def _jsonable(value: np.ndarray) -> Any:
-    if value.dtype.kind in "OS":
-        return np.vectorize(lambda x: x.decode() if isinstance(x, bytes) else x, otypes=[object])(value).tolist()
-    return value.tolist()
-
-
-def _infer(ferry: Ferry, route: Route, document: dict[str, Any]) -> dict[str, Any]:
-    """A /predict document at one route: the gateway's one input check (:mod:`ferry.adapters.gateway.body`), then
-    Triton."""
-    from tritonclient.utils import triton_to_np_dtype
-
-    from ferry.adapters.gateway import guard
-    from ferry.adapters.gateway.body import check_rows, predict_infer
-
-    max_elements = getattr(ferry.settings, "gateway_max_elements", 0) or guard.DEFAULT_MAX_ELEMENTS
-    request = predict_infer(document, route)
-    guard.check_infer(request, route, max_elements)
-    check_rows(request)
-    tensors = request.document["inputs"]
-    arrays = {t["name"]: np.asarray(t["data"], dtype=triton_to_np_dtype(t["datatype"])).reshape(t["shape"])
-              for t in tensors}
-    datatypes = {t["name"]: t["datatype"] for t in tensors}
-    outputs = ferry.triton.infer(route.upstream, route.version, arrays, datatypes)
-    return {name: _jsonable(value) for name, value in outputs.items()}
-
-
-def predict_committed(ferry: Ferry, model: str, inputs: Any) -> PredictionsResponse:
-    """Inference at the committed version, as the gateway's /predict does it: the inputs as the /predict body they
-    would be, through its decoder and input check (so the plugin refuses what /predict refuses, for the same
-    reason), routing, and one retry when a commit retired the version while the request ran."""
-    from ferry.adapters.gateway.body import predict_body, predict_document
-    from ferry.adapters.gateway.routing import Router
-
-    router = Router(ferry.settings.repository)
-    route = router.route(model)
-    named = named_inputs(inputs, [spec.name for spec in route.signature.inputs], model)
-    document = predict_document(predict_body(named))
-    try:
-        outputs = _infer(ferry, route, document)
-    except TritonError:
-        newer = router.route(model)
-        if newer.version == route.version:
-            raise
-        route, outputs = newer, _infer(ferry, newer, document)
-    return PredictionsResponse({"predictions": outputs, "model": model, "version": route.version})
-
-
 # ---------------------------------------------------------------- the client
 
 
@@ -428,7 +229,7 @@ class FerryDeploymentClient(BaseDeploymentClient):
 
     def __init__(self, target_uri: str = TARGET) -> None:
         if target_uri.rstrip(":/") != TARGET:
-            raise _refused(f"the ferry target takes no suffix (given {target_uri!r})",
+            raise refused(f"the ferry target takes no suffix (given {target_uri!r})",
                            "use -t ferry; give Triton, the repository and MLflow with -C or FERRY_* variables")
         super().__init__(target_uri)
 
@@ -437,7 +238,7 @@ class FerryDeploymentClient(BaseDeploymentClient):
         """Deploy the version ``model_uri`` names as the model's first committed version; refused if one is."""
         opts, ferry, current = _deployment(name, flavor, config, endpoint)
         if current is not None:
-            raise _refused(f"deployment '{name}' exists: v{current.active_version} is committed",
+            raise refused(f"deployment '{name}' exists: v{current.active_version} is committed",
                            "deploy another version with `mlflow deployments update`", code=RESOURCE_ALREADY_EXISTS)
         return deploy_uri(ferry, name, model_uri, opts.force)
 
@@ -446,11 +247,11 @@ class FerryDeploymentClient(BaseDeploymentClient):
         """Deploy another version; without ``model_uri``, prove and serve the committed version again."""
         opts, ferry, current = _deployment(name, flavor, config, endpoint)
         if current is None:
-            raise _refused(f"no deployment '{name}': nothing is committed",
+            raise refused(f"no deployment '{name}': nothing is committed",
                            f"create it with `mlflow deployments create -t ferry --name {name} -m MODEL_URI`",
                            code=RESOURCE_DOES_NOT_EXIST)
         if model_uri is None:
-            with _mlflow_errors():
+            with mlflow_errors():
                 target = Target.of_version(current.active_version, opts.force)
             return deployed(run_deploy(ferry, name, target))
         return deploy_uri(ferry, name, model_uri, opts.force)
@@ -461,9 +262,9 @@ class FerryDeploymentClient(BaseDeploymentClient):
         _no_endpoint(endpoint)
         opts = options(config, DELETE_KEYS)
         if not opts.confirm:
-            raise _refused(f"deleting '{name}' unloads it from Triton and retires its current.json (the versions' "
+            raise refused(f"deleting '{name}' unloads it from Triton and retires its current.json (the versions' "
                            "files and the history stay): add -C confirm=true")
-        with _mlflow_errors():
+        with mlflow_errors():
             retired = retire(Ferry(opts.settings), name)
         for warning in retired.warnings:
             _logger.warning("ferry: %s", warning)
@@ -472,17 +273,17 @@ class FerryDeploymentClient(BaseDeploymentClient):
         """Every model with a committed version (or a deploy in flight), with ferry's status."""
         _no_endpoint(endpoint)
         ferry = Ferry(options(None).settings)
-        with _mlflow_errors():
+        with mlflow_errors():
             return [describe(s) for s in deployment_statuses(ferry, list_models(ferry.settings.repository))]
 
     def get_deployment(self, name: str, endpoint: str | None = None) -> dict[str, Any]:
         """ferry's status of the model: active version, run, replicas serving it, drift."""
         _no_endpoint(endpoint)
         ferry = Ferry(options(None).settings)
-        with _mlflow_errors():
+        with mlflow_errors():
             found = deployment_statuses(ferry, [check_name("deployment name", name)])
         if not found:
-            raise _refused(f"no deployment '{name}': nothing is committed in {ferry.settings.repository}",
+            raise refused(f"no deployment '{name}': nothing is committed in {ferry.settings.repository}",
                            code=RESOURCE_DOES_NOT_EXIST)
         return describe(found[0])
 
@@ -491,9 +292,9 @@ class FerryDeploymentClient(BaseDeploymentClient):
         """Inference at the committed version; ``inputs``: a DataFrame, a dict of arrays or a list of arrays."""
         _no_endpoint(endpoint)
         if not deployment_name:
-            raise _refused("predict needs the deployment's name", "give --name MODEL")
+            raise refused("predict needs the deployment's name", "give --name MODEL")
         ferry = Ferry(options(None).settings)
-        with _mlflow_errors():
+        with mlflow_errors():
             return predict_committed(ferry, deployment_name, inputs)
 
 
@@ -508,9 +309,9 @@ def run_local(name: str, model_uri: str, flavor: str | None = None, config: Mapp
     try:
         from ferry.runtime import server
     except ImportError as error:
-        raise _refused(f"run-local starts the pip-installed Triton, which needs the 'local-triton' extra "
+        raise refused(f"run-local starts the pip-installed Triton, which needs the 'local-triton' extra "
                        f"({error.name} is missing)", "pip install 'ferry[local-triton]'") from error
-    with _mlflow_errors():
+    with mlflow_errors():
         # A server `ferry triton up` started is used as it is: Triton's /v2/health/ready answers 400 once any
         # model has been unloaded (strict readiness), which server.up would take for a foreign server.
         state = server.status(settings)
