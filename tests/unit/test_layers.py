@@ -68,3 +68,9 @@ def test_the_cycle_check_finds_a_cycle(tmp_path: Path) -> None:
     (package / "b.py").write_text("from cyclic import c\n")
     (package / "c.py").write_text("from cyclic import a\n")
     assert ("cyclic.a", "cyclic.b") in import_cycles("cyclic", tmp_path)
+
+
+def test_no_module_of_ferry_is_over_400_lines() -> None:
+    long = {str(path.relative_to(ROOT)): lines for path in (ROOT / "src" / "ferry").rglob("*.py")
+            if (lines := len(path.read_text().splitlines())) > 400}
+    assert long == {}, "split these into modules a reader can hold in mind"
