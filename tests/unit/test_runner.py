@@ -220,3 +220,23 @@ def test_a_second_runner_cannot_take_a_model_in_flight(bench: Bench) -> None:
         Runner(bench.ferry, "iris").begin(Target.of_alias("champion"))
     first.roll_back(journal)
     assert read_journal(bench.model_dir) is None
+
+
+def test_a_warm_previous_version_is_kept_for_its_window_then_reconcile_lets_it_go(bench: Bench) -> None:
+    import dataclasses
+
+    from ferry.core.current import write_current
+    from ferry.core.reconcile import reconcile
+
+    bench.settings = dataclasses.replace(bench.settings, keep_previous_s=600)
+    bench.registry.add("iris", "champion")
+    bench.deploy()
+    bench.registry.add("iris", "champion")
+    assert bench.deploy().outcome == Outcome.COMMITTED
+    assert bench.triton.placement("iris").front == [2] and bench.triton.placement("iris").store == [1, 2]
+    assert reconcile(bench.ferry, "iris").action == "in place", "inside its window the warm version is expected"
+    current = read_current(bench.model_dir)
+    write_current(bench.model_dir, current.model_copy(update={"previous_warm_until_utc": "20000101T000000"}))
+    assert reconcile(bench.ferry, "iris").action == "loaded"
+    assert bench.triton.placement("iris").store == [2], "past its window the previous version is unloaded"
+    assert reconcile(bench.ferry, "iris").action == "in place"
