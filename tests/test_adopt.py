@@ -66,8 +66,21 @@ def test_a_served_model_without_ferrys_state_is_adopted_without_a_reload(world: 
     shutil.rmtree(world.model_dir.path / "9")  # the experiment's owner takes it back
     assert_invariants(world, attempts=1)  # the refused deploy
 
-    world.register(trees=3)  # v3 in MLflow: the failed directory that Triton would have read as v3 is gone
-    assert world.deploy().outcome == "committed"
+    import httpx
+
+    from test_gateway import TOKEN, running_gateway
+
+    body = {"inputs": [{"name": "X", "shape": [1, 4], "datatype": "FP32", "data": [5.1, 3.5, 1.4, 0.2]}]}
+    auth = {"authorization": f"Bearer {TOKEN}"}
+    with running_gateway(world) as gateway:  # the adopted model is not behind a front yet: the gateway calls it
+        reply = httpx.post(f"{gateway.url}/v2/models/iris/infer", json=body, headers=auth, timeout=10)
+        assert reply.status_code == 200 and reply.json()["model_version"] == "2", reply.text
+        assert httpx.get(f"{gateway.url}/readyz", timeout=10).status_code == 200
+        world.register(trees=3)  # v3 in MLflow: the failed directory that Triton would have read as v3 is gone
+        assert world.deploy().outcome == "committed"  # and now the model is behind a front
+        reply = httpx.post(f"{gateway.url}/v2/models/iris/infer", json=body, headers=auth, timeout=10)
+        assert reply.status_code == 200 and reply.json()["model_version"] == "3", reply.text
+    assert world.ferry.triton.placement("iris").front == [3]
     back = world.cli("rollback", "iris")
     assert back.returncode == 0 and "committed iris v2 (was v3)" in back.stdout, back.stderr
     assert_invariants(world, attempts=3)

@@ -27,11 +27,15 @@ def pin(model_dir: ModelDir, config_pbtxt: str, version: int, fleet: Fleet, warm
         previous: int | None = None) -> dict[str, FerryError]:
     """Make every replica's front serve ``version`` and its store hold it alone (and ``warm``, the previous
     version kept loaded); then config.pbtxt says so. ``previous``: what the fronts served until now, kept
-    loaded until they are repointed. The replicas that failed, with why."""
-    config = from_pbtxt(config_pbtxt)
-    model_dir.ensure_store_link()  # a model an earlier release of ferry deployed has none yet
+    loaded until they are repointed (None: what each replica's front serves, looked up). The replicas that
+    failed, with why; never raises (after a commit point, a failure is drift, not a reason to un-commit)."""
+    try:
+        config = from_pbtxt(config_pbtxt)
+        model_dir.ensure_store_link()  # a model an earlier release of ferry deployed has none yet
+    except (FerryError, OSError, ValueError) as error:
+        return {str(model_dir.path): FerryError(f"cannot serve v{version} of '{model_dir.model}': {error}")}
     keep = sorted({version} | ({warm} if warm is not None else set()))
-    during = [previous] if previous is not None else []
+    during = [previous] if previous is not None else None
     results = fleet.settled(lambda triton: serve(triton, model_dir.model, config, version, keep, during))
     failed: dict[str, FerryError] = {url: r for url, r in results.items() if isinstance(r, FerryError)}
     try:
@@ -47,9 +51,13 @@ def serve(triton: Triton, model: str, config: model_config_pb2.ModelConfig, vers
 
     The store is loaded first, holding ``during`` too (what the front serves until it is repointed: an
     in-place update of what is loaded already), so that the front, whose load makes Triton poll the store,
-    finds it current; the front is repointed; only then does the store drop ``during`` (Triton drains it)."""
+    finds it current; the front is repointed; only then does the store drop ``during`` (Triton drains it).
+    ``during`` None: what this replica's front serves now, from its repository index (reconcile, whose
+    replicas may each be astray in their own way)."""
     store = store_name(model)
-    hold = sorted(set(keep) | set(during or ()))
+    if during is None:
+        during = triton.placement(model).serving
+    hold = sorted(set(keep) | set(during))
     triton.load(store, to_override_json(store_config(config, model, hold)))
     triton.load(model, to_override_json(front_config(config, model, version)), front_files(model, version))
     if hold != keep:

@@ -173,6 +173,10 @@ def load(ferry: Ferry, snapshot: Snapshot, candidate: Candidate) -> None:
         # Triton records a config override's time only when config.pbtxt exists, and a later load of the front
         # then finds the store unchanged; the undo removes the file again (the snapshot had none).
         ferry.model_dir(snapshot.model).write_config(disk_config(from_pbtxt(candidate.config_pbtxt), versions))
+    elif (existing := from_pbtxt(snapshot.config_text)).name:
+        # A model not yet behind a front: without a name, config.pbtxt tells the gateways (at the commit, when
+        # they read current.json again) to call the store, where the candidate now is; the undo restores it.
+        ferry.model_dir(snapshot.model).write_config(disk_config(existing, versions))
     config = to_override_json(store_config(from_pbtxt(candidate.config_pbtxt), snapshot.model, versions))
     on_every_replica(fleet_of(ferry, snapshot), lambda triton: _load_on(triton, snapshot.model, config, candidate))
 

@@ -72,7 +72,16 @@ def _parse(kind: type[Message], raw: bytes) -> Message:
 def _field(number: int, value: str) -> bytes:
     """A string field, serialized: appended to a message, it wins over the same field before it."""
     data = value.encode()
-    return bytes((number << 3 | 2, len(data))) + data  # names and versions are shorter than 128 bytes
+    return bytes((number << 3 | 2,)) + _varint(len(data)) + data
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 def _at_store(raw: bytes, route: Route) -> bytes:

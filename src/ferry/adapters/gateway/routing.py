@@ -38,12 +38,15 @@ class Route:
     max_batch_size: int = 0  # from config.pbtxt; with batching on, the first dimension may not exceed it
     role: str = ACTIVE  # CANDIDATE: the candidate version answering a canary's share; SHADOW: a mirrored copy
 
+    behind_front: bool = True  # False for a model an earlier ferry deployed, or adopted: Triton serves it itself
+
     @cached_property
     def upstream(self) -> str:
         """The Triton model the gateway sends this route's requests to, naming its version: the model's store,
         which holds the committed version from the candidate's load on (the front only from the commit's repoint
-        on, a few milliseconds after current.json) and a baking candidate beside it."""
-        return store_name(self.model)
+        on, a few milliseconds after current.json) and a baking candidate beside it; or, for a model not yet
+        behind a front, the model itself."""
+        return store_name(self.model) if self.behind_front else self.model
 
     def serves(self, version: str) -> bool:
         """Whether a version a client named (a URL segment, a gRPC field; empty: none named) is this one."""
@@ -86,7 +89,7 @@ def bake_of(route: Route, state: RolloutState | None) -> Bake | None:
     share = (plan.canary_percent if plan.mode == "canary" else plan.mirror_percent) / 100
     if share <= 0:
         return None
-    candidate = replace(route, version=state.candidate_version, role=ROLES[plan.mode])
+    candidate = replace(route, version=state.candidate_version, role=ROLES[plan.mode], behind_front=True)  # the store
     return Bake(route, candidate, min(share, 1.0), state.deploy_id)
 
 
@@ -133,7 +136,9 @@ class Router:
         config = model_dir.read_config()
         if current is None or config is None:
             raise UnknownModel(f"model '{model_dir.model}' has no committed version", "deploy it with `ferry deploy`")
-        return Route(model_dir.model, current.active_version, config_signature(config), config.max_batch_size)
+        # ferry writes config.pbtxt without a name once the model is behind a front (ferry.core.front.disk_config).
+        return Route(model_dir.model, current.active_version, config_signature(config), config.max_batch_size,
+                     behind_front=not config.name)
 
     def bake(self, route: Route) -> Bake | None:
         """The bake beside ``route`` (a committed route), from rollout.json: None when there is none, when it
