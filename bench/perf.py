@@ -51,9 +51,10 @@ from mlflow import MlflowClient
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "examples")]
 
+import gateway_overhead  # noqa: E402  (bench/, beside this script)
 from train_model import train_and_register  # noqa: E402
 
-from conftest import World, _free_port_block, make_settings  # noqa: E402
+from conftest import World, make_settings  # noqa: E402
 from ferry.core.current import read_current  # noqa: E402
 from ferry.core.front import store_name  # noqa: E402
 from ferry.core.runner import deploy  # noqa: E402
@@ -423,18 +424,8 @@ def isolation(world: World, versions: dict[str, int], model: str, folder: Path) 
 
 
 def start_gateway(world: World) -> tuple[subprocess.Popen, int]:
-    port = _free_port_block(2)
-    process = subprocess.Popen([sys.executable, "-m", "ferry", "gateway", "--port", str(port),
-                                "--grpc-port", str(port + 1)], env={**os.environ, **world.env()},
-                               stdout=subprocess.DEVNULL)
-    for _ in range(300):
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                return process, port
-        except httpx.TransportError:
-            time.sleep(0.2)
-    process.kill()
-    raise SystemExit("ferry gateway did not answer /healthz within 60 s: see its output above")
+    """`ferry gateway` on free ports, HTTP and gRPC, as bench/gateway_overhead.py starts it."""
+    return gateway_overhead.start_gateway(world, [sys.executable, "-m", "ferry", "gateway"])
 
 
 def register_all(world: World) -> dict[str, int]:
