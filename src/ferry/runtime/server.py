@@ -277,7 +277,19 @@ def down(settings: Settings, grace_s: float = EXIT_TIMEOUT_S + 5) -> bool:
     _reap(pid)
     _pid_file(settings).unlink(missing_ok=True)
     clean_shared_memory(settings)
+    if stopped:
+        _wait_ports_free(settings)
     return stopped
+
+
+def _wait_ports_free(settings: Settings, timeout_s: float = 5.0) -> None:
+    """Until the stopped server's ports can be bound again (a killed server's sockets close a moment after it
+    is reaped), so that `ferry triton down` then `up` does not find its own ports taken."""
+    deadline = time.monotonic() + timeout_s
+    while any(_port_in_use(settings.triton.host, port) for port in _ports(settings)):
+        if time.monotonic() > deadline:
+            return  # up() then says which port is taken, and by what hint
+        time.sleep(0.05)
 
 
 def _kill_group(pid: int | None) -> None:
