@@ -81,9 +81,6 @@ class FakeTriton:
     def placement(self, model: str) -> Placement:
         return placement(self.index(), model)
 
-    def serving(self, model: str) -> list[int]:
-        return self.placement(model).serving
-
     def load(self, model: str, config_json: str, files: dict[str, bytes] | None = None) -> None:
         self._check()
         config = json.loads(config_json)

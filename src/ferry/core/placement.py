@@ -9,7 +9,7 @@ from ferry.core.errors import FerryError, TritonError
 from ferry.core.fleet import Fleet
 from ferry.core.front import disk_config, front_config, front_files, store_config, store_name
 from ferry.core.model_config import from_pbtxt, model_config_pb2, to_override_json
-from ferry.core.records import Candidate, Snapshot
+from ferry.core.records import Candidate, CurrentState, Snapshot, parse_utc_stamp, utc_stamp
 from ferry.core.repository import ModelDir
 from ferry.core.triton import Placement, Triton
 
@@ -93,7 +93,7 @@ def wait_serving(fleet: Fleet, model: str, wanted: list[int], timeout_s: float =
     previous version kept warm too; a version that is unloading no longer counts); what each replica
     serves (or why it could not say) either way."""
     def settled(where: Placement | FerryError) -> bool:
-        return isinstance(where, Placement) and where.front == wanted and where.store in (wanted, held or wanted)
+        return isinstance(where, Placement) and where.settled(wanted, held)
 
     def wait_on(triton: Triton) -> Placement:
         deadline = time.monotonic() + timeout_s
@@ -108,6 +108,15 @@ def wait_serving(fleet: Fleet, model: str, wanted: list[int], timeout_s: float =
         url: where if isinstance(where, FerryError) else where.serving for url, where in placements.items()}
     verified = all(settled(where) for where in placements.values())
     return verified, serving
+
+
+def held_versions(current: CurrentState | None) -> list[int]:
+    """What the store should hold: the active version, and the previous one while its warm window lasts."""
+    if current is None:
+        return []
+    warm = current.previous_warm_until_utc and current.previous_version is not None \
+        and parse_utc_stamp(current.previous_warm_until_utc) >= parse_utc_stamp(utc_stamp())
+    return sorted({current.active_version} | ({current.previous_version} if warm else set()))
 
 
 def serving_problems(states: dict[str, list[int] | FerryError], wanted: list[int]) -> list[str]:

@@ -11,8 +11,7 @@ from ferry.core.errors import Busy, FerryError, InvalidInput
 from ferry.core.fleet import Fleet
 from ferry.core.journal import read_journal
 from ferry.core.lock import holding
-from ferry.core.placement import pin, retire, serving_problems, wait_serving
-from ferry.core.records import CurrentState, parse_utc_stamp, utc_stamp
+from ferry.core.placement import held_versions, pin, retire, serving_problems, wait_serving
 from ferry.core.repository import ModelDir
 from ferry.core.services import Ferry
 from ferry.core.triton import Placement
@@ -55,7 +54,7 @@ def _reconcile(ferry: Ferry, model_dir: ModelDir) -> Reconciled:
     current = read_current(model_dir)
     version = current.active_version if current else None
     wanted = [version] if version is not None else []
-    held = _held(current)
+    held = held_versions(current)
     fleet = ferry.fleet()
     placements = fleet.settled(lambda triton: triton.placement(model_dir.model))
     states: dict[str, list[int] | FerryError] = {
@@ -84,17 +83,8 @@ def _reconcile(ferry: Ferry, model_dir: ModelDir) -> Reconciled:
     return _result(model_dir, version, "loaded", {**states, **after, **failed}, wanted)
 
 
-def _held(current: CurrentState | None) -> list[int]:
-    """What the store should hold: the active version, and the previous one while it is kept warm."""
-    if current is None:
-        return []
-    warm = current.previous_version if current.previous_warm_until_utc and current.previous_version is not None \
-        and parse_utc_stamp(current.previous_warm_until_utc) >= parse_utc_stamp(utc_stamp()) else None
-    return sorted({current.active_version} | ({warm} if warm is not None else set()))
-
-
 def _in_place(where: Placement | FerryError, wanted: list[int], held: list[int]) -> bool:
-    return isinstance(where, Placement) and where.front == wanted and where.store in (wanted, held)
+    return isinstance(where, Placement) and where.settled(wanted, held)
 
 
 def _pinned(model_dir: ModelDir, wanted: list[int], held: list[int]) -> bool:

@@ -285,12 +285,11 @@ class Runner(Baking):
             report.warnings.append(f"committed v{candidate.version}, but its replicas are unknown: {error} "
                                    "(run `ferry reconcile`)")
             return report
-        current = report.current
-        warm = current.previous_version if current is not None and current.previous_warm_until_utc else None
+        held = placement.held_versions(report.current)  # the previous version too, if its window is still open
+        warm = next((v for v in held if v != candidate.version), None)
         report.warnings += placement.pin_after_commit(self.model_dir, candidate, fleet, warm,
                                                   record.snapshot.active_version)
-        _, states = placement.wait_serving(fleet, self.model, [candidate.version],
-                                       held=sorted({candidate.version, warm}) if warm is not None else None)
+        _, states = placement.wait_serving(fleet, self.model, [candidate.version], held=held)
         report.warnings += [f"{problem} (drift: run `ferry reconcile`)"
                             for problem in placement.serving_problems(states, [candidate.version])]
         return report

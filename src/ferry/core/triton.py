@@ -53,9 +53,10 @@ class Placement:
         another tool): what it serves itself."""
         return sorted(set(self.front) & set(self.store)) if self.store else self.front
 
-    def exactly(self, versions: list[int]) -> bool:
-        """Whether the front serves ``versions`` and the store holds nothing else (no candidate left)."""
-        return self.front == versions and self.store == versions
+    def settled(self, wanted: list[int], held: list[int] | None = None) -> bool:
+        """Whether the front serves ``wanted`` and the store holds nothing else (no candidate left), or ``held``
+        (``wanted`` and the previous version, kept warm)."""
+        return self.front == wanted and self.store in (wanted, held or wanted)
 
 
 def placement(index: dict[str, list[VersionState]], model: str) -> Placement:
@@ -141,9 +142,6 @@ class Triton:
 
     def placement(self, model: str) -> Placement:
         return placement(self.index(), model)
-
-    def serving(self, model: str) -> list[int]:
-        return self.placement(model).serving
 
     def version_ready(self, model: str, version: int) -> bool:
         return bool(self._call("the readiness check", lambda c: c.is_model_ready, model, str(version)))
