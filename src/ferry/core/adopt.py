@@ -20,6 +20,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -31,7 +32,7 @@ from ferry.core.lock import current_user, holding
 from ferry.core.model_config import with_versions
 from ferry.core.records import CurrentState, Manifest, QuarantineReason, utc_stamp
 from ferry.core.repository import MANIFEST, ModelDir
-from ferry.core.steps import Ferry
+from ferry.core.services import Ferry
 
 ADOPTED_DIR = "adopted"
 LEGACY_FILE = "current.json"
@@ -58,7 +59,7 @@ class AdoptionPlan(BaseModel):
     served_by: dict[str, list[int]]  # each replica and what it serves
     versions: list[VersionFinding]
     failed_dirs: list[str]  # directories another tool marked failed, to move into quarantine
-    legacy_current: dict | None = None  # the other tool's marker, if it is a JSON object
+    legacy_current: dict[str, Any] | None = None  # the other tool's marker, if it is a JSON object
     legacy_file: str | None = None  # the other tool's marker file, moved into adopted/ whatever it holds
     alias: str | None = None
     actions: list[str] = []
@@ -110,7 +111,7 @@ def adopt(ferry: Ferry, model: str, version: int | None = None) -> AdoptionPlan:
         return plan
 
 
-def _read_legacy(path: Path) -> dict | None:
+def _read_legacy(path: Path) -> dict[str, Any] | None:
     """The other tool's marker as a JSON object; None when there is none, or it is not one."""
     try:
         record = json.loads(path.read_text())
@@ -222,7 +223,7 @@ def _write_manifest(model_dir: ModelDir, finding: VersionFinding, runtime: str) 
 
 
 def _quarantine_failed_dir(model_dir: ModelDir, name: str) -> None:
-    version = int(re.match(r"\d+", name).group())  # type: ignore[union-attr] - the name starts with digits
+    version = int(re.findall(r"^\d+", name)[0])  # the name starts with its version
     reason = QuarantineReason(deploy_id="adopted", model=model_dir.model, version=version, failed_step="unknown",
                               error=f"marked failed as {name} by the tool that deployed before ferry",
                               failed_at_utc=utc_stamp())

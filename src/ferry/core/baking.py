@@ -101,13 +101,14 @@ class Baking:
     def _bake(self, journal: Journal) -> None:
         """The bake in this process: an evaluation every gate interval until it passes, fails or is decided."""
         self.bake_start(journal)
-        settings = self.ferry.settings
-        next_check = time.monotonic() + min(settings.gate_interval_s, journal.record.rollout.bake_s)
+        settings, plan = self.ferry.settings, journal.record.rollout
+        assert plan is not None
+        next_check = time.monotonic() + min(settings.gate_interval_s, plan.bake_s)
         while True:
             time.sleep(0.2)
             if time.monotonic() < next_check and not self.model_dir.rollout_control_path.exists():
                 continue
             if self.bake_check(journal):
                 return
-            remaining = journal.record.rollout.bake_s - (time.time() - (journal.record.bake_started_unix or 0))
+            remaining = plan.bake_s - (time.time() - (journal.record.bake_started_unix or 0))
             next_check = time.monotonic() + max(0.2, min(settings.gate_interval_s, remaining))

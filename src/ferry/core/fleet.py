@@ -12,6 +12,7 @@ and an IPv6 address: IPv4 addresses are used when there are any, so that no repl
 
 from __future__ import annotations
 
+import functools
 import socket
 import threading
 from collections.abc import Callable, Iterable
@@ -44,7 +45,7 @@ def _lookup(endpoint: Endpoint) -> list[Endpoint]:
     v6 = sorted({info[4][0] for info in found if info[0] == socket.AF_INET6})
     if not v4 and not v6:
         raise Unavailable(f"{endpoint.host} resolves to no address", "is any Triton replica ready?")
-    return [Endpoint(address, endpoint.port) for address in (v4 or v6)]
+    return [Endpoint(str(address), endpoint.port) for address in (v4 or v6)]
 
 
 class ReplicaFailed(FerryError):
@@ -83,7 +84,7 @@ class Fleet:
 
         # Each replica's calls run on its own worker thread, so its connection is made once and reused by
         # every step (a tritonclient HTTP client is bound to the thread that made it).
-        futures = [replica.submit(lambda replica=replica: bounded(replica)) for replica in self.replicas]
+        futures = [replica.submit(functools.partial(bounded, replica)) for replica in self.replicas]
         return {replica.url: future.result() for replica, future in zip(self.replicas, futures)}
 
     def each(self, action: Callable[[Triton], T]) -> dict[str, T]:

@@ -17,7 +17,7 @@ from typing import Any
 
 from google.protobuf import json_format, text_format
 from google.protobuf.message import DecodeError
-from tritonclient.grpc import model_config_pb2
+from tritonclient.grpc import model_config_pb2 as model_config_pb2
 
 from ferry.core.errors import InvalidInput
 
@@ -62,7 +62,7 @@ def _tensor_spec(value: Any) -> TensorSpec:  # an onnx.ValueInfoProto
     return TensorSpec(value.name, _ONNX_TO_TRITON[tensor.elem_type], dims)
 
 
-def _signature(inputs: list, outputs: list, initializers: set[str]) -> Signature:
+def _signature(inputs: list[Any], outputs: list[Any], initializers: set[str]) -> Signature:
     return Signature(
         tuple(_tensor_spec(v) for v in inputs if v.name not in initializers),
         tuple(_tensor_spec(v) for v in outputs),
@@ -136,7 +136,9 @@ def _read_onnx_signature(path: Path) -> Signature:
             graph = [(s, e) for field, s, e in _fields(buf, 0, len(buf)) if field == _MODEL_GRAPH]
             if not graph:
                 raise ValueError("it has no graph")
-            inputs, outputs, initializers = [], [], set()
+            inputs: list[Any] = []
+            outputs: list[Any] = []
+            initializers: set[str] = set()
             for field, s, e in _fields(buf, *graph[-1]):
                 if field == _GRAPH_INPUT:
                     inputs.append(onnx.ValueInfoProto.FromString(bytes(buf[s:e])))
@@ -155,7 +157,7 @@ def config_signature(config: model_config_pb2.ModelConfig) -> Signature:
     """The full tensor shapes a config describes: with batching on, Triton's dims leave out the batch dimension."""
     batch = (-1,) if config.max_batch_size > 0 else ()
 
-    def specs(tensors) -> tuple[TensorSpec, ...]:
+    def specs(tensors: Any) -> tuple[TensorSpec, ...]:
         return tuple(TensorSpec(t.name, api_datatype(t.data_type), (*batch, *t.dims)) for t in tensors)
 
     return Signature(specs(config.input), specs(config.output))
@@ -189,10 +191,10 @@ def signature_mismatches(declared: Signature, configured: Signature) -> list[str
 
 
 def build_config(model: str, signature: Signature, runtime: str) -> model_config_pb2.ModelConfig:
-    def tensors(specs: tuple[TensorSpec, ...]) -> list[dict]:
+    def tensors(specs: tuple[TensorSpec, ...]) -> list[dict[str, Any]]:
         return [{"name": t.name, "data_type": config_type(t.datatype), "dims": list(t.dims)} for t in specs]
 
-    fields: dict = {
+    fields: dict[str, Any] = {
         "name": model,
         "max_batch_size": 0,
         "input": tensors(signature.inputs),
@@ -215,7 +217,7 @@ def with_versions(config: model_config_pb2.ModelConfig, versions: list[int]) -> 
 
 
 def to_pbtxt(config: model_config_pb2.ModelConfig) -> str:
-    return text_format.MessageToString(config)
+    return str(text_format.MessageToString(config))
 
 
 def from_pbtxt(text: str) -> model_config_pb2.ModelConfig:

@@ -114,9 +114,10 @@ def held_versions(current: CurrentState | None) -> list[int]:
     """What the store should hold: the active version, and the previous one while its warm window lasts."""
     if current is None:
         return []
-    warm = current.previous_warm_until_utc and current.previous_version is not None \
-        and parse_utc_stamp(current.previous_warm_until_utc) >= parse_utc_stamp(utc_stamp())
-    return sorted({current.active_version} | ({current.previous_version} if warm else set()))
+    previous, until = current.previous_version, current.previous_warm_until_utc
+    if previous is None or not until or parse_utc_stamp(until) < parse_utc_stamp(utc_stamp()):
+        return [current.active_version]
+    return sorted({current.active_version, previous})
 
 
 def serving_problems(states: dict[str, list[int] | FerryError], wanted: list[int]) -> list[str]:

@@ -208,7 +208,7 @@ class ModelDir:
     def staging_dirs(self, deploy_id: str) -> dict[Path, int]:
         """The staging folders a deploy left, with the version each was for (``<model>/.staging`` is where
         earlier releases staged: a deploy they left is still found there)."""
-        found = {}
+        found: dict[Path, int] = {}
         for root in (self.staging_root, self.path / ".staging"):
             if root.exists():
                 found |= {path: int(path.name[1:].split("-", 1)[0]) for path in root.glob(f"v*-{deploy_id}")}

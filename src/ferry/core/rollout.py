@@ -22,6 +22,7 @@ import re
 import urllib.request
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from ferry.core.config import Settings
 from ferry.core.errors import InvalidInput, StepFailed
@@ -72,7 +73,7 @@ def request_control(model_dir: ModelDir, action: str, who: str) -> None:
     atomic_write(model_dir.rollout_control_path, json.dumps({"action": action, "by": who}).encode())
 
 
-def take_control(model_dir: ModelDir) -> dict | None:
+def take_control(model_dir: ModelDir) -> dict[str, Any] | None:
     try:
         control = json.loads(model_dir.rollout_control_path.read_text())
     except (FileNotFoundError, ValueError):
@@ -133,13 +134,13 @@ def _add_samples(counts: Counts, text: str, model: str) -> None:
             counts.setdefault((key[0], "shadow", labels.get("result", "")), Tally()).value += value
 
 
-def dump_counts(counts: Counts) -> list[dict]:
+def dump_counts(counts: Counts) -> list[dict[str, Any]]:
     """Counts as JSON (kept in the journal, so that a bake spread over processes measures from its start)."""
     return [{"key": list(key), "value": tally.value, "buckets": [[b, c] for b, c in tally.buckets.items()]}
             for key, tally in counts.items()]
 
 
-def load_counts(entries: list[dict]) -> Counts:
+def load_counts(entries: list[dict[str, Any]]) -> Counts:
     return {tuple(e["key"]): Tally(e["value"], {float(b): c for b, c in e["buckets"]}) for e in entries}
 
 

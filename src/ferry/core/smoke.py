@@ -12,31 +12,34 @@ import binascii
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 from tritonclient.utils import np_to_triton_dtype, triton_to_np_dtype
 
 from ferry.core.errors import InvalidInput
 from ferry.core.model_config import Signature, shape_fits
 
+Array = NDArray[Any]  # a tensor of any element type
 SMOKE_FILE = "smoke.json"
 B64 = "b64"  # the key of a BYTES element that is not UTF-8 text: {"b64": "<base64 of the bytes>"}
 
 
 @dataclass
 class SmokeSample:
-    inputs: dict[str, np.ndarray]
-    golden: dict[str, np.ndarray] | None  # None: no golden outputs were recorded
+    inputs: dict[str, Array]
+    golden: dict[str, Array] | None  # None: no golden outputs were recorded
     rtol: float | None = None
     atol: float | None = None
 
 
-def is_bytes(value: np.ndarray) -> bool:
+def is_bytes(value: Array) -> bool:
     """A BYTES tensor: object arrays (of bytes or str, as Triton's clients build them), numpy bytes or str."""
     return value.dtype.kind in "OSU"
 
 
-def as_bytes(value: np.ndarray) -> np.ndarray:
+def as_bytes(value: Array) -> Array:
     """A BYTES tensor as an object array of bytes (what Triton's clients answer); str items as UTF-8."""
     items = [item if isinstance(item, bytes) else _text_bytes(item) for item in value.ravel().tolist()]
     out = np.empty(len(items), dtype=np.object_)
@@ -69,14 +72,14 @@ def bytes_from_json(item: object) -> bytes:
     raise ValueError(f'a BYTES element is a string or {{"{B64}": "<base64>"}}, not {item!r:.40}')
 
 
-def _tensor_json(value: np.ndarray) -> dict:
+def _tensor_json(value: Array) -> dict[str, Any]:
     if is_bytes(value):
         data = [bytes_to_json(item) for item in as_bytes(value).ravel()]
         return {"datatype": "BYTES", "shape": list(value.shape), "data": data}
     return {"datatype": np_to_triton_dtype(value.dtype), "shape": list(value.shape), "data": value.ravel().tolist()}
 
 
-def _tensor_from_json(t: dict) -> np.ndarray:
+def _tensor_from_json(t: dict[str, Any]) -> Array:
     if t["datatype"] != "BYTES":
         return np.asarray(t["data"], dtype=triton_to_np_dtype(t["datatype"])).reshape(t["shape"])
     if not isinstance(t["data"], list):
@@ -87,16 +90,16 @@ def _tensor_from_json(t: dict) -> np.ndarray:
     return out.reshape(t["shape"])
 
 
-def _to_json(tensors: dict[str, np.ndarray]) -> dict:
+def _to_json(tensors: dict[str, Array]) -> dict[str, Any]:
     return {name: _tensor_json(np.asarray(value)) for name, value in tensors.items()}
 
 
-def _from_json(tensors: dict) -> dict[str, np.ndarray]:
+def _from_json(tensors: dict[str, Any]) -> dict[str, Array]:
     return {name: _tensor_from_json(t) for name, t in tensors.items()}
 
 
 def dump_sample(sample: SmokeSample) -> str:
-    body: dict = {"inputs": _to_json(sample.inputs)}
+    body: dict[str, Any] = {"inputs": _to_json(sample.inputs)}
     if sample.golden is not None:
         body["outputs"] = _to_json(sample.golden)
     body.update({k: v for k, v in (("rtol", sample.rtol), ("atol", sample.atol)) if v is not None})
@@ -119,14 +122,14 @@ def synthetic_sample(signature: Signature) -> SmokeSample:
     return SmokeSample(inputs, None)
 
 
-def _zeros(shape: list[int], datatype: str) -> np.ndarray:
+def _zeros(shape: list[int], datatype: str) -> Array:
     if datatype == "BYTES":  # the text "0": the zero a string model most likely parses (Cast to a number)
         return np.full(shape, b"0", dtype=np.object_)
     return np.zeros(shape, dtype=triton_to_np_dtype(datatype))
 
 
 def output_problems(
-    signature: Signature, outputs: dict[str, np.ndarray], golden: dict[str, np.ndarray] | None, rtol: float, atol: float
+    signature: Signature, outputs: dict[str, Array], golden: dict[str, Array] | None, rtol: float, atol: float
 ) -> list[str]:
     """Everything wrong with an inference's outputs: missing, dtype, shape, and distance from golden."""
     problems = []
@@ -145,7 +148,7 @@ def output_problems(
     return problems
 
 
-def _golden_problems(name: str, value: np.ndarray, want: np.ndarray, rtol: float, atol: float) -> list[str]:
+def _golden_problems(name: str, value: Array, want: Array, rtol: float, atol: float) -> list[str]:
     if value.shape != want.shape:
         return [f"output '{name}' has shape {list(value.shape)}, the golden output has {list(want.shape)}"]
     if is_bytes(value) or is_bytes(want):

@@ -11,7 +11,7 @@ import datetime as dt
 import time
 import uuid
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from ferry.core import staging
 from ferry.core.current import read_current, restore_current, write_current
@@ -215,7 +215,7 @@ def _wait_ready_on(triton: Triton, model: str, version: int, timeout_s: float) -
         time.sleep(0.05)
 
 
-def smoke(ferry: Ferry, snapshot: Snapshot, candidate: Candidate) -> dict:
+def smoke(ferry: Ferry, snapshot: Snapshot, candidate: Candidate) -> dict[str, Any]:
     """Infer on the candidate version alone; check outputs against the config and the golden outputs."""
     if not needs_validation(candidate):
         return {}
@@ -295,7 +295,7 @@ def undo(ferry: Ferry, snapshot: Snapshot, failure: Failure, candidate: int | No
                               error=failure.message, hint=failure.hint, detail=failure.detail,
                               failed_at_utc=utc_stamp())
 
-    def attempt(what: str, action: Callable[[], object]) -> object:
+    def attempt(what: str, action: Callable[[], T]) -> T | None:
         try:
             result = action()
         except Exception as error:  # best effort: record it and go on with the next action
@@ -317,7 +317,7 @@ def undo(ferry: Ferry, snapshot: Snapshot, failure: Failure, candidate: int | No
     if snapshot.current is not None:
         attempt("checked the store's link", model_dir.ensure_store_link)
     attempt("asked Triton to serve only the active version", lambda: serve_only_active(fleet, snapshot))
-    wanted = [snapshot.active_version] if snapshot.current else []
+    wanted = [snapshot.current.active_version] if snapshot.current else []
     verified, states = wait_serving(fleet, snapshot.model, wanted)
     problems += serving_problems(states, wanted)
     replicas = {url: s for url, s in states.items() if not isinstance(s, FerryError)}

@@ -10,15 +10,17 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import numpy as np
 import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
 from ferry.core.config import Endpoint, parse_endpoint
 from ferry.core.errors import TritonError, TritonTimeout, one_line
 from ferry.core.front import store_name
+
+if TYPE_CHECKING:
+    from ferry.core.smoke import Array
 
 # The header that carries the key of Triton's restricted model-control API (load, unload, repository index).
 API_KEY_HEADER = "ferry-api-key"
@@ -146,8 +148,8 @@ class Triton:
     def version_ready(self, model: str, version: int) -> bool:
         return bool(self._call("the readiness check", lambda c: c.is_model_ready, model, str(version)))
 
-    def infer(self, model: str, version: int, inputs: dict[str, np.ndarray],
-              datatypes: dict[str, str]) -> dict[str, np.ndarray]:
+    def infer(self, model: str, version: int, inputs: dict[str, Array],
+              datatypes: dict[str, str]) -> dict[str, Array]:
         tensors = []
         for name, value in inputs.items():
             tensor = triton_http.InferInput(name, list(value.shape), datatypes[name])
