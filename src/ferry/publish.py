@@ -75,7 +75,9 @@ def log_onnx_model(
         if extra:
             (folder / "training.json").write_text(json.dumps(extra, indent=1))
         mlflow.log_artifacts(str(folder), artifact_path=artifact_path)
-    return f"runs:/{mlflow.active_run().info.run_id}/{artifact_path}"
+    run = mlflow.active_run()
+    assert run is not None  # log_artifacts starts a run when none is active
+    return f"runs:/{run.info.run_id}/{artifact_path}"
 
 
 def register_version(model: str, source: str, run_id: str, alias: str | None = None,

@@ -265,7 +265,7 @@ def down(settings: Settings, grace_s: float = EXIT_TIMEOUT_S + 5) -> bool:
     """
     pid = _read_pid(settings)
     stopped = False
-    if _alive(pid):
+    if pid is not None and _alive(pid):
         os.killpg(pid, signal.SIGINT if grace_s > 0 else signal.SIGKILL)
         deadline = time.monotonic() + grace_s
         while _alive(pid) and time.monotonic() < deadline:

@@ -12,7 +12,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from ferry.adapters.watch.logs import log, shown
 from ferry.core.errors import InvalidInput
@@ -20,7 +20,7 @@ from ferry.core.fsutil import atomic_write
 from ferry.core.repository import check_name
 
 WEBHOOK_PATH = "/mlflow/webhook"
-ALIAS_CREATED = "model_version_alias.created"
+ALIAS_CREATED: Final = "model_version_alias.created"
 SIGNATURE, TIMESTAMP, DELIVERY_ID = "X-MLflow-Signature", "X-MLflow-Timestamp", "X-MLflow-Delivery-Id"
 TOLERANCE_S = 300  # a delivery signed further from now than this is stale
 DELIVERY_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")  # MLflow's are UUIDs; Airflow run ids allow these

@@ -73,10 +73,10 @@ class Dispatcher:
     def _work(self, model: str) -> None:
         while True:
             with self._lock:
-                queue = self._queues.get(model)
+                queue = self._queues.get(model) or deque()
                 ending = not queue or self.stopping.is_set()
                 if ending:
-                    dropped = list(queue or ())
+                    dropped = list(queue)
                     self._queues.pop(model, None)
                     self._workers.pop(model, None)
                     self.metrics.queued.labels(model).set(0)

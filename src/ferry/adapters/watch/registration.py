@@ -50,7 +50,7 @@ def _private(host: str) -> bool:
     except (OSError, UnicodeError):
         return False
     for address in addresses:
-        ip = ipaddress.ip_address(address.split("%")[0])
+        ip = ipaddress.ip_address(str(address).split("%")[0])
         if ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved:
             return True
     return False
