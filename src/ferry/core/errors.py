@@ -2,13 +2,17 @@
 
     FerryError                      the root; ``message`` and ``hint``
     ├── InvalidInput                bad input (a name, a setting, an argument, a damaged file): fix it, do not retry
-    │   └── NoSuchModel             the model has nothing ferry knows of
+    │   ├── NoSuchModel             the model has nothing ferry knows of
+    │   ├── NotOnnx                 a model file that is not ONNX ferry can read the signature of
+    │   └── DeliveryRefused         a webhook delivery the watcher does nothing for (``result`` says why)
     ├── Unavailable                 a dependency did not answer (MLflow, Triton, Prometheus): worth retrying
+    │   └── PrometheusError         ... Prometheus, which ``ferry status`` and ``ferry report`` read
     ├── Busy                        another deploy of the model holds it, or left an unfinished journal
     ├── TritonError                 Triton answered with a refusal
     │   └── TritonTimeout           ... or did not answer in time (``retryable``, as is "not reachable")
     ├── RegistryError               MLflow answered with a refusal (unknown alias, version)
     ├── StepFailed                  a step of the transaction failed: the deploy is rolled back
+    ├── ReplicaFailed               an action failed on one replica of a fleet (``replica``, ``cause``)
     └── GatewayError                a request to the gateway that it answers with ``status``
 
 ``retryable`` is what an orchestrator looks at: a dependency that did not answer may answer later;
@@ -42,10 +46,26 @@ class NoSuchModel(InvalidInput):
     """The repository has nothing for this model: no committed version, no config, no history."""
 
 
+class NotOnnx(InvalidInput):
+    """The bytes are not an ONNX model ferry can read the signature of."""
+
+
+class DeliveryRefused(InvalidInput):
+    """A webhook delivery the watcher does nothing for; ``result`` names why (its metric label and answer)."""
+
+    def __init__(self, result: str, message: str) -> None:
+        super().__init__(message)
+        self.result = result
+
+
 class Unavailable(FerryError):
     """A dependency (MLflow, Triton, Prometheus) could not be reached or did not answer in time."""
 
     retryable_by_default = True
+
+
+class PrometheusError(Unavailable):
+    """Prometheus did not answer a query, or answered something that is not a query result."""
 
 
 class Busy(FerryError):
@@ -75,6 +95,15 @@ class StepFailed(FerryError):
         self.step = step
         self.version = version
         self.replica = replica  # the Triton replica it failed on, in a fleet
+
+
+class ReplicaFailed(FerryError):
+    """An action failed on one replica; ``replica`` names it."""
+
+    def __init__(self, replica: str, error: FerryError) -> None:
+        super().__init__(f"on replica {replica}: {error.message}", error.hint, error.retryable, error.detail)
+        self.replica = replica
+        self.cause = error
 
 
 class GatewayError(FerryError):

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 from ferry.core.config import Endpoint, ReplicaSource
-from ferry.core.errors import FerryError, Unavailable
+from ferry.core.errors import FerryError, ReplicaFailed, Unavailable
 from ferry.core.triton import Triton
 
 MAX_PARALLEL = 128  # concurrent calls to replicas (and so connections) of one action, at most
@@ -46,15 +46,6 @@ def _lookup(endpoint: Endpoint) -> list[Endpoint]:
     if not v4 and not v6:
         raise Unavailable(f"{endpoint.host} resolves to no address", "is any Triton replica ready?")
     return [Endpoint(str(address), endpoint.port) for address in (v4 or v6)]
-
-
-class ReplicaFailed(FerryError):
-    """An action failed on one replica; ``replica`` names it."""
-
-    def __init__(self, replica: str, error: FerryError) -> None:
-        super().__init__(f"on replica {replica}: {error.message}", error.hint, error.retryable, error.detail)
-        self.replica = replica
-        self.cause = error
 
 
 class Fleet:

@@ -19,7 +19,7 @@ from google.protobuf import json_format, text_format
 from google.protobuf.message import DecodeError
 from tritonclient.grpc import model_config_pb2 as model_config_pb2
 
-from ferry.core.errors import InvalidInput
+from ferry.core.errors import NotOnnx
 
 # ONNX element type (TensorProto.DataType, fixed by onnx.proto) -> Triton API datatype. BYTES is Triton's name
 # for strings. onnx itself (150 ms to import) is imported only where a signature is read, not by every command.
@@ -106,10 +106,6 @@ def _fields(buf: memoryview, start: int, end: int) -> Iterator[tuple[int, int, i
             raise ValueError(f"unexpected protobuf wire type {wire}")
     if pos != end:
         raise ValueError("truncated protobuf message")
-
-
-class NotOnnx(InvalidInput):
-    """The bytes are not an ONNX model ferry can read the signature of."""
 
 
 def read_onnx_signature(path: Path) -> Signature:

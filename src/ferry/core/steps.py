@@ -15,8 +15,8 @@ from typing import Any, TypeVar
 
 from ferry.core import staging
 from ferry.core.current import read_current, restore_current, write_current
-from ferry.core.errors import FerryError, InvalidInput, StepFailed, TritonError, TritonTimeout
-from ferry.core.fleet import Fleet, ReplicaFailed
+from ferry.core.errors import FerryError, InvalidInput, ReplicaFailed, StepFailed, TritonError, TritonTimeout
+from ferry.core.fleet import Fleet
 from ferry.core.front import disk_config, store_config, store_name
 from ferry.core.model_config import (
     config_signature,

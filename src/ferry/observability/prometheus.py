@@ -7,11 +7,7 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
-from ferry.core.errors import Unavailable
-
-
-class PrometheusError(Unavailable):
-    pass
+from ferry.core.errors import PrometheusError
 
 
 def query(prometheus_url: str, endpoint: str, timeout_s: float, **params: Any) -> list[dict]:

@@ -14,10 +14,11 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
-from ferry.adapters.watch.delivery import WEBHOOK_PATH, Refusal
+from ferry.adapters.watch.delivery import HTTP_STATUS, WEBHOOK_PATH
 from ferry.adapters.watch.logs import log, shown
 from ferry.adapters.watch.service import Watch
 from ferry.core.config import Settings
+from ferry.core.errors import DeliveryRefused
 
 MAX_BODY_BYTES = 64 * 1024  # MLflow's registry events are a few hundred bytes
 BODY_TIMEOUT_S = 10.0
@@ -26,17 +27,17 @@ BODY_TIMEOUT_S = 10.0
 async def _read_body(request: Request) -> bytes:
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > MAX_BODY_BYTES:
-        raise Refusal(413, "too_large", f"the body is {int(length)} bytes; at most {MAX_BODY_BYTES} are accepted")
+        raise DeliveryRefused("too_large", f"the body is {int(length)} bytes; at most {MAX_BODY_BYTES} are accepted")
     chunks, size = [], 0
     try:
         async with asyncio.timeout(BODY_TIMEOUT_S):
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > MAX_BODY_BYTES:
-                    raise Refusal(413, "too_large", f"the body is over {MAX_BODY_BYTES} bytes")
+                    raise DeliveryRefused("too_large", f"the body is over {MAX_BODY_BYTES} bytes")
                 chunks.append(chunk)
     except TimeoutError:
-        raise Refusal(408, "malformed", f"the body did not arrive within {BODY_TIMEOUT_S:.0f} s") from None
+        raise DeliveryRefused("slow_body", f"the body did not arrive within {BODY_TIMEOUT_S:.0f} s") from None
     return b"".join(chunks)
 
 
@@ -53,9 +54,9 @@ def build_app(watch: Watch) -> FastAPI:
     async def webhook(request: Request) -> Response:
         try:
             body = await _read_body(request)
-        except Refusal as refusal:
-            watch.metrics.deliveries.labels(refusal.label).inc()
-            return JSONResponse({"error": refusal.reason}, status_code=refusal.status)
+        except DeliveryRefused as refusal:
+            watch.metrics.deliveries.labels(refusal.result).inc()
+            return JSONResponse({"error": refusal.message}, status_code=HTTP_STATUS[refusal.result])
         status, answer = watch.handle(request.headers, body)
         return JSONResponse(answer, status_code=status)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from ferry.adapters.watch.logs import log, shown
-from ferry.core.errors import InvalidInput
+from ferry.core.errors import DeliveryRefused, InvalidInput
 from ferry.core.fsutil import atomic_write
 from ferry.core.repository import check_name
 
@@ -28,12 +28,9 @@ REPLAY_LIMIT = 10_000  # delivery ids kept at most (only authentic ones are kept
 MAX_VERSION = 10**9
 
 
-class Refusal(Exception):
-    """A delivery the receiver answers with ``status`` and does nothing for; ``label`` is its metric value."""
-
-    def __init__(self, status: int, label: str, reason: str) -> None:
-        super().__init__(reason)
-        self.status, self.label, self.reason = status, label, reason
+# The HTTP status each kind of refused delivery is answered with (the kind is also its metric label).
+HTTP_STATUS = {"bad_name": 400, "malformed": 400, "bad_signature": 401, "stale": 401, "unsigned": 401,
+               "no_secret": 403, "slow_body": 408, "replayed": 409, "too_large": 413}
 
 
 def sign(secret: bytes, delivery_id: str, timestamp: str, body: bytes) -> str:
@@ -43,26 +40,26 @@ def sign(secret: bytes, delivery_id: str, timestamp: str, body: bytes) -> str:
 
 
 def verify(secret: bytes, headers: Mapping[str, str], body: bytes, now: float) -> str:
-    """The delivery id of an authentic, fresh delivery; Refusal otherwise (``headers`` named in lower case)."""
+    """The delivery id of an authentic, fresh delivery; DeliveryRefused otherwise (``headers`` named in lower case)."""
     if not secret:
-        raise Refusal(403, "no_secret", "this receiver has no webhook secret yet: run `ferry watch register`")
+        raise DeliveryRefused("no_secret", "this receiver has no webhook secret yet: run `ferry watch register`")
     signature, stamp, delivery_id = (headers.get(h.lower(), "") for h in (SIGNATURE, TIMESTAMP, DELIVERY_ID))
     if not signature:
-        raise Refusal(401, "unsigned", f"no {SIGNATURE} header: create the webhook with a secret "
+        raise DeliveryRefused("unsigned", f"no {SIGNATURE} header: create the webhook with a secret "
                                        "(`ferry watch register`)")
     if not DELIVERY_ID_PATTERN.match(delivery_id):
-        raise Refusal(400, "malformed", f"{DELIVERY_ID} is missing or not a plain id")
+        raise DeliveryRefused("malformed", f"{DELIVERY_ID} is missing or not a plain id")
     if not (stamp.isascii() and stamp.isdigit() and len(stamp) <= 12):
-        raise Refusal(400, "malformed", f"{TIMESTAMP} is missing or not Unix seconds")
+        raise DeliveryRefused("malformed", f"{TIMESTAMP} is missing or not Unix seconds")
     expected = sign(secret, delivery_id, stamp, body).encode()
     offered = [s.strip().encode("utf-8", "replace") for s in signature.split(" ")[:8] if s.strip()]
     if not any(hmac.compare_digest(expected, s) for s in offered):
-        raise Refusal(401, "bad_signature", "the signature does not match: the webhook's secret differs from "
+        raise DeliveryRefused("bad_signature", "the signature does not match: the webhook's secret differs from "
                                             "this receiver's (run `ferry watch register` again)")
     age = now - int(stamp)
     if abs(age) > TOLERANCE_S:
         when = f"{age:.0f} s ago" if age > 0 else f"{-age:.0f} s in the future"
-        raise Refusal(401, "stale", f"the delivery was signed {when}; at most {TOLERANCE_S} s either way are "
+        raise DeliveryRefused("stale", f"the delivery was signed {when}; at most {TOLERANCE_S} s either way are "
                                     "accepted (a replay, or a clock that is off: check both clocks)")
     return delivery_id
 
@@ -119,14 +116,14 @@ class AliasMove:
 
 
 def parse_event(body: bytes) -> tuple[str, dict[str, Any]]:
-    """``(entity.action, data)`` of a registry event; Refusal (400) when it is not one."""
+    """``(entity.action, data)`` of a registry event; DeliveryRefused (400) when it is not one."""
     try:
         event = json.loads(body)
     except (ValueError, RecursionError):
-        raise Refusal(400, "malformed", "the body is not JSON") from None
+        raise DeliveryRefused("malformed", "the body is not JSON") from None
     if not isinstance(event, dict) or not isinstance(event.get("entity"), str) \
             or not isinstance(event.get("action"), str):
-        raise Refusal(400, "malformed", "the body is not an MLflow event ({entity, action, timestamp, data})")
+        raise DeliveryRefused("malformed", "the body is not an MLflow event ({entity, action, timestamp, data})")
     data = event.get("data")
     return f"{event['entity'][:64]}.{event['action'][:64]}", data if isinstance(data, dict) else {}
 
@@ -139,16 +136,16 @@ def plain_name(kind: str, value: str) -> str:
 
 
 def alias_move(data: dict[str, Any]) -> AliasMove:
-    """The ``data`` of model_version_alias.created; Refusal (400) unless it names a plain model name, a plain
+    """The ``data`` of model_version_alias.created; DeliveryRefused (400) unless it names a plain model name, a plain
     alias and the version the alias was set to."""
     name, alias, version = data.get("name"), data.get("alias"), data.get("version")
     if not isinstance(name, str) or not isinstance(alias, str):
-        raise Refusal(400, "malformed", f"{ALIAS_CREATED} needs string 'name' and 'alias'")
+        raise DeliveryRefused("malformed", f"{ALIAS_CREATED} needs string 'name' and 'alias'")
     for kind, value in (("model name", name), ("alias", alias)):
         try:
             plain_name(kind, value)
         except InvalidInput:
-            raise Refusal(400, "bad_name", f"{kind} '{shown(value)}' is not a plain name (letters, digits, '_', "
+            raise DeliveryRefused("bad_name", f"{kind} '{shown(value)}' is not a plain name (letters, digits, '_', "
                                            "'-', '.', starting with a letter or digit, no '..'): ferry deploys "
                                            "no such model") from None
     return AliasMove(name, alias, _version(version))
@@ -161,8 +158,8 @@ def _version(version: object) -> int:
         number = version
     else:
         given = "no 'version'" if version is None else f"'version' {shown(version, 40)}"
-        raise Refusal(400, "malformed", f"{ALIAS_CREATED} with {given}: it must name the version the alias was set "
+        raise DeliveryRefused("malformed", f"{ALIAS_CREATED} with {given}: it must name the version the alias was set "
                                         "to (a number, as MLflow sends it)")
     if not 0 < number < MAX_VERSION:
-        raise Refusal(400, "malformed", f"'version' {number} is not a model version (they are numbered from 1)")
+        raise DeliveryRefused("malformed", f"'version' {number} is not a model version (they are numbered from 1)")
     return number

@@ -9,7 +9,7 @@ from dataclasses import asdict
 from typing import Any
 
 from ferry.adapters.watch.airflow import AirflowDeployer
-from ferry.adapters.watch.delivery import ALIAS_CREATED, Refusal, ReplayGuard, alias_move, parse_event, verify
+from ferry.adapters.watch.delivery import ALIAS_CREATED, HTTP_STATUS, ReplayGuard, alias_move, parse_event, verify
 from ferry.adapters.watch.deployers import LocalDeployer
 from ferry.adapters.watch.dispatcher import Dispatcher
 from ferry.adapters.watch.files import (
@@ -25,6 +25,7 @@ from ferry.adapters.watch.metrics import WatchMetrics
 from ferry.adapters.watch.poller import AliasReader, Poller, Seen, mlflow_aliases
 from ferry.adapters.watch.triggers import Deployer, Trigger, TriggerLog
 from ferry.core.config import Settings
+from ferry.core.errors import DeliveryRefused
 
 
 def default_deployer(settings: Settings) -> Deployer:
@@ -63,12 +64,12 @@ class Watch:
         try:
             delivery_id = verify(self.secret.get(), headers, body, self.clock())
             if not self.replay.first_time(delivery_id, self.clock()):
-                raise Refusal(409, "replayed", f"delivery {delivery_id} was already received; not acted on again")
+                raise DeliveryRefused("replayed", f"delivery {delivery_id} was already received; not acted on again")
             status, answer = self._act(delivery_id, *parse_event(body))
-        except Refusal as refusal:
-            self.metrics.deliveries.labels(refusal.label).inc()
-            log.warning("webhook refused (%s): %s", refusal.status, refusal.reason)
-            return refusal.status, {"error": refusal.reason}
+        except DeliveryRefused as refusal:
+            self.metrics.deliveries.labels(refusal.result).inc()
+            log.warning("webhook refused (%s): %s", HTTP_STATUS[refusal.result], refusal.message)
+            return HTTP_STATUS[refusal.result], {"error": refusal.message}
         self.metrics.deliveries.labels(answer.get("result", "accepted")).inc()
         return status, answer
 
