@@ -43,10 +43,24 @@ def test_a_triton_url_ferry_cannot_use_is_refused_with_the_reason(url: str, mess
     ("FERRY_GATEWAY_PORT", "99999", "is not a TCP port"),
     ("FERRY_LOAD_TIMEOUT_S", "soon", "is not a valid float"),
     ("FERRY_RUNTIME", "tensorrt", "unknown runtime"),
+    ("FERRY_LOAD_TIMEOUT_S", "0", "must be more than 0"),
+    ("FERRY_WATCH_PORT", "70000", "is not a TCP port"),
 ])
 def test_bad_settings_are_refused(variable: str, value: str, message: str) -> None:
     with pytest.raises(InvalidInput, match=message):
         load_settings({variable: value, "FERRY_HOME": "/tmp/x"})
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"triton_url": "https://triton:8000"}, "uses https://"),
+    ({"runtime": "tensorrt"}, "unknown runtime"),
+    ({"gateway_max_elements": 0}, "lets no request through"),
+    ({"ready_timeout_s": -1.0}, "must be more than 0"),
+])
+def test_settings_changed_in_code_are_checked_as_loaded_ones_are(change: dict[str, object], message: str) -> None:
+    settings = load_settings({"FERRY_HOME": "/tmp/x"})
+    with pytest.raises(InvalidInput, match=message):
+        settings.with_overrides(**change)
 
 
 @pytest.mark.parametrize("name", ["../etc", "a/b", "..", "", ".hidden", "x" * 200, "a..b", "iris\n", "iris\r"])

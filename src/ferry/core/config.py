@@ -155,6 +155,24 @@ class Settings:
     gate_latency_slack_ms: float = 2.0
     gate_min_agreement: float = 0.99  # shadow: the share of mirrored requests whose outputs must agree
 
+    def __post_init__(self) -> None:
+        """Checked however the settings were made (load_settings, with_overrides, a test, a library call), so
+        that a bad value is refused before anything runs."""
+        if self.runtime not in RUNTIMES:
+            raise InvalidInput(f"unknown runtime {self.runtime!r}", f"set FERRY_RUNTIME to one of {RUNTIMES}")
+        parse_replica_sources(self.triton_url)
+        if self.gateway_max_elements < 1:
+            raise InvalidInput(f"FERRY_GATEWAY_MAX_ELEMENTS={self.gateway_max_elements} lets no request through",
+                               "give a positive number of elements (default 16777216)")
+        for name in ("gateway_port", "gateway_grpc_port", "triton_grpc_port", "triton_metrics_port", "watch_port"):
+            if getattr(self, name):
+                check_port(getattr(self, name), f"FERRY_{name.upper()}")
+        for name in ("triton_timeout_s", "load_timeout_s", "ready_timeout_s", "writeback_timeout_s",
+                     "gateway_body_timeout_s", "gate_interval_s", "max_artifact_mb"):
+            if not getattr(self, name) > 0:
+                raise InvalidInput(f"FERRY_{name.upper()}={getattr(self, name)} must be more than 0",
+                                   "give a positive number (or unset it for the default)")
+
     @cached_property
     def replica_sources(self) -> tuple[ReplicaSource, ...]:
         return parse_replica_sources(self.triton_url)
@@ -246,14 +264,4 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     home = typed.pop("home", None) or default_home()
     typed.setdefault("repository", home / "repository")
     typed.setdefault("tracking_uri", env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}")
-    settings = Settings(home=home, **typed)
-    if settings.runtime not in RUNTIMES:
-        raise InvalidInput(f"unknown runtime {settings.runtime!r}", f"set FERRY_RUNTIME to one of {RUNTIMES}")
-    parse_replica_sources(settings.triton_url)  # now, so that a bad URL is refused before anything runs
-    if settings.gateway_max_elements < 1:
-        raise InvalidInput(f"FERRY_GATEWAY_MAX_ELEMENTS={settings.gateway_max_elements} lets no request through",
-                           "give a positive number of elements (default 16777216)")
-    for name in ("gateway_port", "gateway_grpc_port", "triton_grpc_port", "triton_metrics_port"):
-        if getattr(settings, name):
-            check_port(getattr(settings, name), f"FERRY_{name.upper()}")
-    return settings
+    return Settings(home=home, **typed)
