@@ -40,6 +40,34 @@ BROKEN_VERSIONS = [
 ]
 
 
+# Tests that take a minute or more (the demos run every command of a story; whole Airflows and MLflow servers).
+LONG_TESTS = ("test_demo",)
+LONG_MODULES = ("test_airflow_local.py", "test_production_mlflow.py")
+
+
+def _is_long(item: pytest.Item) -> bool:
+    return item.name.startswith(LONG_TESTS) or item.path.name in LONG_MODULES
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Each xdist worker's first share of tests starts with its part of the long ones: xdist hands out
+    contiguous shares in collection order, and a long test left for the end makes one worker the run's tail."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    long = [item for item in items if _is_long(item)]
+    if workers < 2 or not long:
+        return
+    rest = [item for item in items if not _is_long(item)]
+    ordered: list[pytest.Item] = []
+    remaining = len(items)
+    for worker in range(workers):
+        share = remaining // (workers - worker)  # what xdist's work stealing sends this worker first
+        mine = long[worker::workers]
+        ordered += mine + rest[:max(0, share - len(mine))]
+        del rest[:max(0, share - len(mine))]
+        remaining -= share
+    items[:] = ordered + rest
+
+
 def _free_port_block(size: int = 3) -> int:
     """A base port with ``size`` consecutive free ports (Triton's http, grpc and metrics)."""
     for _ in range(200):
