@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,11 +89,27 @@ def _free_port_block(size: int = 3) -> int:
     raise RuntimeError("no free port block on 127.0.0.1")
 
 
+def _migrated_mlflow_db(path: Path) -> Path:
+    """``path``: a copy of an empty MLflow sqlite database with every migration applied. Migrating a new
+    database costs about a second; one is migrated per machine and MLflow version, then copied per test."""
+    import mlflow
+
+    template = Path(tempfile.gettempdir()) / f"ferry-tests-mlflow-{mlflow.__version__}.db"
+    with FileLock(f"{template}.lock"):
+        if not template.exists():
+            draft = template.with_suffix(f".{os.getpid()}.db")
+            mlflow.MlflowClient(tracking_uri=f"sqlite:///{draft}").search_experiments()
+            draft.rename(template)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(template, path)
+    return path
+
+
 def make_settings(home: Path, **overrides) -> Settings:
     settings = Settings(
         home=home,
         repository=home / "repository",
-        tracking_uri=f"sqlite:///{home / 'mlflow.db'}",
+        tracking_uri=f"sqlite:///{_migrated_mlflow_db(home / 'mlflow.db')}",
         triton_url=f"http://127.0.0.1:{_free_port_block()}",
         load_timeout_s=30.0,
         ready_timeout_s=10.0,
