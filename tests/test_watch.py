@@ -163,7 +163,7 @@ def test_an_alias_set_in_mlflow_deploys_through_the_webhook(world: World, mlflow
     assert 'ferry_watch_deliveries_total{result="ignored"}' in metrics  # MLflow's test event and @serving
     log = watcher.log.read_text()
     assert "iris@champion (v1) [webhook" in log and "committed: v1 committed (was nothing)" in log
-    assert "rolled_back: v2 refused at smoke" in log
+    assert "rolled_back: v2 failed at smoke" in log and "v1 still active and serving" in log
 
 
 # ---------------------------------------------------------------- hostile deliveries
@@ -507,7 +507,7 @@ def test_demo_watch_tells_the_story(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
     assert "test event: delivered: HTTP 200" in out and "committed: v1 committed (was nothing)" in out
-    assert "rolled_back: v2 refused at smoke" in out
+    assert "rolled_back: v2 failed at smoke" in out
     v1, v2 = out.rindex("iris v1  aliases: @serving"), out.rindex("iris v2  aliases: @champion")
     assert "ferry.status           serving" in out[v1:v2] and "ferry.failed_step      smoke" in out[v2:]
     assert "ferry.status           refused" in out[v2:] and "has shape [3, 4]" in out[v2:]

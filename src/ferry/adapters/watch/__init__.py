@@ -27,7 +27,7 @@ An adapter (uvicorn and FastAPI, as the gateway) in these parts:
 from ferry.adapters.watch.airflow import AirflowDeployer, dag_run_id
 from ferry.adapters.watch.app import build_app, serve
 from ferry.adapters.watch.delivery import ALIAS_CREATED, WEBHOOK_PATH, AliasMove, ReplayGuard, sign, verify
-from ferry.adapters.watch.deployers import LocalDeployer, describe
+from ferry.adapters.watch.deployers import LocalDeployer
 from ferry.adapters.watch.dispatcher import Dispatcher
 from ferry.adapters.watch.files import read_or_create_secret, secret_path, watched_aliases
 from ferry.adapters.watch.poller import Poller, Seen
@@ -38,6 +38,6 @@ from ferry.adapters.watch.triggers import Deployer, Trigger, TriggerLog
 __all__ = [
     "ALIAS_CREATED", "WEBHOOK_PATH", "AirflowDeployer", "AliasMove", "Deployer", "Dispatcher", "LocalDeployer",
     "Poller", "Registration", "ReplayGuard", "Seen", "Trigger", "TriggerLog", "Watch", "build_app",
-    "dag_run_id", "describe", "read_or_create_secret", "register_webhook", "secret_path", "serve", "sign", "verify",
+    "dag_run_id", "read_or_create_secret", "register_webhook", "secret_path", "serve", "sign", "verify",
     "watched_aliases",
 ]

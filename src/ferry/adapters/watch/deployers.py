@@ -15,24 +15,11 @@ from typing import Any, cast
 from ferry.adapters.watch.triggers import Trigger
 from ferry.core.config import Settings
 from ferry.core.errors import NoSuchModel, RegistryError, Unavailable
-from ferry.core.records import DeployReport, Outcome
 from ferry.core.registry import Registry, VersionRef
 from ferry.core.steps import Ferry
+from ferry.core.summary import outcome_line
 
 REFUSED = "refused"
-
-
-def describe(report: DeployReport) -> str:
-    if report.outcome == Outcome.COMMITTED:
-        was = f"v{report.previous_version}" if report.previous_version else "nothing"
-        text = f"v{report.version} committed (was {was})"
-    elif report.outcome == Outcome.NOOP:
-        text = f"v{report.version} already active"
-    elif report.outcome == Outcome.ROLLED_BACK:
-        text = f"v{report.version} refused at {report.failed_step}: {report.error}"
-    else:
-        text = f"rejected: {report.error}"
-    return "; ".join([text, *report.warnings[1 if report.outcome == Outcome.NOOP else 0:]])
 
 
 def moved_on(trigger: Trigger, named: int) -> str:
@@ -106,4 +93,4 @@ class LocalDeployer:
             report = deploy(ferry, trigger.model, alias=trigger.alias)
         except NoSuchModel as error:  # removed from MLflow since the check: the runner keeps no record of it
             return REFUSED, f"{error.message}: nothing deployed"
-        return str(report.outcome), describe(report)
+        return str(report.outcome), outcome_line(report)
