@@ -40,8 +40,8 @@ from ferry.core.reconcile import Reconciled, reconcile
 from ferry.core.records import DeployReport, Outcome, RolloutPlan
 from ferry.core.repository import check_name
 from ferry.core.runner import RECORDED, Runner, Target
+from ferry.core.services import Ferry
 from ferry.core.status import UNKNOWN, ModelStatus, ReplicaStatus, list_models, model_status, replica_indexes
-from ferry.core.steps import Ferry
 
 # Plain click help: rich's panels show a <bool> metavar on every flag and {MODEL} in the usage line.
 app = typer.Typer(help="Move model versions from the MLflow Model Registry into Triton, safely.",

@@ -16,7 +16,7 @@ from ferry.core.errors import InvalidInput
 from ferry.core.lock import holding
 from ferry.core.records import Kind, RolloutPlan, Step
 from ferry.core.runner import Runner, Target
-from ferry.core.steps import Ferry
+from ferry.core.services import Ferry
 
 Handle = dict[str, Any]  # what XCom carries between tasks: {"model", "deploy_id", ...}
 

@@ -40,8 +40,8 @@ from ferry.core.records import CurrentState, DeployReport, Outcome
 from ferry.core.repository import ModelDir, check_name
 from ferry.core.retire import retire
 from ferry.core.runner import RECORDED, EventHandler, Runner, Target
+from ferry.core.services import Ferry
 from ferry.core.status import ModelStatus, list_models, model_status, replica_indexes
-from ferry.core.steps import Ferry
 
 if TYPE_CHECKING:
     pass

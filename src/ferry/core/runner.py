@@ -41,7 +41,7 @@ from ferry.core.records import (
 )
 from ferry.core.repository import check_name
 from ferry.core.rollout import check_plan
-from ferry.core.steps import Ferry
+from ferry.core.services import Ferry
 
 
 @dataclass(frozen=True)

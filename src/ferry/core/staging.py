@@ -9,10 +9,9 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ferry.core.errors import InvalidInput, StepFailed
+from ferry.core.errors import InvalidInput, NotOnnx, StepFailed
 from ferry.core.fsutil import atomic_write, sha256_file
 from ferry.core.model_config import (
-    NotOnnx,
     Signature,
     build_config,
     config_signature,

@@ -9,8 +9,9 @@ import urllib.request
 from prometheus_client.parser import text_string_to_metric_families
 
 from ferry.core.config import Settings
+from ferry.core.errors import PrometheusError
 from ferry.core.status import LiveFigures
-from ferry.observability.prometheus import PrometheusError, query_scalar
+from ferry.observability.prometheus import query_scalar
 
 TIMEOUT_S = 3.0
 

@@ -16,7 +16,7 @@ from ferry.adapters.watch.triggers import Trigger
 from ferry.core.config import Settings
 from ferry.core.errors import NoSuchModel, RegistryError, Unavailable
 from ferry.core.registry import Registry, VersionRef
-from ferry.core.steps import Ferry
+from ferry.core.services import Ferry
 from ferry.core.summary import outcome_line
 
 REFUSED = "refused"

@@ -62,7 +62,7 @@ def mlflow_aliases(settings: Settings) -> AliasReader:
 
     def read() -> dict[str, dict[str, int]]:
         if not registry:
-            from ferry.core.steps import Ferry
+            from ferry.core.services import Ferry
 
             registry.append(Ferry(settings).registry)
         client = registry[0].client

@@ -12,7 +12,7 @@ from ferry.adapters.watch.delivery import ALIAS_CREATED, WEBHOOK_PATH
 from ferry.adapters.watch.files import read_or_create_secret, secret_path
 from ferry.core.config import Settings
 from ferry.core.errors import FerryError, InvalidInput, Unavailable
-from ferry.core.steps import Ferry
+from ferry.core.services import Ferry
 
 
 @dataclass
