@@ -1,0 +1,137 @@
+"""A real MLflow tracking server as production runs it: the backend store on PostgreSQL, artifacts on S3.
+
+Two artifact layouts, both real ``mlflow server`` processes:
+
+- ``s3``: ``--default-artifact-root s3://<bucket>/direct --no-serve-artifacts``. Clients read and write the bucket
+  themselves, with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and MLFLOW_S3_ENDPOINT_URL.
+- ``proxy``: ``--serve-artifacts --artifacts-destination s3://<bucket>/proxied``. Clients see ``mlflow-artifacts:/``
+  URIs and go through the server's artifact proxy; only the server holds S3 credentials.
+
+The PostgreSQL database comes from ``support.postgres`` (``PostgresServer.url(dbname)``); this module never starts one.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx
+
+from support.s3 import S3Server
+
+BIN = Path(sys.executable).parent
+Layout = Literal["s3", "proxy"]
+START_TIMEOUT_S = 120.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class TrackingServer:
+    """``mlflow server`` on ``backend_uri`` (PostgreSQL) with artifacts on ``s3`` in the given ``layout``."""
+
+    home: Path
+    backend_uri: str
+    s3: S3Server
+    layout: Layout
+    port: int = field(default_factory=_free_port)
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def client_env(self) -> dict[str, str]:
+        """What a client (a trainer, ferry) needs: the tracking URI, and S3's variables only for the direct layout."""
+        env = {"MLFLOW_TRACKING_URI": self.url}
+        if self.layout == "s3":
+            env.update(self.s3.env())
+        return env
+
+    def _artifact_args(self) -> list[str]:
+        if self.layout == "s3":
+            return ["--default-artifact-root", f"s3://{self.s3.bucket}/direct", "--no-serve-artifacts"]
+        return ["--serve-artifacts", "--artifacts-destination", f"s3://{self.s3.bucket}/proxied"]
+
+    def _server_env(self) -> dict[str, str]:
+        return {**os.environ, **self.s3.env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+    def start(self) -> TrackingServer:
+        if self.process is not None and self.process.poll() is None:
+            return self
+        self.home.mkdir(parents=True, exist_ok=True)
+        log_path = self.home / "mlflow-server.log"
+        with open(log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [str(BIN / "mlflow"), "server", "--backend-store-uri", self.backend_uri, *self._artifact_args(),
+                 "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
+                env=self._server_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        self._wait_healthy(log_path)
+        return self
+
+    def _wait_healthy(self, log_path: Path) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mlflow server exited: {log_path.read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"mlflow server not ready within {START_TIMEOUT_S:g} s; see {log_path}")
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)  # the group this module started: the server and its worker
+        try:
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(5)
+
+    def client(self) -> Any:
+        from mlflow import MlflowClient
+
+        return MlflowClient(tracking_uri=self.url, registry_uri=self.url)
+
+
+def register_example(server: TrackingServer, model: str, alias: str, **kwargs: Any) -> int:
+    """A model version logged and registered by the repo's own examples/train_model.py, through ``server``."""
+    root = Path(__file__).resolve().parents[2]
+    sys.path.insert(0, str(root / "examples"))
+    saved = {k: os.environ.get(k) for k in server.client_env()}
+    os.environ.update(server.client_env())
+    try:
+        from train_model import train_and_register
+
+        return int(train_and_register(model, alias, tracking_uri=server.url, **kwargs))
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def start_tracking(home: Path, postgres: Any, s3: S3Server, layout: Layout) -> TrackingServer:
+    """A tracking server on its own new PostgreSQL database (``postgres``: a ``support.postgres.PostgresServer``)."""
+    dbname = f"mlflow_{layout}"
+    postgres.create_database(dbname)
+    return TrackingServer(home / f"mlflow-{layout}", postgres.url(dbname), s3, layout).start()
