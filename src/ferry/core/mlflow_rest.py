@@ -1,0 +1,207 @@
+"""MLflow's REST API for a tracking server (http(s)://), without the mlflow package (seconds to import).
+
+Resolves aliases, reads versions and lists and downloads a version's files: from s3:// (boto3, streamed), through
+the server's artifact proxy (mlflow-artifacts:/), and what runs:/ and models:/ resolve to. Every call has a timeout;
+not found is RegistryError, no answer is Unavailable. Downloads stream to the target file and hash while writing.
+Usable by any caller that holds a tracking URL (the write-back's REST client included).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from ferry.core.errors import FerryError, InvalidInput, RegistryError, Unavailable
+
+API = "/api/2.0/mlflow"
+BLOCK = 1 << 20
+NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
+
+
+@dataclass(frozen=True)
+class RestVersion:
+    model: str
+    version: int
+    run_id: str
+    source: str
+    aliases: tuple[str, ...]
+
+
+class MlflowRest:
+    """One tracking server's REST API; ``timeout_s`` bounds every request (connect and each read)."""
+
+    def __init__(self, tracking_uri: str, timeout_s: float = 30.0) -> None:
+        self.base = tracking_uri.rstrip("/")
+        self.timeout_s = timeout_s
+
+    def request(self, method: str, path: str, query: dict[str, str] | None = None,
+                body: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A JSON call to ``path`` (under the server's root); MLflow's not-found codes become RegistryError."""
+        url = f"{self.base}{path}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout_s) as answer:
+                return dict(json.loads(answer.read() or b"{}"))
+        except urllib.error.HTTPError as error:
+            raise self._refusal(url, error) from None
+        except (OSError, ValueError) as error:
+            raise self.unavailable(f"calling {url}", error) from None
+
+    def _refusal(self, url: str, error: urllib.error.HTTPError) -> FerryError:
+        try:
+            answer = json.loads(error.read() or b"{}")
+        except ValueError:
+            answer = {}
+        code = str(answer.get("error_code", ""))
+        if error.code == 404 or code in NOT_FOUND:
+            return RegistryError(f"MLflow: {answer.get('message') or url}: {code or error.code}",
+                                 "check the name, alias or version in the MLflow Model Registry")
+        return self.unavailable(f"calling {url}", Exception(f"HTTP {error.code} {answer.get('message', '')}"))
+
+    def unavailable(self, what: str, error: Exception) -> Unavailable:
+        return Unavailable(f"MLflow at {self.base} failed while {what}: {type(error).__name__}: {error}",
+                           "check that MLFLOW_TRACKING_URI points at a reachable tracking server")
+
+    @staticmethod
+    def _version(found: dict[str, Any]) -> RestVersion:
+        return RestVersion(str(found["name"]), int(found["version"]), str(found.get("run_id", "")),
+                           str(found.get("source", "")), tuple(found.get("aliases", ())))
+
+    def version_by_alias(self, model: str, alias: str) -> RestVersion:
+        found = self.request("GET", f"{API}/registered-models/alias", {"name": model, "alias": alias})
+        return self._version(found["model_version"])
+
+    def version(self, model: str, version: int) -> RestVersion:
+        found = self.request("GET", f"{API}/model-versions/get", {"name": model, "version": str(version)})
+        return self._version(found["model_version"])
+
+    def aliases(self, model: str) -> dict[str, int]:
+        found = self.request("GET", f"{API}/registered-models/get", {"name": model})["registered_model"]
+        return {a["alias"]: int(a["version"]) for a in found.get("aliases", [])}
+
+    def download_uri(self, model: str, version: int) -> str:
+        query = {"name": model, "version": str(version)}
+        return str(self.request("GET", f"{API}/model-versions/get-download-uri", query)["artifact_uri"])
+
+    def run_artifact_uri(self, run_id: str) -> str:
+        return str(self.request("GET", f"{API}/runs/get", {"run_id": run_id})["run"]["info"]["artifact_uri"])
+
+    def resolve(self, uri: str, model: str = "", version: int = 0) -> str:
+        """Where a version's files are: runs:/ through the run's artifact root, models:/ through the registry."""
+        if uri.startswith("runs:/"):
+            run_id, _, path = uri[len("runs:/"):].strip("/").partition("/")
+            root = self.run_artifact_uri(run_id).rstrip("/")
+            return f"{root}/{path}" if path else root
+        if uri.startswith("models:/"):
+            return self.download_uri(model, version)
+        return uri
+
+    def store(self, uri: str) -> ArtifactStore:
+        if uri.startswith("s3://"):
+            return S3Store(uri, self.timeout_s)
+        if uri.startswith("mlflow-artifacts:"):
+            return ProxyStore(self, uri)
+        raise RegistryError(f"artifacts at {uri}: ferry reads a tracking server's artifacts from s3:// or "
+                            "mlflow-artifacts:/ only", "store the model's artifacts on S3 or behind the server's proxy")
+
+
+class ArtifactStore:
+    """A folder of files: their sizes, and one file streamed into a local file with its sha256."""
+
+    uri: str
+
+    def sizes(self) -> dict[str, int]:
+        raise NotImplementedError
+
+    def open(self, name: str) -> BinaryIO:
+        raise NotImplementedError
+
+    def download(self, name: str, target: Path) -> str:
+        """Stream ``name`` into ``target`` and return its sha256, computed on the way."""
+        digest = hashlib.sha256()
+        with self.open(name) as source, open(target, "wb") as sink:
+            for block in iter(lambda: source.read(BLOCK), b""):
+                digest.update(block)
+                sink.write(block)
+            sink.flush()
+            os.fsync(sink.fileno())
+        return digest.hexdigest()
+
+
+class ProxyStore(ArtifactStore):
+    """The server's artifact proxy (``--serve-artifacts``): mlflow-artifacts:/<path>."""
+
+    def __init__(self, rest: MlflowRest, uri: str) -> None:
+        self.rest = rest
+        self.uri = uri
+        parsed = urllib.parse.urlparse(uri)
+        self.path = parsed.path.strip("/")
+
+    def sizes(self) -> dict[str, int]:
+        found = self.rest.request("GET", "/api/2.0/mlflow-artifacts/artifacts", {"path": self.path})
+        return {Path(f["path"]).name: int(f.get("file_size", 0)) for f in found.get("files", [])
+                if not f.get("is_dir")}
+
+    def open(self, name: str) -> BinaryIO:
+        url = f"{self.rest.base}/api/2.0/mlflow-artifacts/artifacts/{urllib.parse.quote(f'{self.path}/{name}')}"
+        try:
+            answer: BinaryIO = urllib.request.urlopen(url, timeout=self.rest.timeout_s)
+            return answer
+        except urllib.error.HTTPError as error:
+            raise self.rest._refusal(url, error) from None
+        except OSError as error:
+            raise self.rest.unavailable(f"downloading {name} of {self.uri}", error) from None
+
+
+class S3Store(ArtifactStore):
+    """An s3:// folder, read with boto3 (imported here only) and MLflow's own variables for the endpoint."""
+
+    def __init__(self, uri: str, timeout_s: float) -> None:
+        self.uri = uri
+        parsed = urllib.parse.urlparse(uri)
+        self.bucket, self.prefix = parsed.netloc, parsed.path.strip("/")
+        self.client = _s3_client(timeout_s)
+
+    def _fail(self, what: str, error: Exception) -> FerryError:
+        code = str(getattr(error, "response", {}).get("Error", {}).get("Code", ""))
+        if code in ("NoSuchKey", "NoSuchBucket", "404"):
+            return RegistryError(f"S3: {what}: {code}", "check the version's artifacts in its bucket")
+        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403"):
+            return InvalidInput(f"S3 refused the credentials while {what}: {code}",
+                                "check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+        return Unavailable(f"S3 at {self.client.meta.endpoint_url} failed while {what}: {type(error).__name__}: "
+                           f"{error}", "check MLFLOW_S3_ENDPOINT_URL and that the object store answers")
+
+    def sizes(self) -> dict[str, int]:
+        try:
+            found = self.client.list_objects_v2(Bucket=self.bucket, Prefix=f"{self.prefix}/", Delimiter="/")
+        except Exception as error:
+            raise self._fail(f"listing {self.uri}", error) from None
+        return {Path(o["Key"]).name: int(o["Size"]) for o in found.get("Contents", [])}
+
+    def open(self, name: str) -> BinaryIO:
+        try:
+            body: BinaryIO = self.client.get_object(Bucket=self.bucket, Key=f"{self.prefix}/{name}")["Body"]
+            return body
+        except Exception as error:
+            raise self._fail(f"downloading {name} of {self.uri}", error) from None
+
+
+def _s3_client(timeout_s: float) -> Any:
+    for variable in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        if not os.environ.get(variable):
+            raise InvalidInput(f"{variable} is not set: ferry reads this version's artifacts from S3",
+                               f"set {variable} (and MLFLOW_S3_ENDPOINT_URL for a store other than AWS)")
+    import boto3
+    from botocore.config import Config
+
+    config = Config(connect_timeout=timeout_s, read_timeout=timeout_s, retries={"max_attempts": 2})
+    return boto3.client("s3", endpoint_url=os.environ.get("MLFLOW_S3_ENDPOINT_URL") or None, config=config)
