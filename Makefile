@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 prometheus:
-	bash scripts/install_prometheus.sh
+	bash scripts/install_debian.sh
 
 # NVIDIA's perf_analyzer in its own venv (.venv-bench), for bench/perf.py; run it as bench/perf_analyzer.
 perf-analyzer:
