@@ -1,6 +1,7 @@
 """MLflow Model Registry access: resolve an alias or a version, list and download its artifacts.
 
-mlflow is imported lazily: it costs seconds to import and only deploys need it.
+mlflow is imported lazily: it costs seconds to import and only deploys need it. Against a tracking server
+(http(s)://) the deploy path does not import it at all: ferry.core.mlflow_rest talks to the server's REST API.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 from ferry.core.errors import FerryError, NoSuchModel, RegistryError, Unavailable
 from ferry.core.fsutil import copy_and_hash, sha256_file
+from ferry.core.mlflow_rest import ArtifactStore, MlflowRest
 
 NOT_FOUND_CODES = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
 
@@ -32,10 +34,20 @@ class Registry:
         # Without these, the MLflow client retries an unreachable server for minutes.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(timeout_s)))
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-        from mlflow import MlflowClient
-
         self.tracking_uri = tracking_uri
-        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        self.rest = MlflowRest(tracking_uri, timeout_s) if tracking_uri.startswith(("http://", "https://")) else None
+        self._client: Any = None
+        if self.rest is None:
+            self._client = self.client
+
+    @property
+    def client(self) -> Any:
+        """MLflow's own client (imported on first use; a server's deploy path never needs it)."""
+        if self._client is None:
+            from mlflow import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+        return self._client
 
     def fail(self, what: str, error: Exception) -> FerryError:
         """An MLflow error as ferry's: a refusal (unknown name, alias, version) or an MLflow that did not answer."""
@@ -74,7 +86,24 @@ class Registry:
         except Exception as error:
             raise self._unknown_model(model, error) or self.fail(f"reading registered model '{model}'", error) from None
 
+    def _rest_ref(self, model: str, alias: str | None, version: int | None) -> VersionRef:
+        assert self.rest is not None
+        try:
+            found = self.rest.version_by_alias(model, alias) if version is None and alias else \
+                self.rest.version(model, int(version or 0))
+        except RegistryError:
+            try:
+                known = ", ".join(f"{a} -> v{v}" for a, v in sorted(self.rest.aliases(model).items())) or "none"
+            except RegistryError:
+                raise NoSuchModel(f"no model named '{model}' in MLflow at {self.tracking_uri}",
+                                  "check the name, or register the model first") from None
+            what = f"no alias '{alias}'" if version is None else f"no version {version}"
+            raise RegistryError(f"model '{model}' has {what} in MLflow", f"its aliases: {known}") from None
+        return VersionRef(found.model, found.version, found.run_id, found.source, alias, found.source)
+
     def resolve_alias(self, model: str, alias: str) -> VersionRef:
+        if self.rest is not None:
+            return self._rest_ref(model, alias, None)
         try:
             return self._ref(self.client.get_model_version_by_alias(model, alias), alias)
         except Exception as error:
@@ -84,6 +113,8 @@ class Registry:
         raise RegistryError(f"model '{model}' has no alias '{alias}' in MLflow", f"its aliases: {known}")
 
     def get_version(self, model: str, version: int, alias: str | None = None) -> VersionRef:
+        if self.rest is not None:
+            return self._rest_ref(model, alias, version)
         try:
             return self._ref(self.client.get_model_version(model, str(version)), alias)
         except Exception as error:
@@ -99,10 +130,13 @@ class Registry:
             raise self.fail(f"opening the artifacts at {uri}", error) from None
         return Artifacts(self, ref, uri, repository)
 
-    def artifacts(self, ref: VersionRef, expected: str = "model.onnx") -> Artifacts:
+    def artifacts(self, ref: VersionRef, expected: str = "model.onnx") -> Artifacts | RestArtifacts:
         """The version's artifact folder. A runs:/ URI is resolved once to the run's own store, which
         MLflow's runs:/ repository would look up again (with its logged models) on every call; it is
         still the fallback when the run's store does not hold the files."""
+        if self.rest is not None:
+            store = self.rest.store(self.rest.resolve(ref.artifact_uri, ref.model, ref.version))
+            return RestArtifacts(ref, store)
         if ref.artifact_uri.startswith("runs:/"):
             from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
             from mlflow.tracking.artifact_utils import get_artifact_uri
@@ -165,6 +199,30 @@ class Artifacts:
                                 f"{destination / name}",
                              "the artifact store returned something else than the file; check the logged artifact")
         return path
+
+
+class RestArtifacts:
+    """A tracking server's version folder (s3:// or its proxy): the same calls as Artifacts, no mlflow import."""
+
+    def __init__(self, ref: VersionRef, store: ArtifactStore) -> None:
+        self.ref = ref
+        self.uri = store.uri
+        self.store = store
+        self._sizes: dict[str, int] | None = None
+        self._digests: dict[str, str] = {}
+
+    def sha256(self, name: str, path: Path) -> str:
+        return self._digests.get(name) or sha256_file(path)
+
+    def sizes(self) -> dict[str, int]:
+        if self._sizes is None:
+            self._sizes = self.store.sizes()
+        return self._sizes
+
+    def download(self, name: str, destination: Path) -> Path:
+        """Stream ``name`` into ``destination``, hashed on the way; a full disk raises its OSError."""
+        self._digests[name] = self.store.download(name, destination / name)
+        return destination / name
 
 
 def disk_full(error: BaseException | None) -> OSError | None:
