@@ -19,11 +19,13 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,6 +155,53 @@ def start_gateway(world: World, command: list[str]) -> tuple[subprocess.Popen, i
             time.sleep(0.2)
     process.kill()
     raise SystemExit("the gateway did not start")
+
+
+def py_spy() -> str:
+    """py-spy (the `bench` extra), from the project's venv, .venv-bench (beside perf_analyzer) or PATH."""
+    for candidate in (Path(sys.executable).parent / "py-spy", ROOT / ".venv-bench" / "bin" / "py-spy"):
+        if candidate.is_file():
+            return str(candidate)
+    found = shutil.which("py-spy")
+    if found is None:
+        raise SystemExit("py-spy is not installed: pip install 'ferry[bench]' (or py-spy into .venv-bench)")
+    return found
+
+
+def profile(pid: int, seconds: float, load: Callable[[], object], top: int = 25) -> str:
+    """Where the process ``pid`` spends its CPU while ``load`` runs: py-spy samples it (native frames too; epoll_wait
+    is the event loop waiting); each function's share of the samples, as the innermost frame (self)
+    and anywhere on the stack."""
+    with tempfile.NamedTemporaryFile(suffix=".txt") as out:
+        spy = subprocess.Popen([py_spy(), "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate",
+                                "250", "--native", "--format", "raw", "--output", out.name],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        load()
+        _, errors = spy.communicate(timeout=seconds + 60)
+        if spy.returncode != 0:
+            raise SystemExit(f"py-spy failed (exit {spy.returncode}): {errors.strip()[-500:]}")
+        stacks = Path(out.name).read_text().splitlines()
+    own: Counter[str] = Counter()
+    anywhere: Counter[str] = Counter()
+    total = 0
+    for line in stacks:
+        frames, _, count = line.rpartition(" ")
+        names = [_frame(f) for f in frames.split(";") if f]
+        total += int(count)
+        if names:
+            own[names[-1]] += int(count)
+        for name in set(names):
+            anywhere[name] += int(count)
+    rows = [f"{100 * n / total:5.1f}% self {100 * anywhere[name] / total:5.1f}% total  {name}"
+            for name, n in own.most_common(top)]
+    inclusive = [f"{100 * n / total:5.1f}% total  {name}" for name, n in anywhere.most_common(top)]
+    return "\n".join([f"{total} samples; by self time:", *rows, "by total time:", *inclusive])
+
+
+def _frame(frame: str) -> str:
+    """A py-spy raw frame, ``function (file:line)``, as ``function (file)``."""
+    name, _, where = frame.partition(" (")
+    return f"{name} ({where.rsplit(':', 1)[0].rsplit('/', 1)[-1]})" if where else name
 
 
 def targets(world: World, gateways: dict[str, int]) -> list[Target]:

@@ -209,6 +209,16 @@ def report_throughput(figures: dict[str, Figures]) -> None:
         print(f"gateway cpu ratio {protocol}: {statistics.median(figures[f'{protocol} gateway'].cpu_ratio):.3f}")
 
 
+def profile_gateway(pid: int, port: int, seconds: float) -> None:
+    """Where the gateway's CPU goes under perf_analyzer at concurrency 4, per protocol (py-spy)."""
+    for protocol in PROTOCOLS:
+        url = f"127.0.0.1:{port + (protocol == 'grpc')}"
+        window_ms = int(seconds * 1000 / 3)
+        args = [*perf_args(url, protocol, MODEL, None, window_ms, stability=100), "--concurrency-range", "4"]
+        found = gateway_overhead.profile(pid, seconds, lambda args=args: perf_analyzer(args))
+        print(f"gateway profile {protocol} c4:\n{found}")
+
+
 # --- isolation -------------------------------------------------------------------------------------------------
 
 
@@ -453,6 +463,8 @@ def main() -> None:
     parser.add_argument("--interval-ms", type=int, default=800, help="perf_analyzer's measurement window")
     parser.add_argument("--skip-isolation", action="store_true", help="measure throughput only")
     parser.add_argument("--skip-throughput", action="store_true", help="run the isolation check only")
+    parser.add_argument("--profile", type=float, default=0, metavar="SECONDS",
+                        help="py-spy the gateway for SECONDS under perf_analyzer at concurrency 4, per protocol")
     parser.add_argument("--direct-model", default=MODEL, help="the name the isolation check's direct clients call "
                         f"(default {MODEL}; {store_name(MODEL)} shows the check catching candidates)")
     args = parser.parse_args()
@@ -469,6 +481,8 @@ def main() -> None:
             assert world.deploy().outcome == "committed"
             gateway, port = start_gateway(world)
             pids = {"triton": triton.pid, "gateway": gateway.pid}
+            if args.profile:
+                profile_gateway(gateway.pid, port, args.profile)
             if not args.skip_throughput:
                 figures = throughput_rounds(targets(world, port, versions["first"]), world, pids, args, folder)
                 report_throughput(figures)
