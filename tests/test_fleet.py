@@ -114,7 +114,8 @@ def test_reconcile_every_keeps_a_restarted_replica_serving(fleet: World) -> None
         assert fleet.ferry.fleet().replicas[2].ready_versions("iris") == [1]
     finally:
         watcher.send_signal(signal.SIGINT)
-        output, _ = watcher.communicate(timeout=30)
+        # A load under way finishes first (at most FERRY_LOAD_TIMEOUT_S, 30 s here); then the loop stops.
+        output, _ = watcher.communicate(timeout=30 + fleet.settings.load_timeout_s)
     assert watcher.returncode == 0 and "loaded" in output, output
     assert_invariants(fleet, attempts=1)
 
