@@ -1,4 +1,4 @@
-"""A real PostgreSQL for tests: Debian's postgresql-15 binaries, a data directory of its own, a loopback port.
+"""A real PostgreSQL for tests: Debian's postgresql binaries, a data directory of its own, a loopback port.
 
 ``postgres_server`` is session-scoped: under pytest-xdist each worker starts its own server (its own data
 directory under that worker's basetemp, its own free port), so no lock or sharing between workers is needed.
@@ -18,7 +18,14 @@ from pathlib import Path
 
 import pytest
 
-PG_BIN = Path(os.environ.get("FERRY_PG_BIN", "/usr/lib/postgresql/15/bin"))
+
+def _installed_bin() -> Path:
+    """The newest major version Debian installed (15 on Debian 12), unless FERRY_PG_BIN names another."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
+    return found[-1].parent if found else Path("/usr/lib/postgresql/15/bin")
+
+
+PG_BIN = Path(os.environ.get("FERRY_PG_BIN") or _installed_bin())
 SUPERUSER = "postgres"
 COMMAND_TIMEOUT_S = 60.0
 
