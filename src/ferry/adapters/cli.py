@@ -30,6 +30,7 @@ from ferry.adapters.cli_support import (
     known_model,
     out,
     print_json,
+    stop_after_the_pass,
 )
 from ferry.core.adopt import adopt, plan_adoption
 from ferry.core.baking import GATE
@@ -242,6 +243,7 @@ def reconcile_command(
     for name in models or []:
         known_model(settings, name)
     ferry = Ferry(settings)
+    stopping = stop_after_the_pass() if interval is not None else None
     while True:
         names = models or list_models(settings.repository)
         results = [reconcile(ferry, name) for name in names]
@@ -253,10 +255,11 @@ def reconcile_command(
             if not all(r.ok for r in results):
                 raise typer.Exit(EXIT_FAILED)
             return
-        try:
-            time.sleep(interval)
-        except KeyboardInterrupt:
-            return
+        deadline = time.monotonic() + interval
+        while time.monotonic() < deadline:
+            if stopping is not None and stopping.is_set():
+                return
+            time.sleep(0.1)
 
 
 def _print_reconciled(results: list[Reconciled], as_json: bool) -> None:

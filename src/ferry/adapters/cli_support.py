@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import NoReturn, TypeVar
 
@@ -77,3 +79,18 @@ def _finite(data: object) -> object:
 
 def print_json(data: object) -> None:
     sys.stdout.write(json.dumps(_finite(data), indent=2, default=str, allow_nan=False) + "\n")
+
+
+def stop_after_the_pass() -> threading.Event:
+    """SIGINT or SIGTERM ends ``reconcile --every`` once the pass under way is done, so that no load is cut
+    off half way (a second signal stops it at once)."""
+    stopping = threading.Event()
+
+    def stop(signum: int, _frame: object) -> None:
+        if stopping.is_set():
+            raise KeyboardInterrupt
+        stopping.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop)
+    return stopping
