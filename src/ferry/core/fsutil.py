@@ -7,6 +7,7 @@ import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import BinaryIO
 
 
 def fsync_dir(path: Path) -> None:
@@ -62,6 +63,18 @@ def copy_and_hash(source: Path, target: Path) -> str:
         digest = hasher.submit(sha256_file, source)
         shutil.copyfile(source, target)
         return digest.result()
+
+
+def write_and_hash(source: BinaryIO, target: Path) -> str:
+    """Write a stream (a download) into ``target``, durably, and return its sha256, computed on the way."""
+    digest = hashlib.sha256()
+    with open(target, "wb") as sink:
+        for block in iter(lambda: source.read(1 << 20), b""):
+            digest.update(block)
+            sink.write(block)
+        sink.flush()
+        os.fsync(sink.fileno())
+    return digest.hexdigest()
 
 
 def sha256_file(path: Path) -> str:

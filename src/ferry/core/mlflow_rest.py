@@ -8,30 +8,19 @@ Usable by any caller that holds a tracking URL (the write-back's REST client inc
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from ferry.core.errors import FerryError, InvalidInput, RegistryError, Unavailable
+from ferry.core.fsutil import write_and_hash
 
 API = "/api/2.0/mlflow"
-BLOCK = 1 << 20
 NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
-
-
-@dataclass(frozen=True)
-class RestVersion:
-    model: str
-    version: int
-    run_id: str
-    source: str
-    aliases: tuple[str, ...]
 
 
 class MlflowRest:
@@ -70,18 +59,14 @@ class MlflowRest:
         return Unavailable(f"MLflow at {self.base} failed while {what}: {type(error).__name__}: {error}",
                            "check that MLFLOW_TRACKING_URI points at a reachable tracking server")
 
-    @staticmethod
-    def _version(found: dict[str, Any]) -> RestVersion:
-        return RestVersion(str(found["name"]), int(found["version"]), str(found.get("run_id", "")),
-                           str(found.get("source", "")), tuple(found.get("aliases", ())))
-
-    def version_by_alias(self, model: str, alias: str) -> RestVersion:
+    def version_by_alias(self, model: str, alias: str) -> dict[str, Any]:
+        """MLflow's ModelVersion (name, version, run_id, source, ...) that ``alias`` names."""
         found = self.request("GET", f"{API}/registered-models/alias", {"name": model, "alias": alias})
-        return self._version(found["model_version"])
+        return dict(found["model_version"])
 
-    def version(self, model: str, version: int) -> RestVersion:
+    def version(self, model: str, version: int) -> dict[str, Any]:
         found = self.request("GET", f"{API}/model-versions/get", {"name": model, "version": str(version)})
-        return self._version(found["model_version"])
+        return dict(found["model_version"])
 
     def aliases(self, model: str) -> dict[str, int]:
         found = self.request("GET", f"{API}/registered-models/get", {"name": model})["registered_model"]
@@ -126,14 +111,8 @@ class ArtifactStore:
 
     def download(self, name: str, target: Path) -> str:
         """Stream ``name`` into ``target`` and return its sha256, computed on the way."""
-        digest = hashlib.sha256()
-        with self.open(name) as source, open(target, "wb") as sink:
-            for block in iter(lambda: source.read(BLOCK), b""):
-                digest.update(block)
-                sink.write(block)
-            sink.flush()
-            os.fsync(sink.fileno())
-        return digest.hexdigest()
+        with self.open(name) as source:
+            return write_and_hash(source, target)
 
 
 class ProxyStore(ArtifactStore):

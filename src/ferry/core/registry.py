@@ -14,9 +14,7 @@ from typing import Any
 
 from ferry.core.errors import FerryError, NoSuchModel, RegistryError, Unavailable
 from ferry.core.fsutil import copy_and_hash, sha256_file
-from ferry.core.mlflow_rest import ArtifactStore, MlflowRest
-
-NOT_FOUND_CODES = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
+from ferry.core.mlflow_rest import NOT_FOUND, ArtifactStore, MlflowRest
 
 
 @dataclass(frozen=True)
@@ -51,7 +49,7 @@ class Registry:
 
     def fail(self, what: str, error: Exception) -> FerryError:
         """An MLflow error as ferry's: a refusal (unknown name, alias, version) or an MLflow that did not answer."""
-        if getattr(error, "error_code", "") in NOT_FOUND_CODES:
+        if getattr(error, "error_code", "") in NOT_FOUND:
             return RegistryError(f"MLflow: {what}: {error}",
                                  "check the name, alias or version in the MLflow Model Registry")
         return Unavailable(
@@ -99,7 +97,9 @@ class Registry:
                                   "check the name, or register the model first") from None
             what = f"no alias '{alias}'" if version is None else f"no version {version}"
             raise RegistryError(f"model '{model}' has {what} in MLflow", f"its aliases: {known}") from None
-        return VersionRef(found.model, found.version, found.run_id, found.source, alias, found.source)
+        source = str(found.get("source", ""))
+        return VersionRef(str(found["name"]), int(found["version"]), str(found.get("run_id", "")), source, alias,
+                          source)
 
     def resolve_alias(self, model: str, alias: str) -> VersionRef:
         if self.rest is not None:
@@ -130,13 +130,13 @@ class Registry:
             raise self.fail(f"opening the artifacts at {uri}", error) from None
         return Artifacts(self, ref, uri, repository)
 
-    def artifacts(self, ref: VersionRef, expected: str = "model.onnx") -> Artifacts | RestArtifacts:
+    def artifacts(self, ref: VersionRef, expected: str = "model.onnx") -> Artifacts:
         """The version's artifact folder. A runs:/ URI is resolved once to the run's own store, which
         MLflow's runs:/ repository would look up again (with its logged models) on every call; it is
         still the fallback when the run's store does not hold the files."""
         if self.rest is not None:
             store = self.rest.store(self.rest.resolve(ref.artifact_uri, ref.model, ref.version))
-            return RestArtifacts(ref, store)
+            return RestArtifacts(self, ref, store)
         if ref.artifact_uri.startswith("runs:/"):
             from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
             from mlflow.tracking.artifact_utils import get_artifact_uri
@@ -201,18 +201,12 @@ class Artifacts:
         return path
 
 
-class RestArtifacts:
-    """A tracking server's version folder (s3:// or its proxy): the same calls as Artifacts, no mlflow import."""
+class RestArtifacts(Artifacts):
+    """A tracking server's version folder (s3:// or its proxy), read without mlflow: Artifacts' calls."""
 
-    def __init__(self, ref: VersionRef, store: ArtifactStore) -> None:
-        self.ref = ref
-        self.uri = store.uri
+    def __init__(self, registry: Registry, ref: VersionRef, store: ArtifactStore) -> None:
+        super().__init__(registry, ref, store.uri, store)
         self.store = store
-        self._sizes: dict[str, int] | None = None
-        self._digests: dict[str, str] = {}
-
-    def sha256(self, name: str, path: Path) -> str:
-        return self._digests.get(name) or sha256_file(path)
 
     def sizes(self) -> dict[str, int]:
         if self._sizes is None:

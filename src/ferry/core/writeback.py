@@ -30,8 +30,9 @@ from pydantic import BaseModel, computed_field
 from ferry.core.config import Settings
 from ferry.core.current import read_current, read_history
 from ferry.core.errors import one_line
+from ferry.core.mlflow_rest import NOT_FOUND
 from ferry.core.records import CurrentState, DeployReport, Outcome
-from ferry.core.registry import NOT_FOUND_CODES, Registry
+from ferry.core.registry import Registry
 from ferry.core.repository import ModelDir
 
 STATUS, DEPLOY_ID, UPDATED_AT = "ferry.status", "ferry.deploy_id", "ferry.updated_at_utc"
@@ -164,7 +165,7 @@ class _Mlflow(Protocol):
 
 
 def _classify(what: str, error: Exception) -> Exception:
-    if getattr(error, "error_code", "") in NOT_FOUND_CODES:
+    if getattr(error, "error_code", "") in NOT_FOUND:
         return _Refused(f"{what}: {one_line(str(error), 300)}")
     return _Down(f"{what}: {type(error).__name__}: {one_line(str(error), 300)}")
 
