@@ -37,7 +37,8 @@ from ferry.adapters.watch import (
 from ferry.adapters.watch.connections import server_config
 from ferry.adapters.watch.files import deliveries_path, triggers_path
 from ferry.core.config import Settings
-from test_writeback import BIN, MlflowServer, ferry_tags, free_port, mlflow_server, on_server, serving_version
+from support.processes import free_port
+from test_writeback import BIN, MlflowServer, ferry_tags, mlflow_server, on_server, serving_version
 
 __all__ = ["mlflow_server"]  # the fixture, shared with test_writeback
 

@@ -13,28 +13,19 @@ The PostgreSQL database comes from ``support.postgres`` (``PostgresServer.url(db
 from __future__ import annotations
 
 import os
-import signal
-import socket
+import secrets
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import httpx
-
+from support.processes import free_port, stop_group, wait_healthy
 from support.s3 import S3Server
 
 BIN = Path(sys.executable).parent
 Layout = Literal["s3", "proxy"]
 START_TIMEOUT_S = 120.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -45,7 +36,7 @@ class TrackingServer:
     backend_uri: str
     s3: S3Server
     layout: Layout
-    port: int = field(default_factory=_free_port)
+    port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -78,33 +69,11 @@ class TrackingServer:
                  "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
                 env=self._server_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
-        self._wait_healthy(log_path)
+        wait_healthy(self.process, f"{self.url}/health", log_path, START_TIMEOUT_S, "mlflow server")
         return self
 
-    def _wait_healthy(self, log_path: Path) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            assert self.process is not None
-            if self.process.poll() is not None:
-                raise RuntimeError(f"mlflow server exited: {log_path.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"mlflow server not ready within {START_TIMEOUT_S:g} s; see {log_path}")
-
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)  # the group this module started: the server and its worker
-        try:
-            self.process.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(5)
+        stop_group(self.process, grace_s=15)  # the group this module started: the server and its worker
 
     def client(self) -> Any:
         from mlflow import MlflowClient
@@ -132,6 +101,7 @@ def register_example(server: TrackingServer, model: str, alias: str, **kwargs: A
 
 def start_tracking(home: Path, postgres: Any, s3: S3Server, layout: Layout) -> TrackingServer:
     """A tracking server on its own new PostgreSQL database (``postgres``: a ``support.postgres.PostgresServer``)."""
-    dbname = f"mlflow_{layout}"
+    # Unique: under xdist one worker's session PostgreSQL may serve this module's layouts more than once.
+    dbname = f"mlflow_{layout}_{secrets.token_hex(4)}"
     postgres.create_database(dbname)
     return TrackingServer(home / f"mlflow-{layout}", postgres.url(dbname), s3, layout).start()

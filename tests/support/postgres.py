@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from support.processes import free_port
 
 
 def _installed_bin() -> Path:
@@ -28,12 +29,6 @@ def _installed_bin() -> Path:
 PG_BIN = Path(os.environ.get("FERRY_PG_BIN") or _installed_bin())
 SUPERUSER = "postgres"
 COMMAND_TIMEOUT_S = 60.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _as_owner(argv: list[str]) -> list[str]:
@@ -81,7 +76,7 @@ class PostgresServer:
             self._open_parents()
         _run([_binary("initdb"), "-D", str(self.data), "-U", SUPERUSER, "--auth=trust", "-E", "UTF8",
               "--no-sync"], "initdb")
-        self.port = _free_port()
+        self.port = free_port()
         options = f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={self.root} -c fsync=off"
         _run([_binary("pg_ctl"), "-D", str(self.data), "-l", str(self.root / "postgres.log"), "-o", options,
               "-w", "-t", "30", "start"], f"pg_ctl start (log: {self.root / 'postgres.log'})")

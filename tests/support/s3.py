@@ -9,10 +9,8 @@ server (and ferry) reads: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, MLFLOW_S3_EN
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from support.processes import stop_group
 
 ACCESS_KEY = "ferrytestaccess"
 SECRET_KEY = "ferrytestsecret0123456789"
@@ -106,14 +106,7 @@ class S3Server:
         weed's filer waits on a graceful gRPC stop that does not end here, so after a short grace it is killed;
         what it had acknowledged is on disk (volumes are append-only files) and a restart serves it again.
         """
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=3)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=10)
+        stop_group(self.process, grace_s=3)
 
     def _command(self) -> list[str]:
         p = self.ports
