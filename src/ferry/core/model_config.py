@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 import mmap
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from google.protobuf import json_format, text_format
 from google.protobuf.message import DecodeError
@@ -159,7 +159,7 @@ def config_signature(config: model_config_pb2.ModelConfig) -> Signature:
     return Signature(specs(config.input), specs(config.output))
 
 
-def shape_fits(shape: object, dims: tuple[int, ...]) -> bool:
+def shape_fits(shape: object, dims: tuple[int, ...]) -> TypeGuard[Sequence[int]]:
     """Whether a concrete shape fits the dims a config declares (-1: any size). The one shape rule of ferry."""
     return (isinstance(shape, (list, tuple)) and len(shape) == len(dims)
             and all(type(s) is int and s >= 0 and d in (-1, s) for d, s in zip(dims, shape, strict=False)))

@@ -30,7 +30,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import numpy as np
 from fastapi import FastAPI, Request, Response
@@ -38,6 +38,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
+from starlette.types import Receive, Scope, Send
 
 from ferry.adapters.gateway import guard
 from ferry.adapters.gateway.balancer import HttpBalancer
@@ -56,9 +57,6 @@ from ferry.core.status import list_models
 
 BODY_TIMEOUT_S = 30.0  # a client that stalls sending its body gets a 408, not a handler waiting for ever
 
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 T = TypeVar("T")
 
 

@@ -158,8 +158,7 @@ def _json_data(spec: TensorSpec, tensor: dict, elements: int) -> int | None:
 
 
 def _spec(name: object, datatype: object, route: Route, seen: set[str]) -> TensorSpec:
-    spec = route.inputs.get(name) if isinstance(name, str) else None
-    if spec is None:
+    if not isinstance(name, str) or (spec := route.inputs.get(name)) is None:
         raise refused(f"model '{route.model}' has no input {name!r:.80}", f"its inputs are {sorted(route.inputs)}")
     if name in seen:
         raise refused(f"input '{name}' is given twice", "give each input once")
@@ -178,10 +177,10 @@ def _elements(spec: TensorSpec, shape: object, route: Route) -> int:
                           f"integers that fits {list(spec.dims)} (-1: any size)")
         raise refused(f"input '{spec.name}' has shape {shape!r:.100}, the model takes {list(spec.dims)}",
                       "-1 is any size; every other dimension must be as given")
-    if route.max_batch_size and shape[0] > route.max_batch_size:  # type: ignore[index]
-        raise refused(f"input '{spec.name}' has a batch of {shape[0]}, the model takes at most "  # type: ignore[index]
+    if route.max_batch_size and shape[0] > route.max_batch_size:
+        raise refused(f"input '{spec.name}' has a batch of {shape[0]}, the model takes at most "
                       f"{route.max_batch_size}", "split the request")
-    return math.prod(shape)  # type: ignore[arg-type]
+    return math.prod(shape)
 
 
 def _within(total: int, max_elements: int) -> int:

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from starlette.types import Receive, Scope, Send
 
 from ferry.adapters.gateway import guard
 from ferry.adapters.gateway.balancer import committed_versions
@@ -49,9 +50,6 @@ _PARSE_FAILURES = ("unable to parse", "failed to parse")  # Triton answers 500 t
 _PASSED_REQUEST = (b"content-type", BINARY_HEADER)
 _PASSED_REPLY = (b"content-type", BINARY_HEADER)
 
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 def error_body(message: str) -> bytes:

@@ -9,13 +9,14 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
+from starlette.types import Receive
+
 from ferry.adapters.gateway.metrics import Metrics
 from ferry.adapters.gateway.routing import Route, Router
 from ferry.adapters.gateway.upstream import Reply
 from ferry.core.config import Settings
 
 T = TypeVar("T")
-Receive = Callable[[], Awaitable[dict[str, Any]]]
 
 
 class DataPlane(Protocol):

@@ -29,7 +29,7 @@ import json
 import struct
 import time
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 import numpy as np
@@ -209,7 +209,7 @@ def _contents_blob(tensor: service_pb2.ModelInferRequest.InferInputTensor) -> by
     return b"".join(struct.pack("<I", len(value)) + value for value in tensor.contents.bytes_contents)
 
 
-def _grpc_parameters(parameters: object) -> dict:
+def _grpc_parameters(parameters: Mapping[str, service_pb2.InferParameter]) -> dict[str, object]:
     """gRPC InferParameter values as KServe JSON parameters."""
     return {name: getattr(value, value.WhichOneof("parameter_choice")) for name, value in parameters.items()
             if value.WhichOneof("parameter_choice")}

@@ -10,7 +10,9 @@ request sent once more on a fresh one, before any answer was read.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import httptools
 
@@ -23,8 +25,10 @@ class Reply:
 
 
 class _Connection(asyncio.Protocol):
+    # Set by connection_made, which create_connection calls before it hands the protocol over.
+    transport: asyncio.Transport
+
     def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
         self.closed = False
         self.parser = httptools.HttpResponseParser(self)
         self.waiter: asyncio.Future[Reply] | None = None
@@ -35,7 +39,7 @@ class _Connection(asyncio.Protocol):
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)  # a TCP connection's transport is a stream
 
     def connection_lost(self, error: Exception | None) -> None:
         self.closed = True
@@ -89,7 +93,7 @@ class UpstreamPool:
         return connection, False
 
     async def request(self, method: str, path: str, body: bytes = b"",
-                      headers: list[tuple[bytes, bytes]] = ()) -> Reply:
+                      headers: Sequence[tuple[bytes, bytes]] = ()) -> Reply:
         """Send one request and read its answer; raises OSError or TimeoutError if the server does not answer."""
         head = [b"%s %s HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n" % (
             method.encode(), path.encode(), self._host_header, len(body))]
