@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 from enum import StrEnum
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -270,5 +270,5 @@ class JournalRecord(BaseModel):
     failure: Failure | None = None
     rollout: RolloutPlan | None = None  # a bake asked for
     gate: list[GateEvaluation] = []  # each evaluation of the bake's gate
-    gate_baseline: list[dict] = []  # the gateways' counters when the bake started (ferry.core.rollout)
+    gate_baseline: list[dict[str, Any]] = []  # the gateways' counters when the bake started (rollout.dump_counts)
     bake_started_unix: float | None = None

@@ -14,7 +14,7 @@ from ferry.core.front import store_name
 from ferry.core.journal import read_journal, unfinished_error
 from ferry.core.records import CurrentState
 from ferry.core.repository import STATE_DIR, ModelDir
-from ferry.core.triton import VersionState, placement
+from ferry.core.triton import RepositoryIndex, VersionState, placement
 
 UNKNOWN = "unknown"
 
@@ -59,7 +59,8 @@ def list_models(repository: Path) -> list[str]:
     return sorted((committed | configured) - {STATE_DIR})
 
 
-def model_status(repository: Path, fleet: Fleet, model: str, index: dict[str, dict] | None = None) -> ModelStatus:
+def model_status(repository: Path, fleet: Fleet, model: str,
+                 index: dict[str, RepositoryIndex | FerryError] | None = None) -> ModelStatus:
     """What is committed for ``model``, and what each replica serves. ``index``: each replica's repository
     index (or error), read once for many models."""
     model_dir = ModelDir(repository, model)
@@ -81,12 +82,12 @@ def model_status(repository: Path, fleet: Fleet, model: str, index: dict[str, di
     return report
 
 
-def replica_indexes(fleet: Fleet) -> dict[str, dict]:
+def replica_indexes(fleet: Fleet) -> dict[str, RepositoryIndex | FerryError]:
     """Each replica's repository index, or the error it gave: one call per replica, concurrently."""
     return fleet.settled(lambda triton: triton.index())
 
 
-def _replica(url: str, index: dict | FerryError, model: str, committed: list[int] | None) -> ReplicaStatus:
+def _replica(url: str, index: RepositoryIndex | FerryError, model: str, committed: list[int] | None) -> ReplicaStatus:
     if isinstance(index, FerryError):
         return ReplicaStatus(url=url, error=str(index), drift=UNKNOWN)
     versions = index.get(store_name(model), []) or index.get(model, [])

@@ -35,6 +35,9 @@ class VersionState:
     reason: str = ""
 
 
+RepositoryIndex = dict[str, list[VersionState]]  # model name (a front or a store) -> its versions
+
+
 def ready_versions(states: list[VersionState]) -> list[int]:
     """The versions that are READY, sorted."""
     return sorted(v.version for v in states if v.state == READY)
@@ -61,7 +64,7 @@ class Placement:
         return self.front == wanted and self.store in (wanted, held or wanted)
 
 
-def placement(index: dict[str, list[VersionState]], model: str) -> Placement:
+def placement(index: RepositoryIndex, model: str) -> Placement:
     return Placement(ready_versions(index.get(model, [])), ready_versions(index.get(store_name(model), [])))
 
 
@@ -122,9 +125,9 @@ class Triton:
     def unload(self, model: str) -> None:
         self._call(f"unloading '{model}'", lambda c: c.unload_model, model)
 
-    def index(self) -> dict[str, list[VersionState]]:
+    def index(self) -> RepositoryIndex:
         """Every model's versions, from one call of the repository index."""
-        models: dict[str, list[VersionState]] = {}
+        models: RepositoryIndex = {}
         entries = self._call("the repository index", lambda c: c.get_model_repository_index)
         if not isinstance(entries, list):
             raise TritonError(f"something at {self.endpoint.host_port} is not Triton (its repository index is "

@@ -27,7 +27,7 @@ from ferry.core.fleet import Fleet
 from ferry.core.records import TRANSACTION_STEPS, Step, parse_utc_stamp
 from ferry.core.repository import ModelDir
 from ferry.core.status import list_models, replica_indexes
-from ferry.core.triton import VersionState, placement
+from ferry.core.triton import RepositoryIndex, placement
 
 
 @dataclass
@@ -87,7 +87,7 @@ class FerryCollector(Collector):
         tally.offset += len(complete)
         return tally
 
-    def _indexes(self) -> dict[str, dict[str, list[VersionState]] | FerryError]:
+    def _indexes(self) -> dict[str, RepositoryIndex | FerryError]:
         """Each replica's repository index (or its error), one call per replica per scrape."""
         if self.fleet is None:
             return {}
