@@ -37,10 +37,11 @@ from ferry.core.baking import GATE
 from ferry.core.config import Settings, parse_duration
 from ferry.core.current import read_current, read_history
 from ferry.core.errors import InvalidInput, one_line
+from ferry.core.events import RECORDED
 from ferry.core.reconcile import Reconciled, reconcile
 from ferry.core.records import DeployReport, Outcome, RolloutPlan
 from ferry.core.repository import check_name
-from ferry.core.runner import RECORDED, Runner, Target
+from ferry.core.runner import Runner, Target
 from ferry.core.services import Ferry
 from ferry.core.status import UNKNOWN, ModelStatus, ReplicaStatus, list_models, model_status, replica_indexes
 
@@ -369,9 +370,10 @@ def history_command(
         print_json(records)
         return
     table = Table("started (UTC)", "who", "target", "version", "outcome", "failed step", "seconds", "error")
-    colours = {Outcome.COMMITTED: "green", Outcome.NOOP: "dim", Outcome.ROLLED_BACK: "red", Outcome.REJECTED: "yellow"}
+    colours: dict[str, str] = {Outcome.COMMITTED: "green", Outcome.NOOP: "dim", Outcome.ROLLED_BACK: "red",
+                               Outcome.REJECTED: "yellow"}
     for r in records:
-        colour = colours.get(r.get("outcome"), "white")
+        colour = colours.get(r.get("outcome", ""), "white")  # a record written as JSON: its outcome is a str
         table.add_row(
             r.get("started_at_utc", ""), r.get("who", ""), r.get("target", ""),
             f"v{r['version']}" if r.get("version") else "-", f"[{colour}]{r.get('outcome')}[/{colour}]",

@@ -36,10 +36,11 @@ from ferry.adapters.mlflow_uris import URI_FORMS, mlflow_errors, target_of
 from ferry.core.config import Settings, load_settings
 from ferry.core.current import read_current
 from ferry.core.errors import FerryError
+from ferry.core.events import RECORDED, EventHandler
 from ferry.core.records import CurrentState, DeployReport, Outcome
 from ferry.core.repository import ModelDir, check_name
 from ferry.core.retire import retire
-from ferry.core.runner import RECORDED, EventHandler, Runner, Target
+from ferry.core.runner import Runner, Target
 from ferry.core.services import Ferry
 from ferry.core.status import ModelStatus, list_models, model_status, replica_indexes
 
@@ -93,8 +94,8 @@ def options(config: Mapping[str, Any] | None, own_keys: tuple[str, ...] = ()) ->
         settings = load_settings({**os.environ, **overrides})
     except FerryError as error:
         raise refused(f"-C config or FERRY_* variables: {error}") from error
-    own = {key: _flag(key, config[key]) for key in own_keys if key in config}
-    return Options(settings, **own)
+    flags = {key: _flag(key, config[key]) for key in own_keys if key in config}
+    return Options(settings, **flags)
 
 
 # ---------------------------------------------------------------- deploys
