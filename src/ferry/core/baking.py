@@ -4,11 +4,11 @@ evaluation of the gate per interval, promote and abort; in one process, or one l
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ferry.core import rollout, steps
 from ferry.core.errors import StepFailed
+from ferry.core.events import EventHandler
 from ferry.core.journal import Journal
 from ferry.core.records import GateEvaluation, GateFigures, RolloutState, Step, utc_stamp
 
@@ -33,8 +33,11 @@ class Baking:
 
     ferry: Ferry
     model_dir: ModelDir
-    model: str
-    emit: Callable[..., Any]
+    emit: EventHandler
+
+    @property
+    def model(self) -> str:
+        return self.model_dir.model
 
     def bakes(self, journal: Journal) -> bool:
         """Whether this deploy bakes its candidate: asked for, and there is a new version to prove."""
