@@ -21,6 +21,7 @@ import pytest
 
 from conftest import World
 from ferry.core.current import read_current, read_history
+from ferry.core.writeback import read_write_backs
 from strict_json import loads
 from support.processes import free_port, stop_group, wait_healthy
 
@@ -147,7 +148,9 @@ def test_mlflow_stopped_after_the_commit_leaves_a_warning_and_sync_repairs_it(wo
     assert report["outcome"] == "committed" and read_current(world.model_dir).active_version == 2
     [warning] = report["warnings"]
     assert "was not told of the outcome" in warning and "ferry sync iris" in warning
-    assert read_history(world.model_dir)[-1]["warnings"] == [warning]
+    assert read_history(world.model_dir)[-1]["outcome"] == "committed", "the attempt's record comes first"
+    [told] = [r for r in read_write_backs(world.model_dir) if r.deploy_id == handle["deploy_id"]]
+    assert not told.told and told.warnings == [warning]
     assert took < 3, f"the commit waited {took:.1f} s for a stopped MLflow"
     unsynced = world.cli("sync", "iris")
     assert unsynced.returncode == 3 and "was not told of the outcome" in unsynced.stderr, unsynced.stderr

@@ -26,7 +26,7 @@ def test_a_good_version_is_committed_with_one_record(bench: Bench) -> None:
     assert read_current(bench.model_dir).active_version == 1
     assert [e for e in events if e[1] != "start"] == [
         ("snapshot", "ok"), ("mlflow client", "ok"), ("materialize", "ok"), ("load", "ok"), ("ready", "ok"),
-        ("smoke", "ok"), ("commit", "ok"), ("recorded", "committed")]
+        ("smoke", "ok"), ("commit", "ok"), ("recorded", "committed"), ("write-back", "ok")]
     assert set(report.steps) == {s.value for s in Step} - {"rollback", "bake"}
     bench.check_invariants(attempts=1)
 

@@ -11,6 +11,7 @@ from ferry.core import writeback
 from ferry.core.current import read_current, read_history
 from ferry.core.records import Outcome
 from ferry.core.runner import Runner, Target
+from ferry.core.writeback import read_write_backs
 from unit.fakes import FakeRegistry
 from unit.support import Bench
 
@@ -100,6 +101,34 @@ def test_a_commit_tags_the_version_serving_and_moves_the_alias(bench: Bench, mlf
     assert mlflow.aliases["iris"] == {"serving": 1}
 
 
+def test_the_write_back_comes_after_the_record_and_leaves_its_own_line(bench: Bench,
+                                                                        mlflow: FakeMlflowClient) -> None:
+    """The attempt is over (history record written, journal gone) before MLflow is called (docs/design.md)."""
+    bench.registry.add("iris", "champion")
+    seen: list[tuple[bool, bool]] = []
+    write = mlflow.set_registered_model_alias
+
+    def alias_after_the_record(model: str, alias: str, version: str) -> None:
+        seen.append((bool(read_history(bench.model_dir)), bench.model_dir.journal_path.exists()))
+        write(model, alias, version)
+
+    mlflow.set_registered_model_alias = alias_after_the_record  # type: ignore[method-assign]
+    report = bench.deploy()
+    assert report.outcome == Outcome.COMMITTED and seen == [(True, False)]
+    [told] = read_write_backs(bench.model_dir)
+    assert (told.deploy_id, told.by, told.told, told.warnings) == (report.deploy_id, "deploy", True, [])
+    assert told.seconds >= 0 and read_history(bench.model_dir)[-1]["warnings"] == []
+    writeback.sync(bench.settings, bench.registry, bench.model_dir)
+    synced = read_write_backs(bench.model_dir)[-1]
+    assert (synced.by, synced.told, synced.deploy_id) == ("sync", True, report.current.deploy_id)
+
+
+def test_a_rejected_attempt_tells_mlflow_nothing(bench: Bench, mlflow: FakeMlflowClient) -> None:
+    bench.registry.add("iris", "champion")
+    assert bench.deploy(alias="nope").outcome == Outcome.REJECTED
+    assert read_write_backs(bench.model_dir) == [] and mlflow.writes == 0
+
+
 def test_the_next_commit_retires_the_previous_version(bench: Bench, mlflow: FakeMlflowClient) -> None:
     bench.registry.add("iris", "champion")
     bench.deploy()
@@ -151,7 +180,9 @@ def test_mlflow_down_after_the_commit_is_a_warning_and_sync_repairs_it(bench: Be
     assert report.outcome == Outcome.COMMITTED and read_current(bench.model_dir).active_version == 2
     [warning] = report.warnings
     assert "was not told of the outcome" in warning and "ferry sync iris" in warning
-    assert read_history(bench.model_dir)[-1]["warnings"] == [warning]
+    assert read_history(bench.model_dir)[-1]["outcome"] == "committed", "the attempt's record comes first"
+    [told] = [r for r in read_write_backs(bench.model_dir) if r.deploy_id == report.deploy_id]
+    assert not told.told and told.warnings == [warning] and told.by == "deploy"
     assert status(mlflow, 1)["ferry.status"] == "serving", "nothing could be written"
 
     mlflow.down = False

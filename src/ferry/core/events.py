@@ -8,7 +8,8 @@ from typing import Any
 from ferry.core.records import Candidate, Step
 
 EventHandler = Callable[[str, str, float, str], None]  # (step, "start" | "ok" | "failed", seconds, detail)
-RECORDED = "recorded"  # the last event of an attempt: its history record is written, its outcome final
+RECORDED = "recorded"  # an attempt is over: its history record is written, its outcome final
+WRITE_BACK = "write-back"  # after RECORDED: MLflow told of the outcome ("ok") or not ("warned")
 REGISTRY = "mlflow client"  # shown on its own line: MLflow's client starts beside the snapshot (about a second)
 
 

@@ -76,6 +76,11 @@ class ModelDir:
         return self.state_dir / "history.jsonl"
 
     @property
+    def writeback_path(self) -> Path:
+        """What MLflow was told of each decided attempt (records.WriteBackRecord), one line each."""
+        return self.state_dir / "writeback.jsonl"
+
+    @property
     def quarantine_root(self) -> Path:
         return self.state_dir / "quarantine"
 

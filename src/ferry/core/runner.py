@@ -22,7 +22,7 @@ from ferry.core import placement, steps, writeback
 from ferry.core.baking import Baking
 from ferry.core.current import append_history, find_history, read_current, read_history
 from ferry.core.errors import Busy, FerryError, InvalidInput, NoSuchModel, StepFailed, unreachable
-from ferry.core.events import RECORDED, REGISTRY, EventHandler, describe, quiet
+from ferry.core.events import RECORDED, REGISTRY, WRITE_BACK, EventHandler, describe, quiet
 from ferry.core.journal import Journal, read_journal
 from ferry.core.lock import current_user, holding
 from ferry.core.records import (
@@ -330,13 +330,15 @@ class Runner(Baking):
         return seconds
 
     def _write_back(self, report: DeployReport) -> None:
-        """Tell MLflow what happened (ferry.core.writeback); a failure there is only a warning."""
+        """Tell MLflow what happened (ferry.core.writeback), after the record; a failure there is only a warning."""
         if report.outcome == Outcome.REJECTED or not self.ferry.settings.serving_alias:
             return
-        try:
-            report.warnings += writeback.write_back(self.ferry.settings, self.ferry.registry, report)
-        except FerryError as error:
-            report.warnings.append(f"MLflow was not told of the outcome: {error} (run `ferry sync {self.model}`)")
+        self.emit(WRITE_BACK, "start", 0.0, "")
+        told = writeback.tell(self.ferry.settings, self.ferry.registry, self.model_dir, report)
+        if told is not None:
+            report.warnings += told.warnings
+            self.emit(WRITE_BACK, "ok" if told.told else "warned", told.seconds,
+                      "MLflow told of the outcome" if told.told else told.warnings[0])
 
     def _refuse_failed_version(self, target: Target) -> None:
         if target.kind != Kind.REVERT or target.force:
@@ -359,14 +361,14 @@ class Runner(Baking):
         )
 
     def _close(self, journal: Journal, report: DeployReport) -> DeployReport:
-        """Write the attempt's history record, then end its journal: a journal outlives its deploy only if
-        the process died."""
+        """Write the attempt's history record, end its journal (a journal outlives its deploy only if the
+        process died), then write the outcome back to MLflow: the attempt is over before MLflow is called."""
         report.steps = dict(journal.record.steps)
         report.finished_at_utc = utc_stamp()
-        self._write_back(report)
         append_history(self.model_dir, report)
         journal.remove()
         self.emit(RECORDED, report.outcome, 0.0, "")
+        self._write_back(report)
         return report
 
 

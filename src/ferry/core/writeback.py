@@ -1,7 +1,9 @@
 """The outcome of every attempt, written back onto the model version in MLflow.
 
-Called by the runner once an attempt is decided and before its history record is written, so that a
-failure here is a warning in the report and the history. It never undoes or blocks a commit.
+Called by the runner once an attempt is decided and its history record written (the model still held, so
+that no other commit comes in between): the attempt's end does not wait for MLflow, and what MLflow was told
+is a line of its own in ``writeback.jsonl`` (records.WriteBackRecord). A failure here is a warning in the
+report and that line. It never undoes or blocks a commit.
 
 What MLflow shows afterwards (the tags of each version ferry decided on, and one alias):
 
@@ -20,18 +22,20 @@ applies what differs, so it repairs a write-back that failed and changes nothing
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from pydantic import BaseModel, computed_field
 
 from ferry.core.config import Settings
 from ferry.core.current import read_current, read_history
-from ferry.core.errors import one_line
-from ferry.core.mlflow_rest import NOT_FOUND
-from ferry.core.records import CurrentState, DeployReport, Outcome
+from ferry.core.errors import FerryError, one_line
+from ferry.core.fsutil import append_line
+from ferry.core.mlflow_write import Down, MlflowWriter, Refused, connect
+from ferry.core.records import CurrentState, DeployReport, Outcome, WriteBackRecord, utc_stamp
 from ferry.core.registry import Registry
 from ferry.core.repository import ModelDir
 
@@ -147,130 +151,12 @@ def _retired_by(version: int, later: list[dict[str, Any]], current: CurrentState
 # ---------------------------------------------------------------- MLflow, with short timeouts
 
 
-class _Refused(Exception):
-    """MLflow answered that the model or version does not exist (or the request is invalid)."""
-
-
-class _Down(Exception):
-    """MLflow did not answer (in time), or failed: nothing more is tried."""
-
-
-class _Mlflow(Protocol):
-    def aliases(self, model: str) -> dict[str, int]: ...
-    def tags(self, model: str, version: int) -> dict[str, str]: ...
-    def tagged_serving(self, model: str) -> list[int]: ...
-    def set_tag(self, model: str, version: int, key: str, value: str) -> None: ...
-    def delete_tag(self, model: str, version: int, key: str) -> None: ...
-    def set_alias(self, model: str, alias: str, version: int) -> None: ...
-
-
-def _classify(what: str, error: Exception) -> Exception:
-    if getattr(error, "error_code", "") in NOT_FOUND:
-        return _Refused(f"{what}: {one_line(str(error), 300)}")
-    return _Down(f"{what}: {type(error).__name__}: {one_line(str(error), 300)}")
-
-
-def _serving_filter(model: str) -> str:
-    return f"name='{model}' and tags.`{STATUS}`='{SERVING}'"
-
-
-class _RestMlflow:
-    """A tracking server over its REST API, each call with an explicit timeout and no retries (MLflow's
-    client takes both from process-wide variables, which the deploys in this process also read)."""
-
-    def __init__(self, tracking_uri: str, timeout_s: float) -> None:
-        from mlflow.utils.credentials import get_default_host_creds
-
-        self.uri = tracking_uri
-        self.creds = get_default_host_creds(tracking_uri)
-        self.timeout_s = timeout_s
-
-    def _call(self, method: str, endpoint: str, what: str, **body: Any) -> dict[str, Any]:
-        from mlflow.utils.rest_utils import http_request, verify_rest_response
-
-        payload = {"params": body} if method == "GET" else {"json": body}
-        try:
-            response = http_request(self.creds, f"/api/2.0/mlflow/{endpoint}", method, max_retries=0,
-                                    backoff_factor=0, timeout=self.timeout_s, **payload)
-            return verify_rest_response(response, endpoint).json()
-        except Exception as error:
-            raise _classify(what, error) from None
-
-    def aliases(self, model: str) -> dict[str, int]:
-        found = self._call("GET", "registered-models/get", f"reading '{model}'", name=model)
-        return {a["alias"]: int(a["version"]) for a in found.get("registered_model", {}).get("aliases", [])}
-
-    def tags(self, model: str, version: int) -> dict[str, str]:
-        found = self._call("GET", "model-versions/get", f"reading v{version}", name=model, version=str(version))
-        return {t["key"]: t.get("value", "") for t in found.get("model_version", {}).get("tags", [])}
-
-    def tagged_serving(self, model: str) -> list[int]:
-        found = self._call("GET", "model-versions/search", "searching versions tagged serving",
-                           filter=_serving_filter(model), max_results=100)
-        return [int(v["version"]) for v in found.get("model_versions", [])]
-
-    def set_tag(self, model: str, version: int, key: str, value: str) -> None:
-        self._call("POST", "model-versions/set-tag", f"tagging v{version}", name=model, version=str(version),
-                   key=key, value=value)
-
-    def delete_tag(self, model: str, version: int, key: str) -> None:
-        self._call("DELETE", "model-versions/delete-tag", f"untagging v{version}", name=model, version=str(version),
-                   key=key)
-
-    def set_alias(self, model: str, alias: str, version: int) -> None:
-        self._call("POST", "registered-models/alias", f"setting @{alias}", name=model, alias=alias,
-                   version=str(version))
-
-
-class _ClientMlflow:
-    """An MLflow the client reaches without a server (sqlite, a file store), or an in-process fake of it."""
-
-    def __init__(self, client: Any) -> None:
-        self.client = client
-
-    def _call(self, what: str, method: str, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return getattr(self.client, method)(*args, **kwargs)
-        except Exception as error:
-            raise _classify(what, error) from None
-
-    def aliases(self, model: str) -> dict[str, int]:
-        found = self._call(f"reading '{model}'", "get_registered_model", model)
-        return {alias: int(version) for alias, version in (found.aliases or {}).items()}
-
-    def tags(self, model: str, version: int) -> dict[str, str]:
-        return dict(self._call(f"reading v{version}", "get_model_version", model, str(version)).tags or {})
-
-    def tagged_serving(self, model: str) -> list[int]:
-        found = self._call("searching versions tagged serving", "search_model_versions",
-                           filter_string=_serving_filter(model), max_results=100)
-        return [int(v.version) for v in found]
-
-    def set_tag(self, model: str, version: int, key: str, value: str) -> None:
-        self._call(f"tagging v{version}", "set_model_version_tag", model, str(version), key, value)
-
-    def delete_tag(self, model: str, version: int, key: str) -> None:
-        self._call(f"untagging v{version}", "delete_model_version_tag", model, str(version), key)
-
-    def set_alias(self, model: str, alias: str, version: int) -> None:
-        self._call(f"setting @{alias}", "set_registered_model_alias", model, alias, str(version))
-
-
-def _connect(settings: Settings, registry: Registry) -> _Mlflow | None:
-    """The MLflow the registry reads, for writing; None for a registry that is not MLflow's (a unit-test fake)."""
-    uri = getattr(registry, "tracking_uri", "") or settings.tracking_uri
-    if uri.startswith(("http://", "https://")):
-        return _RestMlflow(uri, settings.writeback_timeout_s)
-    client = getattr(registry, "client", None)
-    return _ClientMlflow(client) if client is not None else None
-
-
 # ---------------------------------------------------------------- applying a plan
 
 
 @dataclass
 class _Writer:
-    mlflow: _Mlflow
+    mlflow: MlflowWriter
     model: str
     deadline: float
     changes: list[str] = field(default_factory=list)
@@ -279,7 +165,7 @@ class _Writer:
 
     def _check_time(self) -> None:
         if time.monotonic() > self.deadline:
-            raise _Down("MLflow answers too slowly: the write-back ran out of time")
+            raise Down("MLflow answers too slowly: the write-back ran out of time")
 
     def mark(self, mark: Mark) -> None:
         """Make v<mark.version>'s ferry.* tags say ``mark``, touching only what differs."""
@@ -294,7 +180,7 @@ class _Writer:
             for key in (FAILED_STEP, ERROR):
                 if key in now and key not in wanted:
                     self.mlflow.delete_tag(self.model, mark.version, key)
-        except _Refused as refused:
+        except Refused as refused:
             self.refused.append(f"v{mark.version}")
             self.warnings.append(f"MLflow refused the outcome of {self.model} v{mark.version}: {refused}")
             return
@@ -310,13 +196,13 @@ class _Writer:
                 self._check_time()
                 self.mlflow.set_alias(self.model, alias, mark.version)
                 self.changes.append(f"@{alias}: {f'v{before}' if before else '(none)'} -> v{mark.version}")
-        except _Refused as refused:
+        except Refused as refused:
             self.refused.append(f"@{alias}")
             self.warnings.append(f"MLflow refused @{alias} of {self.model}: {refused}")
             return
         try:
-            stale = set(self.mlflow.tagged_serving(self.model)) - {mark.version} - set(explicit)
-        except _Refused:
+            stale = set(self.mlflow.versions_tagged(self.model, STATUS, SERVING)) - {mark.version} - set(explicit)
+        except Refused:
             return  # a store that cannot search by tag: only the versions named in the plan are retired
         for version in sorted(stale):
             self.mark(Mark(version, RETIRED, mark.deploy_id, mark.updated_at_utc))
@@ -327,7 +213,7 @@ def _apply(settings: Settings, registry: Registry, plan: Plan) -> SyncResult:
     if not plan.serving and not plan.marks:
         return result
     try:
-        mlflow = _connect(settings, registry)
+        mlflow = connect(settings, registry)
         if mlflow is None:
             return result
         writer = _Writer(mlflow, plan.model, time.monotonic() + _BUDGET_CALLS * settings.writeback_timeout_s)
@@ -338,7 +224,7 @@ def _apply(settings: Settings, registry: Registry, plan: Plan) -> SyncResult:
                 writer.mark(mark)
         finally:
             result.changes, result.warnings, result.refused = writer.changes, writer.warnings, writer.refused
-    except _Down as down:
+    except Down as down:
         result.unavailable = True
         result.warnings.append(f"MLflow at {_uri(settings, registry)} was not told of the outcome: {down} "
                                f"(run `ferry sync {plan.model}` once it answers)")
@@ -356,11 +242,28 @@ def _uri(settings: Settings, registry: Registry) -> str:
 # ---------------------------------------------------------------- entry points
 
 
-def write_back(settings: Settings, registry: Registry, report: DeployReport) -> list[str]:
-    """Tag the version and move the serving alias; the warnings, if MLflow could not be told."""
+def write_back(settings: Settings, registry: Registry, report: DeployReport) -> SyncResult:
+    """Tag the version and move the serving alias; the result says what changed and what MLflow was not told."""
     if not settings.serving_alias or report.outcome == Outcome.REJECTED:
-        return []
-    return _apply(settings, registry, plan_for_report(report)).warnings
+        return SyncResult(model=report.model)
+    return _apply(settings, registry, plan_for_report(report))
+
+
+def tell(settings: Settings, registry: Registry, model_dir: ModelDir, report: DeployReport) -> WriteBackRecord | None:
+    """Write a decided attempt back and leave its line in writeback.jsonl; None when there is nothing to tell."""
+    if not settings.serving_alias or report.outcome == Outcome.REJECTED:
+        return None
+    began = time.perf_counter()
+    try:
+        result = write_back(settings, registry, report)
+    except FerryError as error:  # MLflow's client could not even start
+        result = SyncResult(model=report.model, unavailable=True, warnings=[
+            f"MLflow was not told of the outcome: {error} (run `ferry sync {report.model}`)"])
+    record = WriteBackRecord(deploy_id=report.deploy_id, model=report.model, at_utc=utc_stamp(),
+                             seconds=round(time.perf_counter() - began, 4), told=result.in_sync,
+                             warnings=result.warnings)
+    _append(model_dir, record)
+    return record
 
 
 def sync(settings: Settings, registry: Registry, model_dir: ModelDir) -> SyncResult:
@@ -368,5 +271,30 @@ def sync(settings: Settings, registry: Registry, model_dir: ModelDir) -> SyncRes
     no commit happens in between); only what differs is written, so running it again changes nothing."""
     if not settings.serving_alias:
         return SyncResult(model=model_dir.model, warnings=["FERRY_SERVING_ALIAS is empty: write-back is off"])
-    plan = plan_from_state(model_dir.model, read_current(model_dir), read_history(model_dir))
-    return _apply(settings, registry, plan)
+    began = time.perf_counter()
+    current = read_current(model_dir)
+    result = _apply(settings, registry, plan_from_state(model_dir.model, current, read_history(model_dir)))
+    _append(model_dir, WriteBackRecord(deploy_id=current.deploy_id if current else "", model=model_dir.model,
+                                       by="sync", at_utc=utc_stamp(), seconds=round(time.perf_counter() - began, 4),
+                                       told=result.in_sync, warnings=result.warnings))
+    return result
+
+
+def _append(model_dir: ModelDir, record: WriteBackRecord) -> None:
+    model_dir.state_dir.mkdir(parents=True, exist_ok=True)
+    append_line(model_dir.writeback_path, json.dumps(record.model_dump(mode="json"), sort_keys=True))
+
+
+def read_write_backs(model_dir: ModelDir) -> list[WriteBackRecord]:
+    """Every line of writeback.jsonl, oldest first; a damaged line is skipped, as in the history."""
+    try:
+        lines = model_dir.writeback_path.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    records = []
+    for line in lines:
+        try:
+            records.append(WriteBackRecord.model_validate_json(line))
+        except ValueError:
+            continue
+    return records
