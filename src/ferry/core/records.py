@@ -272,3 +272,19 @@ class JournalRecord(BaseModel):
     gate: list[GateEvaluation] = []  # each evaluation of the bake's gate
     gate_baseline: list[dict[str, Any]] = []  # the gateways' counters when the bake started (rollout.dump_counts)
     bake_started_unix: float | None = None
+
+
+class WriteBackRecord(BaseModel):
+    """One line of ``writeback.jsonl``: what MLflow was told of a decided attempt.
+
+    The attempt's history record is written first, so that its end does not wait for MLflow; then the
+    write-back runs (the model still held) and leaves this line. A decided attempt with no line here was
+    not written back (its process stopped in between): ``ferry sync`` repairs that, and leaves a line too."""
+
+    deploy_id: str  # the attempt told of (for a sync: the commit current.json names, or "")
+    model: str
+    by: Literal["deploy", "sync"] = "deploy"
+    at_utc: str
+    seconds: float
+    told: bool  # MLflow holds the outcome; False: see the warnings
+    warnings: list[str] = []
