@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import Any
+from typing import Any, cast
 
 import h11
 import uvicorn
@@ -41,14 +41,15 @@ class GuardedH11(H11Protocol):
     max_connections = MAX_CONNECTIONS
     _last_warning = 0.0  # over the bound, said at most once every 10 s (a flood must not flood the log)
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        stream = cast(asyncio.Transport, transport)  # a TCP server's transport is a stream, as uvicorn assumes
         self._head_timer: asyncio.TimerHandle | None = None
-        super().connection_made(transport)
+        super().connection_made(stream)
         if len(self.connections) > self.max_connections:
             self._warn_full()
-            transport.write(_answer(503, "Service Unavailable", f"ferry watch holds {self.max_connections} "
-                                    "connections already; try again"))
-            transport.close()
+            stream.write(_answer(503, "Service Unavailable", f"ferry watch holds {self.max_connections} "
+                                 "connections already; try again"))
+            stream.close()
             return
         self._arm()
 
