@@ -150,14 +150,7 @@ class S3Store(ArtifactStore):
         self.client = _s3_client(timeout_s)
 
     def _fail(self, what: str, error: Exception) -> FerryError:
-        code = str(getattr(error, "response", {}).get("Error", {}).get("Code", ""))
-        if code in ("NoSuchKey", "NoSuchBucket", "404"):
-            return RegistryError(f"S3: {what}: {code}", "check the version's artifacts in its bucket")
-        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403"):
-            return InvalidInput(f"S3 refused the credentials while {what}: {code}",
-                                "check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
-        return Unavailable(f"S3 at {self.client.meta.endpoint_url} failed while {what}: {type(error).__name__}: "
-                           f"{error}", "check MLFLOW_S3_ENDPOINT_URL and that the object store answers")
+        return s3_failure(what, error, str(self.client.meta.endpoint_url))
 
     def sizes(self) -> dict[str, int]:
         try:
@@ -172,6 +165,27 @@ class S3Store(ArtifactStore):
             return body
         except Exception as error:
             raise self._fail(f"downloading {name} of {self.uri}", error) from None
+
+
+# What each refusal of the credentials says about the variable that holds them.
+REFUSED_CREDENTIALS = {
+    "InvalidAccessKeyId": "the store knows no AWS_ACCESS_KEY_ID of that name",
+    "SignatureDoesNotMatch": "AWS_SECRET_ACCESS_KEY is not the secret of that AWS_ACCESS_KEY_ID",
+    "AccessDenied": "the identity of AWS_ACCESS_KEY_ID may not read there",
+    "403": "the store refused AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
+}
+
+
+def s3_failure(what: str, error: Exception, endpoint: str) -> FerryError:
+    """An S3 client's error as ferry's: not found, credentials refused (naming the variable), or unavailable."""
+    code = str(getattr(error, "response", {}).get("Error", {}).get("Code", ""))
+    if code in ("NoSuchKey", "NoSuchBucket", "404"):
+        return RegistryError(f"S3: {what}: {code}", "check the version's artifacts in its bucket")
+    if code in REFUSED_CREDENTIALS:
+        return InvalidInput(f"S3 refused the credentials while {what}: {code}: {REFUSED_CREDENTIALS[code]}",
+                            "check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+    return Unavailable(f"S3 at {endpoint} failed while {what}: {type(error).__name__}: {error}",
+                       "check MLFLOW_S3_ENDPOINT_URL and that the object store answers")
 
 
 def _s3_client(timeout_s: float) -> Any:
