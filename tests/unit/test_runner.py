@@ -12,6 +12,7 @@ from ferry.core.current import read_current, read_history
 from ferry.core.errors import Busy, NoSuchModel
 from ferry.core.journal import read_journal
 from ferry.core.records import Outcome, QuarantineReason, Step
+from ferry.core.repository import ModelDir
 from ferry.core.runner import Runner, Target
 from unit.fakes import tiny_onnx
 from unit.support import Bench
@@ -29,6 +30,25 @@ def test_a_good_version_is_committed_with_one_record(bench: Bench) -> None:
         ("smoke", "ok"), ("commit", "ok"), ("recorded", "committed"), ("write-back", "ok")]
     assert set(report.steps) == {s.value for s in Step} - {"rollback", "bake"}
     bench.check_invariants(attempts=1)
+
+
+def test_the_candidate_is_made_durable_before_the_commit_point(bench: Bench,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its files reach the disk in the background during the load; current.json names them only once they have."""
+    made_durable: list[tuple[int, int | None]] = []
+    durable = ModelDir.make_durable
+
+    def record(model_dir: ModelDir, version: int) -> None:
+        current = read_current(model_dir)
+        made_durable.append((version, current.active_version if current else None))
+        durable(model_dir, version)
+
+    monkeypatch.setattr(ModelDir, "make_durable", record)
+    bench.registry.add("iris", "champion")
+    assert bench.deploy().outcome == Outcome.COMMITTED
+    bench.registry.add("iris", "champion")
+    assert bench.deploy().outcome == Outcome.COMMITTED
+    assert made_durable == [(1, None), (2, 1)], "fsynced while current.json still named the version before"
 
 
 def test_the_second_version_retires_the_first(bench: Bench) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
@@ -65,15 +67,25 @@ def copy_and_hash(source: Path, target: Path) -> str:
         return digest.result()
 
 
+def flush_in_background(root: Path) -> None:
+    """Start writing ``root``'s files to disk (fsync_tree in a daemon thread), so that the durable write
+    overlaps what comes next; a later fsync_tree of the same files only waits for what is left of it."""
+    threading.Thread(target=_fsync_quietly, args=(root,), daemon=True, name=f"fsync {root}").start()
+
+
+def _fsync_quietly(root: Path) -> None:
+    with contextlib.suppress(OSError):  # moved away meanwhile (quarantined): whoever needs it durable fsyncs it
+        fsync_tree(root)
+
+
 def write_and_hash(source: BinaryIO, target: Path) -> str:
-    """Write a stream (a download) into ``target``, durably, and return its sha256, computed on the way."""
+    """Write a stream (a download) into ``target`` and return its sha256, computed on the way (the caller
+    makes the file durable, with the rest of the version)."""
     digest = hashlib.sha256()
     with open(target, "wb") as sink:
         for block in iter(lambda: source.read(1 << 20), b""):
             digest.update(block)
             sink.write(block)
-        sink.flush()
-        os.fsync(sink.fileno())
     return digest.hexdigest()
 
 

@@ -30,7 +30,7 @@ from pydantic import ValidationError
 
 from ferry.core.errors import InvalidInput
 from ferry.core.front import STORE_SUFFIX, store_name
-from ferry.core.fsutil import atomic_write, fsync_dir, fsync_tree
+from ferry.core.fsutil import atomic_write, flush_in_background, fsync_dir, fsync_tree
 from ferry.core.model_config import from_pbtxt, model_config_pb2, to_pbtxt
 from ferry.core.records import Manifest, QuarantineReason, utc_stamp
 
@@ -170,12 +170,20 @@ class ModelDir:
         return staging
 
     def publish_version(self, staging: Path, version: int) -> Path:
-        """Make a fully written staging directory version ``version`` with one atomic rename."""
-        fsync_tree(staging)
+        """Make a fully written staging directory version ``version`` with one atomic rename.
+
+        Its files reach the disk in the background, while Triton loads them from the page cache: the
+        commit makes them durable before current.json names them (:meth:`make_durable`), and a version
+        that is never committed is quarantined, whatever a machine crash left of it."""
         target = self.version_dir(version)
         os.rename(staging, target)  # fails if the target exists: a version is never overwritten
         fsync_dir(self.path)
+        flush_in_background(target)
         return target
+
+    def make_durable(self, version: int) -> None:
+        """Wait until the files of ``version`` are on disk (at once if they are already)."""
+        fsync_tree(self.version_dir(version))
 
     def quarantine(self, folder: Path, reason: QuarantineReason) -> Path:
         """Move a failed version's folder (staged or live) to quarantine/<version>.failed_<UTC>/ with reason.json."""

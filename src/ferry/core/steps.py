@@ -260,6 +260,7 @@ def commit(ferry: Ferry, snapshot: Snapshot, candidate: Candidate) -> tuple[Curr
         sha256=candidate.sha256, deploy_id=snapshot.deploy_id, previous_warm_until_utc=warm_until,
     )
     try:
+        model_dir.make_durable(candidate.version)  # the files current.json will name survive a machine crash
         write_current(model_dir, state)
     except OSError as error:
         raise StepFailed(Step.COMMIT, f"cannot write {model_dir.current_path}: {error}") from error
