@@ -1,12 +1,19 @@
-"""How an S3 client's errors read as ferry's (ferry.core.mlflow_rest.s3_failure): the refused credential is named."""
+"""How an S3 client's errors read as ferry's (ferry.core.mlflow_rest.s3_failure): the refused credential is named;
+a download shorter than its listing is a transfer cut short (retryable), not a bad model."""
 
 from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
 
 from ferry.core.errors import InvalidInput, RegistryError, Unavailable
-from ferry.core.mlflow_rest import s3_failure
+from ferry.core.mlflow_rest import ArtifactStore, s3_failure
+from ferry.core.registry import Registry, RestArtifacts, VersionRef
 
 ENDPOINT = "http://127.0.0.1:9000"
 
@@ -32,3 +39,35 @@ def test_a_missing_object_is_not_found_and_a_store_that_does_not_answer_is_unava
     assert isinstance(down, Unavailable) and down.retryable and ENDPOINT in down.message
     failing = s3_failure("downloading model.onnx", refused("InternalError"), ENDPOINT)
     assert isinstance(failing, Unavailable) and "InternalError" in failing.message
+
+
+class ShortStore(ArtifactStore):
+    """A store whose listing says more bytes than its download gives (a body cut short on the way)."""
+
+    uri = "mlflow-artifacts:/1/run/artifacts/onnx"
+
+    def __init__(self, listed: int, body: bytes) -> None:
+        self.listed, self.body = listed, body
+
+    def sizes(self) -> dict[str, int]:
+        return {"model.onnx": self.listed}
+
+    def open(self, name: str) -> BinaryIO:
+        return io.BytesIO(self.body)
+
+
+def _artifacts(store: ArtifactStore) -> RestArtifacts:
+    ref = VersionRef("iris", 1, "run", "runs:/run/onnx", None, "runs:/run/onnx")
+    return RestArtifacts(Registry("http://127.0.0.1:9"), ref, store)
+
+
+def test_a_download_shorter_than_its_listing_is_unavailable_not_a_bad_model(tmp_path: Path) -> None:
+    with pytest.raises(Unavailable, match="gave 3 bytes, its listing 10: the transfer was cut short"):
+        _artifacts(ShortStore(10, b"abc")).download("model.onnx", tmp_path)
+
+
+def test_a_download_as_long_as_its_listing_is_kept_with_its_digest(tmp_path: Path) -> None:
+    artifacts = _artifacts(ShortStore(3, b"abc"))
+    path = artifacts.download("model.onnx", tmp_path)
+    assert path.read_bytes() == b"abc"
+    assert artifacts.sha256("model.onnx", path) == hashlib.sha256(b"abc").hexdigest()

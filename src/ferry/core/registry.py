@@ -214,9 +214,18 @@ class RestArtifacts(Artifacts):
         return self._sizes
 
     def download(self, name: str, destination: Path) -> Path:
-        """Stream ``name`` into ``destination``, hashed on the way; a full disk raises its OSError."""
-        self._digests[name] = self.store.download(name, destination / name)
-        return destination / name
+        """Stream ``name`` into ``destination``, hashed on the way; a full disk raises its OSError.
+
+        The bytes written must be as many as the listing said: a body cut short reads as a complete one
+        through the server's proxy (http.client does not raise on a connection closed early)."""
+        path = destination / name
+        self._digests[name] = self.store.download(name, path)
+        listed, written = self.sizes().get(name, 0), path.stat().st_size
+        if listed and written != listed:
+            raise Unavailable(f"downloading {name} of {self.uri} gave {written} bytes, its listing {listed}: the "
+                              "transfer was cut short, or the file changed meanwhile",
+                              "deploy again; if it happens again, check the artifact store and its proxy")
+        return path
 
 
 def disk_full(error: BaseException | None) -> OSError | None:
