@@ -16,6 +16,7 @@ import os
 import secrets
 import subprocess
 import sys
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -25,6 +26,7 @@ from support.s3 import S3Server
 
 BIN = Path(sys.executable).parent
 Layout = Literal["s3", "proxy"]
+PREFIX: dict[str, str] = {"s3": "direct", "proxy": "proxied"}  # where each layout keeps its artifacts in the bucket
 START_TIMEOUT_S = 120.0
 
 
@@ -51,9 +53,10 @@ class TrackingServer:
         return env
 
     def _artifact_args(self) -> list[str]:
+        root = f"s3://{self.s3.bucket}/{PREFIX[self.layout]}"
         if self.layout == "s3":
-            return ["--default-artifact-root", f"s3://{self.s3.bucket}/direct", "--no-serve-artifacts"]
-        return ["--serve-artifacts", "--artifacts-destination", f"s3://{self.s3.bucket}/proxied"]
+            return ["--default-artifact-root", root, "--no-serve-artifacts"]
+        return ["--serve-artifacts", "--artifacts-destination", root]
 
     def _server_env(self) -> dict[str, str]:
         return {**os.environ, **self.s3.env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
@@ -79,6 +82,16 @@ class TrackingServer:
         from mlflow import MlflowClient
 
         return MlflowClient(tracking_uri=self.url, registry_uri=self.url)
+
+    def artifact_key(self, model: str, version: int, name: str) -> str:
+        """The bucket key of the file ``name`` of a version registered from ``runs:/<run>/<path>``."""
+        client = self.client()
+        found = client.get_model_version(model, str(version))
+        path = str(found.source).removeprefix(f"runs:/{found.run_id}").strip("/")
+        root = urllib.parse.urlparse(client.get_run(found.run_id).info.artifact_uri)
+        # s3://<bucket>/direct/<experiment>/<run>/artifacts, or mlflow-artifacts:/<experiment>/<run>/artifacts
+        folder = root.path.strip("/") if root.scheme == "s3" else f"{PREFIX[self.layout]}/{root.path.strip('/')}"
+        return f"{folder}/{path}/{name}" if path else f"{folder}/{name}"
 
 
 def register_example(server: TrackingServer, model: str, alias: str, **kwargs: Any) -> int:

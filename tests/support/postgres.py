@@ -70,20 +70,32 @@ class PostgresServer:
              f"createdb {name}")
 
     def start(self) -> PostgresServer:
+        """A new cluster on a free port; started again after ``stop``, the same cluster on the same port."""
+        if not self.data.exists():
+            self._init()
+        if not self.port:
+            self.port = free_port()
+        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={self.root} -c fsync=off"
+        _run([_binary("pg_ctl"), "-D", str(self.data), "-l", str(self.root / "postgres.log"), "-o", options,
+              "-w", "-t", "30", "start"], f"pg_ctl start (log: {self.root / 'postgres.log'})")
+        return self
+
+    def _init(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0:
             shutil.chown(self.root, SUPERUSER, SUPERUSER)
             self._open_parents()
         _run([_binary("initdb"), "-D", str(self.data), "-U", SUPERUSER, "--auth=trust", "-E", "UTF8",
               "--no-sync"], "initdb")
-        self.port = free_port()
-        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={self.root} -c fsync=off"
-        _run([_binary("pg_ctl"), "-D", str(self.data), "-l", str(self.root / "postgres.log"), "-o", options,
-              "-w", "-t", "30", "start"], f"pg_ctl start (log: {self.root / 'postgres.log'})")
-        return self
+
+    def running(self) -> bool:
+        done = subprocess.run(_as_owner([_binary("pg_ctl"), "-D", str(self.data), "status"]), capture_output=True,
+                              timeout=COMMAND_TIMEOUT_S, check=False)
+        return done.returncode == 0
 
     def stop(self) -> None:
-        if self.data.exists():
+        """A fast shutdown (open sessions are ended): clients see their connections refused from then on."""
+        if self.data.exists() and self.running():
             _run([_binary("pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "-t", "30", "stop"], "pg_ctl stop")
 
     def _open_parents(self) -> None:

@@ -8,15 +8,19 @@ server (and ferry) reads: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, MLFLOW_S3_EN
 
 from __future__ import annotations
 
+import http.client
 import json
 import random
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +159,114 @@ class S3Server:
         key = "ferry-ready-probe"
         s3.put_object(Bucket=self.bucket, Key=key, Body=b"ok")
         s3.delete_object(Bucket=self.bucket, Key=key)
+
+
+INTERNAL_ERROR = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>InternalError</Code>'
+                  b"<Message>We encountered an internal error. Please try again.</Message></Error>")
+UPSTREAM_TIMEOUT_S = 30.0
+
+
+class FaultyS3Proxy:
+    """A fault injector in front of the S3 gateway, for the one fault SeaweedFS cannot produce on demand: an
+    object store that lists a folder but answers a download with HTTP 500 (InternalError).
+
+    Requests are relayed byte for byte (the Host header too, so SigV4 signatures still match); with
+    ``fail_downloads`` set, a GET of an object (not of a bucket listing) is answered 500 and counted in
+    ``failed``. ``env()`` is the S3 server's variables with MLFLOW_S3_ENDPOINT_URL pointing here.
+    """
+
+    def __init__(self, upstream: S3Server) -> None:
+        self.upstream = upstream
+        self.fail_downloads = False
+        self.failed = 0
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="faulty-s3", daemon=True)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def env(self) -> dict[str, str]:
+        return {**self.upstream.env(), "MLFLOW_S3_ENDPOINT_URL": self.endpoint}
+
+    def start(self) -> FaultyS3Proxy:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _fails(self, method: str, target: str) -> bool:
+        """A download: GET /<bucket>/<key> (path-style), as opposed to GET /<bucket>?list-type=2."""
+        bucket, _, key = urllib.parse.urlsplit(target).path.lstrip("/").partition("/")
+        return self.fail_downloads and method == "GET" and bool(bucket and key)
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        proxy = self
+
+        class Relay(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def _relay(self) -> None:
+                if proxy._fails(self.command, self.path):
+                    proxy.failed += 1
+                    self._answer(500, [("Content-Type", "application/xml")], INTERNAL_ERROR)
+                    return
+                status, headers, body = self._forward(self._body())
+                self._answer(status, headers, body)
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    return self._chunked()
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def _chunked(self) -> bytes:
+                """The chunked body as it came (chunks, trailers and all), relayed as it is."""
+                raw = b""
+                while True:
+                    line = self.rfile.readline()
+                    raw += line
+                    size = int(line.split(b";")[0].strip() or b"0", 16)
+                    if size == 0:
+                        while (trailer := self.rfile.readline()) not in (b"\r\n", b"\n", b""):
+                            raw += trailer
+                        return raw + b"\r\n"
+                    raw += self.rfile.read(size + 2)
+
+            def _forward(self, body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
+                upstream = http.client.HTTPConnection("127.0.0.1", proxy.upstream.ports["s3"],
+                                                      timeout=UPSTREAM_TIMEOUT_S)
+                try:
+                    upstream.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
+                    for name, value in self.headers.items():
+                        upstream.putheader(name, value)
+                    upstream.endheaders(body or None)
+                    answer = upstream.getresponse()
+                    data = answer.read()
+                    return answer.status, answer.getheaders(), data
+                finally:
+                    upstream.close()
+
+            def _answer(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+                self.send_response(status)
+                for name, value in headers:
+                    if name.lower() not in ("transfer-encoding", "content-length", "connection"):
+                        self.send_header(name, value)
+                length = next((v for n, v in headers if n.lower() == "content-length"), None)
+                head = self.command == "HEAD"
+                self.send_header("Content-Length", length if head and length is not None else str(len(body)))
+                self.end_headers()
+                if not head:
+                    self.wfile.write(body)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _relay
+
+        return Relay
 
 
 def start_s3(root: Path) -> S3Server:
