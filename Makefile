@@ -42,6 +42,7 @@ demo-watch: install
 lint: install
 	$(BIN)/ruff check src tests dags bench examples scripts
 	$(BIN)/lint-imports
+	$(BIN)/mypy src/ferry
 
 test-fast: install
 	$(BIN)/pytest -q tests/unit

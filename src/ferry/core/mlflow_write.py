@@ -49,7 +49,7 @@ class _RestMlflow:
         from mlflow.utils.credentials import get_default_host_creds
 
         self.uri = tracking_uri
-        self.creds = get_default_host_creds(tracking_uri)
+        self.creds = get_default_host_creds(tracking_uri)  # type: ignore[no-untyped-call]  # MLflow: unannotated
         self.timeout_s = timeout_s
 
     def _call(self, method: str, endpoint: str, what: str, **body: Any) -> dict[str, Any]:
@@ -57,9 +57,11 @@ class _RestMlflow:
 
         payload = {"params": body} if method == "GET" else {"json": body}
         try:
-            response = http_request(self.creds, f"/api/2.0/mlflow/{endpoint}", method, max_retries=0,
-                                    backoff_factor=0, timeout=self.timeout_s, **payload)
-            return verify_rest_response(response, endpoint).json()
+            response = http_request(  # type: ignore[no-untyped-call]  # MLflow leaves it unannotated
+                self.creds, f"/api/2.0/mlflow/{endpoint}", method, max_retries=0, backoff_factor=0,
+                timeout=self.timeout_s, **payload)
+            answer: dict[str, Any] = verify_rest_response(response, endpoint).json()  # MLflow answers an object
+            return answer
         except Exception as error:
             raise _classify(what, error) from None
 

@@ -10,11 +10,14 @@ import errno
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ferry.core.errors import FerryError, NoSuchModel, RegistryError, Unavailable
 from ferry.core.fsutil import copy_and_hash, sha256_file
 from ferry.core.mlflow_rest import NOT_FOUND, ArtifactStore, MlflowRest
+
+if TYPE_CHECKING:
+    from mlflow.store.artifact.artifact_repo import ArtifactRepository
 
 
 @dataclass(frozen=True)
@@ -142,8 +145,10 @@ class Registry:
             from mlflow.tracking.artifact_utils import get_artifact_uri
 
             try:
-                run_id, path = RunsArtifactRepository.parse_runs_uri(ref.artifact_uri)
-                direct = self._open(ref, get_artifact_uri(run_id, path, tracking_uri=self.tracking_uri))
+                # MLflow leaves both unannotated
+                run_id, path = RunsArtifactRepository.parse_runs_uri(ref.artifact_uri)  # type: ignore[no-untyped-call]
+                uri = get_artifact_uri(run_id, path, tracking_uri=self.tracking_uri)  # type: ignore[no-untyped-call]
+                direct = self._open(ref, uri)
                 if expected in direct.sizes():
                     return direct
             except Exception:  # FerryError included: the runs:/ repository below reports it with the user's URI
@@ -154,7 +159,7 @@ class Registry:
 class Artifacts:
     """One version's artifact folder, resolved once for the listing and every download."""
 
-    def __init__(self, registry: Registry, ref: VersionRef, uri: str, repository) -> None:
+    def __init__(self, registry: Registry, ref: VersionRef, uri: str, repository: ArtifactRepository | None) -> None:
         self.registry = registry
         self.ref = ref
         self.uri = uri
@@ -169,6 +174,7 @@ class Artifacts:
     def sizes(self) -> dict[str, int]:
         """File name -> size in bytes of the files at the top of the folder."""
         if self._sizes is None:
+            assert self.repository is not None, "a folder without MLflow's repository lists itself (RestArtifacts)"
             try:
                 listing = self.repository.list_artifacts()
             except Exception as error:
@@ -181,6 +187,7 @@ class Artifacts:
 
         A full disk raises the OSError itself, so that the caller can clean up and say so.
         """
+        assert self.repository is not None, "a folder without MLflow's repository downloads itself (RestArtifacts)"
         local_dir = getattr(self.repository, "artifact_dir", None)  # set by MLflow's local-filesystem store
         if local_dir is not None and (Path(local_dir) / name).is_symlink():
             raise RegistryError(f"{name} in {self.uri} is a symbolic link; ferry copies only regular files",
@@ -189,7 +196,8 @@ class Artifacts:
             self._digests[name] = copy_and_hash(Path(local_dir) / name, destination / name)
             return destination / name
         try:
-            path = Path(self.repository.download_artifacts(name, dst_path=str(destination)))
+            path = Path(self.repository.download_artifacts(  # type: ignore[no-untyped-call]  # MLflow: unannotated
+                name, dst_path=str(destination)))
         except Exception as error:
             if full := disk_full(error):
                 raise full from error
@@ -205,7 +213,7 @@ class RestArtifacts(Artifacts):
     """A tracking server's version folder (s3:// or its proxy), read without mlflow: Artifacts' calls."""
 
     def __init__(self, registry: Registry, ref: VersionRef, store: ArtifactStore) -> None:
-        super().__init__(registry, ref, store.uri, store)
+        super().__init__(registry, ref, store.uri, None)  # its sizes and downloads go through the store
         self.store = store
 
     def sizes(self) -> dict[str, int]:

@@ -108,8 +108,11 @@ class Runner(Baking):
         try:
             for step in (Step.MATERIALIZE, *VALIDATION_STEPS):
                 self.run_step(journal, step)
-                if step == Step.MATERIALIZE and not steps.needs_validation(journal.record.candidate):
-                    break
+                if step == Step.MATERIALIZE:
+                    candidate = journal.record.candidate
+                    assert candidate is not None, "materialize names the candidate, or raises"
+                    if not steps.needs_validation(candidate):
+                        break
             if self.bakes(journal):
                 self.run_step(journal, Step.BAKE)
             return self.finish(journal)
@@ -157,6 +160,7 @@ class Runner(Baking):
         record = journal.record
         snapshot = record.snapshot
         assert snapshot is not None, "a step runs only after the snapshot"
+        action: Callable[[], object]
         if step == Step.MATERIALIZE:
             if record.alias is not None:
                 self._timed(journal, REGISTRY, lambda: self.ferry.registry)  # MLflow's client, if still starting
@@ -307,8 +311,7 @@ class Runner(Baking):
     def _timed(self, journal: Journal, step: Step | str, action: Callable[[], Any]) -> Any:
         """Run ``action`` as ``step``: its intent in the journal first, its time in the journal after, and the
         events. A ``str`` step is a part of a step shown on its own line only (MLflow's client starting)."""
-        recorded = isinstance(step, Step)
-        if recorded:
+        if isinstance(step, Step):
             journal.begin(step)
         self.emit(step, "start", 0.0, "")
         began = time.perf_counter()
@@ -317,7 +320,7 @@ class Runner(Baking):
         except BaseException as error:
             self.emit(step, "failed", self._took(journal, step, began), str(error))
             raise
-        detail = describe(step, result) if recorded else "started beside the snapshot"
+        detail = describe(step, result) if isinstance(step, Step) else "started beside the snapshot"
         self.emit(step, "ok", self._took(journal, step, began), detail)
         return result
 
