@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import BinaryIO
 
@@ -12,7 +15,7 @@ import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
 
 from ferry.core.errors import InvalidInput, RegistryError, Unavailable
-from ferry.core.mlflow_rest import ArtifactStore, s3_failure
+from ferry.core.mlflow_rest import ArtifactStore, MlflowRest, s3_failure
 from ferry.core.registry import Registry, RestArtifacts, VersionRef
 
 ENDPOINT = "http://127.0.0.1:9000"
@@ -71,3 +74,38 @@ def test_a_download_as_long_as_its_listing_is_kept_with_its_digest(tmp_path: Pat
     path = artifacts.download("model.onnx", tmp_path)
     assert path.read_bytes() == b"abc"
     assert artifacts.sha256("model.onnx", path) == hashlib.sha256(b"abc").hexdigest()
+
+
+class FailingServer(BaseHTTPRequestHandler):
+    """A tracking server whose artifact proxy fails as MLflow's does when its store is down: a bare HTTP 500."""
+
+    def do_GET(self) -> None:
+        self.send_response(500)
+        self.send_header("Content-Length", "21")
+        self.end_headers()
+        self.wfile.write(b"Internal Server Error")
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def failing_server() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FailingServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_the_proxy_answering_500_points_at_its_store(failing_server: str, tmp_path: Path) -> None:
+    store = MlflowRest(failing_server, timeout_s=5).store("mlflow-artifacts:/1/run/artifacts/onnx")
+    for call in (store.sizes, lambda: store.download("model.onnx", tmp_path / "model.onnx")):
+        with pytest.raises(Unavailable, match=r"HTTP 500 .*the server's artifact proxy: its store may not answer"):
+            call()
+
+
+def test_a_server_that_does_not_answer_is_not_blamed_on_its_store() -> None:
+    with pytest.raises(Unavailable) as error:
+        MlflowRest("http://127.0.0.1:9", timeout_s=2).store("mlflow-artifacts:/1/run/artifacts/onnx").sizes()
+    assert "artifact proxy" not in error.value.message and "MLflow at http://127.0.0.1:9" in error.value.message

@@ -23,6 +23,10 @@ API = "/api/2.0/mlflow"
 NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
 
 
+class ServerError(Unavailable):
+    """The tracking server answered, with an error of its own (HTTP 5xx, or another refusal than not found)."""
+
+
 class MlflowRest:
     """One tracking server's REST API; ``timeout_s`` bounds every request (connect and each read)."""
 
@@ -53,7 +57,8 @@ class MlflowRest:
         if error.code == 404 or code in NOT_FOUND:
             return RegistryError(f"MLflow: {answer.get('message') or url}: {code or error.code}",
                                  "check the name, alias or version in the MLflow Model Registry")
-        return self.unavailable(f"calling {url}", Exception(f"HTTP {error.code} {answer.get('message', '')}"))
+        failed = self.unavailable(f"calling {url}", Exception(f"HTTP {error.code} {answer.get('message', '')}"))
+        return ServerError(failed.message, failed.hint)
 
     def unavailable(self, what: str, error: Exception) -> Unavailable:
         return Unavailable(f"MLflow at {self.base} failed while {what}: {type(error).__name__}: {error}",
@@ -125,7 +130,10 @@ class ProxyStore(ArtifactStore):
         self.path = parsed.path.strip("/")
 
     def sizes(self) -> dict[str, int]:
-        found = self.rest.request("GET", "/api/2.0/mlflow-artifacts/artifacts", {"path": self.path})
+        try:
+            found = self.rest.request("GET", "/api/2.0/mlflow-artifacts/artifacts", {"path": self.path})
+        except ServerError as error:
+            raise self._store_failed(error) from None
         return {Path(f["path"]).name: int(f.get("file_size", 0)) for f in found.get("files", [])
                 if not f.get("is_dir")}
 
@@ -135,9 +143,18 @@ class ProxyStore(ArtifactStore):
             answer: BinaryIO = urllib.request.urlopen(url, timeout=self.rest.timeout_s)
             return answer
         except urllib.error.HTTPError as error:
-            raise self.rest._refusal(url, error) from None
+            refusal = self.rest._refusal(url, error)
+            raise (self._store_failed(refusal) if isinstance(refusal, ServerError) else refusal) from None
         except OSError as error:
             raise self.rest.unavailable(f"downloading {name} of {self.uri}", error) from None
+
+
+    @staticmethod
+    def _store_failed(error: ServerError) -> Unavailable:
+        """The server answered, with an error: its proxy's own store (S3 behind it) is the likely cause, and only
+        the server's log says more (MLflow answers a failing store with a bare HTTP 500)."""
+        return Unavailable(f"{error.message} (the server's artifact proxy: its store may not answer)",
+                           "check the tracking server's log and that its --artifacts-destination answers")
 
 
 class S3Store(ArtifactStore):
