@@ -19,6 +19,10 @@ from ferry.core.runner import Runner, Target
 from ferry.core.services import Ferry
 
 Handle = dict[str, Any]  # what XCom carries between tasks: {"model", "deploy_id", ...}
+# Another run's snapshot, or a step of the deploy in flight, holds the model's lock for a moment: a snapshot
+# waits that long for it, so that a run refused for a deploy in flight names that deploy (from its journal)
+# rather than only the lock. Two runs triggered together meet this way.
+SNAPSHOT_LOCK_WAIT_S = 5.0
 
 
 def _runner(ferry: Ferry, model: str) -> Runner:
@@ -34,7 +38,7 @@ def snapshot_current(ferry: Ferry, model: str, alias: str, rollout: dict | None 
     """
     plan = RolloutPlan.model_validate(rollout) if rollout else None
     runner, target = _runner(ferry, model), Target.of_alias(alias, rollout=plan)
-    with holding(runner.model_dir):
+    with holding(runner.model_dir, max(ferry.settings.lock_wait_s, SNAPSHOT_LOCK_WAIT_S)):
         journal = runner.begin(target)
     snapshot = journal.record.snapshot
     return {"model": runner.model, "deploy_id": journal.deploy_id,
