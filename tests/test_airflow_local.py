@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Iterator
 
 import pytest
+from filelock import FileLock
 
 from conftest import BROKEN_VERSIONS, World, assert_invariants, make_settings
 from ferry.core.config import Settings
@@ -20,6 +22,7 @@ from support.airflow_local import LocalAirflow, start_airflow, task_process, wai
 from support.postgres import PostgresServer, postgres_server  # noqa: F401 - the session fixture
 
 RUN_TIMEOUT_S = 120.0
+LOCK_MOMENT_S = 2.0  # how long a step of another deploy holds the lock in the race scenario
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +88,30 @@ def test_a_second_run_of_one_model_is_refused_at_once(airflow: LocalAirflow, set
                            for outcome in ("committed", "rejected"))
     assert committed["deploy_id"] in rejected["error"] and "is in progress (an Airflow run)" in rejected["error"]
     assert committed["deploy_id"] in airflow.task_log(refused, "snapshot_current", 1)
+    assert_invariants(world, attempts=2)
+
+
+def test_a_run_that_meets_the_lock_for_a_moment_still_names_the_holder(airflow: LocalAirflow,
+                                                                       settings: Settings) -> None:
+    """The race of two runs' snapshots, made certain: a deploy is in flight elsewhere, and a step of it holds
+    the model's lock at the moment this run's snapshot asks for it."""
+    from ferry.adapters import dag_steps
+
+    world = world_of(settings, "eta")
+    world.register()
+    held = dag_steps.snapshot_current(world.ferry, world.model, "champion")
+    with FileLock(str(world.model_dir.lock_path), timeout=0):
+        run = airflow.trigger(deploy_conf(world))
+        task = wait_for("snapshot_current to run", lambda: _running_task(airflow, run, "snapshot_current"),
+                        RUN_TIMEOUT_S)
+        wait_for("its process", lambda: task_process(task["id"]), 30, every_s=0.01)
+        time.sleep(LOCK_MOMENT_S)  # its snapshot reaches the lock well within this, and waits
+    assert airflow.wait_finished(run, RUN_TIMEOUT_S) == "failed"
+    assert airflow.task_instances(run)["snapshot_current"]["try_number"] == 1
+    [rejected] = read_history(world.model_dir)
+    assert held["deploy_id"] in rejected["error"], rejected["error"]
+    failure = {"message": "abandoned by the test", "hint": ""}
+    dag_steps.rollback_minimal(world.ferry, world.model, "champion", held["deploy_id"], failure)
     assert_invariants(world, attempts=2)
 
 
