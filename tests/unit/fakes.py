@@ -122,12 +122,16 @@ class FakeTriton:
 @dataclass
 class FakeArtifacts:
     folder: Path
+    stops_answering: bool = False  # a store that goes away mid-download: part of the file written, then Unavailable
 
     def sizes(self) -> dict[str, int]:
         return {p.name: p.stat().st_size for p in self.folder.iterdir() if p.is_file()}
 
     def download(self, name: str, destination: Path) -> Path:
         target = destination / name
+        if self.stops_answering:
+            target.write_bytes((self.folder / name).read_bytes()[:100])
+            raise Unavailable(f"the artifact store stopped answering while {name} downloaded (fake)")
         shutil.copyfile(self.folder / name, target)
         return target
 
@@ -141,6 +145,7 @@ class FakeRegistry:
     versions: dict[str, dict[int, str]] = field(default_factory=dict)  # model -> version -> run id
     aliases: dict[str, dict[str, int]] = field(default_factory=dict)
     unreachable: bool = False
+    store_stops_answering: bool = False
     tracking_uri: str = "fake://mlflow"
 
     def add(self, model: str, alias: str | None = None, model_bytes: bytes | None = None,
@@ -176,5 +181,5 @@ class FakeRegistry:
 
     def artifacts(self, ref: VersionRef) -> FakeArtifacts:
         self._check()
-        return FakeArtifacts(self.root / ref.model / str(ref.version))
+        return FakeArtifacts(self.root / ref.model / str(ref.version), self.store_stops_answering)
 

@@ -51,6 +51,21 @@ def test_the_candidate_is_made_durable_before_the_commit_point(bench: Bench,
     assert made_durable == [(1, None), (2, 1)], "fsynced while current.json still named the version before"
 
 
+def test_a_store_that_stops_answering_mid_download_is_rejected_as_retryable_with_nothing_kept(bench: Bench) -> None:
+    bench.registry.add("iris", "champion")
+    first = bench.deploy()
+    bench.registry.add("iris", "champion")
+    bench.registry.store_stops_answering = True
+    report = bench.deploy()
+    assert report.outcome == Outcome.REJECTED and report.retryable, report
+    assert "stopped answering" in (report.error or "")
+    assert read_current(bench.model_dir) == first.current
+    assert not bench.model_dir.version_dir(2).exists() and not bench.model_dir.quarantine_root.exists()
+    assert list(bench.model_dir.staging_dirs(report.deploy_id)) == [] and read_journal(bench.model_dir) is None
+    bench.registry.store_stops_answering = False
+    assert bench.deploy().outcome == Outcome.COMMITTED, "the retry commits"
+
+
 def test_the_second_version_retires_the_first(bench: Bench) -> None:
     bench.registry.add("iris", "champion")
     bench.deploy()

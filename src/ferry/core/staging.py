@@ -9,7 +9,7 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ferry.core.errors import InvalidInput, NotOnnx, StepFailed
+from ferry.core.errors import FerryError, InvalidInput, NotOnnx, StepFailed
 from ferry.core.fsutil import atomic_write, sha256_file
 from ferry.core.model_config import (
     Signature,
@@ -110,6 +110,10 @@ def stage(ferry: Ferry, model_dir: ModelDir, ref: VersionRef, snapshot: Snapshot
             size_bytes=size, deploy_id=snapshot.deploy_id, staged_at_utc=utc_stamp(), runtime=ferry.settings.runtime,
         )
         atomic_write(staging / MANIFEST, manifest.model_dump_json(indent=1).encode())
+    except FerryError as error:
+        if error.retryable and not isinstance(error, StepFailed):
+            model_dir.discard_staging(staging)  # MLflow or its store stopped answering: nothing is kept, retry
+        raise
     except OSError as error:
         if not disk_full(error):
             raise

@@ -117,8 +117,9 @@ def fleet_of(ferry: Ferry, snapshot: Snapshot) -> Fleet:
 def materialize(ferry: Ferry, snapshot: Snapshot, alias: str | None = None, version: int | None = None) -> Candidate:
     """Resolve the target and stage its files as ``<model>/<version>/``, verified.
 
-    A target that cannot be resolved raises FerryError (nothing was touched); a version that
-    cannot be staged raises StepFailed, with what was downloaded left for the undo to quarantine.
+    A target that cannot be resolved, or whose download meets MLflow or its artifact store not answering,
+    raises FerryError (nothing is kept); a version that cannot be staged raises StepFailed, with what was
+    downloaded left for the undo to quarantine.
     The active version is a candidate too when Triton does not serve it (after a restart):
     it goes through load, ready and smoke again.
     """
@@ -139,6 +140,8 @@ def materialize(ferry: Ferry, snapshot: Snapshot, alias: str | None = None, vers
     except staging.ForeignVersion:
         raise  # refused before anything was touched: not a failed step, nothing to roll back
     except Exception as error:
+        if isinstance(error, FerryError) and error.retryable and not isinstance(error, StepFailed):
+            raise  # a dependency stopped answering mid-download: stage kept nothing; rejected, worth retrying
         failure = as_step_failure(Step.MATERIALIZE, error)
         failure.version = ref.version
         raise failure from error
