@@ -111,8 +111,9 @@ class AttemptClock:
         return self.ended - self.began
 
 
-def bare_round(ferry: Ferry, run_id: str, version: int, active: int, config, workdir: Path) -> float:
-    """Download, load beside the active version, infer once: the parts no deploy can skip."""
+def bare_round(ferry: Ferry, run_id: str, version: int, active: int, config, workdir: Path,
+               sample: dict) -> float:
+    """Download, load beside the active version, infer once on the smoke sample: the parts no deploy can skip."""
     t0 = time.perf_counter()
     path = mlflow.artifacts.download_artifacts(artifact_uri=f"runs:/{run_id}/onnx/model.onnx", dst_path=str(workdir))
     download_s = time.perf_counter() - t0
@@ -126,7 +127,7 @@ def bare_round(ferry: Ferry, run_id: str, version: int, active: int, config, wor
     t1 = time.perf_counter()
     ferry.triton.load(TWIN, to_override_json(with_versions(config, [active, version])))
     t2 = time.perf_counter()
-    ferry.triton.infer(TWIN, version, {"X": np.zeros((1, 4), dtype=np.float32)}, {"X": "FP32"})
+    ferry.triton.infer(TWIN, version, sample, {"X": "FP32"})
     t3 = time.perf_counter()
     PARTS.append((download_s, t2 - t1, t3 - t2))
     ferry.triton.load(TWIN, to_override_json(with_versions(config, [version])))  # retire, as a commit would
@@ -205,7 +206,7 @@ def main() -> None:
         assert deploy(ferry, MODEL, alias="champion").outcome == "committed"
         config = build_config(TWIN, onnx_signature(__import__("onnx").load_from_string(model_bytes)), "python")
         twin_active, twin_run = register(model_bytes, sample, golden, settings.tracking_uri, TWIN)
-        bare_round(ferry, twin_run, twin_active, 1, config, home / "dl-warm")  # the twin's active version
+        bare_round(ferry, twin_run, twin_active, 1, config, home / "dl-warm", sample)  # the twin's active version
 
         deploys, bares, rollbacks, with_write_back, write_backs = [], [], [], [], []
         for i in range(args.rounds):
@@ -224,7 +225,8 @@ def main() -> None:
                 else:
                     twin_version, twin_run = register(model_bytes, sample, golden, settings.tracking_uri, TWIN)
                     settle(ferry)
-                    bares.append(bare_round(ferry, twin_run, twin_version, twin_active, config, home / f"dl{i}"))
+                    bares.append(bare_round(ferry, twin_run, twin_version, twin_active, config, home / f"dl{i}",
+                                           sample))
                     DIRECT.append(direct_download_seconds(ferry, twin_run, home / f"direct{i}"))
                     twin_active = twin_version
         # Rollbacks run apart: a failed candidate's stub shuts down in the background, where it would slow the
