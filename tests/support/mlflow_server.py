@@ -7,11 +7,14 @@ Two artifact layouts, both real ``mlflow server`` processes:
 - ``proxy``: ``--serve-artifacts --artifacts-destination s3://<bucket>/proxied``. Clients see ``mlflow-artifacts:/``
   URIs and go through the server's artifact proxy; only the server holds S3 credentials.
 
+Either sends webhooks (MLflow needs a SQL backend for them) to a receiver on loopback, as `ferry watch` is in tests.
+
 The PostgreSQL database comes from ``support.postgres`` (``PostgresServer.url(dbname)``); this module never starts one.
 """
 
 from __future__ import annotations
 
+import base64
 import os
 import secrets
 import subprocess
@@ -39,6 +42,7 @@ class TrackingServer:
     s3: S3Server
     layout: Layout
     port: int = field(default_factory=free_port)
+    webhook_key: str = field(default_factory=lambda: base64.urlsafe_b64encode(os.urandom(32)).decode())
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -59,7 +63,10 @@ class TrackingServer:
         return ["--serve-artifacts", "--artifacts-destination", root]
 
     def _server_env(self) -> dict[str, str]:
-        return {**os.environ, **self.s3.env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        """S3's variables, and webhooks allowed to a receiver on loopback over plain http (cached 1 s)."""
+        return {**os.environ, **self.s3.env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+                "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https", "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+                "MLFLOW_WEBHOOK_CACHE_TTL": "1", "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": self.webhook_key}
 
     def start(self) -> TrackingServer:
         if self.process is not None and self.process.poll() is None:
