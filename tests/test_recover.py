@@ -47,6 +47,9 @@ def test_a_deploy_killed_at_any_point_is_recovered(fleet: World, point: str, bre
     crashed = world.cli(point, "deploy", "iris", "--alias", "champion", program=CRASHING_FERRY)
     assert crashed.returncode == -9, crashed.stderr
     assert world.model_dir.journal_path.exists()
+    for replica in world.ferry.fleet().replicas:  # what a client naming no version reaches before the recover
+        front = replica.placement(world.model).front
+        assert front == [1] or (active == 2 and front == [2]), f"killed {point}: {replica.url}'s front serves {front}"
 
     refused = world.cli("deploy", "iris", "--alias", "champion")
     assert refused.returncode == 2
