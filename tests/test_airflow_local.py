@@ -64,6 +64,8 @@ def test_two_models_deploy_in_two_concurrent_runs(airflow: LocalAirflow, setting
     first, second = (airflow.api("GET", f"/dags/mlflow_to_triton_deploy/dagRuns/{run}") for run in runs)
     assert first["start_date"] < second["end_date"] and second["start_date"] < first["end_date"], \
         "the two runs did not overlap"
+    ran = [task for run in runs for task in airflow.task_instances(run).values() if task["state"] == "success"]
+    assert len({task["pid"] for task in ran}) == len(ran) == 14, "each task in a process of its own"
     for world in worlds:
         assert read_current(world.model_dir).active_version == 1
         [record] = read_history(world.model_dir)
@@ -149,6 +151,35 @@ def test_a_task_process_killed_mid_load_is_retried_and_the_deploy_commits(airflo
     [record] = read_history(world.model_dir)
     assert record["outcome"] == "committed" and record["version"] == 1
     assert_invariants(world, attempts=1)
+
+
+def test_a_run_failed_after_its_load_was_killed_is_undone_by_ferry_recover(airflow: LocalAirflow,
+                                                                           settings: Settings) -> None:
+    """The run is given up while the killed task waits for its retry (an operator marks it failed, as for a
+    lost worker): nothing ends the deploy, its journal holds the model, and `ferry recover` undoes it."""
+    import json
+
+    world = world_of(settings, "theta")
+    world.register()
+    run = airflow.trigger(deploy_conf(world))
+    kill_mid_load(airflow, world, run)
+    wait_for("triton_load to wait for its retry",
+             lambda: True if airflow.task_states(run).get("triton_load") == "up_for_retry" else None, RUN_TIMEOUT_S)
+    airflow.mark_failed(run)
+    assert airflow.run_state(run) == "failed"
+    assert airflow.task_states(run)["rollback_minimal"] != "success", "the rollback task ran after all"
+    assert world.model_dir.journal_path.exists() and read_history(world.model_dir) == []
+    refused = world.deploy()
+    assert refused.outcome == "rejected" and "ferry recover theta" in str(refused.hint)
+    recovered = world.cli("recover", world.model, "--json")
+    assert recovered.returncode == 0, recovered.stdout + recovered.stderr
+    report = json.loads(recovered.stdout)
+    assert report["outcome"] == "rolled_back" and report["failed_step"] == "load" and report["recovered_by"]
+    assert "stopped during load" in report["error"]
+    assert read_current(world.model_dir) is None
+    assert_invariants(world, attempts=2)
+    assert world.deploy().outcome == "committed", "the next deploy finishes the job"
+    assert_invariants(world, attempts=3)
 
 
 def test_a_broken_version_fails_at_once_without_retries(airflow: LocalAirflow, settings: Settings) -> None:

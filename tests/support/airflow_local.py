@@ -158,6 +158,10 @@ class LocalAirflow:
         return wait_for(f"run {run_id} to end", lambda: s if (s := self.run_state(run_id)) in FINISHED else None,
                         timeout_s)
 
+    def mark_failed(self, run_id: str) -> None:
+        """What an operator does with a run whose worker was lost: its unfinished tasks will not run."""
+        self.api("PATCH", f"/dags/{DAG_ID}/dagRuns/{run_id}", json={"state": "failed"})
+
     def task_instances(self, run_id: str) -> dict[str, dict[str, Any]]:
         reply = self.api("GET", f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances")
         return {ti["task_id"]: ti for ti in reply["task_instances"]}
