@@ -12,8 +12,9 @@ Prints `rollback seconds: Y` (target <= 0.25): from the failure being detected (
 previous state verified in Triton (rollback restores, pins, verifies and quarantines).
 
     .venv/bin/python bench/deploy_overhead.py [--rounds 15] [--trees 6000]
-    .venv/bin/python bench/deploy_overhead.py --large-mb 200 --rounds 5   (target <= 1.05: ferry hashes the
-        model while it copies it, so a large model costs ferry almost nothing more than its download)
+    .venv/bin/python bench/deploy_overhead.py --large-mb 200 --rounds 5   (target <= 1.10)
+    .venv/bin/python bench/deploy_overhead.py --registry s3 [--large-mb 200] [--rounds 7]   (materialize from S3
+        against a bare boto3 download of the same object: bench/s3_download.py, target <= 1.10)
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ import mlflow
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "examples")]
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "examples"), str(ROOT / "bench")]
 
+from models import large_model  # noqa: E402
 from sklearn.datasets import load_iris  # noqa: E402
 from train_model import _classifier, _to_onnx  # noqa: E402
 
@@ -51,21 +53,6 @@ MODEL, TWIN = "forest", "forest-bare"
 PARTS: list[tuple[float, float, float]] = []
 STEP_SUMS: list[list[float]] = []
 DIRECT: list[float] = []
-
-
-def large_model(megabytes: int) -> bytes:
-    """A real ONNX model of about ``megabytes`` MB: Y = mean(X @ W) with a large W (the bulk of a big model)."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    columns = megabytes * 1024 * 1024 // 16  # W is 4 x columns float32
-    weights = np.random.default_rng(0).standard_normal((4, columns), dtype=np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["X", "W"], ["XW"]),
-         helper.make_node("ReduceMean", ["XW"], ["Y"], axes=[1], keepdims=1)], "large",
-        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, 4])],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, 1])],
-        [numpy_helper.from_array(weights, "W")])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
 
 
 def register(model_bytes: bytes, sample: dict, golden: dict, tracking_uri: str, model: str = MODEL) -> tuple[int, str]:
@@ -181,7 +168,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--trees", type=int, default=6000, help="6000 trees make a 5 MB ONNX model")
     parser.add_argument("--large-mb", type=int, default=0, help="instead, a model of this many MB (no rollbacks)")
+    parser.add_argument("--registry", choices=("sqlite", "s3"), default="sqlite",
+                        help="s3: materialize from a tracking server's S3 store against a bare boto3 download "
+                             "(bench/s3_download.py; --large-mb sets the size, 200 by default)")
     args = parser.parse_args()
+    if args.registry == "s3":
+        import s3_download
+
+        s3_download.run(args)
+        return
 
     home = Path(tempfile.mkdtemp(prefix="ferry-bench-"))
     settings = make_settings(home)

@@ -34,27 +34,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from models import large_model  # noqa: E402
+
 from ferry.core.registry import Registry  # noqa: E402
 from support.mlflow_server import TrackingServer  # noqa: E402
 from support.s3 import S3Server, start_s3  # noqa: E402
 
 MODEL, ALIAS = "s3-large", "champion"
 DEFAULT_ROUNDS, DEFAULT_MB = 7, 200
-
-
-def large_onnx(megabytes: int) -> bytes:
-    """A real ONNX model of about ``megabytes`` MB: Y = X @ W with a large W (what makes a model large)."""
-    import numpy as np
-    from onnx import TensorProto, helper, numpy_helper
-
-    columns = megabytes * 1024 * 1024 // 16  # W is 4 x columns float32
-    weights = np.random.default_rng(0).standard_normal((4, columns), dtype=np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["X", "W"], ["Y"])], "large",
-        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, 4])],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, columns])],
-        [numpy_helper.from_array(weights, "W")])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
 
 
 def register_large(tracking: TrackingServer, model_bytes: bytes, workdir: Path) -> tuple[str, str]:
@@ -143,7 +130,7 @@ def run(args: Any) -> dict[str, float]:
     saved = dict(os.environ)
     try:
         tracking.start()
-        model_bytes = large_onnx(megabytes)
+        model_bytes = large_model(megabytes)
         print(f"model: a MatMul over a large initializer, {len(model_bytes) / 1e6:.1f} MB ONNX, on SeaweedFS")
         bucket, key = register_large(tracking, model_bytes, home)
         del model_bytes
