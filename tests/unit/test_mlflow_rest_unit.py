@@ -14,7 +14,7 @@ from typing import BinaryIO
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
 
-from ferry.core.errors import InvalidInput, RegistryError, Unavailable
+from ferry.core.errors import FerryError, InvalidInput, RegistryError, Unavailable
 from ferry.core.mlflow_rest import ArtifactStore, MlflowRest, s3_failure
 from ferry.core.registry import Registry, RestArtifacts, VersionRef
 
@@ -109,3 +109,30 @@ def test_a_server_that_does_not_answer_is_not_blamed_on_its_store() -> None:
     with pytest.raises(Unavailable) as error:
         MlflowRest("http://127.0.0.1:9", timeout_s=2).store("mlflow-artifacts:/1/run/artifacts/onnx").sizes()
     assert "artifact proxy" not in error.value.message and "MLflow at http://127.0.0.1:9" in error.value.message
+
+
+class BrokenStream(io.BytesIO):
+    """A body that stops in the middle: the first read gives bytes, the next one fails as a reset connection."""
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self.tell():
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return super().read(4)
+
+
+class BrokenStore(ShortStore):
+    def open(self, name: str) -> BinaryIO:
+        return BrokenStream(b"abcdefgh")
+
+    def read_failed(self, name: str, error: Exception) -> FerryError:
+        return Unavailable(f"the store failed while downloading {name}: {error}")
+
+
+def test_a_read_that_fails_mid_body_is_the_stores_failure(tmp_path: Path) -> None:
+    with pytest.raises(Unavailable, match=r"downloading model\.onnx: .*Connection reset by peer"):
+        BrokenStore(8, b"").download("model.onnx", tmp_path / "model.onnx")
+
+
+def test_a_write_that_fails_stays_an_oserror(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):  # the caller tells a full disk from the rest by its errno
+        ShortStore(3, b"abc").download("model.onnx", tmp_path / "missing" / "model.onnx")

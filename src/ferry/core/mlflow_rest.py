@@ -13,8 +13,9 @@ import os
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 from ferry.core.errors import FerryError, InvalidInput, RegistryError, Unavailable
 from ferry.core.fsutil import write_and_hash
@@ -115,9 +116,27 @@ class ArtifactStore:
         raise NotImplementedError
 
     def download(self, name: str, target: Path) -> str:
-        """Stream ``name`` into ``target`` and return its sha256, computed on the way."""
+        """Stream ``name`` into ``target`` and return its sha256, computed on the way. A read that fails (the
+        store stopped in the middle of the body) is the store's failure; a write that fails stays an OSError."""
         with self.open(name) as source:
-            return write_and_hash(source, target)
+            reading = _Reading(source, lambda error: self.read_failed(name, error))
+            return write_and_hash(cast(BinaryIO, reading), target)  # write_and_hash only reads it
+
+    def read_failed(self, name: str, error: Exception) -> FerryError:
+        raise NotImplementedError
+
+
+class _Reading:
+    """A download's stream whose read errors are the store's (``failed`` says them as ferry's)."""
+
+    def __init__(self, source: BinaryIO, failed: Callable[[Exception], FerryError]) -> None:
+        self.source, self.failed = source, failed
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return self.source.read(size)
+        except Exception as error:  # whatever the client raises mid-body: urllib3, botocore, http.client
+            raise self.failed(error) from error
 
 
 class ProxyStore(ArtifactStore):
@@ -149,6 +168,9 @@ class ProxyStore(ArtifactStore):
             raise self.rest.unavailable(f"downloading {name} of {self.uri}", error) from None
 
 
+    def read_failed(self, name: str, error: Exception) -> FerryError:
+        return self.rest.unavailable(f"downloading {name} of {self.uri}", error)
+
     @staticmethod
     def _store_failed(error: ServerError) -> Unavailable:
         """The server answered, with an error: its proxy's own store (S3 behind it) is the likely cause, and only
@@ -168,6 +190,9 @@ class S3Store(ArtifactStore):
 
     def _fail(self, what: str, error: Exception) -> FerryError:
         return s3_failure(what, error, str(self.client.meta.endpoint_url))
+
+    def read_failed(self, name: str, error: Exception) -> FerryError:
+        return self._fail(f"downloading {name} of {self.uri}", error)
 
     def sizes(self) -> dict[str, int]:
         try:
