@@ -167,17 +167,21 @@ UPSTREAM_TIMEOUT_S = 30.0
 
 
 class FaultyS3Proxy:
-    """A fault injector in front of the S3 gateway, for the one fault SeaweedFS cannot produce on demand: an
-    object store that lists a folder but answers a download with HTTP 500 (InternalError).
+    """A fault injector in front of the S3 gateway, for the faults SeaweedFS cannot produce on demand: an
+    object store that lists a folder but answers a download with HTTP 500 (InternalError), or whose download
+    stops in the middle of the body (the connection closed).
 
     Requests are relayed byte for byte (the Host header too, so SigV4 signatures still match); with
-    ``fail_downloads`` set, a GET of an object (not of a bucket listing) is answered 500 and counted in
-    ``failed``. ``env()`` is the S3 server's variables with MLFLOW_S3_ENDPOINT_URL pointing here.
+    ``fail_downloads`` set, a GET of an object (not of a bucket listing) is answered 500; with
+    ``cut_downloads_after`` set to N, its answer is relayed with its full Content-Length but only its first N
+    bytes, then the connection is closed. ``failed`` counts the downloads either spoiled. ``env()`` is the S3
+    server's variables with MLFLOW_S3_ENDPOINT_URL pointing here.
     """
 
     def __init__(self, upstream: S3Server) -> None:
         self.upstream = upstream
         self.fail_downloads = False
+        self.cut_downloads_after: int | None = None
         self.failed = 0
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
@@ -198,10 +202,11 @@ class FaultyS3Proxy:
         self._server.shutdown()
         self._server.server_close()
 
-    def _fails(self, method: str, target: str) -> bool:
-        """A download: GET /<bucket>/<key> (path-style), as opposed to GET /<bucket>?list-type=2."""
+    @staticmethod
+    def _is_download(method: str, target: str) -> bool:
+        """GET /<bucket>/<key> (path-style), as opposed to GET /<bucket>?list-type=2."""
         bucket, _, key = urllib.parse.urlsplit(target).path.lstrip("/").partition("/")
-        return self.fail_downloads and method == "GET" and bool(bucket and key)
+        return method == "GET" and bool(bucket and key)
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         proxy = self
@@ -213,11 +218,18 @@ class FaultyS3Proxy:
                 pass
 
             def _relay(self) -> None:
-                if proxy._fails(self.command, self.path):
+                download = proxy._is_download(self.command, self.path)
+                if download and proxy.fail_downloads:
                     proxy.failed += 1
                     self._answer(500, [("Content-Type", "application/xml")], INTERNAL_ERROR)
                     return
                 status, headers, body = self._forward(self._body())
+                cut = proxy.cut_downloads_after
+                if download and cut is not None and status == 200 and len(body) > cut:
+                    proxy.failed += 1
+                    self._answer(status, headers, body, send=cut)
+                    self.close_connection = True
+                    return
                 self._answer(status, headers, body)
 
             def _body(self) -> bytes:
@@ -252,7 +264,9 @@ class FaultyS3Proxy:
                 finally:
                     upstream.close()
 
-            def _answer(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+            def _answer(self, status: int, headers: list[tuple[str, str]], body: bytes,
+                        send: int | None = None) -> None:
+                """The answer, its Content-Length the whole body's; only ``send`` bytes of it if given."""
                 self.send_response(status)
                 for name, value in headers:
                     if name.lower() not in ("transfer-encoding", "content-length", "connection"):
@@ -262,7 +276,7 @@ class FaultyS3Proxy:
                 self.send_header("Content-Length", length if head and length is not None else str(len(body)))
                 self.end_headers()
                 if not head:
-                    self.wfile.write(body)
+                    self.wfile.write(body if send is None else body[:send])
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _relay
 
