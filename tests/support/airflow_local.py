@@ -103,12 +103,23 @@ class LocalAirflow:
             self.client = httpx.Client(base_url=self.url, timeout=REQUEST_TIMEOUT_S)
             self._login(password)
             wait_for(f"DAG {DAG_ID} parsed by the dag-processor (log: {self.log('dag-processor')})",
-                     lambda: self.client.get(f"/api/v2/dags/{DAG_ID}").status_code == 200 or None,
-                     START_TIMEOUT_S)
+                     self._dag_parsed, START_TIMEOUT_S)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _dag_parsed(self) -> bool | None:
+        self.check_alive()
+        assert self.client is not None
+        return True if self.client.get(f"/api/v2/dags/{DAG_ID}").status_code == 200 else None
+
+    def check_alive(self) -> None:
+        """RuntimeError with the end of its log if a component has exited: nothing would run any more."""
+        for component, process in self.processes.items():
+            if process.poll() is not None:
+                raise RuntimeError(f"airflow {component} exited with code {process.returncode}: "
+                                   f"{self.log(component).read_text(errors='replace')[-2000:]}")
 
     def log(self, component: str) -> Path:
         return self.home / f"{component}.log"
@@ -155,8 +166,11 @@ class LocalAirflow:
         return str(self.api("GET", f"/dags/{DAG_ID}/dagRuns/{run_id}")["state"])
 
     def wait_finished(self, run_id: str, timeout_s: float = 120.0) -> str:
-        return wait_for(f"run {run_id} to end", lambda: s if (s := self.run_state(run_id)) in FINISHED else None,
-                        timeout_s)
+        def finished() -> str | None:
+            self.check_alive()
+            return state if (state := self.run_state(run_id)) in FINISHED else None
+
+        return wait_for(f"run {run_id} to end", finished, timeout_s)
 
     def mark_failed(self, run_id: str) -> None:
         """What an operator does with a run whose worker was lost: its unfinished tasks will not run."""
