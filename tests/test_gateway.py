@@ -26,6 +26,7 @@ from tritonclient.utils import InferenceServerException
 
 from conftest import FAKES, World, _free_port_block, assert_invariants
 from ferry.adapters.gateway import guard
+from ferry.adapters.gateway.refusals import status_of
 from ferry.adapters.gateway.routing import Route
 from ferry.core.errors import GatewayError
 from ferry.core.model_config import Signature, TensorSpec
@@ -336,7 +337,7 @@ def _route() -> Route:
 def _refusal(check, *args) -> str:
     with pytest.raises(GatewayError) as refused:
         check(*args)
-    assert refused.value.status == 400
+    assert status_of(refused.value) == 400
     return str(refused.value)
 
 

@@ -33,6 +33,7 @@ import pytest
 from tritonclient.grpc import service_pb2
 
 from conftest import World
+from ferry.adapters.gateway.refusals import status_of
 from ferry.adapters.mlflow_plugin import predict_committed
 from ferry.core.errors import GatewayError
 from ferry.core.steps import Ferry
@@ -470,7 +471,7 @@ def plugin_verdict(ferry: Ferry, inputs: dict) -> tuple[int, object]:
     try:
         answer = predict_committed(ferry, "iris", inputs)
     except GatewayError as error:
-        return error.status, str(error)
+        return status_of(error), str(error)
     return 200, {name: np.asarray(value, dtype=float).ravel() for name, value in answer["predictions"].items()}
 
 

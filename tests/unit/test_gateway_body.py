@@ -11,6 +11,7 @@ import pytest
 
 from ferry.adapters.gateway import guard
 from ferry.adapters.gateway.body import check_rows, decode_body, predict_body, predict_document, predict_infer
+from ferry.adapters.gateway.refusals import status_of
 from ferry.adapters.gateway.routing import Route
 from ferry.adapters.gateway.wording import version_number
 from ferry.core.errors import GatewayError
@@ -27,7 +28,7 @@ def verdict(body: bytes, encoding: bytes | None = None) -> str:
         guard.check_infer(request, ROUTE, 1 << 20)
         check_rows(request)
     except GatewayError as error:
-        return f"{error.status} {error}"
+        return f"{status_of(error)} {error}"
     return "ok " + json.dumps(request.document)
 
 
@@ -79,4 +80,4 @@ def test_versions_are_read_as_triton_reads_them(text: str, path: bool, number: i
 def test_a_version_string_triton_refuses_is_refused_in_its_words(text: str, path: bool, message: str) -> None:
     with pytest.raises(GatewayError) as refused:
         version_number(text, path)
-    assert refused.value.status == 400 and str(refused.value).startswith(message)
+    assert status_of(refused.value) == 400 and str(refused.value).startswith(message)

@@ -74,3 +74,44 @@ def test_no_module_of_ferry_is_over_400_lines() -> None:
     long = {str(path.relative_to(ROOT)): lines for path in (ROOT / "src" / "ferry").rglob("*.py")
             if (lines := len(path.read_text().splitlines())) > 400}
     assert long == {}, "split these into modules a reader can hold in mind"
+
+
+def _error_classes_outside_the_tree() -> list[str]:
+    """Exception classes defined in src/ferry anywhere but core/errors.py (docs/design.md: one error tree)."""
+    import ast
+
+    tree_file = ROOT / "src" / "ferry" / "core" / "errors.py"
+    tree = {node.name for node in ast.walk(ast.parse(tree_file.read_text())) if isinstance(node, ast.ClassDef)}
+    found = []
+    for path in sorted((ROOT / "src" / "ferry").rglob("*.py")):
+        if path == tree_file:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            bases = [ast.unparse(base) for base in getattr(node, "bases", [])]
+            if isinstance(node, ast.ClassDef) and any(b.endswith(("Error", "Exception")) or b in tree for b in bases):
+                found.append(f"{path.relative_to(ROOT)}: {node.name}({', '.join(bases)})")
+    return found
+
+
+def test_every_kind_of_gateway_refusal_has_its_status() -> None:
+    from ferry.adapters.gateway.refusals import HTTP_STATUS, status_of
+    from ferry.core import errors
+
+    kinds = [k for k in vars(errors).values() if isinstance(k, type) and issubclass(k, errors.GatewayError)
+             and k is not errors.GatewayError]
+    assert kinds and all(k in HTTP_STATUS for k in kinds), [k for k in kinds if k not in HTTP_STATUS]
+    assert status_of(errors.BadRequest("x").on_route("route")) == 400
+
+
+def test_error_classes_outside_the_tree_are_only_the_known_refinements() -> None:
+    """Refinements of a tree class kept beside the code that raises them (each a subclass of one in the tree), and
+    two signals that never leave their module: the balancer's failed connection (an OSError, so that the callers'
+    ``except OSError`` turns it into BackendDown) and the JSON decoder's refusal of NaN and Infinity."""
+    assert _error_classes_outside_the_tree() == [
+        "src/ferry/adapters/gateway/balancer.py: ConnectFailed(ConnectionError)",
+        "src/ferry/adapters/gateway/guard.py: _NotJson(ValueError)",
+        "src/ferry/adapters/gateway/routing.py: UnknownModel(NoSuchModel)",
+        "src/ferry/adapters/gateway/wording.py: UnknownModelError(NotServed)",
+        "src/ferry/adapters/gateway/wording.py: UnknownVersionError(NotServed)",
+        "src/ferry/core/mlflow_rest.py: ServerError(Unavailable)",
+    ]

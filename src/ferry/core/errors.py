@@ -13,13 +13,25 @@
     ├── RegistryError               MLflow answered with a refusal (unknown alias, version)
     ├── StepFailed                  a step of the transaction failed: the deploy is rolled back
     ├── ReplicaFailed               an action failed on one replica of a fleet (``replica``, ``cause``)
-    └── GatewayError                a request to the gateway that it answers with ``status``
+    ├── MlflowRefused               the write-back: MLflow has no such model or version (nothing more is written)
+    ├── MlflowDown                  the write-back: MLflow did not answer, or failed (nothing more is tried)
+    └── GatewayError                a request the gateway refuses or cannot serve (``route``: checked against)
+        ├── BadRequest              malformed or not what the model takes
+        ├── Unauthorized            no or a wrong bearer token
+        ├── NotServed               a model or version the gateway does not serve
+        ├── BodyTimeout             the body did not arrive in time
+        ├── TooLarge                over the gateway's size limit
+        ├── UnsupportedEncoding     a Content-Encoding the gateway does not inflate
+        └── BackendDown             Triton did not answer
+    (each protocol of the gateway maps a kind to its own status: ferry.adapters.gateway.refusals)
 
 ``retryable`` is what an orchestrator looks at: a dependency that did not answer may answer later;
 bad input or a broken model only delays the rollback.
 """
 
 from __future__ import annotations
+
+from typing import Any, Self
 
 
 class FerryError(Exception):
@@ -106,12 +118,59 @@ class ReplicaFailed(FerryError):
         self.cause = error
 
 
-class GatewayError(FerryError):
-    """A request the gateway refuses or cannot serve, with the HTTP status it answers."""
+class MlflowRefused(FerryError):
+    """MLflow answered a write-back call that the model or version does not exist (or the call is invalid)."""
 
-    def __init__(self, status: int, message: str, hint: str = "") -> None:
+
+class MlflowDown(FerryError):
+    """MLflow did not answer a write-back call (in time), or failed: the write-back tries nothing more."""
+
+
+class GatewayError(FerryError):
+    """A request the gateway refuses or cannot serve; the subclass is the kind, which each protocol answers with
+    its own status. ``route`` is the committed route the request was checked against (the answer names its
+    version), when it got that far."""
+
+    def __init__(self, message: str, hint: str = "", route: Any = None) -> None:
         super().__init__(message, hint)
-        self.status = status
+        self.route = route
+
+    def on_route(self, route: Any) -> Self:
+        """The same refusal, naming the route it was checked against."""
+        named = type(self).__new__(type(self))  # not through __init__: subclasses take other arguments
+        named.__dict__.update(self.__dict__, route=route)
+        named.args = self.args
+        return named
+
+
+class BadRequest(GatewayError):
+    """The request is malformed, or not what the model takes."""
+
+
+class Unauthorized(GatewayError):
+    """No bearer token, or a wrong one."""
+
+
+class NotServed(GatewayError):
+    """A model or version the gateway does not serve (nothing committed, or not the committed version)."""
+
+
+class BodyTimeout(GatewayError):
+    """The request's body did not arrive in time."""
+
+
+class TooLarge(GatewayError):
+    """The request (or its inflated body) is over the gateway's limit."""
+
+
+class UnsupportedEncoding(GatewayError):
+    """A Content-Encoding the gateway does not inflate."""
+
+
+class BackendDown(GatewayError):
+    """Triton did not answer the forwarded request."""
+
+    retryable_by_default = True
 
 
 def one_line(text: str | None, limit: int = 600) -> str:

@@ -1,7 +1,8 @@
 """How the write-back reaches MLflow: a tracking server over REST, or MLflow's client for a store without one.
 
 Every call has its own timeout and no retries; an answer that the model or version does not exist is
-:class:`Refused`, anything else that fails is :class:`Down` (nothing more is tried).
+:class:`~ferry.core.errors.MlflowRefused`, anything else that fails is :class:`~ferry.core.errors.MlflowDown`
+(nothing more is tried).
 """
 
 from __future__ import annotations
@@ -9,17 +10,9 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from ferry.core.config import Settings
-from ferry.core.errors import one_line
+from ferry.core.errors import MlflowDown, MlflowRefused, one_line
 from ferry.core.mlflow_rest import NOT_FOUND
 from ferry.core.registry import Registry
-
-
-class Refused(Exception):
-    """MLflow answered that the model or version does not exist (or the request is invalid)."""
-
-
-class Down(Exception):
-    """MLflow did not answer (in time), or failed: nothing more is tried."""
 
 
 class MlflowWriter(Protocol):
@@ -33,8 +26,8 @@ class MlflowWriter(Protocol):
 
 def _classify(what: str, error: Exception) -> Exception:
     if getattr(error, "error_code", "") in NOT_FOUND:
-        return Refused(f"{what}: {one_line(str(error), 300)}")
-    return Down(f"{what}: {type(error).__name__}: {one_line(str(error), 300)}")
+        return MlflowRefused(f"{what}: {one_line(str(error), 300)}")
+    return MlflowDown(f"{what}: {type(error).__name__}: {one_line(str(error), 300)}")
 
 
 def _tagged_filter(model: str, key: str, value: str) -> str:

@@ -32,9 +32,9 @@ from pydantic import BaseModel, computed_field
 
 from ferry.core.config import Settings
 from ferry.core.current import read_current, read_history
-from ferry.core.errors import FerryError, one_line
+from ferry.core.errors import FerryError, MlflowDown, MlflowRefused, one_line
 from ferry.core.fsutil import append_line
-from ferry.core.mlflow_write import Down, MlflowWriter, Refused, connect
+from ferry.core.mlflow_write import MlflowWriter, connect
 from ferry.core.records import CurrentState, DeployReport, Outcome, WriteBackRecord, utc_stamp
 from ferry.core.registry import Registry
 from ferry.core.repository import ModelDir
@@ -165,7 +165,7 @@ class _Writer:
 
     def _check_time(self) -> None:
         if time.monotonic() > self.deadline:
-            raise Down("MLflow answers too slowly: the write-back ran out of time")
+            raise MlflowDown("MLflow answers too slowly: the write-back ran out of time")
 
     def mark(self, mark: Mark) -> None:
         """Make v<mark.version>'s ferry.* tags say ``mark``, touching only what differs."""
@@ -180,7 +180,7 @@ class _Writer:
             for key in (FAILED_STEP, ERROR):
                 if key in now and key not in wanted:
                     self.mlflow.delete_tag(self.model, mark.version, key)
-        except Refused as refused:
+        except MlflowRefused as refused:
             self.refused.append(f"v{mark.version}")
             self.warnings.append(f"MLflow refused the outcome of {self.model} v{mark.version}: {refused}")
             return
@@ -196,13 +196,13 @@ class _Writer:
                 self._check_time()
                 self.mlflow.set_alias(self.model, alias, mark.version)
                 self.changes.append(f"@{alias}: {f'v{before}' if before else '(none)'} -> v{mark.version}")
-        except Refused as refused:
+        except MlflowRefused as refused:
             self.refused.append(f"@{alias}")
             self.warnings.append(f"MLflow refused @{alias} of {self.model}: {refused}")
             return
         try:
             stale = set(self.mlflow.versions_tagged(self.model, STATUS, SERVING)) - {mark.version} - set(explicit)
-        except Refused:
+        except MlflowRefused:
             return  # a store that cannot search by tag: only the versions named in the plan are retired
         for version in sorted(stale):
             self.mark(Mark(version, RETIRED, mark.deploy_id, mark.updated_at_utc))
@@ -224,7 +224,7 @@ def _apply(settings: Settings, registry: Registry, plan: Plan) -> SyncResult:
                 writer.mark(mark)
         finally:
             result.changes, result.warnings, result.refused = writer.changes, writer.warnings, writer.refused
-    except Down as down:
+    except MlflowDown as down:
         result.unavailable = True
         result.warnings.append(f"MLflow at {_uri(settings, registry)} was not told of the outcome: {down} "
                                f"(run `ferry sync {plan.model}` once it answers)")

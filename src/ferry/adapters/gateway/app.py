@@ -44,14 +44,23 @@ from ferry.adapters.gateway import guard
 from ferry.adapters.gateway.balancer import HttpBalancer
 from ferry.adapters.gateway.body import check_rows, decode_body, predict_document, predict_infer
 from ferry.adapters.gateway.kserve_grpc import KServeGrpc
-from ferry.adapters.gateway.kserve_http import KServeHttp, served_by, status_of, triton_failure
+from ferry.adapters.gateway.kserve_http import KServeHttp, served_by, triton_failure
 from ferry.adapters.gateway.metrics import Metrics
+from ferry.adapters.gateway.refusals import route_of, status_of
 from ferry.adapters.gateway.routing import CANDIDATE, Route, Router, UnknownModel
 from ferry.adapters.gateway.shadow import Shadow
 from ferry.adapters.gateway.upstream import Reply
 from ferry.adapters.gateway.wording import UnknownModelError, UnknownVersionError, version_number
 from ferry.core.config import Settings
-from ferry.core.errors import FerryError, GatewayError
+from ferry.core.errors import (
+    BackendDown,
+    BodyTimeout,
+    FerryError,
+    GatewayError,
+    NotServed,
+    TooLarge,
+    Unauthorized,
+)
 from ferry.core.smoke import bytes_to_json
 from ferry.core.status import list_models
 
@@ -95,18 +104,18 @@ class Gateway:
     def check_token(self, authorization: bytes) -> None:
         if self.token and not (authorization.startswith(b"Bearer ")
                                and hmac.compare_digest(authorization[7:], self.token)):
-            raise GatewayError(401, "missing or wrong bearer token", "send the header 'Authorization: Bearer <token>'")
+            raise Unauthorized("missing or wrong bearer token", "send the header 'Authorization: Bearer <token>'")
 
     async def read_body(self, receive: Receive, length: bytes | None) -> bytes:
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-            raise GatewayError(413, f"the body is {int(length)} bytes, over the gateway's limit of "
-                                    f"{self.max_body_bytes}", "split the request")
+            raise TooLarge(f"the body is {int(length)} bytes, over the gateway's limit of {self.max_body_bytes}",
+                           "split the request")
         try:
             async with asyncio.timeout(self.body_timeout_s):
                 return await self._receive_body(receive)
         except TimeoutError:
-            raise GatewayError(408, f"the body did not arrive within {self.body_timeout_s:g} s",
-                               "send the whole body promptly") from None
+            raise BodyTimeout(f"the body did not arrive within {self.body_timeout_s:g} s",
+                              "send the whole body promptly") from None
 
     async def _receive_body(self, receive: Receive) -> bytes:
         message = await receive()
@@ -118,8 +127,8 @@ class Gateway:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.max_body_bytes:
-                raise GatewayError(413, f"the body is over the gateway's limit of {self.max_body_bytes} bytes",
-                                   "split the request")
+                raise TooLarge(f"the body is over the gateway's limit of {self.max_body_bytes} bytes",
+                               "split the request")
         return b"".join(chunks)
 
     def route(self, model: str, version: str = "") -> Route:
@@ -152,8 +161,8 @@ class Gateway:
         if newer.version == route.version or (route.role == CANDIDATE and self._still_canary(newer, route)):
             return route, answer
         if version:
-            raise GatewayError(404, f"model '{model}' v{version} was retired by a commit while the request ran",
-                               f"v{newer.version} is committed now: name it, or no version")
+            raise NotServed(f"model '{model}' v{version} was retired by a commit while the request ran",
+                            f"v{newer.version} is committed now: name it, or no version")
         self.metrics.rerouted.labels(model).inc()
         return newer, await _attempt(call, newer)
 
@@ -193,8 +202,8 @@ class Gateway:
         try:
             return await self.triton.request(method, path, body, headers)
         except (OSError, TimeoutError) as error:
-            raise GatewayError(503, f"Triton at {self.settings.triton_url} did not answer: "
-                                    f"{type(error).__name__} {error}", "check that Triton runs") from None
+            raise BackendDown(f"Triton at {self.settings.triton_url} did not answer: {type(error).__name__} {error}",
+                              "check that Triton runs") from None
 
     async def start(self) -> None:
         if self.grpc_port:
@@ -212,8 +221,7 @@ async def _attempt(call: Callable[[Route], Awaitable[T]], route: Route) -> T:
     try:
         return await call(route)
     except GatewayError as error:
-        error.route = route  # type: ignore[attr-defined]  # a refusal names the version it was checked against
-        raise
+        raise error.on_route(route) from error.__cause__  # a refusal names the version it was checked against
 
 
 def _error(status: int, message: str, route: Route | None = None) -> JSONResponse:
@@ -280,7 +288,7 @@ def _admin_app(gateway: Gateway) -> FastAPI:
         try:
             route, response = await _predict(gateway, model, request)
         except FerryError as error:
-            route = getattr(error, "route", route)  # a refusal names the version it was checked against
+            route = route_of(error) or route  # a refusal names the version it was checked against
             response = _error(status_of(error), str(error), route)
         gateway.metrics.count(route, response.status_code, began)
         return response

@@ -15,7 +15,7 @@ from typing import Any
 
 from ferry.adapters.gateway.guard import HttpInfer, parse_json, refused
 from ferry.adapters.gateway.routing import Route
-from ferry.core.errors import GatewayError
+from ferry.core.errors import BadRequest, TooLarge, UnsupportedEncoding
 
 PREDICT_HINT = 'send {"inputs": {"<input name>": <nested list>}}'
 
@@ -26,18 +26,18 @@ def decode_body(body: bytes, encoding: bytes | None, limit: int) -> bytes:
     if encoding is None or encoding in (b"", b"identity"):
         return body
     if encoding not in (b"gzip", b"deflate"):
-        raise GatewayError(415, f"Content-Encoding {encoding.decode(errors='replace')!r:.40} is not served",
+        raise UnsupportedEncoding(f"Content-Encoding {encoding.decode(errors='replace')!r:.40} is not served",
                            "send the body as is, or with gzip or deflate")
     inflater = zlib.decompressobj(wbits=47)  # a gzip or zlib header, whichever it is
     try:
         plain = inflater.decompress(body, limit + 1)
     except zlib.error as error:
-        raise GatewayError(400, f"the {encoding.decode()} body does not inflate: {error}",
+        raise BadRequest(f"the {encoding.decode()} body does not inflate: {error}",
                            "compress the whole body, or send it as is") from None
     if len(plain) > limit:
-        raise GatewayError(413, f"the body inflates to over the gateway's limit of {limit} bytes", "split the request")
+        raise TooLarge(f"the body inflates to over the gateway's limit of {limit} bytes", "split the request")
     if not inflater.eof:
-        raise GatewayError(400, f"the {encoding.decode()} body is truncated", "send the whole compressed body")
+        raise BadRequest(f"the {encoding.decode()} body is truncated", "send the whole compressed body")
     return plain
 
 

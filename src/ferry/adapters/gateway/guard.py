@@ -9,7 +9,7 @@ values, of the right kind and range; binary: ``binary_data_size`` = elements x t
 the 4-byte length prefixes add up), and a ceiling on the elements of one request. Shared-memory
 parameters are refused: a client of the gateway has no business reading Triton's shared memory.
 
-Every refusal is a :class:`GatewayError` with status 400 that says what was wrong. The JSON is parsed once,
+Every refusal is a :class:`~ferry.core.errors.BadRequest` that says what was wrong. The JSON is parsed once,
 here, and the request is forwarded as the bytes the client sent. /predict and the MLflow plugin's predict come
 through :mod:`.body` as KServe requests, so :func:`check_infer` is the one input check of every JSON path.
 """
@@ -25,7 +25,7 @@ from typing import Any
 from tritonclient.grpc import service_pb2
 
 from ferry.adapters.gateway.routing import Route
-from ferry.core.errors import GatewayError
+from ferry.core.errors import BadRequest
 from ferry.core.model_config import TensorSpec, shape_fits
 
 DEFAULT_MAX_ELEMENTS = 16 * 1024 * 1024
@@ -51,8 +51,8 @@ GRPC_CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_
 _SHARED_MEMORY = "shared_memory_region"
 
 
-def refused(message: str, hint: str = "") -> GatewayError:
-    return GatewayError(400, message, hint)
+def refused(message: str, hint: str = "") -> BadRequest:
+    return BadRequest(message, hint)
 
 
 class _NotJson(ValueError):
@@ -119,7 +119,7 @@ def _check_parameters(owner: str, parameters: object) -> dict:
     return parameters
 
 
-def _shared_memory(owner: str) -> GatewayError:
+def _shared_memory(owner: str) -> BadRequest:
     return refused(f"{owner} names a shared-memory region",
                    "the gateway does not serve shared memory: send the tensor's data in the request")
 

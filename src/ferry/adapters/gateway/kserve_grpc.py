@@ -29,12 +29,13 @@ from tritonclient.grpc import service_pb2
 from ferry.adapters.gateway import guard
 from ferry.adapters.gateway.balancer import committed_versions
 from ferry.adapters.gateway.grpc_balancer import GrpcBalancer
-from ferry.adapters.gateway.kserve_http import SERVED_EXTENSIONS, status_of
+from ferry.adapters.gateway.kserve_http import SERVED_EXTENSIONS
+from ferry.adapters.gateway.refusals import route_of, status_of
 from ferry.adapters.gateway.routing import CANDIDATE, Route
 from ferry.adapters.gateway.shadow import Outputs, Shadowed, grpc_outputs, http_copy_of_grpc
 from ferry.adapters.gateway.wording import UnknownModelError, UnknownVersionError, version_number
 from ferry.core.config import Endpoint
-from ferry.core.errors import FerryError, GatewayError, InvalidInput
+from ferry.core.errors import BadRequest, FerryError, InvalidInput
 
 if TYPE_CHECKING:
     from ferry.adapters.gateway.plane import DataPlane
@@ -65,8 +66,8 @@ def _parse(kind: type[Message], raw: bytes) -> Message:
     try:
         return kind.FromString(raw)
     except DecodeError as error:
-        raise GatewayError(400, f"the request is not a valid {kind.__name__} message: {error}",
-                           f"send an {SERVICE} {kind.__name__}") from None
+        raise BadRequest(f"the request is not a valid {kind.__name__} message: {error}",
+                         f"send an {SERVICE} {kind.__name__}") from None
 
 
 def _field(number: int, value: str) -> bytes:
@@ -145,7 +146,7 @@ class KServeGrpc:
                 result = await method(raw, context)
             except FerryError as error:
                 result = Result(_CODES.get(status_of(error), grpc.StatusCode.UNKNOWN), details=str(error),
-                                route=getattr(error, "route", None))
+                                route=route_of(error))
             except Exception as error:  # a bug: a clear INTERNAL rather than grpcio's UNKNOWN
                 result = Result(grpc.StatusCode.INTERNAL, details=f"the gateway failed: {type(error).__name__}: "
                                 f"{error}")
@@ -229,7 +230,7 @@ class KServeGrpc:
             return await self._at_committed(request.name, request.version, attempt)
         except (UnknownModelError, UnknownVersionError) as error:  # as Triton answers it: not ready
             return Result(payload=service_pb2.ModelReadyResponse(ready=False).SerializeToString(),
-                          route=getattr(error, "route", None))
+                          route=route_of(error))
 
     async def model_statistics(self, raw: bytes, context: grpc.aio.ServicerContext) -> Result:
         """Triton's statistics of the committed version (of every committed model's, if the request names none)."""

@@ -28,11 +28,12 @@ from starlette.types import Receive, Scope, Send
 from ferry.adapters.gateway import guard
 from ferry.adapters.gateway.balancer import committed_versions
 from ferry.adapters.gateway.body import decode_body
-from ferry.adapters.gateway.routing import CANDIDATE, Route, UnknownModel
+from ferry.adapters.gateway.refusals import route_of, status_of
+from ferry.adapters.gateway.routing import CANDIDATE, Route
 from ferry.adapters.gateway.shadow import Copy, Outputs, Shadowed, http_outputs, json_copy
 from ferry.adapters.gateway.upstream import Reply
 from ferry.adapters.gateway.wording import UnknownModelError, UnknownVersionError
-from ferry.core.errors import FerryError, GatewayError
+from ferry.core.errors import FerryError
 
 if TYPE_CHECKING:
     from ferry.adapters.gateway.plane import DataPlane
@@ -61,13 +62,6 @@ def triton_message(payload: bytes) -> str:
         return str(json.loads(payload)["error"])
     except (ValueError, KeyError, TypeError):
         return payload.decode(errors="replace")[:500]
-
-
-def status_of(error: FerryError) -> int:
-    """The HTTP status a gateway request that failed with ``error`` answers."""
-    if isinstance(error, GatewayError):
-        return error.status
-    return 404 if isinstance(error, UnknownModel) else 503  # else the repository's files could not be read
 
 
 def served_by(route: Route | None) -> dict[str, str] | None:
@@ -154,7 +148,7 @@ class KServeHttp:
         try:
             answer = await self._answer(asked, scope, receive)
         except FerryError as error:
-            answer = Answer.error(status_of(error), str(error), getattr(error, "route", None))
+            answer = Answer.error(status_of(error), str(error), route_of(error))
         except Exception as error:  # a bug: still the protocol's error body, and the process serves on
             answer = Answer.error(502, f"the gateway failed: {type(error).__name__}: {error}")
         headers = answer.headers
@@ -252,7 +246,7 @@ class KServeHttp:
         try:
             route, reply = await self.gateway.at_committed(asked.model, asked.version, attempt, _ok)
         except (UnknownModelError, UnknownVersionError) as error:  # as Triton answers it: 400, not ready
-            return Answer.error(400, str(error), getattr(error, "route", None))
+            return Answer.error(400, str(error), route_of(error))
         if reply.status == 200:
             return Answer(200, route=route)
         if "unknown model" in triton_message(reply.body).lower():

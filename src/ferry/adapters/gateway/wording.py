@@ -21,39 +21,37 @@ from __future__ import annotations
 import re
 
 from ferry.adapters.gateway.routing import Route
-from ferry.core.errors import FerryError, GatewayError
+from ferry.core.errors import BadRequest, FerryError, NotServed
 
 INT64_MAX = 2**63 - 1
 _STOL = re.compile(r"[ \t\n\v\f\r]*([+-]?[0-9]+)")
 _SHOWN = 100  # characters of a client's string echoed back
 
 
-class UnknownModelError(GatewayError):
+class UnknownModelError(NotServed):
     """Nothing is committed for the model (Triton: an unknown model)."""
 
     def __init__(self, model: str, why: FerryError) -> None:
         self.model = model
         hint = f"{why.message}: {why.hint}" if why.hint else why.message
-        super().__init__(404, f"Request for unknown model: '{model[:_SHOWN]}' is not found", hint)
+        super().__init__(f"Request for unknown model: '{model[:_SHOWN]}' is not found", hint)
 
-    def for_stats(self) -> GatewayError:
-        return GatewayError(400, f"requested model '{self.model[:_SHOWN]}' is not available", self.hint)
+    def for_stats(self) -> BadRequest:
+        return BadRequest(f"requested model '{self.model[:_SHOWN]}' is not available", self.hint)
 
 
-class UnknownVersionError(GatewayError):
+class UnknownVersionError(NotServed):
     """The client named a version that is not the committed one (Triton: a version it does not serve)."""
 
     def __init__(self, model: str, version: int, route: Route) -> None:
         self.model = model
-        super().__init__(404, f"Request for unknown model: '{model}' version {version} is not found",
+        super().__init__(f"Request for unknown model: '{model}' version {version} is not found",
                          f"the gateway serves the committed version, v{route.version}: name version {route.version}, "
-                         "or none")
-        self.route = route  # the answer names the committed version
+                         "or none", route)  # the answer names the committed version
 
-    def for_stats(self) -> GatewayError:
-        error = GatewayError(400, f"requested model version is not available for model '{self.model}'", self.hint)
-        error.route = self.route  # type: ignore[attr-defined]
-        return error
+    def for_stats(self) -> BadRequest:
+        return BadRequest(f"requested model version is not available for model '{self.model}'", self.hint,
+                          self.route)
 
 
 def version_number(text: str, path: bool) -> int | None:
@@ -63,11 +61,11 @@ def version_number(text: str, path: bool) -> int | None:
         return None
     match = None if path and not (text.isascii() and text.isdigit()) else _STOL.match(text)
     if match is None or not -INT64_MAX - 1 <= int(match.group(1)) <= INT64_MAX:
-        raise GatewayError(400, f"failed to get model version from specified version string '{text[:_SHOWN]}' "
-                                "(details: stol), version should be an integral value > 0",
-                           "name the committed version as a number, or no version")
+        raise BadRequest(f"failed to get model version from specified version string '{text[:_SHOWN]}' "
+                         "(details: stol), version should be an integral value > 0",
+                         "name the committed version as a number, or no version")
     number = int(match.group(1))
     if number < 0:
-        raise GatewayError(400, f"invalid model version specified '{text[:_SHOWN]}' , version should be an integral "
-                                "value > 0", "name the committed version as a number, or no version")
+        raise BadRequest(f"invalid model version specified '{text[:_SHOWN]}' , version should be an integral "
+                         "value > 0", "name the committed version as a number, or no version")
     return number
