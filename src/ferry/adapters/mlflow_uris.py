@@ -111,7 +111,7 @@ def _check_run_artifacts(ferry: Ferry, source: str) -> None:
     try:
         names = sorted(os.path.basename(f.path) for f in list_artifacts(artifact_uri=source,
                                                                         tracking_uri=ferry.settings.tracking_uri))
-    except Exception as error:
+    except Exception as error:  # MLflow's client raises any type
         raise refused(f"cannot list the artifacts of {source} in MLflow at {ferry.settings.tracking_uri}: {error}",
                        code=RESOURCE_DOES_NOT_EXIST) from error
     if "model.onnx" not in names:

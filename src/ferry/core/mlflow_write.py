@@ -55,7 +55,7 @@ class _RestMlflow:
                 timeout=self.timeout_s, **payload)
             answer: dict[str, Any] = verify_rest_response(response, endpoint).json()  # MLflow answers an object
             return answer
-        except Exception as error:
+        except Exception as error:  # MLflow's REST helpers raise any type: each is Refused or Down
             raise _classify(what, error) from None
 
     def aliases(self, model: str) -> dict[str, int]:
@@ -93,7 +93,7 @@ class _ClientMlflow:
     def _call(self, what: str, method: str, *args: Any, **kwargs: Any) -> Any:
         try:
             return getattr(self.client, method)(*args, **kwargs)
-        except Exception as error:
+        except Exception as error:  # MLflow's client raises any type: each is Refused or Down
             raise _classify(what, error) from None
 
     def aliases(self, model: str) -> dict[str, int]:

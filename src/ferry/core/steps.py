@@ -139,7 +139,7 @@ def materialize(ferry: Ferry, snapshot: Snapshot, alias: str | None = None, vers
         return staging.stage(ferry, model_dir, ref, snapshot)
     except staging.ForeignVersion:
         raise  # refused before anything was touched: not a failed step, nothing to roll back
-    except Exception as error:
+    except Exception as error:  # whatever stops a staging is a failed step, undone
         if isinstance(error, FerryError) and error.retryable and not isinstance(error, StepFailed):
             raise  # a dependency stopped answering mid-download: stage kept nothing; rejected, worth retrying
         failure = as_step_failure(Step.MATERIALIZE, error)

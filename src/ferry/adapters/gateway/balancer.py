@@ -165,7 +165,7 @@ class Balancer(Generic[C]):
             raise ConnectFailed(f"no Triton replica is known (FERRY_TRITON_URL={self.settings.triton_url})")
         try:
             return await self._send(first, send)
-        except Exception as error:
+        except Exception as error:  # re-raised unless the replica was unreachable
             second = self.pick((first,)) if self._unreachable(error) else None
             if second is None:
                 raise
@@ -179,7 +179,7 @@ class Balancer(Generic[C]):
         replica.sent.inc()
         try:
             return await send(replica)
-        except Exception as error:
+        except Exception as error:  # re-raised; an unreachable replica is ejected first
             if self._unreachable(error):
                 replica.reachable = False
                 self._eject(replica, "connect", self._describe(error))
@@ -244,7 +244,7 @@ class Balancer(Generic[C]):
                 return ("" if await self._ready(replica, committed) else "not ready"), False, True
         except TimeoutError:
             return f"no answer within {self.probe_timeout_s:g} s", True, False
-        except Exception as error:
+        except Exception as error:  # a probe that fails in any way takes the replica out
             return self._describe(error), False, False
 
     # -------------------------------------------------------------- membership
