@@ -9,119 +9,55 @@ from __future__ import annotations
 import math
 import signal
 import time
-from collections.abc import Callable
-from typing import NoReturn, TypeVar
+from typing import TYPE_CHECKING, NoReturn
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
 from ferry.adapters import cli_mlflow, cli_rollout, cli_services
 from ferry.adapters.cli_support import (
     EXIT_FAILED,
-    EXIT_REJECTED,
     EXIT_UNAVAILABLE,
     JsonOption,
     ModelArgument,
     current_settings,
+    deploy_events,
     err,
+    explain_rollback,
     fail,
+    finish_deploy,
     guarded,
     known_model,
     out,
     print_json,
+    print_success,
     stop_after_the_pass,
 )
-from ferry.core.adopt import adopt, plan_adoption
-from ferry.core.baking import GATE
-from ferry.core.config import Settings, parse_duration
-from ferry.core.current import read_current, read_history
-from ferry.core.errors import InvalidInput, one_line
-from ferry.core.events import RECORDED
-from ferry.core.reconcile import Reconciled, reconcile
-from ferry.core.records import DeployReport, Outcome, RolloutPlan
-from ferry.core.repository import check_name
-from ferry.core.runner import Runner, Target
-from ferry.core.services import Ferry
-from ferry.core.status import UNKNOWN, ModelStatus, ReplicaStatus, list_models, model_status, replica_indexes
+
+# Each command imports the core it runs inside its own body: `ferry --help` imports none of it, `ferry history`
+# no Triton client, `ferry status` no MLflow and no transaction (tests/unit/test_cli_imports.py; docs/benchmarks.md,
+# "A cold command line").
+if TYPE_CHECKING:
+    from ferry.core.config import Settings
+    from ferry.core.reconcile import Reconciled
+    from ferry.core.records import RolloutPlan
+    from ferry.core.runner import Target
+    from ferry.core.status import ModelStatus, ReplicaStatus
 
 # Plain click help: rich's panels show a <bool> metavar on every flag and {MODEL} in the usage line.
 app = typer.Typer(help="Move model versions from the MLflow Model Registry into Triton, safely.",
                   no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None)
 
-T = TypeVar("T")
-
-
-def _on_event(as_json: bool) -> Callable[[str, str, float, str], None]:
-    def on_event(step: str, status: str, seconds: float, detail: str) -> None:
-        if step == RECORDED:  # decided and recorded: a late Ctrl-C must not turn it into exit 130
-            for stop in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(stop, signal.SIG_IGN)
-        elif not as_json:
-            _show_step(step, status, seconds, detail)
-
-    return on_event
-
-
-def _show_step(step: str, status: str, seconds: float, detail: str) -> None:
-    if status == "start":
-        return
-    mark = {"ok": "[green]✓[/green]", "pass": "[green]✓[/green]", "waiting": "[dim]…[/dim]"}.get(status, "[red]✗[/red]")
-    if step == GATE:
-        step = f"gate {status}"
-    out.print(f"  {mark} {step:<12} {seconds:7.3f} s  {escape(detail.splitlines()[0] if detail else '')}")
-
-
-def _print_success(report: DeployReport) -> None:
-    if report.outcome == Outcome.NOOP:
-        out.print(f"{report.model}: {escape(report.warnings[0]) if report.warnings else 'nothing to do'}")
-        return
-    was = f"v{report.previous_version}" if report.previous_version else "nothing"
-    out.print(f"[green]committed[/green] {report.model} v{report.version} (was {was}) "
-              f"in {sum(report.steps.values()):.2f} s")
-    for warning in report.warnings:
-        err.print(f"[yellow]warning:[/yellow] {escape(warning)}")
-
-
-def _explain_rollback(report: DeployReport) -> None:
-    rollback = report.rollback
-    if not (rollback and rollback.verified):
-        state = "ROLLBACK NOT VERIFIED: check `ferry status`"
-    elif report.previous_version is None:
-        state = "nothing was active before, so nothing serves now"
-    else:
-        state = f"v{report.previous_version} still active and serving"
-    quarantined = ", ".join(rollback.quarantined) if rollback and rollback.quarantined else "nothing"
-    where = f" on replica {report.failed_replica}" if report.failed_replica else ""
-    err.print(f"[red]failed at {report.failed_step}{escape(where)}:[/red] {escape(report.error or '')} "
-              f"({state}; quarantined: {escape(quarantined)})")
-    for problem in rollback.problems if rollback else []:
-        err.print(f"  rollback problem: {escape(problem)}")
-
-
-def _finish(report: DeployReport, as_json: bool) -> NoReturn:
-    """Print the outcome (JSON on stdout for scripts; the reason of a failure always on stderr) and exit."""
-    if as_json:
-        print_json(report.model_dump(mode="json"))
-    elif report.ok:
-        _print_success(report)
-    if report.outcome == Outcome.ROLLED_BACK:
-        _explain_rollback(report)
-        raise typer.Exit(EXIT_FAILED)
-    if report.outcome == Outcome.REJECTED:
-        err.print(f"[red]error:[/red] {escape(report.error or 'rejected')}")
-        if report.hint:
-            err.print(f"  hint: {escape(report.hint)}")
-        raise typer.Exit(EXIT_UNAVAILABLE if report.retryable else EXIT_REJECTED)
-    raise typer.Exit(0)
-
 
 def _run_deploy(settings: Settings, model: str, target: Target, as_json: bool) -> NoReturn:
+    from ferry.core.runner import Runner
+    from ferry.core.services import Ferry
+
     ferry = Ferry(settings)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a stopped deploy rolls back, as on Ctrl-C
-    runner = guarded(lambda: Runner(ferry, model, on_event=_on_event(as_json)))
+    runner = guarded(lambda: Runner(ferry, model, on_event=deploy_events(as_json)))
     report = guarded(lambda: runner.deploy(target))
-    _finish(report, as_json)
+    finish_deploy(report, as_json)
 
 
 @app.command("deploy")
@@ -140,6 +76,9 @@ def deploy_command(
     as_json: bool = JsonOption,
 ) -> None:
     """Deploy the version an MLflow alias points at: load, ready, smoke, [bake,] then commit or roll back."""
+    from ferry.core.repository import check_name
+    from ferry.core.runner import Target
+
     guarded(lambda: check_name("model name", model))  # bad names are refused before anything starts
     plan = guarded(lambda: _rollout_plan(shadow, canary, bake, mirror))
     target = guarded(lambda: Target.of_alias(alias, rollout=plan))
@@ -150,6 +89,10 @@ def deploy_command(
 
 
 def _rollout_plan(shadow: str | None, canary: float | None, bake: str | None, mirror: float) -> RolloutPlan | None:
+    from ferry.core.config import parse_duration
+    from ferry.core.errors import InvalidInput
+    from ferry.core.records import RolloutPlan
+
     if shadow is not None and canary is not None:
         raise InvalidInput("--shadow and --canary are two ways to bake: choose one")
     if shadow is not None:
@@ -171,6 +114,10 @@ def rollback_command(
     as_json: bool = JsonOption,
 ) -> None:
     """Go back to an earlier version, through the same validation chain (no MLflow needed if its files are kept)."""
+    from ferry.core.current import read_current
+    from ferry.core.errors import InvalidInput
+    from ferry.core.runner import Target
+
     settings = current_settings()
     model_dir = known_model(settings, model)
     if to is None:
@@ -186,6 +133,10 @@ def rollback_command(
 @app.command("recover")
 def recover_command(model: str = ModelArgument, as_json: bool = JsonOption) -> None:
     """Finish or undo a deploy whose process stopped (killed, crashed), from its journal."""
+    from ferry.core.records import Outcome
+    from ferry.core.runner import Runner
+    from ferry.core.services import Ferry
+
     settings = current_settings()
     known_model(settings, model)
     report = guarded(lambda: Runner(Ferry(settings), model).recover())
@@ -200,9 +151,9 @@ def recover_command(model: str = ModelArgument, as_json: bool = JsonOption) -> N
     else:
         out.print(f"{model}: deploy {report.deploy_id or '(before its snapshot)'} ({report.target}) was unfinished")
         if report.outcome == Outcome.ROLLED_BACK:
-            _explain_rollback(report)
+            explain_rollback(report)
         elif report.ok:
-            _print_success(report)
+            print_success(report)
         else:
             out.print(f"  {escape(report.error or '')}")
     if report.rollback is not None and not report.rollback.verified:
@@ -218,6 +169,9 @@ def adopt_command(
     as_json: bool = JsonOption,
 ) -> None:
     """Take over a model another tool deployed, checked against MLflow, without reloading anything."""
+    from ferry.core.adopt import adopt, plan_adoption
+    from ferry.core.services import Ferry
+
     settings = current_settings()
     known_model(settings, model)
     ferry = Ferry(settings)
@@ -239,6 +193,11 @@ def reconcile_command(
     as_json: bool = JsonOption,
 ) -> None:
     """Make every Triton replica serve exactly what current.json commits (after a restart, or on a new replica)."""
+    from ferry.core.config import parse_duration
+    from ferry.core.reconcile import reconcile
+    from ferry.core.services import Ferry
+    from ferry.core.status import list_models
+
     settings = current_settings()
     interval = guarded(lambda: parse_duration(every, "--every")) if every else None
     for name in models or []:
@@ -279,6 +238,8 @@ def status_command(
     as_json: bool = JsonOption,
 ) -> None:
     """The committed version (current.json), the versions Triton serves, and any drift between them."""
+    from ferry.core.services import Ferry
+    from ferry.core.status import list_models, model_status, replica_indexes
     from ferry.observability.live import live_figures
 
     settings = current_settings()
@@ -299,6 +260,8 @@ def status_command(
 def _status_exit_code(reports: list[ModelStatus]) -> int:
     """1 for a problem status found (drift, a damaged current.json, an unfinished deploy); else 3 when a
     replica did not answer (what it serves is not known: ask again later); else 0."""
+    from ferry.core.status import UNKNOWN
+
     if any((r.drift and r.drift != UNKNOWN) or r.current_error or r.in_flight for r in reports):
         return EXIT_FAILED
     if any(x.error for r in reports for x in r.replicas):
@@ -324,6 +287,10 @@ def _replica_serves(replica: ReplicaStatus, replicas: int) -> str:
 
 
 def _print_status_table(reports: list[ModelStatus], settings: Settings) -> None:
+    from rich.table import Table
+
+    from ferry.core.status import UNKNOWN
+
     if not reports:
         out.print(f"no models in {settings.repository}")
         return
@@ -364,6 +331,12 @@ def history_command(
     as_json: bool = JsonOption,
 ) -> None:
     """Every deploy attempt of a model: who, when, what, the step timings and the outcome."""
+    from rich.table import Table
+
+    from ferry.core.current import read_history
+    from ferry.core.errors import one_line
+    from ferry.core.records import Outcome
+
     settings = current_settings()
     records = read_history(known_model(settings, model), limit)
     if as_json:

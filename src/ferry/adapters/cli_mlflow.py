@@ -7,14 +7,16 @@ Added to the ``ferry`` command by :func:`register`; messages and exit codes come
 from __future__ import annotations
 
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.markup import escape
 
 from ferry.adapters import cli_support as cli
-from ferry.core.config import Settings, check_port, parse_duration
 from ferry.core.errors import Busy, InvalidInput
+
+if TYPE_CHECKING:
+    from ferry.core.config import Settings
 
 
 def watch_command(
@@ -36,6 +38,8 @@ def watch_command(
         from ferry.adapters import watch
     except ImportError as error:
         cli.needs_extra("gateway", "watch", error)
+    from ferry.core.config import check_port, parse_duration
+
     settings = cli.current_settings()
     host = host or settings.watch_host
     port = cli.guarded(lambda: check_port(port or settings.watch_port, "port"))

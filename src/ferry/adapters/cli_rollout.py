@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import typer
 from rich.markup import escape
 
@@ -16,16 +18,26 @@ from ferry.adapters.cli_support import (
     print_json,
 )
 from ferry.core.errors import InvalidInput
-from ferry.core.journal import read_journal
-from ferry.core.lock import current_user
-from ferry.core.rollout import read_rollout, request_control
+
+if TYPE_CHECKING:
+    from ferry.core.records import RolloutState
+    from ferry.core.repository import ModelDir
 
 CONTROL_POLL_S = 0.2  # how often a baking deploy looks for `ferry rollout promote|abort` (ferry.core.runner)
 
 
 
+def read_rollout(model_dir: ModelDir) -> RolloutState | None:
+    """rollout.json of the model (:func:`ferry.core.rollout.read_rollout`), imported when a command reads it."""
+    from ferry.core.rollout import read_rollout
+
+    return read_rollout(model_dir)
+
+
 def rollout_status(model: str = ModelArgument, as_json: bool = JsonOption) -> None:
     """The bake in progress: mode, elapsed, the gate's evaluations so far."""
+    from ferry.core.journal import read_journal
+
     settings = current_settings()
     model_dir = known_model(settings, model)
     state = guarded(lambda: read_rollout(model_dir))
@@ -58,6 +70,9 @@ def rollout_abort(model: str = ModelArgument) -> None:
 
 
 def _control(model: str, action: str) -> None:
+    from ferry.core.lock import current_user
+    from ferry.core.rollout import request_control
+
     settings = current_settings()
     model_dir = known_model(settings, model)
     if guarded(lambda: read_rollout(model_dir)) is None:

@@ -23,9 +23,9 @@ from ferry.adapters.cli_support import (
     out,
     print_json,
 )
-from ferry.core.config import check_port
 from ferry.core.errors import InvalidInput
-from ferry.core.services import Ferry
+
+# The services (and the Triton and MLflow clients behind them) are imported by the command that runs them.
 
 
 def _port_option(help_text: str) -> int | None:
@@ -42,6 +42,8 @@ def gateway_command(
         from ferry.adapters.gateway.app import serve
     except ImportError as error:
         needs_extra("gateway", "gateway", error)
+    from ferry.core.config import check_port
+
     settings = current_settings()
     host, port = host or settings.gateway_host, guarded(lambda: check_port(port or settings.gateway_port, "port"))
     grpc_port = grpc_port or settings.gateway_grpc_port
@@ -60,6 +62,7 @@ def exporter_command(
     """Serve ferry's metrics (deploys, rollbacks, step times, active version, drift) for Prometheus to scrape."""
     from prometheus_client import CollectorRegistry, start_http_server
 
+    from ferry.core.services import Ferry
     from ferry.observability.metrics import FerryCollector
 
     ferry = Ferry(current_settings())
@@ -84,6 +87,7 @@ def metrics_command(
     """ferry's metrics once, in Prometheus' text format."""
     from prometheus_client import CollectorRegistry, generate_latest
 
+    from ferry.core.services import Ferry
     from ferry.observability.metrics import FerryCollector, write_textfile
 
     ferry = Ferry(current_settings())

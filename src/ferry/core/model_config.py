@@ -8,18 +8,65 @@ in more than its version policy, so ferry always renders configs the same way.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import mmap
+import sys
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeGuard
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, TypeGuard
 
-from google.protobuf import json_format, text_format
 from google.protobuf.message import DecodeError
-from tritonclient.grpc import model_config_pb2 as model_config_pb2
 
 from ferry.core.errors import NotOnnx
+
+if TYPE_CHECKING:
+    from tritonclient.grpc import model_config_pb2 as model_config_pb2
+
+_PB2 = "tritonclient.grpc.model_config_pb2"
+_PB2_LOADING = threading.Lock()  # replicas' threads may read a config at once: one loads, the others wait
+
+
+def _load_model_config_pb2() -> ModuleType:
+    """Triton's generated ``model_config_pb2``, loaded from its file under its own name.
+
+    Importing it the usual way runs ``tritonclient.grpc``'s ``__init__`` first, which imports gRPC and numpy
+    (over 0.1 s) that a config has no use for. Registered in sys.modules under its own name, it is the very
+    module ``tritonclient.grpc`` picks up if that is imported later: one descriptor, one ModelConfig class.
+    """
+    module = sys.modules.get(_PB2)
+    if module is None:
+        with _PB2_LOADING:
+            module = sys.modules.get(_PB2) or _exec_model_config_pb2()
+    return module
+
+
+def _exec_model_config_pb2() -> ModuleType:
+    package = importlib.util.find_spec("tritonclient")
+    if package is None or not package.submodule_search_locations:
+        raise ModuleNotFoundError(f"no module named '{_PB2}': install tritonclient[grpc]", name=_PB2)
+    path = Path(package.submodule_search_locations[0]) / "grpc" / "model_config_pb2.py"
+    spec = importlib.util.spec_from_file_location(_PB2, path)
+    if spec is None or spec.loader is None:
+        raise ModuleNotFoundError(f"no module named '{_PB2}' at {path}: install tritonclient[grpc]", name=_PB2)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return sys.modules.setdefault(_PB2, module)  # registered once whole: no thread sees half a module
+
+
+class _ModelConfigPb2:
+    """Stands for ``model_config_pb2`` until an attribute of it is first read: a command that reads no config
+    (``ferry status``, ``ferry history``) does not load protobuf's descriptors."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(_load_model_config_pb2(), name)
+
+
+if not TYPE_CHECKING:
+    model_config_pb2 = _ModelConfigPb2()
 
 # ONNX element type (TensorProto.DataType, fixed by onnx.proto) -> Triton API datatype. BYTES is Triton's name
 # for strings. onnx itself (150 ms to import) is imported only where a signature is read, not by every command.
@@ -202,6 +249,8 @@ def build_config(model: str, signature: Signature, runtime: str) -> model_config
     else:
         fields["platform"] = "onnxruntime_onnx"
         fields["default_model_filename"] = "model.onnx"
+    from google.protobuf import json_format
+
     return json_format.ParseDict(fields, model_config_pb2.ModelConfig())
 
 
@@ -213,13 +262,19 @@ def with_versions(config: model_config_pb2.ModelConfig, versions: list[int]) -> 
 
 
 def to_pbtxt(config: model_config_pb2.ModelConfig) -> str:
+    from google.protobuf import text_format
+
     return str(text_format.MessageToString(config))
 
 
 def from_pbtxt(text: str) -> model_config_pb2.ModelConfig:
+    from google.protobuf import text_format
+
     return text_format.Parse(text, model_config_pb2.ModelConfig())
 
 
 def to_override_json(config: model_config_pb2.ModelConfig) -> str:
     """The config as the JSON body of a load request. Triton replaces the whole config with it."""
+    from google.protobuf import json_format
+
     return json.dumps(json_format.MessageToDict(config, preserving_proto_field_name=True))

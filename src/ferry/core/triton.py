@@ -1,25 +1,29 @@
 """Triton's HTTP API as ferry uses it. Every call has a timeout: a load can hang forever.
 
 ``tritonclient.http`` (geventhttpclient) binds a client to the thread that created it, so each
-thread gets its own clients: the exporter serves every scrape on a new thread.
+thread gets its own clients: the exporter serves every scrape on a new thread. It is imported at
+the first call that needs it (it brings numpy and gevent, 0.1 s): the repository index, all that
+``ferry status`` asks, is one POST made with http.client.
 """
 
 from __future__ import annotations
 
+import contextlib
+import http.client
+import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
-
-import tritonclient.http as triton_http
-from tritonclient.utils import InferenceServerException
 
 from ferry.core.config import Endpoint, parse_endpoint
 from ferry.core.errors import TritonError, TritonTimeout, one_line
 from ferry.core.front import store_name
 
 if TYPE_CHECKING:
+    import tritonclient.http as triton_http
+
     from ferry.core.smoke import Array
 
 # The header that carries the key of Triton's restricted model-control API (load, unload, repository index).
@@ -85,24 +89,51 @@ class Triton:
         return self._worker.submit(call)
 
     def _client(self, timeout_s: float) -> triton_http.InferenceServerClient:
+        import tritonclient.http as triton_http
+
         clients: dict[float, triton_http.InferenceServerClient] = self._local.__dict__.setdefault("clients", {})
         if timeout_s not in clients:
             clients[timeout_s] = triton_http.InferenceServerClient(
                 self.endpoint.host_port, connection_timeout=timeout_s, network_timeout=timeout_s)
         return clients[timeout_s]
 
-    def _call(self, what: str, call: Callable[..., Any], *args: Any, timeout_s: float | None = None,
-              **kwargs: Any) -> Any:
-        timeout_s = timeout_s or self.timeout_s
+    @contextlib.contextmanager
+    def _network_errors(self, what: str, timeout_s: float) -> Iterator[None]:
+        """A timeout or a connection that fails as ferry's errors: the one wording for every call."""
         try:
-            return call(self._client(timeout_s))(*args, headers=self.headers, **kwargs)
+            yield
         except TimeoutError:
             raise TritonTimeout(f"Triton at {self.url} did not answer {what} within {timeout_s:g} s") from None
         except OSError as error:
             raise TritonError(f"Triton at {self.url} is not reachable ({what}): {error}",
                               "start it with `ferry triton up` or set FERRY_TRITON_URL", retryable=True) from None
+
+    def _call(self, what: str, call: Callable[..., Any], *args: Any, timeout_s: float | None = None,
+              **kwargs: Any) -> Any:
+        from tritonclient.utils import InferenceServerException
+
+        timeout_s = timeout_s or self.timeout_s
+        try:
+            with self._network_errors(what, timeout_s):
+                return call(self._client(timeout_s))(*args, headers=self.headers, **kwargs)
         except InferenceServerException as error:
             raise self._refusal(what, error.message() or "", error.status()) from None
+
+    def _post(self, what: str, path: str) -> tuple[int, bytes]:
+        """One POST with an empty body, as tritonclient.http sends it, on a connection of its own (any thread
+        may call it): the status and the body of the answer."""
+        connection = http.client.HTTPConnection(self.endpoint.host, self.endpoint.port, timeout=self.timeout_s)
+        try:
+            with self._network_errors(what, self.timeout_s):
+                connection.request("POST", path, body=b"", headers=self.headers or {})
+                response = connection.getresponse()
+                return response.status, response.read()
+        except http.client.HTTPException as error:
+            raise TritonError(f"something at {self.endpoint.host_port} does not answer HTTP as Triton does "
+                              f"({what}): {error!r}",
+                              "check FERRY_TRITON_URL: it must name Triton's HTTP port") from None
+        finally:
+            connection.close()
 
     def _refusal(self, what: str, message: str, status: str | None) -> TritonError:
         if "restricted" in message or "not authorized" in message.lower():
@@ -128,7 +159,7 @@ class Triton:
     def index(self) -> RepositoryIndex:
         """Every model's versions, from one call of the repository index."""
         models: RepositoryIndex = {}
-        entries = self._call("the repository index", lambda c: c.get_model_repository_index)
+        entries = self._read_index()
         if not isinstance(entries, list):
             raise TritonError(f"something at {self.endpoint.host_port} is not Triton (its repository index is "
                               f"{type(entries).__name__})", "check FERRY_TRITON_URL")
@@ -137,6 +168,18 @@ class Triton:
                 state = VersionState(int(entry["version"]), entry.get("state", ""), entry.get("reason", ""))
                 models.setdefault(entry.get("name", ""), []).append(state)
         return models
+
+    def _read_index(self) -> Any:
+        what = "the repository index"
+        status, body = self._post(what, "/v2/repository/index")
+        if status != 200:
+            raise self._refusal(what, _error_message(body), str(status))
+        try:
+            return json.loads(body)
+        except ValueError:
+            raise TritonError(f"something at {self.endpoint.host_port} is not Triton (its repository index is not "
+                              "JSON)", "check FERRY_TRITON_URL: it must name Triton's HTTP port",
+                              detail=body.decode(errors="replace")[:2000]) from None
 
     def versions(self, model: str) -> list[VersionState]:
         return self.index().get(model, [])
@@ -153,6 +196,8 @@ class Triton:
 
     def infer(self, model: str, version: int, inputs: dict[str, Array],
               datatypes: dict[str, str]) -> dict[str, Array]:
+        import tritonclient.http as triton_http
+
         tensors = []
         for name, value in inputs.items():
             tensor = triton_http.InferInput(name, list(value.shape), datatypes[name])
@@ -161,3 +206,16 @@ class Triton:
         result = self._call(f"inference on '{model}' v{version}", lambda c: c.infer, model, tensors, str(version))
         response = result.get_response()
         return {out["name"]: result.as_numpy(out["name"]) for out in response.get("outputs", [])}
+
+
+def _error_message(body: bytes) -> str:
+    """Triton's reason in an error answer (``{"error": ...}``), else the body as it came (a page from
+    something that is not Triton, which :meth:`Triton._refusal` names as such)."""
+    text = body.decode(errors="replace")
+    if not text:
+        return "client received an empty response from the server."
+    try:
+        reason = json.loads(text)["error"]
+    except (ValueError, TypeError, KeyError):
+        return text
+    return str(reason)
