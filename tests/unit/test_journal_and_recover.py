@@ -69,6 +69,21 @@ def test_a_deploy_stopped_before_its_commit_is_undone(bench: Bench, stop_after: 
     bench.check_invariants(attempts=2)
 
 
+def test_the_journal_names_the_process_of_the_step_in_progress(bench: Bench, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An Airflow task runs one step: the process a recover names as stopped is the one of the step it stopped in."""
+    import os
+
+    bench.registry.add("iris", "champion")
+    runner = Runner(bench.ferry, "iris", via="airflow")
+    journal = runner.begin(Target.of_alias("champion"))
+    assert read_journal(bench.model_dir).record.owner.pid == os.getpid()
+    monkeypatch.setattr(os, "getpid", lambda: 424242)  # the next task's process
+    runner.run_step(journal, Step.MATERIALIZE)
+    assert read_journal(bench.model_dir).record.owner.pid == 424242
+    report = Runner(bench.ferry, "iris").recover()
+    assert report.outcome == Outcome.ROLLED_BACK and "pid 424242" in (report.error or ""), report.error
+
+
 def test_a_deploy_stopped_after_its_commit_point_is_finished(bench: Bench, monkeypatch: pytest.MonkeyPatch) -> None:
     from ferry.core import steps
 

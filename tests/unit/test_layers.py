@@ -114,4 +114,5 @@ def test_error_classes_outside_the_tree_are_only_the_known_refinements() -> None
         "src/ferry/adapters/gateway/wording.py: UnknownModelError(NotServed)",
         "src/ferry/adapters/gateway/wording.py: UnknownVersionError(NotServed)",
         "src/ferry/core/mlflow_rest.py: ServerError(Unavailable)",
+        "src/ferry/core/staging.py: ForeignVersion(InvalidInput)",
     ]

@@ -17,6 +17,7 @@ what it serves from ``current.json``, which is fsynced.
 from __future__ import annotations
 
 import os
+import socket
 from typing import Any
 
 from pydantic import ValidationError
@@ -65,8 +66,9 @@ class Journal:
         self.save()
 
     def begin(self, step: Step) -> None:
-        """Record the intent: ``step`` is about to act."""
-        self.update(step=step)
+        """Record the intent: ``step`` is about to act, in this process (a DAG runs each step in its own)."""
+        owner = self.record.owner.model_copy(update={"host": socket.gethostname(), "pid": os.getpid()})
+        self.update(step=step, owner=owner)
 
     def remove(self) -> None:
         self.model_dir.journal_path.unlink(missing_ok=True)

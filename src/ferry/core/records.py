@@ -245,7 +245,7 @@ class DeployReport(BaseModel):
 
 class Owner(BaseModel):
     via: Via  # "cli": one process holds the model's lock throughout; "airflow": one task at a time
-    host: str
+    host: str  # host and pid: the process of the step in progress (an Airflow task runs one step)
     pid: int
 
 
