@@ -100,7 +100,7 @@ class Answer:
 
 
 @dataclass(frozen=True)
-class Target:
+class V2Path:
     """What a /v2 path asks for: ``endpoint`` is server, live, ready, model, model_ready, config, infer or stats
     (``model`` empty: every committed model's statistics)."""
 
@@ -118,13 +118,13 @@ _MODEL_ACTIONS = {(): "model", ("ready",): "model_ready", ("config",): "config",
 _SERVER = {(): "server", ("",): "server", ("health", "live"): "live", ("health", "ready"): "ready"}
 
 
-def target(path: str) -> Target | None:
+def parse_v2_path(path: str) -> V2Path | None:
     """The endpoint a /v2 path names (None: not one the gateway serves)."""
     parts = tuple(path.split("/")[2:])
     if parts[:1] != ("models",):
-        return Target(_SERVER[parts]) if parts in _SERVER else None
+        return V2Path(_SERVER[parts]) if parts in _SERVER else None
     if parts == ("models", "stats"):  # as Triton reads it: every model's statistics
-        return Target("stats")
+        return V2Path("stats")
     if len(parts) < 2 or not parts[1]:
         return None
     model, rest, version = parts[1], parts[2:], ""
@@ -133,7 +133,7 @@ def target(path: str) -> Target | None:
             return None
         version, rest = rest[1], rest[2:]
     endpoint = _MODEL_ACTIONS.get(rest)
-    return Target(endpoint, model, version) if endpoint else None
+    return V2Path(endpoint, model, version) if endpoint else None
 
 
 class KServeHttp:
@@ -144,7 +144,7 @@ class KServeHttp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         began = time.perf_counter()
-        asked = target(scope["path"])
+        asked = parse_v2_path(scope["path"])
         try:
             answer = await self._answer(asked, scope, receive)
         except FerryError as error:
@@ -162,7 +162,7 @@ class KServeHttp:
         if asked is not None and asked.endpoint == "infer":
             self.gateway.metrics.count(answer.route, answer.status, began)
 
-    async def _answer(self, asked: Target | None, scope: Scope, receive: Receive) -> Answer:
+    async def _answer(self, asked: V2Path | None, scope: Scope, receive: Receive) -> Answer:
         if asked is None:
             return Answer.error(404, f"the gateway serves no {scope['path'][:200]!r}: it serves KServe v2 inference, "
                                      "health, metadata and config (model control goes through ferry)")
@@ -197,7 +197,7 @@ class KServeHttp:
         metadata["extensions"] = [e for e in metadata.get("extensions", []) if e in SERVED_EXTENSIONS]
         return Answer(200, json.dumps(metadata).encode(), [JSON_TYPE])
 
-    async def _infer(self, asked: Target, headers: dict[bytes, bytes], receive: Receive) -> Answer:
+    async def _infer(self, asked: V2Path, headers: dict[bytes, bytes], receive: Receive) -> Answer:
         gateway = self.gateway
         gateway.route(asked.model, asked.version)  # an unknown model or version is a 404 whatever the body holds
         body = await gateway.read_body(receive, headers.get(b"content-length"))
@@ -238,7 +238,7 @@ class KServeHttp:
 
         return send
 
-    async def _model_ready(self, asked: Target) -> Answer:
+    async def _model_ready(self, asked: V2Path) -> Answer:
         async def attempt(route: Route) -> Reply:
             path = f"/v2/models/{route.upstream}/versions/{route.version}/ready"
             return await self.gateway.triton_request("GET", path)
@@ -254,7 +254,7 @@ class KServeHttp:
         return Answer.error(503, f"'{route.model}' v{route.version} is committed but not ready in Triton: "
                                  f"{triton_message(reply.body)}", route)
 
-    async def _metadata(self, asked: Target) -> Answer:
+    async def _metadata(self, asked: V2Path) -> Answer:
         what = asked.endpoint  # model (metadata) or config
 
         async def attempt(route: Route) -> Reply:
@@ -274,7 +274,7 @@ class KServeHttp:
         return Answer(200, reply.body, [JSON_TYPE], route)
 
 
-    async def _stats(self, asked: Target) -> Answer:
+    async def _stats(self, asked: V2Path) -> Answer:
         """Triton's statistics of the committed version (of every committed model's, if the path names none)."""
         if asked.model:
             return await self._stats_of(asked.model, asked.version)
