@@ -68,7 +68,7 @@ def test_a_served_model_without_ferrys_state_is_adopted_without_a_reload(world: 
 
     import httpx
 
-    from test_gateway import TOKEN, running_gateway
+    from support.gateway import TOKEN, running_gateway
 
     body = {"inputs": [{"name": "X", "shape": [1, 4], "datatype": "FP32", "data": [5.1, 3.5, 1.4, 0.2]}]}
     auth = {"authorization": f"Bearer {TOKEN}"}

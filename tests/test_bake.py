@@ -37,7 +37,7 @@ from ferry.core.records import DeployReport, RolloutPlan, RolloutState, utc_stam
 from ferry.core.runner import Runner, Target
 from ferry.core.steps import Ferry
 from ferry.runtime import server
-from test_gateway import TOKEN, Running, running_gateway
+from support.gateway import TOKEN, Running, running_gateway
 
 ROWS = load_iris(return_X_y=True)[0].astype(np.float32)
 SAMPLE = ROWS[[0, 60, 120]]  # the smoke sample of examples/train_model.py

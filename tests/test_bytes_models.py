@@ -25,7 +25,7 @@ from tritonclient.utils import InferenceServerException
 from conftest import FAKES, World
 from ferry.core.smoke import SMOKE_FILE, load_sample
 from ferry.publish import log_onnx_model, register_version
-from test_gateway import TOKEN, Running, running_gateway
+from support.gateway import TOKEN, Running, running_gateway
 
 # Text with NULs inside, at the start and the end, empty, multi-byte UTF-8, a whole NUL string.
 TEXTS = [b"he\x00llo", b"\x00lead", b"trail\x00", b"", "d\u00e9j\u00e0 vu \u2603".encode(), b"\x00", b"plain",

@@ -185,7 +185,7 @@ def test_the_gateway_balances_over_the_replicas_through_a_killed_replica_and_a_d
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
-    from test_gateway import TOKEN, Sent, grpc_load, load, running_gateway
+    from support.gateway import TOKEN, Sent, grpc_load, load, running_gateway
 
     world = start_fleet(tmp_path, 3)
     replicas = replica_settings(world.settings)

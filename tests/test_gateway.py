@@ -5,101 +5,41 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import struct
-import subprocess
-import sys
 import threading
 import time
 import zlib
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import httpx
-import numpy as np
 import pytest
-import tritonclient.grpc as grpcclient
-import tritonclient.http as httpclient
 from tritonclient.grpc import service_pb2
-from tritonclient.utils import InferenceServerException
 
-from conftest import FAKES, World, _free_port_block, assert_invariants
+from conftest import FAKES, World, assert_invariants
 from ferry.adapters.gateway import guard
 from ferry.adapters.gateway.refusals import status_of
 from ferry.adapters.gateway.routing import Route
 from ferry.core.errors import GatewayError
 from ferry.core.model_config import Signature, TensorSpec
 from ferry.core.runner import deploy
-
-IRIS_ROW = [5.1, 3.5, 1.4, 0.2]
-KSERVE_BODY = {"inputs": [{"name": "X", "shape": [1, 4], "datatype": "FP32", "data": IRIS_ROW}]}
-TOKEN = "s3cret-token"
-# The gateway with its gRPC port. `ferry gateway` runs the same code (ferry.adapters.gateway.app.serve);
-# once the CLI takes --grpc-port, this can be [sys.executable, "-m", "ferry", "gateway"].
-GATEWAY_COMMAND = [sys.executable, "-m", "ferry", "gateway"]
-
-
-@dataclass
-class Running:
-    """A gateway process: its HTTP base URL and its gRPC address."""
-
-    url: str
-    grpc: str
-    process: subprocess.Popen
-
-    @property
-    def host_port(self) -> str:
-        return self.url.removeprefix("http://")
-
-
-@contextmanager
-def running_gateway(world: World, token: str = TOKEN, **env: str) -> Iterator[Running]:
-    """The gateway in its own process, HTTP and gRPC, as production runs it (``env``: FERRY_GATEWAY_* settings)."""
-    port = _free_port_block(2)
-    process = subprocess.Popen([*GATEWAY_COMMAND, "--port", str(port), "--grpc-port", str(port + 1)],
-                               env={**os.environ, **world.env(), "FERRY_GATEWAY_TOKEN": token, **env},
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    gateway = Running(f"http://127.0.0.1:{port}", f"127.0.0.1:{port + 1}", process)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{gateway.url}/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.2)
-    else:
-        process.kill()
-        pytest.fail(f"the gateway did not start: {process.communicate(timeout=10)[0]}")
-    try:
-        yield gateway
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+from support.gateway import (
+    IRIS_ROW,
+    KSERVE_BODY,
+    Running,
+    Sent,
+    binary_load,
+    client,
+    grpc_load,
+    load,
+    running_gateway,
+)
 
 
 @pytest.fixture
 def gateway(world: World) -> Iterator[Running]:
     with running_gateway(world) as running:
         yield running
-
-
-def client(url: str) -> httpx.Client:
-    return httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
-
-
-def auth() -> dict[str, str]:
-    """Headers for tritonclient (a fresh dict each call: tritonclient adds its own headers to the one it is given)."""
-    return {"authorization": f"Bearer {TOKEN}"}
-
-
-@dataclass
-class Sent:
-    began: float
-    ended: float
-    status: int | str  # HTTP status, or the gRPC code's name
-    version: int | None
-    protocol: str = "http"
 
 
 @dataclass
@@ -110,45 +50,6 @@ class Switch:
     ended: float
     before: int
     after: int
-
-
-def load(url: str, stop: threading.Event, results: list[Sent]) -> None:
-    with client(url) as session:
-        while not stop.is_set():
-            began = time.monotonic()
-            reply = session.post("/v2/models/iris/infer", json=KSERVE_BODY)
-            version = reply.headers.get("x-ferry-model-version")
-            results.append(Sent(began, time.monotonic(), reply.status_code, int(version) if version else None))
-
-
-def binary_load(host_port: str, stop: threading.Event, results: list[Sent]) -> None:
-    """tritonclient.http, unchanged, with the binary tensor extension both ways."""
-    triton = httpclient.InferenceServerClient(host_port, network_timeout=30)
-    tensor = httpclient.InferInput("X", [1, 4], "FP32")
-    tensor.set_data_from_numpy(np.array([IRIS_ROW], dtype=np.float32), binary_data=True)
-    while not stop.is_set():
-        began = time.monotonic()
-        try:
-            answer = triton.infer("iris", [tensor], headers=auth())
-            results.append(Sent(began, time.monotonic(), 200, int(answer.get_response()["model_version"]), "binary"))
-        except InferenceServerException as error:
-            results.append(Sent(began, time.monotonic(), f"{error.status()} {error.message()}", None, "binary"))
-    triton.close()
-
-
-def grpc_load(address: str, stop: threading.Event, results: list[Sent]) -> None:
-    """tritonclient.grpc, unchanged."""
-    triton = grpcclient.InferenceServerClient(address)
-    tensor = grpcclient.InferInput("X", [1, 4], "FP32")
-    tensor.set_data_from_numpy(np.array([IRIS_ROW], dtype=np.float32))
-    while not stop.is_set():
-        began = time.monotonic()
-        try:
-            answer = triton.infer("iris", [tensor], headers=auth(), client_timeout=30)
-            results.append(Sent(began, time.monotonic(), 200, int(answer.get_response().model_version), "grpc"))
-        except InferenceServerException as error:
-            results.append(Sent(began, time.monotonic(), f"{error.status()} {error.message()}", None, "grpc"))
-    triton.close()
 
 
 def test_traffic_follows_every_commit_and_never_reaches_an_uncommitted_version(world: World, gateway: Running) -> None:

@@ -13,7 +13,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from conftest import World
-from test_gateway import IRIS_ROW, TOKEN, Running, auth, running_gateway
+from support.gateway import IRIS_ROW, TOKEN, Running, auth, running_gateway
 
 ROW = np.array([IRIS_ROW], dtype=np.float32)
 

@@ -31,7 +31,7 @@ from tritonclient.utils import InferenceServerException
 from conftest import World
 from ferry.core.runner import deploy
 from ferry.publish import log_onnx_model, register_version
-from test_gateway import Running, running_gateway
+from support.gateway import Running, running_gateway
 
 EXAMPLES = os.environ.get("FERRY_TRITON_CLIENT_EXAMPLES", "")
 # The examples that use only inference, health, metadata and statistics on `simple` and `simple_int8`.

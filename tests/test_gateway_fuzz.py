@@ -37,7 +37,7 @@ from ferry.adapters.gateway.refusals import status_of
 from ferry.adapters.mlflow_plugin import predict_committed
 from ferry.core.errors import GatewayError
 from ferry.core.steps import Ferry
-from test_gateway import IRIS_ROW, KSERVE_BODY, TOKEN, Running, running_gateway
+from support.gateway import IRIS_ROW, KSERVE_BODY, TOKEN, Running, running_gateway
 
 SEED = int(os.environ.get("FERRY_FUZZ_SEED", "20261129"))
 BATCHES, HTTP_PER_BATCH, GRPC_PER_BATCH = 8, 150, 80

@@ -211,7 +211,7 @@ def test_the_gateway_names_the_model_the_client_asked_for(world: World) -> None:
     """The gateway sends requests to the store's committed version; its answers name the model, not the store."""
     import httpx
 
-    from test_gateway import auth, running_gateway
+    from support.gateway import auth, running_gateway
 
     world.register()
     world.deploy()
