@@ -9,10 +9,11 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
+from botocore.response import StreamingBody
 
 from ferry.core.errors import FerryError, InvalidInput, RegistryError, Unavailable
 from ferry.core.mlflow_rest import ArtifactStore, MlflowRest, s3_failure
@@ -136,3 +137,19 @@ def test_a_read_that_fails_mid_body_is_the_stores_failure(tmp_path: Path) -> Non
 def test_a_write_that_fails_stays_an_oserror(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):  # the caller tells a full disk from the rest by its errno
         ShortStore(3, b"abc").download("model.onnx", tmp_path / "missing" / "model.onnx")
+
+
+class BotoStore(ShortStore):
+    """A store whose open() gives botocore's own body: 100 bytes sent of the 518 its Content-Length says."""
+
+    def open(self, name: str) -> BinaryIO:
+        return cast(BinaryIO, StreamingBody(io.BytesIO(b"y" * 100), 518))
+
+    def read_failed(self, name: str, error: Exception) -> FerryError:
+        return s3_failure(f"downloading {name}", error, ENDPOINT)
+
+
+def test_botocore_s_body_is_read_with_its_own_checks(tmp_path: Path) -> None:
+    """Entered as a context, botocore's body gives its raw stream, which reads a body cut short as complete."""
+    with pytest.raises(Unavailable, match="IncompleteReadError: 100 read, but total bytes expected is 518"):
+        BotoStore(0, b"").download("model.onnx", tmp_path / "model.onnx")

@@ -118,9 +118,14 @@ class ArtifactStore:
     def download(self, name: str, target: Path) -> str:
         """Stream ``name`` into ``target`` and return its sha256, computed on the way. A read that fails (the
         store stopped in the middle of the body) is the store's failure; a write that fails stays an OSError."""
-        with self.open(name) as source:
+        # Not `with self.open(name) as source`: botocore's body enters as its raw urllib3 stream, which skips
+        # the body's own checks (its Content-Length, its CRC32) and reads a body cut short as complete.
+        source = self.open(name)
+        try:
             reading = _Reading(source, lambda error: self.read_failed(name, error))
             return write_and_hash(cast(BinaryIO, reading), target)  # write_and_hash only reads it
+        finally:
+            source.close()
 
     def read_failed(self, name: str, error: Exception) -> FerryError:
         raise NotImplementedError
