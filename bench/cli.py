@@ -1,9 +1,19 @@
 """How fast the ferry command answers, measured cold: each command in a new process, several runs, the median.
 
-Prints ``cli help seconds: X`` (``ferry --help``; target <= 0.3), ``cli history seconds: X`` (``ferry history``
-over a model with 200 recorded attempts), ``cli plugin help seconds: X`` (``mlflow deployments help -t ferry``)
-and, as the baseline measured in the same run, ``python startup seconds: X`` (an interpreter that imports nothing)
-with each command's ratio to it. Run: ``.venv/bin/python bench/cli.py [--runs N]``.
+Prints, each with its ratio to ``python startup seconds: X`` (an interpreter that imports nothing, measured in
+the same run):
+
+- ``cli help seconds: X``: ``ferry --help`` (target <= 0.3);
+- ``cli history seconds: X``: ``ferry history`` over a model with 200 recorded attempts;
+- ``cli plugin help seconds: X``: ``mlflow deployments help -t ferry`` (MLflow's command line: mostly MLflow's);
+- ``cli status seconds: X``: ``ferry status`` with one committed model, against the Triton this bench starts
+  (target <= 0.5);
+- ``cli deploy seconds over transaction: X``: ``ferry deploy --alias champion`` against a local ``mlflow server``
+  (sqlite backend, artifacts served by the server), a new version each run, the write-back on: the deploy's wall
+  time minus the sum of its report's steps (target <= 1.0); then whether that deploy imported the ``mlflow``
+  package (it must not: ferry talks to a tracking server over REST).
+
+Run: ``.venv/bin/python bench/cli.py [--runs N] [--no-servers]`` (``--no-servers``: the first three only).
 """
 
 from __future__ import annotations
@@ -16,21 +26,39 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 MODEL = "bench_cli"
+SERVED = "iris"
+START_TIMEOUT_S = 120.0
+
+# A deploy run under this probe reports, as its last line of stderr, the mlflow modules it imported.
+_MLFLOW_PROBE = """
+import json, runpy, sys
+sys.argv = ["ferry", *json.loads(sys.argv[1])]
+try:
+    runpy.run_module("ferry", run_name="__main__")
+except SystemExit:
+    pass
+print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] == "mlflow")), file=sys.stderr)
+"""
+
+
+def timed(argv: list[str], env: dict[str, str]) -> tuple[float, subprocess.CompletedProcess[str]]:
+    start = time.perf_counter()
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} exited {done.returncode}: {done.stderr.strip()[-800:]}")
+    return seconds, done
 
 
 def median_seconds(argv: list[str], env: dict[str, str], runs: int) -> float:
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
-        times.append(time.perf_counter() - start)
-        if done.returncode != 0:
-            raise SystemExit(f"{' '.join(argv)} exited {done.returncode}: {done.stderr.strip()[-500:]}")
-    return statistics.median(times)
+    return statistics.median(timed(argv, env)[0] for _ in range(runs))
 
 
 def history_repository(root: Path) -> Path:
@@ -46,22 +74,91 @@ def history_repository(root: Path) -> Path:
     return repository
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--runs", type=int, default=7)
-    runs = parser.parse_args().runs
+def file_commands(runs: int) -> dict[str, float]:
+    """The commands that read files only: help, history, the plugin's help."""
     with tempfile.TemporaryDirectory(prefix="ferry-bench-cli-") as tmp:
         env = {**os.environ, "FERRY_REPOSITORY": str(history_repository(Path(tmp))),
                "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"}
-        figures = {
-            "python startup": median_seconds([sys.executable, "-c", "pass"], env, runs),
-            "cli help": median_seconds([str(BIN / "ferry"), "--help"], env, runs),
-            "cli history": median_seconds([str(BIN / "ferry"), "history", MODEL], env, runs),
-            "cli plugin help": median_seconds([str(BIN / "mlflow"), "deployments", "help", "-t", "ferry"], env, runs),
+        return {
+            "python startup seconds": median_seconds([sys.executable, "-c", "pass"], env, runs),
+            "cli help seconds": median_seconds([str(BIN / "ferry"), "--help"], env, runs),
+            "cli history seconds": median_seconds([str(BIN / "ferry"), "history", MODEL], env, runs),
+            "cli plugin help seconds": median_seconds([str(BIN / "mlflow"), "deployments", "help", "-t", "ferry"], env,
+                                              runs),
         }
-    base = figures["python startup"]
+
+
+@contextmanager
+def mlflow_server(home: Path, backend_uri: str) -> Iterator[str]:
+    """``mlflow server`` on ``backend_uri``, serving its artifacts from ``home/artifacts``: its URL."""
+    from support.processes import free_port, stop_group, wait_healthy
+
+    port = free_port()
+    log = home / "mlflow-server.log"
+    with open(log, "ab") as out:
+        process = subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--backend-store-uri", backend_uri, "--serve-artifacts",
+             "--artifacts-destination", str(home / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1"],
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, stdout=out,
+            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(process, f"{url}/health", log, START_TIMEOUT_S, "mlflow server")
+        yield url
+    finally:
+        stop_group(process, grace_s=10)
+
+
+def server_commands(runs: int) -> tuple[dict[str, float], list[str]]:
+    """``ferry deploy`` against a tracking server (a new version each run) and ``ferry status`` against Triton."""
+    sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "examples")]
+    from train_model import train_and_register
+
+    from conftest import make_settings
+    from ferry.runtime import server
+
+    home = Path(tempfile.mkdtemp(prefix="ferry-bench-cli-servers-"))
+    settings = make_settings(home)
+    server.up(settings)
+    try:
+        with mlflow_server(home, settings.tracking_uri) as tracking_url:
+            env = {**os.environ, "FERRY_HOME": str(settings.home), "FERRY_REPOSITORY": str(settings.repository),
+                   "FERRY_TRITON_URL": settings.triton_url, "MLFLOW_TRACKING_URI": tracking_url}
+            overheads = []
+            for _ in range(runs):
+                train_and_register(SERVED, "champion", tracking_uri=tracking_url)
+                seconds, done = timed([str(BIN / "ferry"), "deploy", SERVED, "--alias", "champion", "--json"], env)
+                report = json.loads(done.stdout)
+                if report["outcome"] != "committed":
+                    raise SystemExit(f"the deploy did not commit: {report.get('error')}")
+                overheads.append(seconds - sum(report["steps"].values()))
+            train_and_register(SERVED, "champion", tracking_uri=tracking_url)
+            _, probed = timed([sys.executable, "-c", _MLFLOW_PROBE, json.dumps(["deploy", SERVED, "-a", "champion"])],
+                              env)
+            imported = json.loads(probed.stderr.strip().splitlines()[-1])
+            figures = {"cli status seconds": median_seconds([str(BIN / "ferry"), "status"], env, runs),
+                       "cli deploy seconds over transaction": statistics.median(overheads)}
+    finally:
+        server.down(settings)
+    return figures, imported
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--no-servers", action="store_true", help="only the commands that read files")
+    args = parser.parse_args()
+    figures = file_commands(args.runs)
+    imported: list[str] | None = None
+    if not args.no_servers:
+        served, imported = server_commands(args.runs)
+        figures.update(served)
+    base = figures["python startup seconds"]
     for name, seconds in figures.items():
-        print(f"{name} seconds: {seconds:.3f}  ({seconds / base:.1f}x python startup, median of {runs})")
+        print(f"{name}: {seconds:.3f}  ({seconds / base:.1f}x python startup, median of {args.runs})")
+    if imported is not None:
+        print(f"cli deploy imported mlflow: {'no' if not imported else ', '.join(imported[:5])}")
 
 
 if __name__ == "__main__":

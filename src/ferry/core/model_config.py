@@ -19,8 +19,6 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeGuard
 
-from google.protobuf.message import DecodeError
-
 from ferry.core.errors import NotOnnx
 
 if TYPE_CHECKING:
@@ -161,6 +159,8 @@ def read_onnx_signature(path: Path) -> Signature:
     A full parse in Python costs seconds and gigabytes on a large model; this reads only
     ``graph.input``, ``graph.output`` and the initializers' names. Raises NotOnnx with the reason.
     """
+    from google.protobuf.message import DecodeError
+
     try:
         return _read_onnx_signature(path)
     except (ValueError, IndexError, DecodeError, UnicodeDecodeError) as error:
