@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ferry.core.records import utc_stamp
+from ferry.core.records import DeployReport, utc_stamp
 from ferry.observability import report
 from unit.support import Bench
 
@@ -67,8 +67,9 @@ def _data(deploys: int = 3) -> report.ReportData:
     edge, where a legend in the upper left corner sat."""
     start = time.time() - 3600
     times = [start + report.MARGIN_S + 300 * i for i in range(deploys)]
-    recent = [{"outcome": "committed" if i % 2 == 0 else "rolled_back", "version": i + 1, "failed_step": "smoke",
-               "started_at_utc": utc_stamp()} for i in range(deploys)]
+    recent = [DeployReport(deploy_id=f"d{i}", model="iris", kind="deploy", target="@champion", version=i + 1,
+                           outcome="committed" if i % 2 == 0 else "rolled_back", failed_step="smoke",
+                           started_at_utc=utc_stamp()) for i in range(deploys)]
     stamps = [dt.datetime.fromtimestamp(times[0] + 30 * k, dt.UTC) for k in range(100)]
     latency = [report.Series(f"v{v}", stamps, [5.0 + v for _ in stamps]) for v in (1, 2, 3)]
     traffic = [report.Series(f"v{v}", stamps, [10.0 * v for _ in stamps]) for v in (1, 2, 3)]

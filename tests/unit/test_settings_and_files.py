@@ -97,3 +97,17 @@ def test_history_limits_and_damaged_lines(tmp_path: Path) -> None:
     assert [r["n"] for r in read_history(model_dir)] == [1, 2, 3]
     assert [r["n"] for r in read_history(model_dir, 2)] == [2, 3]
     assert read_history(model_dir, 0) == []
+
+
+def test_the_typed_history_skips_lines_that_are_not_attempts(tmp_path: Path) -> None:
+    from ferry.core.current import find_attempt, read_attempts
+    from ferry.core.records import DeployReport, Kind, Outcome
+
+    model_dir = ModelDir(tmp_path, "iris")
+    model_dir.state_dir.mkdir(parents=True)
+    good = [DeployReport(deploy_id=f"d{i}", model="iris", kind=Kind.DEPLOY, target="@champion",
+                         outcome=Outcome.COMMITTED, version=i) for i in (1, 2)]
+    lines = [good[0].model_dump_json(), '{"n": 1}', "not json", good[1].model_dump_json(), '{"outcome": "won"}']
+    model_dir.history_path.write_text("\n".join(lines) + "\n")
+    assert read_attempts(model_dir) == good and read_attempts(model_dir, 1) == good[1:]
+    assert find_attempt(model_dir, "d1") == good[0] and find_attempt(model_dir, "d9") is None

@@ -333,25 +333,23 @@ def history_command(
     """Every deploy attempt of a model: who, when, what, the step timings and the outcome."""
     from rich.table import Table
 
-    from ferry.core.current import read_history
+    from ferry.core.current import read_attempts, read_history
     from ferry.core.errors import one_line
     from ferry.core.records import Outcome
 
     settings = current_settings()
-    records = read_history(known_model(settings, model), limit)
     if as_json:
-        print_json(records)
+        print_json(read_history(known_model(settings, model), limit))  # the records as written
         return
+    attempts = read_attempts(known_model(settings, model), limit)
     table = Table("started (UTC)", "who", "target", "version", "outcome", "failed step", "seconds", "error")
-    colours: dict[str, str] = {Outcome.COMMITTED: "green", Outcome.NOOP: "dim", Outcome.ROLLED_BACK: "red",
-                               Outcome.REJECTED: "yellow"}
-    for r in records:
-        colour = colours.get(r.get("outcome", ""), "white")  # a record written as JSON: its outcome is a str
+    colours = {Outcome.COMMITTED: "green", Outcome.NOOP: "dim", Outcome.ROLLED_BACK: "red", Outcome.REJECTED: "yellow"}
+    for r in attempts:
+        colour = colours[r.outcome]
         table.add_row(
-            r.get("started_at_utc", ""), r.get("who", ""), r.get("target", ""),
-            f"v{r['version']}" if r.get("version") else "-", f"[{colour}]{r.get('outcome')}[/{colour}]",
-            r.get("failed_step") or "-", f"{sum((r.get('steps') or {}).values()):.2f}",
-            escape(one_line(r.get("error"), 80)),
+            r.started_at_utc, r.who, r.target, f"v{r.version}" if r.version else "-",
+            f"[{colour}]{r.outcome}[/{colour}]", r.failed_step or "-", f"{sum(r.steps.values()):.2f}",
+            escape(one_line(r.error, 80)),
         )
     out.print(table)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ferry.core.current import find_history
+from ferry.core.current import find_attempt
 from ferry.core.errors import InvalidInput
 from ferry.core.lock import holding
 from ferry.core.records import Kind, RolloutPlan, Step
@@ -99,6 +99,6 @@ def rollback_minimal(ferry: Ferry, model: str, alias: str, deploy_id: str | None
         error = InvalidInput(failure["message"], failure.get("hint") or "")
         return runner.record_rejected(Target(Kind.DEPLOY, alias=alias), error).model_dump(mode="json")
     with holding(runner.model_dir):
-        if (recorded := find_history(runner.model_dir, deploy_id)) is not None:  # `ferry recover` ended it already
-            return recorded
+        if (recorded := find_attempt(runner.model_dir, deploy_id)) is not None:  # `ferry recover` ended it already
+            return recorded.model_dump(mode="json")
         return runner.roll_back(runner.journal_of(deploy_id)).model_dump(mode="json")

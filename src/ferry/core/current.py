@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
@@ -11,6 +11,8 @@ from ferry.core.errors import FerryError, InvalidInput
 from ferry.core.fsutil import append_line, atomic_write
 from ferry.core.records import CurrentState, DeployReport
 from ferry.core.repository import ModelDir
+
+T = TypeVar("T")
 
 
 def read_current(model_dir: ModelDir) -> CurrentState | None:
@@ -53,23 +55,42 @@ def append_history(model_dir: ModelDir, report: DeployReport) -> None:
     append_line(model_dir.history_path, json.dumps(report.model_dump(mode="json"), sort_keys=True))
 
 
-def read_history(model_dir: ModelDir, limit: int | None = None) -> list[dict[str, Any]]:
-    """The latest ``limit`` records (all when None), as written; a damaged line is skipped, not fatal."""
+def _history_lines(model_dir: ModelDir) -> list[str]:
     try:
-        lines = model_dir.history_path.read_text().splitlines()
+        return model_dir.history_path.read_text().splitlines()
     except FileNotFoundError:
         return []
+
+
+def _latest(records: list[T], limit: int | None) -> list[T]:
+    return records if limit is None else records[len(records) - limit:] if limit > 0 else []
+
+
+def read_history(model_dir: ModelDir, limit: int | None = None) -> list[dict[str, Any]]:
+    """The latest ``limit`` records (all when None) as written, for showing them as they are; a damaged line
+    is skipped, not fatal. Code that acts on the history reads :func:`read_attempts`."""
     records = []
-    for line in lines:
+    for line in _history_lines(model_dir):
         try:
             record = json.loads(line)
         except ValueError:
             continue
         if isinstance(record, dict):
             records.append(record)
-    return records if limit is None else records[len(records) - limit:] if limit > 0 else []
+    return _latest(records, limit)
 
 
-def find_history(model_dir: ModelDir, deploy_id: str) -> dict[str, Any] | None:
+def read_attempts(model_dir: ModelDir, limit: int | None = None) -> list[DeployReport]:
+    """The latest ``limit`` attempts (all when None) as typed records; a line that is not one is skipped."""
+    attempts = []
+    for line in _history_lines(model_dir):
+        try:
+            attempts.append(DeployReport.model_validate_json(line))
+        except ValueError:
+            continue
+    return _latest(attempts, limit)
+
+
+def find_attempt(model_dir: ModelDir, deploy_id: str) -> DeployReport | None:
     """The history record of one deploy, if it was written."""
-    return next((r for r in reversed(read_history(model_dir)) if r.get("deploy_id") == deploy_id), None)
+    return next((r for r in reversed(read_attempts(model_dir)) if r.deploy_id == deploy_id), None)

@@ -20,7 +20,7 @@ from typing import Any
 
 from ferry.core import placement, steps, writeback
 from ferry.core.baking import Baking
-from ferry.core.current import append_history, find_history, read_current, read_history
+from ferry.core.current import append_history, find_attempt, read_attempts, read_current
 from ferry.core.errors import Busy, FerryError, InvalidInput, NoSuchModel, StepFailed, unreachable
 from ferry.core.events import RECORDED, REGISTRY, WRITE_BACK, EventHandler, describe, quiet
 from ferry.core.journal import Journal, read_journal
@@ -256,9 +256,9 @@ class Runner(Baking):
         if journal is None:
             return None
         record, who = journal.record, current_user()
-        if record.deploy_id and (recorded := find_history(self.model_dir, record.deploy_id)) is not None:
+        if record.deploy_id and (recorded := find_attempt(self.model_dir, record.deploy_id)) is not None:
             journal.remove()  # the deploy had finished; only its journal was left
-            return DeployReport.model_validate({**recorded, "recovered_by": who})
+            return recorded.model_copy(update={"recovered_by": who})
         if record.snapshot is None:
             report = self._report(record, Outcome.REJECTED)
             report.error = "the deploying process stopped before its snapshot; nothing had been changed"
@@ -346,12 +346,12 @@ class Runner(Baking):
     def _refuse_failed_version(self, target: Target) -> None:
         if target.kind != Kind.REVERT or target.force:
             return
-        last = next((r for r in reversed(read_history(self.model_dir)) if r.get("version") == target.version
-                     and r.get("outcome") in (Outcome.COMMITTED, Outcome.ROLLED_BACK)), None)
-        if last is not None and last["outcome"] == Outcome.ROLLED_BACK:
+        last = next((r for r in reversed(read_attempts(self.model_dir)) if r.version == target.version
+                     and r.outcome in (Outcome.COMMITTED, Outcome.ROLLED_BACK)), None)
+        if last is not None and last.outcome == Outcome.ROLLED_BACK:
             raise InvalidInput(
-                f"v{target.version} failed its last deploy ({last.get('deploy_id')}, at {last.get('failed_step')}: "
-                f"{(last.get('error') or '').splitlines()[0] if last.get('error') else 'no reason recorded'})",
+                f"v{target.version} failed its last deploy ({last.deploy_id}, at {last.failed_step}: "
+                f"{last.error.splitlines()[0] if last.error else 'no reason recorded'})",
                 "go back to a version that served, or add --force to try this one again")
 
     def _report(self, record: JournalRecord, outcome: Outcome) -> DeployReport:

@@ -26,12 +26,11 @@ import json
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 from pydantic import BaseModel, computed_field
 
 from ferry.core.config import Settings
-from ferry.core.current import read_current, read_history
+from ferry.core.current import read_attempts, read_current
 from ferry.core.errors import FerryError, MlflowDown, MlflowRefused, one_line
 from ferry.core.fsutil import append_line
 from ferry.core.mlflow_write import MlflowWriter, connect
@@ -110,24 +109,20 @@ def plan_for_report(report: DeployReport) -> Plan:
     return plan
 
 
-def plan_from_state(model: str, current: CurrentState | None, history: list[dict[str, Any]]) -> Plan:
+def plan_from_state(model: str, current: CurrentState | None, history: list[DeployReport]) -> Plan:
     """The marks current.json and the history imply: the committed version serves; every other version
     ferry decided on is retired (it served, and a later commit replaced it) or refused (its last attempt
     was rolled back)."""
     plan = Plan(model, serving=_serving(current) if current else None)
-    decided = [r for r in history if r.get("outcome") in (Outcome.COMMITTED, Outcome.ROLLED_BACK)
-               and isinstance(r.get("version"), int)]
-    last: dict[int, int] = {}
-    for index, record in enumerate(decided):
-        last[record["version"]] = index
+    decided = [r for r in history if r.outcome in (Outcome.COMMITTED, Outcome.ROLLED_BACK)]
+    last = {record.version: index for index, record in enumerate(decided) if record.version is not None}
     for version, index in sorted(last.items()):
         if current is not None and version == current.active_version:
             continue
         record = decided[index]
-        if record["outcome"] == Outcome.ROLLED_BACK:
-            plan.marks.append(Mark(version, REFUSED, str(record.get("deploy_id") or ""),
-                                   str(record.get("finished_at_utc") or ""), str(record.get("failed_step") or ""),
-                                   str(record.get("error") or "")))
+        if record.outcome == Outcome.ROLLED_BACK:
+            plan.marks.append(Mark(version, REFUSED, record.deploy_id, record.finished_at_utc,
+                                   record.failed_step or "", record.error or ""))
         elif (mark := _retired_by(version, decided[index + 1:], current)) is not None:
             plan.marks.append(mark)
     return plan
@@ -137,12 +132,12 @@ def _serving(current: CurrentState) -> Mark:
     return Mark(current.active_version, SERVING, current.deploy_id, current.updated_at_utc)
 
 
-def _retired_by(version: int, later: list[dict[str, Any]], current: CurrentState | None) -> Mark | None:
+def _retired_by(version: int, later: list[DeployReport], current: CurrentState | None) -> Mark | None:
     """The commit that replaced ``version`` (the first later commit of another version)."""
     for record in later:
-        if record["outcome"] == Outcome.COMMITTED and record["version"] != version:
-            stamp = (record.get("current") or {}).get("updated_at_utc") or record.get("finished_at_utc") or ""
-            return Mark(version, RETIRED, str(record.get("deploy_id") or ""), str(stamp))
+        if record.outcome == Outcome.COMMITTED and record.version != version:
+            stamp = (record.current.updated_at_utc if record.current else "") or record.finished_at_utc
+            return Mark(version, RETIRED, record.deploy_id, stamp)
     if current is not None:
         return Mark(version, RETIRED, current.deploy_id, current.updated_at_utc)
     return None
@@ -273,7 +268,7 @@ def sync(settings: Settings, registry: Registry, model_dir: ModelDir) -> SyncRes
         return SyncResult(model=model_dir.model, warnings=["FERRY_SERVING_ALIAS is empty: write-back is off"])
     began = time.perf_counter()
     current = read_current(model_dir)
-    result = _apply(settings, registry, plan_from_state(model_dir.model, current, read_history(model_dir)))
+    result = _apply(settings, registry, plan_from_state(model_dir.model, current, read_attempts(model_dir)))
     _append(model_dir, WriteBackRecord(deploy_id=current.deploy_id if current else "", model=model_dir.model,
                                        by="sync", at_utc=utc_stamp(), seconds=round(time.perf_counter() - began, 4),
                                        told=result.in_sync, warnings=result.warnings))

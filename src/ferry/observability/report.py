@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ferry.core.current import read_history
-from ferry.core.records import Outcome, parse_utc_stamp
+from ferry.core.current import read_attempts
+from ferry.core.records import DeployReport, Outcome, parse_utc_stamp
 from ferry.core.repository import ModelDir
 from ferry.observability.prometheus import query
 
@@ -44,7 +44,7 @@ class ReportSummary:
 @dataclass
 class ReportData:
     model: str
-    recent: list[dict]  # the deploys to mark, oldest first
+    recent: list[DeployReport]  # the deploys to mark, oldest first
     times: list[float]  # when each one finished (epoch seconds)
     latency: list[Series]
     traffic: list[Series]
@@ -69,9 +69,9 @@ def _series(results: list[dict], scale: float) -> list[Series]:
 
 def gather(prometheus_url: str, model_dir: ModelDir, deploys: int = 5) -> ReportData:
     """The series per version from before the last ``deploys`` deploys until now, and those deploys."""
-    recent = [r for r in read_history(model_dir) if r.get("outcome") in MARKED][-deploys:]
+    recent = [r for r in read_attempts(model_dir) if r.outcome in MARKED][-deploys:]
     end = time.time()
-    times = [parse_utc_stamp(r.get("finished_at_utc") or r["started_at_utc"]).timestamp() for r in recent]
+    times = [parse_utc_stamp(r.finished_at_utc or r.started_at_utc).timestamp() for r in recent]
     start = (min(times) if times else end - 3600) - MARGIN_S
     step = max(1.0, (end - start) / 600)
     selector = f'{{model="{model_dir.model}"}}'
@@ -96,12 +96,12 @@ def draw(data: ReportData) -> Figure:
         axis.set_ylabel(ylabel)
         axis.grid(alpha=0.3)
         for record, at in zip(data.recent, data.times, strict=False):
-            colour, style = MARKED[record["outcome"]]
+            colour, style = MARKED[record.outcome]
             axis.axvline(dt.datetime.fromtimestamp(at, dt.UTC), color=colour, linestyle=style, linewidth=1)
     for record, at in zip(data.recent, data.times, strict=False):
-        colour, _ = MARKED[record["outcome"]]
-        what = "committed" if record["outcome"] == Outcome.COMMITTED else f"rolled back ({record.get('failed_step')})"
-        top.annotate(f"v{record.get('version')} {what}", (dt.datetime.fromtimestamp(at, dt.UTC), 1.0),
+        colour, _ = MARKED[record.outcome]
+        what = "committed" if record.outcome == Outcome.COMMITTED else f"rolled back ({record.failed_step})"
+        top.annotate(f"v{record.version} {what}", (dt.datetime.fromtimestamp(at, dt.UTC), 1.0),
                      xycoords=("data", "axes fraction"), rotation=90, va="top", ha="right", fontsize=8, color=colour)
     if data.latency:
         # Outside the axes: inside, "upper left" sat on the first deploy's label (it is MARGIN_S from the left).
