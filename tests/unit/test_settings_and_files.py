@@ -33,6 +33,7 @@ def test_a_triton_url_is_parsed_the_same_everywhere(url: str, endpoint: Endpoint
     ("http://triton:99999", "no valid port"),
     ("http://triton:8000/v2", "not a plain http://HOST:PORT"),
     ("http://:8000", "not a plain http://HOST:PORT"),
+    ("http://a b:8000", "not a plain http://HOST:PORT"),
 ])
 def test_a_triton_url_ferry_cannot_use_is_refused_with_the_reason(url: str, message: str) -> None:
     with pytest.raises(InvalidInput, match=message):
@@ -45,6 +46,14 @@ def test_a_triton_url_ferry_cannot_use_is_refused_with_the_reason(url: str, mess
     ("FERRY_RUNTIME", "tensorrt", "unknown runtime"),
     ("FERRY_LOAD_TIMEOUT_S", "0", "must be more than 0"),
     ("FERRY_WATCH_PORT", "70000", "is not a TCP port"),
+    ("FERRY_TRITON_TIMEOUT_S", "inf", "is not a finite number"),
+    ("FERRY_RTOL", "nan", "is not a finite number"),
+    ("FERRY_RTOL", "-1", "must be 0 or more"),
+    ("FERRY_ATOL", "-0.5", "must be 0 or more"),
+    ("FERRY_LOCK_WAIT_S", "-1", "must be 0 or more"),
+    ("FERRY_KEEP_PREVIOUS_S", "-1", "must be 0 or more"),
+    ("FERRY_QUARANTINE_KEEP", "-2", "must be 0 or more"),
+    ("FERRY_GATE_MIN_AGREEMENT", "1.5", "must be from 0 to 1"),
 ])
 def test_bad_settings_are_refused(variable: str, value: str, message: str) -> None:
     with pytest.raises(InvalidInput, match=message):

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -37,6 +39,9 @@ class Endpoint:
         return Endpoint(self.host, port)
 
 
+_HOST = re.compile(r"[A-Za-z0-9_.-]+|[0-9A-Fa-f:.]+")  # a name, an IPv4 or an IPv6 address
+
+
 def parse_endpoint(raw: str, setting: str = "FERRY_TRITON_URL") -> Endpoint:
     """``http://host[:port]`` (port 8000 when none is given); anything else is refused with the reason."""
     hint = f"set {setting} to http://HOST:PORT"
@@ -51,7 +56,8 @@ def parse_endpoint(raw: str, setting: str = "FERRY_TRITON_URL") -> Endpoint:
         port = parts.port
     except ValueError:
         raise InvalidInput(f"{setting}={raw!r} has no valid port (1-65535)", hint) from None
-    if not parts.hostname or parts.path.strip("/") or parts.query or parts.fragment or parts.username:
+    if not parts.hostname or parts.path.strip("/") or parts.query or parts.fragment or parts.username \
+            or not _HOST.fullmatch(parts.hostname):
         raise InvalidInput(f"{setting}={raw!r} is not a plain http://HOST:PORT address", hint)
     return Endpoint(parts.hostname, port or DEFAULT_TRITON_PORT)
 
@@ -101,6 +107,16 @@ def check_port(port: int, what: str) -> int:
 def default_home() -> Path:
     state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(state) / "ferry"
+
+
+# The settings whose numbers have bounds, and the bounds (every float must also be finite).
+_NUMBER_RANGES: tuple[tuple[tuple[str, ...], Callable[[float], bool], str], ...] = (
+    (("triton_timeout_s", "load_timeout_s", "ready_timeout_s", "writeback_timeout_s", "gateway_body_timeout_s",
+      "gate_interval_s", "max_artifact_mb", "gate_latency_factor"), lambda v: v > 0, "more than 0"),
+    (("lock_wait_s", "keep_previous_s", "quarantine_keep", "rtol", "atol", "watch_poll_s", "gate_error_margin",
+      "gate_latency_slack_ms", "gate_failures", "gate_min_requests"), lambda v: v >= 0, "0 or more"),
+    (("gate_max_error_ratio", "gate_min_agreement"), lambda v: 0 <= v <= 1, "from 0 to 1"),
+)
 
 
 @dataclass(frozen=True)
@@ -167,11 +183,14 @@ class Settings:
         for name in ("gateway_port", "gateway_grpc_port", "triton_grpc_port", "triton_metrics_port", "watch_port"):
             if getattr(self, name):
                 check_port(getattr(self, name), f"FERRY_{name.upper()}")
-        for name in ("triton_timeout_s", "load_timeout_s", "ready_timeout_s", "writeback_timeout_s",
-                     "gateway_body_timeout_s", "gate_interval_s", "max_artifact_mb"):
-            if not getattr(self, name) > 0:
-                raise InvalidInput(f"FERRY_{name.upper()}={getattr(self, name)} must be more than 0",
-                                   "give a positive number (or unset it for the default)")
+        for name, value in vars(self).items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise InvalidInput(f"FERRY_{name.upper()}={value} is not a finite number", "give a number")
+        for names, fits, wanted in _NUMBER_RANGES:
+            for name in names:
+                if not fits(getattr(self, name)):
+                    raise InvalidInput(f"FERRY_{name.upper()}={getattr(self, name)} must be {wanted}",
+                                       f"set a number {wanted}, or unset it for the default")
 
     @cached_property
     def replica_sources(self) -> tuple[ReplicaSource, ...]:
