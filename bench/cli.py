@@ -10,8 +10,9 @@ the same run):
   (target <= 0.5);
 - ``cli deploy seconds over transaction: X``: ``ferry deploy --alias champion`` against a local ``mlflow server``
   (sqlite backend, artifacts served by the server), a new version each run, the write-back on: the deploy's wall
-  time minus the sum of its report's steps (target <= 1.0); then whether that deploy imported the ``mlflow``
-  package (it must not: ferry talks to a tracking server over REST).
+  time minus the sum of its report's steps (target <= 1.0); the same with the write-back off
+  (``FERRY_SERVING_ALIAS=""``); and whether a deploy with the write-back on imported the ``mlflow`` package (it
+  should not: ferry can talk to a tracking server over REST alone).
 
 Run: ``.venv/bin/python bench/cli.py [--runs N] [--no-servers]`` (``--no-servers``: the first three only).
 """
@@ -110,11 +111,34 @@ def mlflow_server(home: Path, backend_uri: str) -> Iterator[str]:
         stop_group(process, grace_s=10)
 
 
-def server_commands(runs: int) -> tuple[dict[str, float], list[str]]:
-    """``ferry deploy`` against a tracking server (a new version each run) and ``ferry status`` against Triton."""
-    sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "examples")]
+def deploy_overheads(env: dict[str, str], tracking_url: str, runs: int) -> list[float]:
+    """Each run registers a new version under @champion and deploys it: wall time minus the report's steps."""
     from train_model import train_and_register
 
+    overheads = []
+    for _ in range(runs):
+        train_and_register(SERVED, "champion", tracking_uri=tracking_url)
+        seconds, done = timed([str(BIN / "ferry"), "deploy", SERVED, "--alias", "champion", "--json"], env)
+        report = json.loads(done.stdout)
+        if report["outcome"] != "committed":
+            raise SystemExit(f"the deploy did not commit: {report.get('error')}")
+        overheads.append(seconds - sum(report["steps"].values()))
+    return overheads
+
+
+def mlflow_imported(env: dict[str, str], tracking_url: str) -> list[str]:
+    """The mlflow modules one more deploy imported."""
+    from train_model import train_and_register
+
+    train_and_register(SERVED, "champion", tracking_uri=tracking_url)
+    _, probed = timed([sys.executable, "-c", _MLFLOW_PROBE, json.dumps(["deploy", SERVED, "-a", "champion"])], env)
+    return list(json.loads(probed.stderr.strip().splitlines()[-1]))
+
+
+def server_commands(runs: int) -> tuple[dict[str, float], list[str]]:
+    """``ferry deploy`` against a tracking server (a new version each run; the write-back on, then off) and
+    ``ferry status`` against Triton."""
+    sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "examples")]
     from conftest import make_settings
     from ferry.runtime import server
 
@@ -125,20 +149,12 @@ def server_commands(runs: int) -> tuple[dict[str, float], list[str]]:
         with mlflow_server(home, settings.tracking_uri) as tracking_url:
             env = {**os.environ, "FERRY_HOME": str(settings.home), "FERRY_REPOSITORY": str(settings.repository),
                    "FERRY_TRITON_URL": settings.triton_url, "MLFLOW_TRACKING_URI": tracking_url}
-            overheads = []
-            for _ in range(runs):
-                train_and_register(SERVED, "champion", tracking_uri=tracking_url)
-                seconds, done = timed([str(BIN / "ferry"), "deploy", SERVED, "--alias", "champion", "--json"], env)
-                report = json.loads(done.stdout)
-                if report["outcome"] != "committed":
-                    raise SystemExit(f"the deploy did not commit: {report.get('error')}")
-                overheads.append(seconds - sum(report["steps"].values()))
-            train_and_register(SERVED, "champion", tracking_uri=tracking_url)
-            _, probed = timed([sys.executable, "-c", _MLFLOW_PROBE, json.dumps(["deploy", SERVED, "-a", "champion"])],
-                              env)
-            imported = json.loads(probed.stderr.strip().splitlines()[-1])
+            with_write_back = deploy_overheads(env, tracking_url, runs)
+            imported = mlflow_imported(env, tracking_url)
+            without = deploy_overheads({**env, "FERRY_SERVING_ALIAS": ""}, tracking_url, runs)
             figures = {"cli status seconds": median_seconds([str(BIN / "ferry"), "status"], env, runs),
-                       "cli deploy seconds over transaction": statistics.median(overheads)}
+                       "cli deploy seconds over transaction": statistics.median(with_write_back),
+                       "cli deploy seconds over transaction, write-back off": statistics.median(without)}
     finally:
         server.down(settings)
     return figures, imported
