@@ -151,6 +151,22 @@ def test_rollout_promote_and_abort_say_what_the_readme_says(bench: Bench, monkey
         assert control["action"] == action
 
 
+def test_sync_of_a_model_whose_current_json_is_damaged_skips_it_with_the_reason(
+        bench: Bench, committed: FakeMlflowClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from ferry.core import services
+
+    monkeypatch.setattr(services.Ferry, "registry", property(lambda self: bench.registry))
+    bench.model_dir.current_path.write_text("{not json")
+    env = {"FERRY_HOME": str(bench.settings.home), "FERRY_REPOSITORY": str(bench.settings.repository)}
+    result = CliRunner().invoke(cli.app, ["sync", "iris", "--json"], env=env)
+    assert result.exit_code == 2, result.output
+    [skipped] = json.loads(result.output)
+    assert "current.json is unreadable" in skipped["skipped"] and "restore it" in skipped["skipped"], skipped
+    assert bench.model_dir.current_path.read_text() == "{not json", "nothing was written"
+
+
 def test_a_current_state_dumps_as_strict_json() -> None:
     state = CurrentState(active_version=1, run_id="r", alias=None, updated_at_utc="20260101T000000", model="iris",
                          previous_version=None, sha256="0" * 64, deploy_id="d")

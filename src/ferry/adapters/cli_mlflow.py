@@ -127,6 +127,8 @@ def sync_command(
         except Busy as busy:
             results.append(writeback.SyncResult(model=name, skipped=f"{busy.message}: its own write-back will "
                                                                     "tell MLflow; sync again later"))
+        except InvalidInput as damaged:  # current.json or the history cannot be read: nothing to sync from
+            results.append(writeback.SyncResult(model=name, skipped=str(damaged)))
     _show_sync(cli, results, as_json, settings.tracking_uri)
 
 
