@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -30,6 +31,10 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ferry.core.config import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -135,7 +140,15 @@ def mlflow_imported(env: dict[str, str], tracking_url: str) -> list[str]:
     return list(json.loads(probed.stderr.strip().splitlines()[-1]))
 
 
-def server_commands(runs: int) -> tuple[dict[str, float], list[str]]:
+def write_backs_told(settings: Settings) -> tuple[int, int]:
+    """How many of the deploys' write-backs told MLflow, of how many ran (writeback.jsonl): a write-back that
+    failed quickly would make the figure look better than it is."""
+    path = settings.repository / ".ferry" / SERVED / "writeback.jsonl"
+    lines = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return sum(1 for line in lines if line.get("told")), len(lines)
+
+
+def server_commands(runs: int) -> tuple[dict[str, float], list[str], tuple[int, int]]:
     """``ferry deploy`` against a tracking server (a new version each run; the write-back on, then off) and
     ``ferry status`` against Triton."""
     sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "examples")]
@@ -151,13 +164,15 @@ def server_commands(runs: int) -> tuple[dict[str, float], list[str]]:
                    "FERRY_TRITON_URL": settings.triton_url, "MLFLOW_TRACKING_URI": tracking_url}
             with_write_back = deploy_overheads(env, tracking_url, runs)
             imported = mlflow_imported(env, tracking_url)
+            told = write_backs_told(settings)
             without = deploy_overheads({**env, "FERRY_SERVING_ALIAS": ""}, tracking_url, runs)
             figures = {"cli status seconds": median_seconds([str(BIN / "ferry"), "status"], env, runs),
                        "cli deploy seconds over transaction": statistics.median(with_write_back),
                        "cli deploy seconds over transaction, write-back off": statistics.median(without)}
     finally:
         server.down(settings)
-    return figures, imported
+        shutil.rmtree(home, ignore_errors=True)
+    return figures, imported, told
 
 
 def main() -> None:
@@ -167,14 +182,16 @@ def main() -> None:
     args = parser.parse_args()
     figures = file_commands(args.runs)
     imported: list[str] | None = None
+    told = (0, 0)
     if not args.no_servers:
-        served, imported = server_commands(args.runs)
+        served, imported, told = server_commands(args.runs)
         figures.update(served)
     base = figures["python startup seconds"]
     for name, seconds in figures.items():
         print(f"{name}: {seconds:.3f}  ({seconds / base:.1f}x python startup, median of {args.runs})")
     if imported is not None:
         print(f"cli deploy imported mlflow: {'no' if not imported else ', '.join(imported[:5])}")
+        print(f"cli deploy write-backs that told MLflow: {told[0]} of {told[1]}")
 
 
 if __name__ == "__main__":
