@@ -60,10 +60,11 @@ def current_settings() -> Settings:
 def known_model(settings: Settings, model: str) -> ModelDir:
     """The model's directory; NoSuchModel when the repository has nothing of it."""
     from ferry.core.repository import ModelDir
-    from ferry.core.status import list_models
 
     model_dir = guarded(lambda: ModelDir(settings.repository, model))
     if not model_dir.exists():
+        from ferry.core.status import list_models
+
         known = ", ".join(list_models(settings.repository)) or "none"
         fail(NoSuchModel(f"no model '{model}' in {settings.repository}", f"models there: {known}"))
     return model_dir
