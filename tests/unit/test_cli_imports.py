@@ -93,6 +93,7 @@ def test_a_file_reading_command_imports_no_mlflow_and_no_onnx(argv: list[str], t
     assert answer.code == 0, answer.stderr
     loaded = answer.loaded(NOT_FOR_STATUS)
     assert not loaded, f"`ferry {' '.join(argv)}` imported {loaded[:5]}: import them inside the command that uses them"
+    assert "ferry.core.triton" not in answer.modules, "a command that reads files has no use for Triton's API"
 
 
 def test_help_imports_no_settings_repository_or_transaction(tmp_path: Path) -> None:
