@@ -119,6 +119,7 @@ class S3Server:
         return [
             weed_binary(), "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-volume.max=20",
             "-volume.preStopSeconds=0",  # stop at once: a test stops S3 as a fault
+            "-master.peers=none",  # one master: no Raft election to wait for (about 20 s on a restart)
             f"-master.port={p['master']}", f"-master.port.grpc={p['master_grpc']}",
             f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume_grpc']}",
             "-filer", f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer_grpc']}",
