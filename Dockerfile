@@ -1,12 +1,12 @@
 # ferry's own image: the CLI (deploy, reconcile, gateway, watch, exporter, ...) on Python 3.11.
 #   docker build -t ferry:0.1.0 .                                          # gateway, watch, exporter, reconcile, Jobs
-#   docker build --build-arg FERRY_EXTRAS=airflow -t ferry-airflow:0.1.0 .  # Airflow's KubernetesExecutor tasks
+#   docker build --build-arg FERRY_EXTRAS=airflow,s3 -t ferry-airflow:0.1.0 .  # Airflow's KubernetesExecutor tasks
 # The versions are the ones the tests run (constraints.txt). It runs as an unprivileged user (10001),
 # the one deploy/ runs every ferry container as.
 ARG PYTHON_IMAGE=python:3.11-slim
 
 FROM ${PYTHON_IMAGE} AS build
-ARG FERRY_EXTRAS=gateway
+ARG FERRY_EXTRAS=gateway,s3
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml constraints.txt README.md ./

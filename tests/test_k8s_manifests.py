@@ -659,7 +659,7 @@ def test_the_committed_prometheus_rule_is_generated_from_ops(tmp_path: Path) -> 
 def test_dockerfile_builds_ferry_as_the_manifests_run_it() -> None:
     text = (ROOT / "Dockerfile").read_text()
     assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11-slim$", text, re.MULTILINE)
-    assert re.search(r"^ARG FERRY_EXTRAS=gateway$", text, re.MULTILINE)
+    assert re.search(r"^ARG FERRY_EXTRAS=gateway,s3$", text, re.MULTILINE)  # s3: artifacts on s3://
     assert 'pip install -c constraints.txt ".[${FERRY_EXTRAS}]"' in text
     assert re.search(r'^ENTRYPOINT \["ferry"\]$', text, re.MULTILINE)
     assert dockerfile_user() != 0

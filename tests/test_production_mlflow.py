@@ -324,6 +324,10 @@ def test_wrong_credentials_name_the_variable(triton_settings, tracking: Tracking
     wrong_key = world.cli("deploy", world.model, "--alias", "champion",
                           **{**client_env, "AWS_ACCESS_KEY_ID": "nobody"})
     assert "AWS_ACCESS_KEY_ID" in _assert_kept(world, None, wrong_key)
+    # ferry's setup, not the version, is at fault: refused (exit 2), nothing staged or quarantined, not "refused"
+    assert (wrong_secret.returncode, wrong_key.returncode) == (2, 2), wrong_key.stderr
+    assert [r["outcome"] for r in read_history(world.model_dir)] == ["rejected", "rejected"]
+    assert not world.model_dir.quarantine_root.exists() and not world.model_dir.version_dir(1).exists()
     assert_invariants(world, 2)
 
 
@@ -333,6 +337,6 @@ def test_missing_credentials_name_the_variable(triton_settings, tracking: Tracki
     register_example(tracking, world.model, "champion")
     env = {k: v for k, v in tracking.client_env().items() if k != "AWS_SECRET_ACCESS_KEY"}
     result = world.cli("deploy", world.model, "--alias", "champion", AWS_SECRET_ACCESS_KEY="", **env)
-    assert result.returncode != 0
+    assert result.returncode == 2, result.stderr
     assert "AWS_SECRET_ACCESS_KEY" in result.stdout + result.stderr
     assert not Path(world.model_dir.current_path).exists()

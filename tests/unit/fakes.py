@@ -122,16 +122,16 @@ class FakeTriton:
 @dataclass
 class FakeArtifacts:
     folder: Path
-    stops_answering: bool = False  # a store that goes away mid-download: part of the file written, then Unavailable
+    fails_with: Exception | None = None  # a store that fails mid-download: part of the file written, then this
 
     def sizes(self) -> dict[str, int]:
         return {p.name: p.stat().st_size for p in self.folder.iterdir() if p.is_file()}
 
     def download(self, name: str, destination: Path) -> Path:
         target = destination / name
-        if self.stops_answering:
+        if self.fails_with is not None:
             target.write_bytes((self.folder / name).read_bytes()[:100])
-            raise Unavailable(f"the artifact store stopped answering while {name} downloaded (fake)")
+            raise self.fails_with
         shutil.copyfile(self.folder / name, target)
         return target
 
@@ -145,7 +145,7 @@ class FakeRegistry:
     versions: dict[str, dict[int, str]] = field(default_factory=dict)  # model -> version -> run id
     aliases: dict[str, dict[str, int]] = field(default_factory=dict)
     unreachable: bool = False
-    store_stops_answering: bool = False
+    store_fails_with: Exception | None = None  # every download fails so, after writing part of the file
     tracking_uri: str = "fake://mlflow"
 
     def add(self, model: str, alias: str | None = None, model_bytes: bytes | None = None,
@@ -181,5 +181,5 @@ class FakeRegistry:
 
     def artifacts(self, ref: VersionRef) -> FakeArtifacts:
         self._check()
-        return FakeArtifacts(self.root / ref.model / str(ref.version), self.store_stops_answering)
+        return FakeArtifacts(self.root / ref.model / str(ref.version), self.store_fails_with)
 

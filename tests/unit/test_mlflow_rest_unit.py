@@ -9,13 +9,13 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import BinaryIO, cast
+from typing import BinaryIO, ClassVar, cast
 
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
 from botocore.response import StreamingBody
 
-from ferry.core.errors import FerryError, InvalidInput, RegistryError, Unavailable
+from ferry.core.errors import FerryError, InvalidInput, Misconfigured, RegistryError, Unavailable
 from ferry.core.mlflow_rest import ArtifactStore, MlflowRest, s3_failure
 from ferry.core.registry import Registry, RestArtifacts, VersionRef
 
@@ -153,3 +153,61 @@ def test_botocore_s_body_is_read_with_its_own_checks(tmp_path: Path) -> None:
     """Entered as a context, botocore's body gives its raw stream, which reads a body cut short as complete."""
     with pytest.raises(Unavailable, match="IncompleteReadError: 100 read, but total bytes expected is 518"):
         BotoStore(0, b"").download("model.onnx", tmp_path / "model.onnx")
+
+
+class GuardedServer(BaseHTTPRequestHandler):
+    """A tracking server behind authentication: it records each request's Authorization header and answers 401
+    unless it is the bearer token ``s3cret``."""
+
+    seen: ClassVar[list[str | None]] = []
+
+    def do_GET(self) -> None:
+        GuardedServer.seen.append(self.headers.get("Authorization"))
+        allowed = self.headers.get("Authorization") == "Bearer s3cret"
+        body = b'{"registered_model": {"aliases": []}}' if allowed else b'{"error_code": "UNAUTHENTICATED"}'
+        self.send_response(200 if allowed else 401)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def guarded_server() -> Iterator[str]:
+    GuardedServer.seen = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), GuardedServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_the_tracking_token_is_sent_and_a_refusal_names_the_variables(guarded_server: str,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    rest = MlflowRest(guarded_server, timeout_s=5)
+    for variable in ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(variable, raising=False)
+    with pytest.raises(Misconfigured, match=r"refused the credentials \(HTTP 401\)") as refused:
+        rest.aliases("iris")
+    assert "MLFLOW_TRACKING_TOKEN" in refused.value.hint and not refused.value.retryable
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "ann")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "pw")
+    with pytest.raises(Misconfigured):
+        rest.aliases("iris")
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "s3cret")
+    assert rest.aliases("iris") == {}
+    assert GuardedServer.seen == [None, "Basic YW5uOnB3", "Bearer s3cret"]
+
+
+def test_no_s3_credentials_anywhere_is_ferrys_setup_not_the_versions() -> None:
+    from botocore.exceptions import NoCredentialsError, PartialCredentialsError
+
+    for error in (NoCredentialsError(), PartialCredentialsError(provider="env", cred_var="AWS_SECRET_ACCESS_KEY")):
+        failure = s3_failure("listing s3://b/p", error, ENDPOINT)
+        assert isinstance(failure, Misconfigured) and not failure.retryable
+        assert "AWS_ACCESS_KEY_ID" in failure.hint and "profile or role" in failure.hint
+    partial = s3_failure("listing s3://b/p", PartialCredentialsError(provider="env", cred_var="AWS_SECRET_ACCESS_KEY"),
+                         ENDPOINT)
+    assert "AWS_SECRET_ACCESS_KEY" in partial.message

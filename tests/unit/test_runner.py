@@ -9,7 +9,7 @@ import pytest
 from filelock import FileLock
 
 from ferry.core.current import read_current, read_history
-from ferry.core.errors import Busy, NoSuchModel
+from ferry.core.errors import Busy, Misconfigured, NoSuchModel, Unavailable
 from ferry.core.journal import read_journal
 from ferry.core.records import Outcome, QuarantineReason, Step
 from ferry.core.repository import ModelDir
@@ -51,18 +51,24 @@ def test_the_candidate_is_made_durable_before_the_commit_point(bench: Bench,
     assert made_durable == [(1, None), (2, 1)], "fsynced while current.json still named the version before"
 
 
-def test_a_store_that_stops_answering_mid_download_is_rejected_as_retryable_with_nothing_kept(bench: Bench) -> None:
+@pytest.mark.parametrize(("failure", "retryable"), [
+    (Unavailable("the artifact store stopped answering while model.onnx downloaded (fake)"), True),
+    (Misconfigured("S3 refused the credentials (fake)", "check AWS_ACCESS_KEY_ID"), False),
+])
+def test_a_store_that_fails_mid_download_for_want_of_it_or_of_ferrys_setup_is_rejected_with_nothing_kept(
+        bench: Bench, failure: Exception, retryable: bool) -> None:
+    """Neither is the version's fault: it is not rolled back, quarantined or recorded as failed; the retry commits."""
     bench.registry.add("iris", "champion")
     first = bench.deploy()
     bench.registry.add("iris", "champion")
-    bench.registry.store_stops_answering = True
+    bench.registry.store_fails_with = failure
     report = bench.deploy()
-    assert report.outcome == Outcome.REJECTED and report.retryable, report
-    assert "stopped answering" in (report.error or "")
+    assert report.outcome == Outcome.REJECTED and report.retryable == retryable, report
+    assert str(failure).split(" (")[0] in (report.error or "")
     assert read_current(bench.model_dir) == first.current
     assert not bench.model_dir.version_dir(2).exists() and not bench.model_dir.quarantine_root.exists()
     assert list(bench.model_dir.staging_dirs(report.deploy_id)) == [] and read_journal(bench.model_dir) is None
-    bench.registry.store_stops_answering = False
+    bench.registry.store_fails_with = None
     assert bench.deploy().outcome == Outcome.COMMITTED, "the retry commits"
 
 

@@ -2,6 +2,7 @@
 
     FerryError                      the root; ``message`` and ``hint``
     ├── InvalidInput                bad input (a name, a setting, an argument, a damaged file): fix it, do not retry
+    │   ├── Misconfigured           ferry's own setup (credentials, a missing extra): the version is not at fault
     │   ├── NoSuchModel             the model has nothing ferry knows of
     │   ├── NotOnnx                 a model file that is not ONNX ferry can read the signature of
     │   └── DeliveryRefused         a webhook delivery the watcher does nothing for (``result`` says why)
@@ -52,6 +53,11 @@ class FerryError(Exception):
 
 class InvalidInput(FerryError):
     """Bad input: a name, a setting, a command-line argument or a file somebody else wrote."""
+
+
+class Misconfigured(InvalidInput):
+    """ferry cannot reach what it needs as it is set up (credentials refused or missing, a package not installed):
+    a deploy that meets it is refused with nothing kept, and the version is not marked as failed."""
 
 
 class NoSuchModel(InvalidInput):

@@ -8,6 +8,7 @@ Usable by any caller that holds a tracking URL (the write-back's REST client inc
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import urllib.error
@@ -17,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
-from ferry.core.errors import FerryError, InvalidInput, RegistryError, Unavailable
+from ferry.core.errors import FerryError, Misconfigured, RegistryError, Unavailable
 from ferry.core.fsutil import write_and_hash
 
 API = "/api/2.0/mlflow"
@@ -40,16 +41,27 @@ class MlflowRest:
         """A JSON call to ``path`` (under the server's root); MLflow's not-found codes become RegistryError."""
         url = f"{self.base}{path}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
         data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout_s) as answer:
+            with self.open_url(url, data, method, {"Content-Type": "application/json"}) as answer:
                 return dict(json.loads(answer.read() or b"{}"))
         except urllib.error.HTTPError as error:
             raise self._refusal(url, error) from None
         except (OSError, ValueError) as error:
             raise self.unavailable(f"calling {url}", error) from None
 
+    def open_url(self, url: str, data: bytes | None = None, method: str = "GET",
+                 headers: dict[str, str] | None = None) -> Any:
+        """An HTTP request to the server with the credentials MLflow's own variables hold (as MLflow's client
+        sends them): a bearer token, or a user name and password."""
+        headers = {**(headers or {}), **_credentials()}
+        request = urllib.request.Request(url, data=data, method=method, headers=headers)
+        return urllib.request.urlopen(request, timeout=self.timeout_s)
+
     def _refusal(self, url: str, error: urllib.error.HTTPError) -> FerryError:
+        if error.code in (401, 403):
+            return Misconfigured(f"MLflow at {self.base} refused the credentials (HTTP {error.code}) for {url}",
+                                 "set MLFLOW_TRACKING_TOKEN, or MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, "
+                                 "to an identity the server lets read the registry")
         try:
             answer = json.loads(error.read() or b"{}")
         except ValueError:
@@ -164,7 +176,7 @@ class ProxyStore(ArtifactStore):
     def open(self, name: str) -> BinaryIO:
         url = f"{self.rest.base}/api/2.0/mlflow-artifacts/artifacts/{urllib.parse.quote(f'{self.path}/{name}')}"
         try:
-            answer: BinaryIO = urllib.request.urlopen(url, timeout=self.rest.timeout_s)
+            answer: BinaryIO = self.rest.open_url(url)
             return answer
         except urllib.error.HTTPError as error:
             refusal = self.rest._refusal(url, error)
@@ -229,19 +241,38 @@ def s3_failure(what: str, error: Exception, endpoint: str) -> FerryError:
     if code in ("NoSuchKey", "NoSuchBucket", "404"):
         return RegistryError(f"S3: {what}: {code}", "check the version's artifacts in its bucket")
     if code in REFUSED_CREDENTIALS:
-        return InvalidInput(f"S3 refused the credentials while {what}: {code}: {REFUSED_CREDENTIALS[code]}",
-                            "check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+        return Misconfigured(f"S3 refused the credentials while {what}: {code}: {REFUSED_CREDENTIALS[code]}",
+                             "check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+    if type(error).__name__ in ("NoCredentialsError", "PartialCredentialsError"):  # botocore's, before any request
+        return Misconfigured(f"no S3 credentials for {what}: {error}",
+                             "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or give the process a profile or role "
+                             "boto3 finds (AWS_PROFILE, an instance or pod identity)")
     return Unavailable(f"S3 at {endpoint} failed while {what}: {type(error).__name__}: {error}",
                        "check MLFLOW_S3_ENDPOINT_URL and that the object store answers")
 
 
+def _credentials() -> dict[str, str]:
+    """The Authorization header MLflow's variables give, as MLflow's client builds it (none without them)."""
+    if token := os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        return {"Authorization": f"Bearer {token}"}
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user and password:
+        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+    return {}
+
+
 def _s3_client(timeout_s: float) -> Any:
-    for variable in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        if not os.environ.get(variable):
-            raise InvalidInput(f"{variable} is not set: ferry reads this version's artifacts from S3",
-                               f"set {variable} (and MLFLOW_S3_ENDPOINT_URL for a store other than AWS)")
-    import boto3
-    from botocore.config import Config
+    """boto3's client, with boto3's own search for credentials (variables, a profile, an instance or pod role)."""
+    try:
+        import boto3
+        from botocore.config import Config
+    except ImportError:
+        raise Misconfigured("this version's artifacts are on S3, and boto3 is not installed",
+                            "install ferry with its s3 extra: pip install 'ferry[s3]'") from None
 
     config = Config(connect_timeout=timeout_s, read_timeout=timeout_s, retries={"max_attempts": 2})
-    return boto3.client("s3", endpoint_url=os.environ.get("MLFLOW_S3_ENDPOINT_URL") or None, config=config)
+    endpoint = os.environ.get("MLFLOW_S3_ENDPOINT_URL") or None
+    try:
+        return boto3.client("s3", endpoint_url=endpoint, config=config)
+    except Exception as error:  # botocore's, at once: partial credentials in the environment, a bad endpoint URL
+        raise s3_failure("starting the S3 client", error, endpoint or "AWS") from None

@@ -9,7 +9,7 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ferry.core.errors import FerryError, InvalidInput, NotOnnx, StepFailed
+from ferry.core.errors import FerryError, InvalidInput, Misconfigured, NotOnnx, StepFailed
 from ferry.core.fsutil import atomic_write, sha256_file
 from ferry.core.model_config import (
     Signature,
@@ -111,8 +111,8 @@ def stage(ferry: Ferry, model_dir: ModelDir, ref: VersionRef, snapshot: Snapshot
         )
         atomic_write(staging / MANIFEST, manifest.model_dump_json(indent=1).encode())
     except FerryError as error:
-        if error.retryable and not isinstance(error, StepFailed):
-            model_dir.discard_staging(staging)  # MLflow or its store stopped answering: nothing is kept, retry
+        if isinstance(error, Misconfigured) or (error.retryable and not isinstance(error, StepFailed)):
+            model_dir.discard_staging(staging)  # ferry's setup, or MLflow or its store stopped answering: keep none
         raise
     except OSError as error:
         if not disk_full(error):

@@ -15,7 +15,15 @@ from typing import Any, TypeVar
 
 from ferry.core import staging
 from ferry.core.current import read_current, restore_current, write_current
-from ferry.core.errors import FerryError, InvalidInput, ReplicaFailed, StepFailed, TritonError, TritonTimeout
+from ferry.core.errors import (
+    FerryError,
+    InvalidInput,
+    Misconfigured,
+    ReplicaFailed,
+    StepFailed,
+    TritonError,
+    TritonTimeout,
+)
 from ferry.core.fleet import Fleet
 from ferry.core.front import disk_config, store_config, store_name
 from ferry.core.model_config import (
@@ -140,8 +148,9 @@ def materialize(ferry: Ferry, snapshot: Snapshot, alias: str | None = None, vers
     except staging.ForeignVersion:
         raise  # refused before anything was touched: not a failed step, nothing to roll back
     except Exception as error:  # whatever stops a staging is a failed step, undone
-        if isinstance(error, FerryError) and error.retryable and not isinstance(error, StepFailed):
-            raise  # a dependency stopped answering mid-download: stage kept nothing; rejected, worth retrying
+        if isinstance(error, Misconfigured) or (isinstance(error, FerryError) and error.retryable
+                                                and not isinstance(error, StepFailed)):
+            raise  # ferry's setup, or a dependency that stopped answering: stage kept nothing; rejected
         failure = as_step_failure(Step.MATERIALIZE, error)
         failure.version = ref.version
         raise failure from error
