@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from ferry.core.config import Settings
-from ferry.core.errors import MlflowDown, MlflowRefused, one_line
-from ferry.core.mlflow_rest import NOT_FOUND
+from ferry.core.errors import FerryError, MlflowDown, MlflowRefused, RegistryError, one_line
+from ferry.core.mlflow_rest import API, NOT_FOUND, MlflowRest
 from ferry.core.registry import Registry
 
 
@@ -35,28 +35,22 @@ def _tagged_filter(model: str, key: str, value: str) -> str:
 
 
 class _RestMlflow:
-    """A tracking server over its REST API, each call with an explicit timeout and no retries (MLflow's
-    client takes both from process-wide variables, which the deploys in this process also read)."""
+    """A tracking server over its REST API (ferry.core.mlflow_rest: MLflow's credentials, no mlflow import),
+    each call with the write-back's own timeout and no retries."""
 
     def __init__(self, tracking_uri: str, timeout_s: float) -> None:
-        from mlflow.utils.credentials import get_default_host_creds
-
-        self.uri = tracking_uri
-        self.creds = get_default_host_creds(tracking_uri)  # type: ignore[no-untyped-call]  # MLflow: unannotated
-        self.timeout_s = timeout_s
+        self.rest = MlflowRest(tracking_uri, timeout_s)
 
     def _call(self, method: str, endpoint: str, what: str, **body: Any) -> dict[str, Any]:
-        from mlflow.utils.rest_utils import http_request, verify_rest_response
-
-        payload = {"params": body} if method == "GET" else {"json": body}
+        path = f"{API}/{endpoint}"
         try:
-            response = http_request(  # type: ignore[no-untyped-call]  # MLflow leaves it unannotated
-                self.creds, f"/api/2.0/mlflow/{endpoint}", method, max_retries=0, backoff_factor=0,
-                timeout=self.timeout_s, **payload)
-            answer: dict[str, Any] = verify_rest_response(response, endpoint).json()  # MLflow answers an object
-            return answer
-        except Exception as error:  # MLflow's REST helpers raise any type: each is Refused or Down
-            raise _classify(what, error) from None
+            if method == "GET":
+                return self.rest.request(method, path, query={k: str(v) for k, v in body.items()})
+            return self.rest.request(method, path, body=body)
+        except RegistryError as refused:  # MLflow's not found: nothing more is written for it
+            raise MlflowRefused(f"{what}: {one_line(refused.message, 300)}") from None
+        except FerryError as failed:  # no answer, a server error, or credentials it refuses
+            raise MlflowDown(f"{what}: {one_line(failed.message, 300)}") from None
 
     def aliases(self, model: str) -> dict[str, int]:
         found = self._call("GET", "registered-models/get", f"reading '{model}'", name=model)
