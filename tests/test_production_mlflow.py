@@ -109,9 +109,10 @@ def test_deploy_from_the_server_without_importing_mlflow(triton_settings, tracki
     world = _world(triton_settings, tracking, "prod")
     register_example(tracking, world.model, "champion")
     result = world.cli("deploy", world.model, "--alias", "champion", program=[sys.executable, "-c", NO_MLFLOW],
-                       FERRY_SERVING_ALIAS="", **tracking.client_env())
+                       **tracking.client_env())
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "mlflow imported: False" in result.stdout
+    assert "mlflow imported: False" in result.stdout, "resolve, download and write-back: REST only"
+    _assert_mlflow_shows(tracking, world, serving=1, retired=[])
     assert_invariants(world, 1)
 
 
