@@ -59,4 +59,4 @@ bench: install perf-analyzer
 	$(BIN)/python bench/perf.py
 
 clean:
-	rm -rf $(VENV) .venv-bench .ferry-demo .ferry-demo-airflow .ferry-demo-fleet .ferry-demo-watch .pytest_cache
+	rm -rf $(VENV) .venv-bench .ferry-demo .ferry-demo-airflow .ferry-demo-fleet .ferry-demo-watch .ferry-tour .pytest_cache
