@@ -116,18 +116,10 @@ def print_success(report: DeployReport) -> None:
 
 
 def explain_rollback(report: DeployReport) -> None:
-    rollback = report.rollback
-    if not (rollback and rollback.verified):
-        state = "ROLLBACK NOT VERIFIED: check `ferry status`"
-    elif report.previous_version is None:
-        state = "nothing was active before, so nothing serves now"
-    else:
-        state = f"v{report.previous_version} still active and serving"
-    quarantined = ", ".join(rollback.quarantined) if rollback and rollback.quarantined else "nothing"
-    where = f" on replica {report.failed_replica}" if report.failed_replica else ""
-    err.print(f"[red]failed at {report.failed_step}{escape(where)}:[/red] {escape(report.error or '')} "
-              f"({state}; quarantined: {escape(quarantined)})")
-    for problem in rollback.problems if rollback else []:
+    from ferry.core.summary import failure_reason
+
+    err.print(f"[red]{escape(failure_reason(report, with_problems=False))}[/red]")
+    for problem in report.rollback.problems if report.rollback else []:
         err.print(f"  rollback problem: {escape(problem)}")
 
 

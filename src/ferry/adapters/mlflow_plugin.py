@@ -43,6 +43,7 @@ from ferry.core.retire import retire
 from ferry.core.runner import Runner, Target
 from ferry.core.services import Ferry
 from ferry.core.status import ModelStatus, list_models, model_status, replica_indexes
+from ferry.core.summary import failure_reason
 
 if TYPE_CHECKING:
     pass
@@ -134,26 +135,10 @@ def run_deploy(ferry: Ferry, name: str, target: Target) -> DeployReport:
         return Runner(ferry, name, via="mlflow", on_event=on_event).deploy(target)
 
 
-def rolled_back_reason(report: DeployReport) -> str:
-    """The one line `ferry deploy` prints for a rolled-back deploy."""
-    rollback = report.rollback
-    if not (rollback and rollback.verified):
-        state = f"ROLLBACK NOT VERIFIED: check `ferry status {report.model}`"
-    elif report.previous_version is None:
-        state = "nothing was active before, so nothing serves now"
-    else:
-        state = f"v{report.previous_version} still active and serving"
-    quarantined = ", ".join(rollback.quarantined) if rollback and rollback.quarantined else "nothing"
-    problems = "; ".join(rollback.problems) if rollback and rollback.problems else ""
-    where = f" on replica {report.failed_replica}" if report.failed_replica else ""
-    return (f"failed at {report.failed_step}{where}: {report.error} ({state}; quarantined: {quarantined}"
-            f"{'; rollback problems: ' + problems if problems else ''})")
-
-
 def deployed(report: DeployReport, registered: int | None = None) -> dict[str, Any]:
     """A committed (or no-op) deploy as MLflow's deployment dict; a failed one as an MlflowException."""
     if report.outcome == Outcome.ROLLED_BACK:
-        raise refused(rolled_back_reason(report), code=INVALID_STATE)
+        raise refused(failure_reason(report), code=INVALID_STATE)
     if report.outcome == Outcome.REJECTED:
         code = TEMPORARILY_UNAVAILABLE if report.retryable else INVALID_PARAMETER_VALUE
         raise refused(str(report.error), report.hint or "", code=code)

@@ -47,11 +47,10 @@ def parse_endpoint(raw: str, setting: str = "FERRY_TRITON_URL") -> Endpoint:
     hint = f"set {setting} to http://HOST:PORT"
     parts = urlsplit(raw.strip() if "://" in raw else f"http://{raw.strip()}")
     if parts.scheme != "http":
-        raise InvalidInput(
-            f"{setting}={raw!r} uses {parts.scheme}://, which ferry does not speak to Triton",
-            f"{hint}; for TLS, put Triton's port behind a sidecar or keep it on a private network "
-            "(ferry sends the model-control key with every load, so it refuses to fall back to plain http silently)",
-        )
+        tls = ("; for TLS, put Triton's port behind a sidecar or keep it on a private network (ferry sends the "
+               "model-control key with every load, so it refuses to fall back to plain http silently)")
+        raise InvalidInput(f"{setting}={raw!r} uses {parts.scheme}://, which ferry does not speak to Triton",
+                           hint + (tls if parts.scheme == "https" else ""))
     try:
         port = parts.port
     except ValueError:

@@ -205,6 +205,7 @@ class Runner(Baking):
         if failure.rejected:
             report = self._report(record, Outcome.REJECTED)
             report.error, report.hint, report.retryable = failure.message, failure.hint, failure.retryable
+            report.failed_step = failure.step  # where it was refused (nothing was touched)
             return self._close(journal, report)
         snapshot = record.snapshot
         assert snapshot is not None

@@ -15,14 +15,20 @@ def rollback_state(report: DeployReport) -> str:
     return f"v{report.previous_version} still active and serving"
 
 
-def failure_line(report: DeployReport) -> str:
-    """Where a rolled-back deploy failed, why, what serves now and what was quarantined."""
+def failure_reason(report: DeployReport, with_problems: bool = True) -> str:
+    """Where a rolled-back deploy failed, why, what serves now and what was quarantined (and, ``with_problems``,
+    what the rollback could not do)."""
     rollback = report.rollback
     quarantined = ", ".join(rollback.quarantined) if rollback and rollback.quarantined else "nothing"
-    problems = "; ".join(rollback.problems) if rollback and rollback.problems else ""
+    problems = "; ".join(rollback.problems) if with_problems and rollback and rollback.problems else ""
     where = f" on replica {report.failed_replica}" if report.failed_replica else ""
-    return (f"v{report.version} failed at {report.failed_step}{where}: {report.error} ({rollback_state(report)}; "
+    return (f"failed at {report.failed_step}{where}: {report.error} ({rollback_state(report)}; "
             f"quarantined: {quarantined}{'; rollback problems: ' + problems if problems else ''})")
+
+
+def failure_line(report: DeployReport) -> str:
+    """The rolled-back version and its :func:`failure_reason`."""
+    return f"v{report.version} {failure_reason(report)}"
 
 
 def outcome_line(report: DeployReport) -> str:
