@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import queue
 import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -79,13 +80,26 @@ def _fsync_quietly(root: Path) -> None:
 
 
 def write_and_hash(source: BinaryIO, target: Path) -> str:
-    """Write a stream (a download) into ``target`` and return its sha256, computed on the way (the caller
-    makes the file durable, with the rest of the version)."""
+    """Write a stream (a download) into ``target`` and return its sha256 (the caller makes the file durable,
+    with the rest of the version). Another thread hashes each block while this one reads and writes the next
+    (hashlib, reads and writes release the GIL): the hash costs no time of its own."""
+    blocks: queue.Queue[bytes | None] = queue.Queue(maxsize=16)
+    with ThreadPoolExecutor(1) as hasher:
+        digest = hasher.submit(_hash_blocks, blocks)
+        try:
+            with open(target, "wb") as sink:
+                for block in iter(lambda: source.read(1 << 20), b""):
+                    blocks.put(block)
+                    sink.write(block)
+        finally:
+            blocks.put(None)  # the hasher ends, whatever happened here
+        return digest.result()
+
+
+def _hash_blocks(blocks: queue.Queue[bytes | None]) -> str:
     digest = hashlib.sha256()
-    with open(target, "wb") as sink:
-        for block in iter(lambda: source.read(1 << 20), b""):
-            digest.update(block)
-            sink.write(block)
+    while (block := blocks.get()) is not None:
+        digest.update(block)
     return digest.hexdigest()
 
 
