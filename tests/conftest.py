@@ -43,29 +43,49 @@ BROKEN_VERSIONS = [
 
 
 # Tests that take a minute or more (the demos run every command of a story; whole Airflows and MLflow servers).
-LONG_TESTS = ("test_demo",)
-LONG_MODULES = ("test_airflow_local.py", "test_production_mlflow.py")
+LONG_TESTS = ("test_demo",)  # each about 25-110 s
+# Modules whose servers (PostgreSQL, SeaweedFS, MLflow, Airflow) start once per module and worker: kept whole on
+# one worker, so that they start once. Their seconds here, to balance the workers' shares.
+LONG_MODULES = {"test_production_mlflow.py": 105, "test_airflow_local.py": 75}
+LONG_TEST_S = 45
 
 
-def _is_long(item: pytest.Item) -> bool:
-    return item.name.startswith(LONG_TESTS) or item.path.name in LONG_MODULES
+def _long_units(items: list[pytest.Item]) -> list[tuple[float, list[pytest.Item]]]:
+    """The long tests as units a worker takes whole (a long module's tests together), with their seconds."""
+    modules: dict[str, list[pytest.Item]] = {}
+    units: list[tuple[float, list[pytest.Item]]] = []
+    for item in items:
+        if item.path.name in LONG_MODULES:
+            modules.setdefault(item.path.name, []).append(item)
+        elif item.name.startswith(LONG_TESTS):
+            units.append((LONG_TEST_S, [item]))
+    units += [(LONG_MODULES[name], tests) for name, tests in modules.items()]
+    return sorted(units, key=lambda unit: -unit[0])
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Each xdist worker's first share of tests starts with its part of the long ones: xdist hands out
-    contiguous shares in collection order, and a long test left for the end makes one worker the run's tail."""
+    """Each xdist worker's first share of tests starts with its part of the long ones, balanced by their
+    seconds: xdist hands out contiguous shares in collection order and steals from their ends, and a long test
+    left for the end makes one worker the run's tail."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    long = [item for item in items if _is_long(item)]
-    if workers < 2 or not long:
+    units = _long_units(items)
+    if workers < 2 or not units:
         return
-    rest = [item for item in items if not _is_long(item)]
+    loads: list[float] = [0.0] * workers
+    heads: list[list[pytest.Item]] = [[] for _ in range(workers)]
+    for seconds, tests in units:
+        lightest = loads.index(min(loads))
+        loads[lightest] += seconds
+        heads[lightest] += tests
+    long = {id(item) for head in heads for item in head}
+    rest = [item for item in items if id(item) not in long]
     ordered: list[pytest.Item] = []
     remaining = len(items)
     for worker in range(workers):
         share = remaining // (workers - worker)  # what xdist's work stealing sends this worker first
-        mine = long[worker::workers]
-        ordered += mine + rest[:max(0, share - len(mine))]
-        del rest[:max(0, share - len(mine))]
+        fill = max(0, share - len(heads[worker]))
+        ordered += heads[worker] + rest[:fill]
+        del rest[:fill]
         remaining -= share
     items[:] = ordered + rest
 
