@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import random
@@ -10,6 +11,8 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +91,27 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         del rest[:fill]
         remaining -= share
     items[:] = ordered + rest
+
+
+@pytest.fixture
+def not_triton() -> Iterator[str]:
+    """A real HTTP server that is not Triton (it answers a POST with a 501 page), where Triton is expected."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def triton_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    """One ferry installation and its Triton for a module whose tests each use a model of their own."""
+    settings = make_settings(tmp_path_factory.mktemp("ferry"))
+    server.up(settings)
+    try:
+        yield settings
+    finally:
+        server.down(settings, grace_s=0)
 
 
 def _free_port_block(size: int = 3) -> int:

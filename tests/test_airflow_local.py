@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 from filelock import FileLock
 
-from conftest import BROKEN_VERSIONS, World, assert_invariants, make_settings
+from conftest import BROKEN_VERSIONS, World, assert_invariants
 from ferry.adapters import dag_steps
 from ferry.core.config import Settings
 from ferry.core.current import read_current, read_history
@@ -28,14 +28,9 @@ LOCK_MOMENT_S = 2.0  # how long a step of another deploy holds the lock in the r
 
 
 @pytest.fixture(scope="module")
-def settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
-    """One ferry installation and its Triton for the module: the Airflow's tasks are given its settings."""
-    settings = make_settings(tmp_path_factory.mktemp("ferry"))
-    triton.up(settings)
-    try:
-        yield settings
-    finally:
-        triton.down(settings, grace_s=0)
+def settings(triton_settings: Settings) -> Settings:
+    """One ferry installation and its Triton for the module (conftest): the Airflow's tasks are given its settings."""
+    return triton_settings
 
 
 @pytest.fixture(scope="module")

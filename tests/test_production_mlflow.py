@@ -20,32 +20,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import World, assert_invariants, make_settings
+from conftest import World, assert_invariants
 from ferry.core.current import read_current, read_history
 from ferry.core.records import Step
 from ferry.core.runner import deploy
 from ferry.core.writeback import read_write_backs
-from ferry.runtime import server as triton
 from support.mlflow_server import TrackingServer, register_example, start_tracking
+from support.mlflow_sqlite import ferry_tags, serving_version
 from support.postgres import PostgresServer, postgres_server  # noqa: F401 - the session fixture
 from support.processes import free_port
 from support.s3 import FaultyS3Proxy, S3Server, s3_server  # noqa: F401 - the session fixture
-from test_watch import Watcher, start_watch
-from test_writeback import ferry_tags, serving_version
+from support.watch import Watcher, start_watch, watchers  # noqa: F401 - the fixture
 
 NO_MLFLOW = ("import sys, runpy\nsys.argv = ['ferry', *sys.argv[1:]]\n"
              "try:\n    runpy.run_module('ferry', run_name='__main__')\n"
              "finally:\n    print('mlflow imported:', 'mlflow' in sys.modules)")
-
-
-@pytest.fixture(scope="module")
-def triton_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
-    settings = make_settings(tmp_path_factory.mktemp("ferry"))
-    triton.up(settings)
-    try:
-        yield settings
-    finally:
-        triton.down(settings, grace_s=0)
 
 
 @pytest.fixture(scope="module", params=["s3", "proxy"])
@@ -137,17 +126,9 @@ def test_a_second_version_then_rollback_written_back_to_mlflow(triton_settings, 
     assert synced.returncode == 0 and "already in sync" in synced.stdout, synced.stdout + synced.stderr
 
 
-@pytest.fixture
-def watchers() -> Iterator[list[Watcher]]:
-    started: list[Watcher] = []
-    yield started
-    for watcher in started:
-        watcher.stop()
-
-
 @pytest.mark.parametrize("via", ["poll", "webhook"])
 def test_watch_deploys_an_alias_moved_on_the_server(triton_settings, tracking: TrackingServer,
-                                                    client_env: dict[str, str], watchers: list[Watcher],
+                                                    client_env: dict[str, str], watchers: list[Watcher],  # noqa: F811
                                                     via: str) -> None:
     world = _world(triton_settings, tracking, f"watched_{via}")
     alias = f"watched_{tracking.layout}"  # only the model of the test under way carries it when the alias moves

@@ -146,16 +146,6 @@ def test_a_load_failure_is_one_line_and_the_stack_is_kept_in_the_records(serving
     assert_invariants(serving_v1, attempts=2)
 
 
-@pytest.fixture
-def not_triton() -> Iterator[str]:
-    """An HTTP server that is not Triton (answers 501 to POST), on the port where Triton is expected."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-
-
 def test_something_else_on_tritons_port_is_named_as_such(serving_v1: World, not_triton: str) -> None:
     result = serving_v1.cli("status", "iris", FERRY_TRITON_URL=not_triton)
     _no_traceback(result)
