@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from ferry.core.errors import FerryError, InvalidInput
 from ferry.core.fsutil import append_line, atomic_write
@@ -13,6 +14,7 @@ from ferry.core.records import CurrentState, DeployReport
 from ferry.core.repository import ModelDir
 
 T = TypeVar("T")
+R = TypeVar("R", bound=BaseModel)
 
 
 def read_current(model_dir: ModelDir) -> CurrentState | None:
@@ -55,11 +57,22 @@ def append_history(model_dir: ModelDir, report: DeployReport) -> None:
     append_line(model_dir.history_path, json.dumps(report.model_dump(mode="json"), sort_keys=True))
 
 
-def _history_lines(model_dir: ModelDir) -> list[str]:
+def _lines(path: Path) -> list[str]:
     try:
-        return model_dir.history_path.read_text().splitlines()
+        return path.read_text().splitlines()
     except FileNotFoundError:
         return []
+
+
+def read_records(path: Path, kind: type[R]) -> list[R]:
+    """Every line of a JSON-lines file ferry appends to, as typed records; a line that is not one is skipped."""
+    records = []
+    for line in _lines(path):
+        try:
+            records.append(kind.model_validate_json(line))
+        except ValueError:
+            continue
+    return records
 
 
 def _latest(records: list[T], limit: int | None) -> list[T]:
@@ -70,7 +83,7 @@ def read_history(model_dir: ModelDir, limit: int | None = None) -> list[dict[str
     """The latest ``limit`` records (all when None) as written, for showing them as they are; a damaged line
     is skipped, not fatal. Code that acts on the history reads :func:`read_attempts`."""
     records = []
-    for line in _history_lines(model_dir):
+    for line in _lines(model_dir.history_path):
         try:
             record = json.loads(line)
         except ValueError:
@@ -82,13 +95,7 @@ def read_history(model_dir: ModelDir, limit: int | None = None) -> list[dict[str
 
 def read_attempts(model_dir: ModelDir, limit: int | None = None) -> list[DeployReport]:
     """The latest ``limit`` attempts (all when None) as typed records; a line that is not one is skipped."""
-    attempts = []
-    for line in _history_lines(model_dir):
-        try:
-            attempts.append(DeployReport.model_validate_json(line))
-        except ValueError:
-            continue
-    return _latest(attempts, limit)
+    return _latest(read_records(model_dir.history_path, DeployReport), limit)
 
 
 def find_attempt(model_dir: ModelDir, deploy_id: str) -> DeployReport | None:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel, computed_field
 
 from ferry.core.config import Settings
-from ferry.core.current import read_attempts, read_current
+from ferry.core.current import read_attempts, read_current, read_records
 from ferry.core.errors import FerryError, MlflowDown, MlflowRefused, one_line
 from ferry.core.fsutil import append_line
 from ferry.core.mlflow_write import MlflowWriter, connect
@@ -282,14 +282,4 @@ def _append(model_dir: ModelDir, record: WriteBackRecord) -> None:
 
 def read_write_backs(model_dir: ModelDir) -> list[WriteBackRecord]:
     """Every line of writeback.jsonl, oldest first; a damaged line is skipped, as in the history."""
-    try:
-        lines = model_dir.writeback_path.read_text().splitlines()
-    except FileNotFoundError:
-        return []
-    records = []
-    for line in lines:
-        try:
-            records.append(WriteBackRecord.model_validate_json(line))
-        except ValueError:
-            continue
-    return records
+    return read_records(model_dir.writeback_path, WriteBackRecord)
