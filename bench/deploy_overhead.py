@@ -44,7 +44,7 @@ from ferry.core.fsutil import fsync_tree  # noqa: E402
 from ferry.core.model_config import build_config, onnx_signature, to_override_json, with_versions  # noqa: E402
 from ferry.core.records import TRANSACTION_STEPS as STEP_NAMES  # noqa: E402
 from ferry.core.runner import deploy  # noqa: E402
-from ferry.core.steps import Ferry  # noqa: E402
+from ferry.core.steps import Services  # noqa: E402
 from ferry.core.triton import Triton  # noqa: E402
 from ferry.publish import golden_outputs, log_onnx_model, register_version  # noqa: E402
 from ferry.runtime import server  # noqa: E402
@@ -61,7 +61,7 @@ def register(model_bytes: bytes, sample: dict, golden: dict, tracking_uri: str, 
     return register_version(model, source, run.info.run_id, "champion", tracking_uri), run.info.run_id
 
 
-def settle(ferry: Ferry, timeout_s: float = 10.0) -> None:
+def settle(ferry: Services, timeout_s: float = 10.0) -> None:
     """Wait until no version is still unloading: a retired stub shutting down competes for the 2 cores."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -98,7 +98,7 @@ class AttemptClock:
         return self.ended - self.began
 
 
-def bare_round(ferry: Ferry, run_id: str, version: int, active: int, config, workdir: Path,
+def bare_round(ferry: Services, run_id: str, version: int, active: int, config, workdir: Path,
                sample: dict) -> float:
     """Download, load beside the active version, infer once on the smoke sample: the parts no deploy can skip."""
     t0 = time.perf_counter()
@@ -123,7 +123,7 @@ def bare_round(ferry: Ferry, run_id: str, version: int, active: int, config, wor
 
 def warm_rollbacks(settings, model_bytes: bytes, sample: dict, golden: dict, rounds: int) -> list[float]:
     """``ferry rollback`` to the previous version while it is kept warm: the front is repointed, nothing loaded."""
-    ferry = Ferry(settings.with_overrides(keep_previous_s=600))
+    ferry = Services(settings.with_overrides(keep_previous_s=600))
     seconds = []
     for _ in range(rounds):
         register(model_bytes, sample, golden, settings.tracking_uri)
@@ -151,7 +151,7 @@ def warm_rollbacks(settings, model_bytes: bytes, sample: dict, golden: dict, rou
     return seconds
 
 
-def direct_download_seconds(ferry: Ferry, run_id: str, workdir: Path) -> float:
+def direct_download_seconds(ferry: Services, run_id: str, workdir: Path) -> float:
     """The same download from the run's own store, as ferry does it (not part of the baseline)."""
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
     from mlflow.tracking.artifact_utils import get_artifact_uri
@@ -196,7 +196,7 @@ def main() -> None:
         golden = golden_outputs(model_bytes, sample)
         wrong = {name: value + 1 for name, value in golden.items()}
 
-        ferry = Ferry(settings)
+        ferry = Services(settings)
         register(model_bytes, sample, golden, settings.tracking_uri)
         assert deploy(ferry, MODEL, alias="champion").outcome == "committed"
         config = build_config(TWIN, onnx_signature(__import__("onnx").load_from_string(model_bytes)), "python")

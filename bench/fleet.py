@@ -37,7 +37,7 @@ from conftest import World, _free_port_block, make_settings, start_fleet, stop_f
 from ferry.core.fleet import MAX_PARALLEL  # noqa: E402
 from ferry.core.model_config import from_pbtxt, to_override_json, with_versions  # noqa: E402
 from ferry.core.runner import deploy  # noqa: E402
-from ferry.core.steps import Ferry  # noqa: E402
+from ferry.core.steps import Services  # noqa: E402
 from ferry.core.triton import Triton  # noqa: E402
 
 TWIN = "iris-bare"
@@ -79,7 +79,7 @@ def real_fleet(replicas: int, rounds: int, home: Path) -> tuple[float, float]:
         deploy(world.ferry, "iris", alias="champion")
         bare_on_every_replica(world, 1)
         walls, ratios = [], []
-        controller = Ferry(world.settings)  # MLflow's client warm, as in a long-running controller
+        controller = Services(world.settings)  # MLflow's client warm, as in a long-running controller
         for _ in range(rounds):
             version = train_and_register("iris", "champion", tracking_uri=world.settings.tracking_uri)
             began = time.perf_counter()
@@ -107,7 +107,7 @@ def simulated_fleet(replicas: int, rounds: int, home: Path, load_delay_s: float 
         assert fakes.stdout is not None and fakes.stdout.readline().strip() == "ready"
         settings.repository.mkdir(parents=True, exist_ok=True)
         walls = []
-        controller = Ferry(settings)
+        controller = Services(settings)
         for _ in range(rounds + 1):
             train_and_register("iris", "champion", tracking_uri=settings.tracking_uri)
             began = time.perf_counter()

@@ -44,7 +44,7 @@ from ferry.core import rollout  # noqa: E402
 from ferry.core.records import DeployReport, RolloutPlan, RolloutState  # noqa: E402
 from ferry.core.runner import GATE, Runner  # noqa: E402
 from ferry.core.runner import Target as DeployTarget  # noqa: E402
-from ferry.core.steps import Ferry  # noqa: E402
+from ferry.core.steps import Services  # noqa: E402
 from ferry.runtime import server  # noqa: E402
 
 ROWS = load_iris(return_X_y=True)[0].astype(np.float32)
@@ -56,7 +56,7 @@ class Baking:
     def __init__(self, world: World, gateway: str, plan: RolloutPlan, **overrides: object) -> None:
         settings = world.settings.with_overrides(gateways=gateway, **overrides)
         self.world, self.events, self.report = world, [], None
-        self.runner = Runner(Ferry(settings), world.model, on_event=self._seen)
+        self.runner = Runner(Services(settings), world.model, on_event=self._seen)
         self.thread = threading.Thread(target=self._run, args=(plan,), daemon=True)
 
     def _seen(self, step: str, status: str, elapsed: float, detail: str) -> None:

@@ -27,7 +27,7 @@ from train_model import train_and_register  # noqa: E402
 
 from conftest import make_settings  # noqa: E402
 from ferry.core.runner import deploy  # noqa: E402
-from ferry.core.steps import Ferry  # noqa: E402
+from ferry.core.steps import Services  # noqa: E402
 from ferry.runtime import server  # noqa: E402
 
 MODEL = "soak"
@@ -66,7 +66,7 @@ def rss(pid: int) -> tuple[int, int, int]:
     return _rss(pid), sum(stubs), len(stubs)
 
 
-def at_rest(ferry: Ferry, pid: int, timeout_s: float = 20.0) -> None:
+def at_rest(ferry: Services, pid: int, timeout_s: float = 20.0) -> None:
     """Wait until exactly the active version's backend stub runs, twice in a row half a second apart:
     retired instances shut down in the background."""
     deadline, settled = time.monotonic() + timeout_s, 0
@@ -80,7 +80,7 @@ def disk_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
-def cycle(ferry: Ferry, good: int) -> tuple[str, str]:
+def cycle(ferry: Services, good: int) -> tuple[str, str]:
     committed = deploy(ferry, MODEL, version=good)
     failed = deploy(ferry, MODEL, version=2)
     return committed.outcome, failed.outcome
@@ -100,7 +100,7 @@ def main() -> None:
         for breakage in ("none", "unknown-op", "none"):
             train_and_register(MODEL, None, breakage, args.trees, settings.tracking_uri)
         state = server.up(settings)
-        ferry = Ferry(settings)
+        ferry = Services(settings)
         trace = []
         try:
             seconds, failed_version_bytes = 0.0, 0

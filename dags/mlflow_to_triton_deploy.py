@@ -28,10 +28,10 @@ def _call(step: str, *args):
     """Run one core step. Bad input or a broken model fails the task for good, its reason on the last line."""
     from ferry.adapters import dag_steps
     from ferry.core.errors import FerryError
-    from ferry.core.steps import Ferry
+    from ferry.core.services import Services
 
     try:
-        return getattr(dag_steps, step)(Ferry(load_settings()), *args)
+        return getattr(dag_steps, step)(Services(load_settings()), *args)
     except FerryError as error:
         reason = f"{step} failed: {error}"
         log.error(reason)

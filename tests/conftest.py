@@ -25,7 +25,7 @@ from ferry.core.front import store_name
 from ferry.core.records import DeployReport
 from ferry.core.repository import ModelDir
 from ferry.core.runner import deploy
-from ferry.core.steps import Ferry
+from ferry.core.services import Services
 from ferry.core.triton import Placement
 from ferry.runtime import server
 
@@ -169,8 +169,8 @@ class World:
     model: str = "iris"
 
     @property
-    def ferry(self) -> Ferry:
-        return Ferry(self.settings)
+    def ferry(self) -> Services:
+        return Services(self.settings)
 
     @property
     def model_dir(self) -> ModelDir:
@@ -180,7 +180,7 @@ class World:
         return train_and_register(self.model, alias, breakage, trees, self.settings.tracking_uri)
 
     def deploy(self, alias: str = "champion", **overrides) -> DeployReport:
-        ferry = Ferry(self.settings.with_overrides(**overrides)) if overrides else self.ferry
+        ferry = Services(self.settings.with_overrides(**overrides)) if overrides else self.ferry
         return deploy(ferry, self.model, alias=alias)
 
     def current_bytes(self) -> bytes | None:

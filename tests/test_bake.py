@@ -35,7 +35,7 @@ from ferry.core.config import Settings
 from ferry.core.current import read_current
 from ferry.core.records import DeployReport, RolloutPlan, RolloutState, utc_stamp
 from ferry.core.runner import Runner, Target
-from ferry.core.steps import Ferry
+from ferry.core.services import Services
 from ferry.runtime import server
 from support.gateway import TOKEN, Running, running_gateway
 
@@ -84,7 +84,7 @@ class Stage:
             if events is not None:
                 events.append((time.monotonic(), step, status, detail))
 
-        deployer = Runner(Ferry(self.settings(runner, **overrides)), "iris", on_event=seen)
+        deployer = Runner(Services(self.settings(runner, **overrides)), "iris", on_event=seen)
         return deployer.deploy(Target.of_alias("champion", rollout=plan))
 
     def cli_deploy(self, *args: str) -> subprocess.Popen:

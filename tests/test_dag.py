@@ -14,7 +14,7 @@ from conftest import BROKEN_VERSIONS, ROOT, World, assert_invariants
 from ferry.core.current import read_current, read_history
 from ferry.core.front import store_name
 from ferry.core.runner import deploy
-from ferry.core.steps import Ferry
+from ferry.core.services import Services
 
 DAG_ID = "mlflow_to_triton_deploy"
 STEP_TASKS = ["materialize_repo", "triton_load", "triton_ready", "triton_infer_smoke", "triton_bake"]
@@ -146,7 +146,7 @@ def test_an_unreachable_triton_is_a_retryable_failure(dag_world: World, tmp_path
     from ferry.adapters import dag_steps as orchestration
     from ferry.core.errors import FerryError
 
-    unreachable = Ferry(dag_world.settings.with_overrides(triton_url=make_settings(tmp_path).triton_url))
+    unreachable = Services(dag_world.settings.with_overrides(triton_url=make_settings(tmp_path).triton_url))
     with pytest.raises(FerryError) as error:
         orchestration.snapshot_current(unreachable, "iris", "champion")
     assert error.value.retryable and not dag_world.model_dir.journal_path.exists()
@@ -175,7 +175,7 @@ def test_a_version_that_is_not_ready_rolls_back(dag_world: World) -> None:
     assert deploy(dag_world.ferry, "iris", alias="champion").outcome == "committed"
     before = dag_world.current_bytes()
     dag_world.register(trees=5)
-    ferry = Ferry(dag_world.settings.with_overrides(ready_timeout_s=1.0))
+    ferry = Services(dag_world.settings.with_overrides(ready_timeout_s=1.0))
     handle = orchestration.snapshot_current(ferry, "iris", "champion")
     orchestration.materialize_repo(ferry, handle)
     orchestration.triton_load(ferry, handle)

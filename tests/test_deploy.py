@@ -12,7 +12,7 @@ from ferry.core.current import read_current, read_history
 from ferry.core.errors import FerryError, NoSuchModel
 from ferry.core.repository import ModelDir
 from ferry.core.runner import deploy
-from ferry.core.steps import Ferry
+from ferry.core.services import Services
 
 
 def _infer(world: World, version: int) -> np.ndarray:
@@ -125,7 +125,7 @@ def test_triton_not_running_is_rejected_and_nothing_changes(world: World, tmp_pa
     world.deploy()
     before = world.current_bytes()
     unreachable = world.settings.with_overrides(triton_url=make_settings(tmp_path).triton_url)
-    report = deploy(Ferry(unreachable), world.model, alias="champion")
+    report = deploy(Services(unreachable), world.model, alias="champion")
     assert report.outcome == "rejected"
     assert "not reachable" in report.error and "ferry triton up" in report.hint
     assert world.current_bytes() == before

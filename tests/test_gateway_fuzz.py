@@ -36,7 +36,7 @@ from conftest import World
 from ferry.adapters.gateway.refusals import status_of
 from ferry.adapters.mlflow_plugin import predict_committed
 from ferry.core.errors import GatewayError
-from ferry.core.steps import Ferry
+from ferry.core.services import Services
 from support.gateway import IRIS_ROW, KSERVE_BODY, TOKEN, Running, running_gateway
 
 SEED = int(os.environ.get("FERRY_FUZZ_SEED", "20261129"))
@@ -467,7 +467,7 @@ def http_verdict(reply: httpx.Response) -> tuple[int, object]:
     return 200, {o["name"]: np.asarray(o["data"], dtype=float).ravel() for o in body["outputs"]}
 
 
-def plugin_verdict(ferry: Ferry, inputs: dict) -> tuple[int, object]:
+def plugin_verdict(ferry: Services, inputs: dict) -> tuple[int, object]:
     try:
         answer = predict_committed(ferry, "iris", inputs)
     except GatewayError as error:
@@ -489,7 +489,7 @@ def test_predict_kserve_and_the_plugin_give_the_same_verdicts(served: tuple[Worl
     predict. The same inputs get the same status and the same words on every path (or the same outputs), and the
     same body gets the same answer to its Content-Encoding."""
     world, gateway = served
-    rng, ferry = random.Random(SEED), Ferry(world.settings)
+    rng, ferry = random.Random(SEED), Services(world.settings)
     disagree, tally = [], Counter()
     with httpx.Client(base_url=gateway.url, timeout=TIMEOUT_S, headers={"authorization": f"Bearer {TOKEN}"}) as session:
         for _ in range(150):

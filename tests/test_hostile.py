@@ -17,7 +17,7 @@ import pytest
 from conftest import World, assert_invariants, make_settings
 from ferry.core.registry import Artifacts
 from ferry.core.runner import deploy
-from ferry.core.steps import Ferry
+from ferry.core.services import Services
 
 
 @pytest.fixture
@@ -92,7 +92,7 @@ def test_a_full_disk_during_materialize_is_reported_and_cleaned_up(serving_v1: W
 def test_an_unreachable_mlflow_is_rejected_and_nothing_changes(serving_v1: World, tmp_path: Path) -> None:
     world, before = serving_v1, serving_v1.current_bytes()
     closed_port = make_settings(tmp_path).triton_url.rsplit(":", 1)[1]
-    report = deploy(Ferry(world.settings.with_overrides(tracking_uri=f"http://127.0.0.1:{closed_port}")),
+    report = deploy(Services(world.settings.with_overrides(tracking_uri=f"http://127.0.0.1:{closed_port}")),
                     world.model, alias="champion")
     assert report.outcome == "rejected"
     assert f"MLflow at http://127.0.0.1:{closed_port} failed" in report.error and "MLFLOW_TRACKING_URI" in report.hint
@@ -123,7 +123,7 @@ def test_a_triton_that_does_not_answer_times_out_and_nothing_changes(serving_v1:
                                                                      fake_silent_triton: str) -> None:
     world, before = serving_v1, serving_v1.current_bytes()
     silent = world.settings.with_overrides(triton_url=fake_silent_triton, triton_timeout_s=1.0)
-    report = deploy(Ferry(silent), world.model, alias="champion")
+    report = deploy(Services(silent), world.model, alias="champion")
     assert report.outcome == "rejected"
     assert f"Triton at {fake_silent_triton} did not answer" in report.error and "within 1 s" in report.error
     assert_unchanged(world, before)

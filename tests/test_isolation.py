@@ -20,7 +20,7 @@ from conftest import World, assert_invariants
 from ferry.core.current import read_current
 from ferry.core.front import store_name
 from ferry.core.runner import deploy
-from ferry.core.steps import Ferry
+from ferry.core.services import Services
 from ferry.core.stubs import stubs_of
 from ferry.runtime import server
 
@@ -171,7 +171,7 @@ def test_a_warm_previous_version_comes_back_without_a_load(world: World) -> None
     world.register()
     world.deploy()
     world.register(trees=5)
-    ferry = Ferry(world.settings.with_overrides(keep_previous_s=60))
+    ferry = Services(world.settings.with_overrides(keep_previous_s=60))
     assert deploy(ferry, world.model, alias="champion").outcome == "committed"
     warm = stubs_of(world.model_dir.version_dir(1))
     assert len(warm) == 1, "the previous version is kept loaded"
@@ -186,7 +186,7 @@ def test_a_warm_previous_version_comes_back_without_a_load(world: World) -> None
     assert ferry.triton.placement(world.model).front == [1]
     assert elapsed < 5.0
     # Outside the window (none kept): a rollback loads the version again.
-    plain = Ferry(world.settings)
+    plain = Services(world.settings)
     assert deploy(plain, world.model, version=2).outcome == "committed"
     assert "load" in deploy(plain, world.model, version=1).steps
 

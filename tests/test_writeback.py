@@ -90,14 +90,14 @@ def test_mlflow_stopped_after_the_commit_leaves_a_warning_and_sync_repairs_it(wo
 
 def test_going_back_with_mlflow_hung_stays_fast(world: World, mlflow_server: MlflowServer) -> None:
     from ferry.core.runner import deploy
-    from ferry.core.steps import Ferry
+    from ferry.core.services import Services
 
     world = on_server(world, mlflow_server)
     world.register()
     world.deploy()
     world.register()
     world.deploy()
-    ferry = Ferry(world.settings.with_overrides(writeback_timeout_s=1.0))
+    ferry = Services(world.settings.with_overrides(writeback_timeout_s=1.0))
     ferry.registry  # noqa: B018 - MLflow's client, built before the clock starts (as after a deploy's materialize)
     mlflow_server.pause(True)
     try:

@@ -10,7 +10,7 @@ from ferry.core.current import read_current, read_history
 from ferry.core.records import DeployReport
 from ferry.core.repository import ModelDir
 from ferry.core.runner import deploy
-from ferry.core.steps import Ferry
+from ferry.core.services import Services
 from unit.fakes import FakeRegistry, FakeTriton
 
 
@@ -24,8 +24,8 @@ class Bench:
     model: str = "iris"
 
     @property
-    def ferry(self) -> Ferry:
-        return Ferry(self.settings, given_replicas=[self.triton], given_registry=self.registry)
+    def ferry(self) -> Services:
+        return Services(self.settings, given_replicas=[self.triton], given_registry=self.registry)
 
     @property
     def model_dir(self) -> ModelDir:

@@ -157,7 +157,7 @@ def test_sync_of_a_model_whose_current_json_is_damaged_skips_it_with_the_reason(
 
     from ferry.core import services
 
-    monkeypatch.setattr(services.Ferry, "registry", property(lambda self: bench.registry))
+    monkeypatch.setattr(services.Services, "registry", property(lambda self: bench.registry))
     bench.model_dir.current_path.write_text("{not json")
     env = {"FERRY_HOME": str(bench.settings.home), "FERRY_REPOSITORY": str(bench.settings.repository)}
     result = CliRunner().invoke(cli.app, ["sync", "iris", "--json"], env=env)

@@ -11,7 +11,7 @@ from ferry.core.errors import TritonError
 from ferry.core.fleet import resolve_replicas
 from ferry.core.reconcile import reconcile
 from ferry.core.records import Outcome
-from ferry.core.steps import Ferry
+from ferry.core.services import Services
 from unit.fakes import FakeTriton
 from unit.support import Bench
 
@@ -32,8 +32,8 @@ def replicas(bench: Bench) -> list[FakeTriton]:
     return [bench.triton] + [FakeTriton(bench.settings.repository, url=f"http://replica-{i}:8000") for i in (1, 2)]
 
 
-def _ferry(bench: Bench, replicas: list[FakeTriton]) -> Ferry:
-    return Ferry(bench.settings, given_replicas=replicas, given_registry=bench.registry)
+def _ferry(bench: Bench, replicas: list[FakeTriton]) -> Services:
+    return Services(bench.settings, given_replicas=replicas, given_registry=bench.registry)
 
 
 def _deploy(bench: Bench, replicas: list[FakeTriton], **kwargs: object):

@@ -51,9 +51,9 @@ app = typer.Typer(help="Move model versions from the MLflow Model Registry into 
 
 def _run_deploy(settings: Settings, model: str, target: Target, as_json: bool) -> NoReturn:
     from ferry.core.runner import Runner
-    from ferry.core.services import Ferry
+    from ferry.core.services import Services
 
-    ferry = Ferry(settings)
+    ferry = Services(settings)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a stopped deploy rolls back, as on Ctrl-C
     runner = guarded(lambda: Runner(ferry, model, on_event=deploy_events(as_json)))
     report = guarded(lambda: runner.deploy(target))
@@ -135,11 +135,11 @@ def recover_command(model: str = ModelArgument, as_json: bool = JsonOption) -> N
     """Finish or undo a deploy whose process stopped (killed, crashed), from its journal."""
     from ferry.core.records import Outcome
     from ferry.core.runner import Runner
-    from ferry.core.services import Ferry
+    from ferry.core.services import Services
 
     settings = current_settings()
     known_model(settings, model)
-    report = guarded(lambda: Runner(Ferry(settings), model).recover())
+    report = guarded(lambda: Runner(Services(settings), model).recover())
     if report is None:
         if as_json:
             print_json(None)
@@ -170,11 +170,11 @@ def adopt_command(
 ) -> None:
     """Take over a model another tool deployed, checked against MLflow, without reloading anything."""
     from ferry.core.adopt import adopt, plan_adoption
-    from ferry.core.services import Ferry
+    from ferry.core.services import Services
 
     settings = current_settings()
     known_model(settings, model)
-    ferry = Ferry(settings)
+    ferry = Services(settings)
     plan = guarded(lambda: plan_adoption(ferry, model, version) if dry_run else adopt(ferry, model, version))
     if as_json:
         print_json(plan.model_dump(mode="json"))
@@ -195,14 +195,14 @@ def reconcile_command(
     """Make every Triton replica serve exactly what current.json commits (after a restart, or on a new replica)."""
     from ferry.core.config import parse_duration
     from ferry.core.reconcile import reconcile
-    from ferry.core.services import Ferry
+    from ferry.core.services import Services
     from ferry.core.status import list_models
 
     settings = current_settings()
     interval = guarded(lambda: parse_duration(every, "--every")) if every else None
     for name in models or []:
         known_model(settings, name)
-    ferry = Ferry(settings)
+    ferry = Services(settings)
     stopping = stop_after_the_pass() if interval is not None else None
     while True:
         names = models or list_models(settings.repository)
@@ -238,13 +238,13 @@ def status_command(
     as_json: bool = JsonOption,
 ) -> None:
     """The committed version (current.json), the versions Triton serves, and any drift between them."""
-    from ferry.core.services import Ferry
+    from ferry.core.services import Services
     from ferry.core.status import list_models, model_status, replica_indexes
     from ferry.observability.live import live_figures
 
     settings = current_settings()
     models = [known_model(settings, model).model] if model else list_models(settings.repository)
-    fleet = guarded(Ferry(settings).fleet)
+    fleet = guarded(Services(settings).fleet)
     indexes = replica_indexes(fleet)
     reports = [model_status(settings.repository, fleet, name, indexes) for name in models]
     for report in reports:

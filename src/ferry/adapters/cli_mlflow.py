@@ -112,12 +112,12 @@ def sync_command(
     """Write to MLflow what current.json and the history say: each version's ferry.* tags and the serving alias."""
     from ferry.core import writeback
     from ferry.core.lock import holding
-    from ferry.core.services import Ferry
+    from ferry.core.services import Services
     from ferry.core.status import list_models
 
     settings = cli.current_settings()
     names = [cli.known_model(settings, m).model for m in models] if models else list_models(settings.repository)
-    ferry = Ferry(settings)
+    ferry = Services(settings)
     results = []
     for name in names:
         model_dir = ferry.model_dir(name)

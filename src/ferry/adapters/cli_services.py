@@ -62,10 +62,10 @@ def exporter_command(
     """Serve ferry's metrics (deploys, rollbacks, step times, active version, drift) for Prometheus to scrape."""
     from prometheus_client import CollectorRegistry, start_http_server
 
-    from ferry.core.services import Ferry
+    from ferry.core.services import Services
     from ferry.observability.metrics import FerryCollector
 
-    ferry = Ferry(current_settings())
+    ferry = Services(current_settings())
     registry = CollectorRegistry(auto_describe=False)
     registry.register(FerryCollector(ferry.settings, ferry.fleet))
     try:
@@ -87,10 +87,10 @@ def metrics_command(
     """ferry's metrics once, in Prometheus' text format."""
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from ferry.core.services import Ferry
+    from ferry.core.services import Services
     from ferry.observability.metrics import FerryCollector, write_textfile
 
-    ferry = Ferry(current_settings())
+    ferry = Services(current_settings())
     collector = FerryCollector(ferry.settings, ferry.fleet)
     if textfile:
         guarded(lambda: write_textfile(textfile, collector))

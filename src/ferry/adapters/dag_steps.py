@@ -16,7 +16,7 @@ from ferry.core.errors import InvalidInput
 from ferry.core.lock import holding
 from ferry.core.records import Kind, RolloutPlan, Step
 from ferry.core.runner import Runner, Target
-from ferry.core.services import Ferry
+from ferry.core.services import Services
 
 Handle = dict[str, Any]  # what XCom carries between tasks: {"model", "deploy_id", ...}
 # Another run's snapshot, or a step of the deploy in flight, holds the model's lock for a moment: a snapshot
@@ -25,11 +25,11 @@ Handle = dict[str, Any]  # what XCom carries between tasks: {"model", "deploy_id
 SNAPSHOT_LOCK_WAIT_S = 5.0
 
 
-def _runner(ferry: Ferry, model: str) -> Runner:
+def _runner(ferry: Services, model: str) -> Runner:
     return Runner(ferry, model, via="airflow")
 
 
-def snapshot_current(ferry: Ferry, model: str, alias: str, rollout: dict | None = None) -> Handle:
+def snapshot_current(ferry: Services, model: str, alias: str, rollout: dict | None = None) -> Handle:
     """Take the model (fail fast if another deploy holds it), then record what is committed and served.
 
     The model is taken before the snapshot, so no other deploy can commit in between and be undone
@@ -45,33 +45,33 @@ def snapshot_current(ferry: Ferry, model: str, alias: str, rollout: dict | None 
             "active_version": snapshot.active_version if snapshot else None}
 
 
-def _step(ferry: Ferry, handle: Handle, step: Step) -> Any:
+def _step(ferry: Services, handle: Handle, step: Step) -> Any:
     runner = _runner(ferry, handle["model"])
     with holding(runner.model_dir):
         return runner.run_step(runner.journal_of(handle["deploy_id"]), step)
 
 
-def materialize_repo(ferry: Ferry, handle: Handle) -> Handle:
+def materialize_repo(ferry: Services, handle: Handle) -> Handle:
     candidate = _step(ferry, handle, Step.MATERIALIZE)
     return {**handle, "version": candidate.version, "run_id": candidate.run_id,
             "already_active": candidate.already_active}
 
 
-def triton_load(ferry: Ferry, handle: Handle) -> Handle:
+def triton_load(ferry: Services, handle: Handle) -> Handle:
     _step(ferry, handle, Step.LOAD)
     return handle
 
 
-def triton_ready(ferry: Ferry, handle: Handle) -> Handle:
+def triton_ready(ferry: Services, handle: Handle) -> Handle:
     _step(ferry, handle, Step.READY)
     return handle
 
 
-def triton_infer_smoke(ferry: Ferry, handle: Handle) -> Handle:
+def triton_infer_smoke(ferry: Services, handle: Handle) -> Handle:
     return {**handle, "smoke": _step(ferry, handle, Step.SMOKE)}
 
 
-def triton_bake(ferry: Ferry, handle: Handle) -> bool:
+def triton_bake(ferry: Services, handle: Handle) -> bool:
     """One look at the bake (a no-op when the run asked for none); True once it passed. For a sensor in
     reschedule mode: between looks the task gives its worker slot back."""
     runner = _runner(ferry, handle["model"])
@@ -79,14 +79,14 @@ def triton_bake(ferry: Ferry, handle: Handle) -> bool:
         return runner.bake_poke(runner.journal_of(handle["deploy_id"]))
 
 
-def commit_current(ferry: Ferry, handle: Handle) -> dict:
+def commit_current(ferry: Services, handle: Handle) -> dict:
     """Commit the candidate (or record the no-op), write the history record and release the model."""
     runner = _runner(ferry, handle["model"])
     with holding(runner.model_dir):
         return runner.finish(runner.journal_of(handle["deploy_id"])).model_dump(mode="json")
 
 
-def rollback_minimal(ferry: Ferry, model: str, alias: str, deploy_id: str | None,
+def rollback_minimal(ferry: Services, model: str, alias: str, deploy_id: str | None,
                      snapshot_failure: dict | None) -> dict:
     """Undo a failed deploy: restore the snapshot, quarantine the candidate, pin Triton, record it all.
 

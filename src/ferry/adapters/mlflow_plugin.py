@@ -41,7 +41,7 @@ from ferry.core.records import CurrentState, DeployReport, Outcome
 from ferry.core.repository import ModelDir, check_name
 from ferry.core.retire import retire
 from ferry.core.runner import Runner, Target
-from ferry.core.services import Ferry
+from ferry.core.services import Services
 from ferry.core.status import ModelStatus, list_models, model_status, replica_indexes
 from ferry.core.summary import failure_reason
 
@@ -122,7 +122,7 @@ def _stop_rolls_back() -> Iterator[EventHandler]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def deploy_uri(ferry: Ferry, name: str, model_uri: str, force: bool = False) -> dict[str, Any]:
+def deploy_uri(ferry: Services, name: str, model_uri: str, force: bool = False) -> dict[str, Any]:
     """Deploy what ``model_uri`` names through the runner: the deployment dict, or an MlflowException."""
     with mlflow_errors():
         check_name("deployment name", name)
@@ -130,7 +130,7 @@ def deploy_uri(ferry: Ferry, name: str, model_uri: str, force: bool = False) -> 
     return deployed(run_deploy(ferry, name, target), registered)
 
 
-def run_deploy(ferry: Ferry, name: str, target: Target) -> DeployReport:
+def run_deploy(ferry: Services, name: str, target: Target) -> DeployReport:
     with mlflow_errors(), _stop_rolls_back() as on_event:
         return Runner(ferry, name, via="mlflow", on_event=on_event).deploy(target)
 
@@ -161,7 +161,7 @@ def _no_endpoint(endpoint: str | None) -> None:
                        "leave out --endpoint")
 
 
-def _committed(ferry: Ferry, name: str) -> CurrentState | None:
+def _committed(ferry: Services, name: str) -> CurrentState | None:
     with mlflow_errors():
         return read_current(ModelDir(ferry.settings.repository, check_name("deployment name", name)))
 
@@ -188,7 +188,7 @@ def describe(status: ModelStatus) -> dict[str, Any]:
     return described
 
 
-def deployment_statuses(ferry: Ferry, models: list[str]) -> list[ModelStatus]:
+def deployment_statuses(ferry: Services, models: list[str]) -> list[ModelStatus]:
     """The status of each of ``models`` that is a deployment (something committed, unreadable or in flight);
     each replica's repository index is read once for all of them."""
     fleet = ferry.fleet()
@@ -201,12 +201,12 @@ def deployment_statuses(ferry: Ferry, models: list[str]) -> list[ModelStatus]:
 
 
 def _deployment(name: str, flavor: str | None, config: Mapping[str, Any] | None,
-                endpoint: str | None) -> tuple[Options, Ferry, CurrentState | None]:
+                endpoint: str | None) -> tuple[Options, Services, CurrentState | None]:
     """What create and update both start from: the checked arguments, ferry, and what is committed now."""
     _no_endpoint(endpoint)
     _check_flavor(flavor)
     opts = options(config, DEPLOY_KEYS)
-    ferry = Ferry(opts.settings)
+    ferry = Services(opts.settings)
     return opts, ferry, _committed(ferry, name)
 
 
@@ -251,21 +251,21 @@ class FerryDeploymentClient(BaseDeploymentClient):
             raise refused(f"deleting '{name}' unloads it from Triton and retires its current.json (the versions' "
                            "files and the history stay): add -C confirm=true")
         with mlflow_errors():
-            retired = retire(Ferry(opts.settings), name)
+            retired = retire(Services(opts.settings), name)
         for warning in retired.warnings:
             _logger.warning("ferry: %s", warning)
 
     def list_deployments(self, endpoint: str | None = None) -> list[dict[str, Any]]:
         """Every model with a committed version (or a deploy in flight), with ferry's status."""
         _no_endpoint(endpoint)
-        ferry = Ferry(options(None).settings)
+        ferry = Services(options(None).settings)
         with mlflow_errors():
             return [describe(s) for s in deployment_statuses(ferry, list_models(ferry.settings.repository))]
 
     def get_deployment(self, name: str, endpoint: str | None = None) -> dict[str, Any]:
         """ferry's status of the model: active version, run, replicas serving it, drift."""
         _no_endpoint(endpoint)
-        ferry = Ferry(options(None).settings)
+        ferry = Services(options(None).settings)
         with mlflow_errors():
             found = deployment_statuses(ferry, [check_name("deployment name", name)])
         if not found:
@@ -279,7 +279,7 @@ class FerryDeploymentClient(BaseDeploymentClient):
         _no_endpoint(endpoint)
         if not deployment_name:
             raise refused("predict needs the deployment's name", "give --name MODEL")
-        ferry = Ferry(options(None).settings)
+        ferry = Services(options(None).settings)
         with mlflow_errors():
             return predict_committed(ferry, deployment_name, inputs)
 
@@ -302,7 +302,7 @@ def run_local(name: str, model_uri: str, flavor: str | None = None, config: Mapp
         # model has been unloaded (strict readiness), which server.up would take for a foreign server.
         state = server.status(settings)
         state = state if state.running else server.up(settings)
-    deployment = deploy_uri(Ferry(settings), name, model_uri, opts.force)
+    deployment = deploy_uri(Services(settings), name, model_uri, opts.force)
     print(f"ferry: {name} v{deployment['version']} {deployment['outcome']} on the local Triton at {state.url} "
           f"(pid {state.pid}); stop it with `ferry triton down`")
 

@@ -12,7 +12,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from ferry.core.errors import TritonError
-from ferry.core.services import Ferry
+from ferry.core.services import Services
 
 if TYPE_CHECKING:
     from ferry.adapters.gateway.routing import Route
@@ -68,7 +68,7 @@ def _jsonable(value: np.ndarray) -> Any:
     return value.tolist()
 
 
-def _infer(ferry: Ferry, route: Route, document: dict[str, Any]) -> dict[str, Any]:
+def _infer(ferry: Services, route: Route, document: dict[str, Any]) -> dict[str, Any]:
     """A /predict document at one route: the gateway's one input check (:mod:`ferry.adapters.gateway.body`), then
     Triton."""
     from tritonclient.utils import triton_to_np_dtype
@@ -88,7 +88,7 @@ def _infer(ferry: Ferry, route: Route, document: dict[str, Any]) -> dict[str, An
     return {name: _jsonable(value) for name, value in outputs.items()}
 
 
-def predict_committed(ferry: Ferry, model: str, inputs: Any) -> PredictionsResponse:
+def predict_committed(ferry: Services, model: str, inputs: Any) -> PredictionsResponse:
     """Inference at the committed version, as the gateway's /predict does it: the inputs as the /predict body they
     would be, through its decoder and input check (so the plugin refuses what /predict refuses, for the same
     reason), routing, and one retry when a commit retired the version while the request ran."""

@@ -22,7 +22,7 @@ from mlflow.protos.databricks_pb2 import (
 from ferry.adapters.mlflow_predict import refused
 from ferry.core.errors import Busy, FerryError, NoSuchModel, unreachable
 from ferry.core.runner import Target
-from ferry.core.services import Ferry
+from ferry.core.services import Services
 
 _logger = logging.getLogger("ferry.adapters.mlflow_plugin")
 
@@ -59,7 +59,7 @@ def _same_model(name: str, named: str, model_uri: str) -> None:
                        f"after its model", f"use --name {named}, or a URI of '{name}'")
 
 
-def target_of(ferry: Ferry, name: str, model_uri: str, force: bool = False) -> tuple[Target, int | None]:
+def target_of(ferry: Services, name: str, model_uri: str, force: bool = False) -> tuple[Target, int | None]:
     """What ``model_uri`` deploys, and the version registered for it (a runs:/ URI) if one was."""
     uri = model_uri.strip()
     if (found := _MODELS_URI.match(uri)) is not None:
@@ -80,7 +80,7 @@ def target_of(ferry: Ferry, name: str, model_uri: str, force: bool = False) -> t
                    "register it first: MlflowClient().create_model_version(name, source, run_id)")
 
 
-def register_run(ferry: Ferry, name: str, run_id: str, path: str) -> int:
+def register_run(ferry: Services, name: str, run_id: str, path: str) -> int:
     """The version of ``name`` registered from ``runs:/<run_id>/<path>``: an existing one, else a new one.
 
     The artifacts are checked first (model.onnx must be there), so a URI ferry cannot deploy registers nothing.
@@ -105,7 +105,7 @@ def register_run(ferry: Ferry, name: str, run_id: str, path: str) -> int:
     return int(version.version)
 
 
-def _check_run_artifacts(ferry: Ferry, source: str) -> None:
+def _check_run_artifacts(ferry: Services, source: str) -> None:
     from mlflow.artifacts import list_artifacts
 
     try:

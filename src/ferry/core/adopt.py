@@ -32,7 +32,7 @@ from ferry.core.lock import current_user, holding
 from ferry.core.model_config import with_versions
 from ferry.core.records import CurrentState, Manifest, QuarantineReason, utc_stamp
 from ferry.core.repository import MANIFEST, ModelDir
-from ferry.core.services import Ferry
+from ferry.core.services import Services
 
 ADOPTED_DIR = "adopted"
 LEGACY_FILE = "current.json"
@@ -67,7 +67,7 @@ class AdoptionPlan(BaseModel):
     adopted_at_utc: str = ""
 
 
-def plan_adoption(ferry: Ferry, model: str, version: int | None = None) -> AdoptionPlan:
+def plan_adoption(ferry: Services, model: str, version: int | None = None) -> AdoptionPlan:
     """Look, change nothing: what the repository holds, what MLflow says of it and what Triton serves.
     ``version``: the version to adopt when nothing serves (what serves decides otherwise)."""
     model_dir = ferry.model_dir(model)
@@ -94,7 +94,7 @@ def plan_adoption(ferry: Ferry, model: str, version: int | None = None) -> Adopt
     return plan
 
 
-def adopt(ferry: Ferry, model: str, version: int | None = None) -> AdoptionPlan:
+def adopt(ferry: Services, model: str, version: int | None = None) -> AdoptionPlan:
     """Carry out the plan, under the model's lock; Triton is not touched."""
     model_dir = ferry.model_dir(model)
     with holding(model_dir, ferry.settings.lock_wait_s):
@@ -179,7 +179,7 @@ def _failed_dirs(model_dir: ModelDir) -> list[str]:
     return sorted(p.name for p in model_dir.path.iterdir() if p.name[:1].isdigit() and not p.name.isdigit())
 
 
-def _check_version(ferry: Ferry, model_dir: ModelDir, version: int) -> VersionFinding:
+def _check_version(ferry: Services, model_dir: ModelDir, version: int) -> VersionFinding:
     onnx_path = model_dir.version_dir(version) / "model.onnx"
     if not onnx_path.is_file():
         return VersionFinding(version=version, verdict="has no model.onnx")

@@ -14,7 +14,7 @@ from ferry.core.records import GateEvaluation, GateFigures, RolloutState, Step, 
 
 if TYPE_CHECKING:
     from ferry.core.repository import ModelDir
-    from ferry.core.services import Ferry
+    from ferry.core.services import Services
 
 GATE = "gate"  # each evaluation of a bake's gate: status "pass" | "fail" | "waiting"
 
@@ -31,7 +31,7 @@ def _describe_figures(evaluation: GateEvaluation) -> str:
 class Baking:
     """The bake's part of :class:`ferry.core.runner.Runner`."""
 
-    ferry: Ferry
+    ferry: Services
     model_dir: ModelDir
     emit: EventHandler
 

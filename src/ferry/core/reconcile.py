@@ -13,7 +13,7 @@ from ferry.core.journal import read_journal
 from ferry.core.lock import holding
 from ferry.core.placement import held_versions, pin, retire, serving_problems, wait_serving
 from ferry.core.repository import ModelDir
-from ferry.core.services import Ferry
+from ferry.core.services import Services
 from ferry.core.triton import Placement
 
 Action = Literal["in place", "loaded", "unloaded", "skipped", "failed"]
@@ -31,7 +31,7 @@ class Reconciled(BaseModel):
         return self.action in ("in place", "loaded", "unloaded")
 
 
-def reconcile(ferry: Ferry, model: str) -> Reconciled:
+def reconcile(ferry: Services, model: str) -> Reconciled:
     """Make Triton serve exactly the committed version of ``model`` (after a restart, or on a new replica).
 
     Touches Triton only when it differs, so it is cheap and safe to run periodically.
@@ -50,7 +50,7 @@ def reconcile(ferry: Ferry, model: str) -> Reconciled:
         return Reconciled(model=model, active_version=None, action="failed", detail=str(error))
 
 
-def _reconcile(ferry: Ferry, model_dir: ModelDir) -> Reconciled:
+def _reconcile(ferry: Services, model_dir: ModelDir) -> Reconciled:
     current = read_current(model_dir)
     version = current.active_version if current else None
     wanted = [version] if version is not None else []

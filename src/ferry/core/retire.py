@@ -24,7 +24,7 @@ from ferry.core.placement import retire as retire_from
 from ferry.core.placement import serving_problems, wait_serving
 from ferry.core.records import CurrentState, utc_stamp
 from ferry.core.repository import ModelDir
-from ferry.core.services import Ferry
+from ferry.core.services import Services
 
 RETIRED_DIR = "retired"
 
@@ -48,7 +48,7 @@ class Retired(BaseModel):
     warnings: list[str] = []
 
 
-def retire(ferry: Ferry, model: str) -> Retired:
+def retire(ferry: Services, model: str) -> Retired:
     """Remove the model's current.json (kept under ``retired/``) and unload the model from every replica.
 
     Idempotent: a model with nothing committed is only unloaded (if Triton serves any of it), and a
@@ -86,7 +86,7 @@ def _keep(model_dir: ModelDir, current: CurrentState) -> str:
     return str(path)
 
 
-def _unload(ferry: Ferry, retired: Retired) -> None:
+def _unload(ferry: Services, retired: Retired) -> None:
     """After the commit point: no replica serves the model any more, or the warnings say how to repair it."""
     model = retired.model
     try:

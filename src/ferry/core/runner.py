@@ -41,7 +41,7 @@ from ferry.core.records import (
 )
 from ferry.core.repository import check_name
 from ferry.core.rollout import check_plan
-from ferry.core.services import Ferry
+from ferry.core.services import Services
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ class Target:
 class Runner(Baking):
     """Runs the transaction on one model."""
 
-    def __init__(self, ferry: Ferry, model: str, via: Via = "cli", on_event: EventHandler | None = None) -> None:
+    def __init__(self, ferry: Services, model: str, via: Via = "cli", on_event: EventHandler | None = None) -> None:
         self.ferry = ferry
         self.model_dir = ferry.model_dir(model)
         self.via = via
@@ -380,7 +380,7 @@ _STEP_FUNCTIONS = {Step.LOAD: "load", Step.READY: "wait_ready", Step.SMOKE: "smo
 
 
 
-def deploy(ferry: Ferry, model: str, alias: str | None = None, version: int | None = None,
+def deploy(ferry: Services, model: str, alias: str | None = None, version: int | None = None,
            on_event: EventHandler | None = None, force: bool = False) -> DeployReport:
     """One attempt in this process: the version ``alias`` names, or ``version`` (going back to it)."""
     if (alias is None) == (version is None):

@@ -15,7 +15,7 @@ from ferry.core.triton import Triton
 
 
 @dataclass
-class Ferry:
+class Services:
     """The services a deploy talks to, built from settings (or given: the unit tests pass in-process fakes)."""
 
     settings: Settings

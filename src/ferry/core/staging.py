@@ -25,11 +25,11 @@ from ferry.core.model_config import (
 from ferry.core.records import Candidate, Manifest, Snapshot, Step, parse_utc_stamp, utc_stamp
 from ferry.core.registry import Artifacts, VersionRef, disk_full
 from ferry.core.repository import MANIFEST, ModelDir, check_name
-from ferry.core.services import Ferry
+from ferry.core.services import Services
 from ferry.core.smoke import SMOKE_FILE, load_sample
 
 
-def resolve(ferry: Ferry, model_dir: ModelDir, alias: str | None, version: int | None) -> VersionRef:
+def resolve(ferry: Services, model_dir: ModelDir, alias: str | None, version: int | None) -> VersionRef:
     """The version to deploy. A version already staged by ferry is read from its manifest, without MLflow:
     going back to a kept version must work when MLflow is down."""
     if alias is not None:
@@ -91,7 +91,7 @@ def _verify_onnx(path: Path, snapshot: Snapshot, runtime: str) -> model_config_p
     return config
 
 
-def stage(ferry: Ferry, model_dir: ModelDir, ref: VersionRef, snapshot: Snapshot) -> Candidate:
+def stage(ferry: Services, model_dir: ModelDir, ref: VersionRef, snapshot: Snapshot) -> Candidate:
     limit = ferry.settings.max_artifact_bytes
     artifacts = ferry.registry.artifacts(ref)
     sizes = artifacts.sizes()
@@ -127,7 +127,7 @@ def stage(ferry: Ferry, model_dir: ModelDir, ref: VersionRef, snapshot: Snapshot
                      size_bytes=size, config_pbtxt=to_pbtxt(config))
 
 
-def _fill_staging(ferry: Ferry, artifacts: Artifacts, staging: Path, snapshot: Snapshot,
+def _fill_staging(ferry: Services, artifacts: Artifacts, staging: Path, snapshot: Snapshot,
                   sizes: dict[str, int]) -> tuple[model_config_pb2.ModelConfig, int, str]:
     """Download and check the version's files and add the runner; the config, model size and sha256."""
     limit = ferry.settings.max_artifact_bytes

@@ -44,7 +44,7 @@ from ferry.core.records import (
 )
 from ferry.core.repository import ModelDir
 from ferry.core.rollout import remove_rollout
-from ferry.core.services import Ferry
+from ferry.core.services import Services
 from ferry.core.smoke import SMOKE_FILE, load_sample, output_problems, synthetic_sample
 from ferry.core.stubs import stop_stubs_of
 from ferry.core.triton import Triton, placement
@@ -89,7 +89,7 @@ def on_every_replica(fleet: Fleet, action: Callable[[Triton], T]) -> dict[str, T
 # ---------------------------------------------------------------- snapshot
 
 
-def take_snapshot(ferry: Ferry, model: str) -> Snapshot:
+def take_snapshot(ferry: Services, model: str) -> Snapshot:
     """Record what is committed and what every replica serves. Raises FerryError if any cannot be read,
     and refuses a model that Triton serves while ferry has no state for it: its rollback could not restore it."""
     model_dir = ferry.model_dir(model)
@@ -115,14 +115,14 @@ def take_snapshot(ferry: Ferry, model: str) -> Snapshot:
     )
 
 
-def fleet_of(ferry: Ferry, snapshot: Snapshot) -> Fleet:
+def fleet_of(ferry: Services, snapshot: Snapshot) -> Fleet:
     return ferry.fleet(snapshot.replica_urls)
 
 
 # ---------------------------------------------------------------- materialize
 
 
-def materialize(ferry: Ferry, snapshot: Snapshot, alias: str | None = None, version: int | None = None) -> Candidate:
+def materialize(ferry: Services, snapshot: Snapshot, alias: str | None = None, version: int | None = None) -> Candidate:
     """Resolve the target and stage its files as ``<model>/<version>/``, verified.
 
     A target that cannot be resolved, or whose download meets MLflow or its artifact store not answering,
@@ -174,7 +174,7 @@ def needs_commit(candidate: Candidate) -> bool:
 # ---------------------------------------------------------------- load, ready, smoke
 
 
-def load(ferry: Ferry, snapshot: Snapshot, candidate: Candidate) -> None:
+def load(ferry: Services, snapshot: Snapshot, candidate: Candidate) -> None:
     """Load the candidate into the store beside the active version: the front still serves the active one,
     whose instance is updated in place, not re-created."""
     if not needs_validation(candidate):
@@ -204,7 +204,7 @@ def _load_on(triton: Triton, model: str, config_json: str, candidate: Candidate)
                          error.hint, retryable=error.retryable, detail=error.detail) from error
 
 
-def wait_ready(ferry: Ferry, snapshot: Snapshot, candidate: Candidate) -> None:
+def wait_ready(ferry: Services, snapshot: Snapshot, candidate: Candidate) -> None:
     if not needs_validation(candidate):
         return
     timeout_s = ferry.settings.ready_timeout_s
@@ -227,7 +227,7 @@ def _wait_ready_on(triton: Triton, model: str, version: int, timeout_s: float) -
         time.sleep(0.05)
 
 
-def smoke(ferry: Ferry, snapshot: Snapshot, candidate: Candidate) -> dict[str, Any]:
+def smoke(ferry: Services, snapshot: Snapshot, candidate: Candidate) -> dict[str, Any]:
     """Infer on the candidate version alone; check outputs against the config and the golden outputs."""
     if not needs_validation(candidate):
         return {}
@@ -256,7 +256,7 @@ def smoke(ferry: Ferry, snapshot: Snapshot, candidate: Candidate) -> dict[str, A
 # ---------------------------------------------------------------- commit
 
 
-def commit(ferry: Ferry, snapshot: Snapshot, candidate: Candidate) -> tuple[CurrentState | None, list[str]]:
+def commit(ferry: Services, snapshot: Snapshot, candidate: Candidate) -> tuple[CurrentState | None, list[str]]:
     """Write current.json (the commit point), then repoint every replica's front to the new version and
     let the store drop the old one (or keep it warm for FERRY_KEEP_PREVIOUS_S)."""
     model_dir = ferry.model_dir(snapshot.model)
@@ -294,7 +294,7 @@ def _quarantine_failed(model_dir: ModelDir, snapshot: Snapshot, candidate: int |
             for folder, v in folders.items()]
 
 
-def undo(ferry: Ferry, snapshot: Snapshot, failure: Failure, candidate: int | None) -> RollbackReport:
+def undo(ferry: Services, snapshot: Snapshot, failure: Failure, candidate: int | None) -> RollbackReport:
     """Restore the snapshot's state, quarantine the failed version, and make Triton serve the active one.
 
     ``candidate`` is the version materialize produced (staged or reused), None if it produced none;

@@ -16,7 +16,7 @@ from ferry.adapters.watch.triggers import Trigger
 from ferry.core.config import Settings
 from ferry.core.errors import NoSuchModel, RegistryError, Unavailable
 from ferry.core.registry import Registry, VersionRef
-from ferry.core.services import Ferry
+from ferry.core.services import Services
 from ferry.core.summary import outcome_line
 
 REFUSED = "refused"
@@ -87,7 +87,7 @@ class LocalDeployer:
             reason = None  # the deploy attempt finds MLflow down too, and records it in the model's history
         if reason is not None:
             return REFUSED, reason
-        ferry = Ferry(self.settings, given_replicas=self.replicas,
+        ferry = Services(self.settings, given_replicas=self.replicas,
                       given_registry=cast(Registry, PinnedRegistry(registry, trigger)))
         try:
             report = deploy(ferry, trigger.model, alias=trigger.alias)

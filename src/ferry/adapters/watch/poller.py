@@ -62,9 +62,9 @@ def mlflow_aliases(settings: Settings) -> AliasReader:
 
     def read() -> dict[str, dict[str, int]]:
         if not registry:
-            from ferry.core.services import Ferry
+            from ferry.core.services import Services
 
-            registry.append(Ferry(settings).registry)
+            registry.append(Services(settings).registry)
         client = registry[0].client
         found: dict[str, dict[str, int]] = {}
         token = None

@@ -12,7 +12,7 @@ from ferry.adapters.watch.delivery import ALIAS_CREATED, WEBHOOK_PATH
 from ferry.adapters.watch.files import read_or_create_secret, secret_path
 from ferry.core.config import Settings
 from ferry.core.errors import FerryError, InvalidInput, Unavailable
-from ferry.core.services import Ferry
+from ferry.core.services import Services
 
 
 @dataclass
@@ -78,7 +78,7 @@ def register_webhook(settings: Settings, url: str, name: str = "ferry", new_secr
                            "or use `ferry watch --poll 30s`")
     path = secret_path(settings)
     secret, fresh = read_or_create_secret(path, renew=new_secret)
-    client = Ferry(settings).registry.client
+    client = Services(settings).registry.client
     needed = server_settings_for(url)
     try:
         existing = next((w for w in _webhooks(client) if w.name == name), None)
