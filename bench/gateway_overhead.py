@@ -47,7 +47,7 @@ SERVICE = "/inference.GRPCInferenceService/ModelInfer"
 # The gateway as `ferry gateway` runs it (ferry.adapters.gateway.app.serve), with its gRPC port.
 GATEWAY = [sys.executable, "-m", "ferry", "gateway"]
 # The same with the guard switched off, for measurement only: no parse, no checks.
-UNGUARDED = [sys.executable, "-c", "import sys; import ferry.adapters.gateway.guard as g; "
+UNGUARDED = [sys.executable, "-c", "import sys; import ferry.adapters.inference.guard as g; "
              "g.parse_infer = g.check_infer = g.check_grpc_infer = lambda *a: None; "
              "from ferry.adapters.cli import main; sys.argv[:1] = ['ferry', 'gateway']; main()"]
 

@@ -27,9 +27,9 @@ from sklearn.datasets import load_iris
 from tritonclient.grpc import service_pb2
 
 from conftest import FAKES, World, assert_invariants, make_settings
-from ferry.adapters.gateway import guard
 from ferry.adapters.gateway.shadow import grpc_outputs, http_copy_of_grpc, http_outputs, json_copy, outputs_agree
 from ferry.adapters.gateway.upstream import Reply
+from ferry.adapters.inference import guard
 from ferry.core import rollout
 from ferry.core.config import Settings
 from ferry.core.current import read_current

@@ -17,9 +17,9 @@ import pytest
 from tritonclient.grpc import service_pb2
 
 from conftest import FAKES, World, assert_invariants
-from ferry.adapters.gateway import guard
 from ferry.adapters.gateway.refusals import status_of
-from ferry.adapters.gateway.routing import Route
+from ferry.adapters.inference import guard
+from ferry.adapters.inference.routing import Route
 from ferry.core.errors import GatewayError
 from ferry.core.model_config import Signature, TensorSpec
 from ferry.core.runner import deploy

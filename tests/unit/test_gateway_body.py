@@ -9,11 +9,11 @@ import zlib
 import numpy as np
 import pytest
 
-from ferry.adapters.gateway import guard
-from ferry.adapters.gateway.body import check_rows, decode_body, predict_body, predict_document, predict_infer
 from ferry.adapters.gateway.refusals import status_of
-from ferry.adapters.gateway.routing import Route
 from ferry.adapters.gateway.wording import version_number
+from ferry.adapters.inference import guard
+from ferry.adapters.inference.body import check_rows, decode_body, predict_body, predict_document, predict_infer
+from ferry.adapters.inference.routing import Route
 from ferry.core.errors import GatewayError
 from ferry.core.model_config import Signature, TensorSpec
 

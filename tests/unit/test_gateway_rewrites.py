@@ -9,7 +9,7 @@ from tritonclient.grpc import service_pb2
 
 from ferry.adapters.gateway.kserve_grpc import _at_store, _named
 from ferry.adapters.gateway.kserve_http import BINARY_HEADER, served_as
-from ferry.adapters.gateway.routing import Route
+from ferry.adapters.inference.routing import Route
 from ferry.core.model_config import Signature
 
 

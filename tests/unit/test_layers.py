@@ -21,7 +21,7 @@ def _lint(package_root: Path) -> subprocess.CompletedProcess:
 def test_the_layers_hold() -> None:
     result = _lint(ROOT / "src")
     assert result.returncode == 0, result.stdout[-2000:]
-    assert "3 kept, 0 broken" in result.stdout
+    assert "5 kept, 0 broken" in result.stdout
 
 
 def test_a_core_module_that_imports_the_gateway_breaks_the_contract(tmp_path: Path) -> None:
@@ -40,6 +40,16 @@ def test_a_protocol_that_imports_the_gateway_application_breaks_the_gateways_lay
     result = _lint(tmp_path)
     assert result.returncode != 0
     assert "ferry.adapters.gateway.shadow -> ferry.adapters.gateway.app" in result.stdout
+
+
+def test_a_front_end_that_imports_another_breaks_their_independence(tmp_path: Path) -> None:
+    """The MLflow plugin's predict reaching into the gateway (as it did before ferry.adapters.inference)."""
+    shutil.copytree(ROOT / "src" / "ferry", tmp_path / "ferry", ignore=shutil.ignore_patterns("__pycache__"))
+    predict = tmp_path / "ferry" / "adapters" / "mlflow_predict.py"
+    predict.write_text(predict.read_text() + "\nfrom ferry.adapters.gateway import balancer  # noqa\n")
+    result = _lint(tmp_path)
+    assert result.returncode != 0
+    assert "the front ends are independent" in result.stdout and "BROKEN" in result.stdout, result.stdout[-2000:]
 
 
 def import_cycles(package: str, path: Path) -> set[tuple[str, str]]:
@@ -109,10 +119,11 @@ def test_error_classes_outside_the_tree_are_only_the_known_refinements() -> None
     ``except OSError`` turns it into BackendDown) and the JSON decoder's refusal of NaN and Infinity."""
     assert _error_classes_outside_the_tree() == [
         "src/ferry/adapters/gateway/balancer.py: ConnectFailed(ConnectionError)",
-        "src/ferry/adapters/gateway/guard.py: _NotJson(ValueError)",
-        "src/ferry/adapters/gateway/routing.py: UnknownModel(NoSuchModel)",
         "src/ferry/adapters/gateway/wording.py: UnknownModelError(NotServed)",
         "src/ferry/adapters/gateway/wording.py: UnknownVersionError(NotServed)",
+        "src/ferry/adapters/inference/guard.py: _NotJson(ValueError)",
+        "src/ferry/adapters/inference/routing.py: UnknownModel(NoSuchModel)",
         "src/ferry/core/mlflow_rest.py: ServerError(Unavailable)",
         "src/ferry/core/staging.py: ForeignVersion(InvalidInput)",
     ]
+

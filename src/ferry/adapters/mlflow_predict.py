@@ -15,7 +15,7 @@ from ferry.core.errors import TritonError
 from ferry.core.services import Services
 
 if TYPE_CHECKING:
-    from ferry.adapters.gateway.routing import Route
+    from ferry.adapters.inference.routing import Route
 
 
 def refused(message: str, hint: str = "", code: int = INVALID_PARAMETER_VALUE) -> MlflowException:
@@ -69,12 +69,12 @@ def _jsonable(value: np.ndarray) -> Any:
 
 
 def _infer(ferry: Services, route: Route, document: dict[str, Any]) -> dict[str, Any]:
-    """A /predict document at one route: the gateway's one input check (:mod:`ferry.adapters.gateway.body`), then
+    """A /predict document at one route: the gateway's one input check (:mod:`ferry.adapters.inference.body`), then
     Triton."""
     from tritonclient.utils import triton_to_np_dtype
 
-    from ferry.adapters.gateway import guard
-    from ferry.adapters.gateway.body import check_rows, predict_infer
+    from ferry.adapters.inference import guard
+    from ferry.adapters.inference.body import check_rows, predict_infer
 
     max_elements = getattr(ferry.settings, "gateway_max_elements", 0) or guard.DEFAULT_MAX_ELEMENTS
     request = predict_infer(document, route)
@@ -92,8 +92,8 @@ def predict_committed(ferry: Services, model: str, inputs: Any) -> PredictionsRe
     """Inference at the committed version, as the gateway's /predict does it: the inputs as the /predict body they
     would be, through its decoder and input check (so the plugin refuses what /predict refuses, for the same
     reason), routing, and one retry when a commit retired the version while the request ran."""
-    from ferry.adapters.gateway.body import predict_body, predict_document
-    from ferry.adapters.gateway.routing import Router
+    from ferry.adapters.inference.body import predict_body, predict_document
+    from ferry.adapters.inference.routing import Router
 
     router = Router(ferry.settings.repository)
     route = router.route(model)

@@ -1,6 +1,6 @@
 """``ferry gateway``: production traffic to the version current.json commits, and to nothing else.
 
-An adapter (uvicorn, FastAPI, grpc.aio) over :mod:`ferry.adapters.gateway.routing`. Every request is routed
+An adapter (uvicorn, FastAPI, grpc.aio) over :mod:`ferry.adapters.inference.routing`. Every request is routed
 afresh, so a commit takes effect from the next request on, without a restart; the answer names the version
 that served it (the ``X-Ferry-Model-Version`` header, gRPC trailing metadata of the same name). A client may
 name a version only if it is the committed one.
@@ -40,17 +40,17 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 from starlette.types import Receive, Scope, Send
 
-from ferry.adapters.gateway import guard
 from ferry.adapters.gateway.balancer import HttpBalancer
-from ferry.adapters.gateway.body import check_rows, decode_body, predict_document, predict_infer
 from ferry.adapters.gateway.kserve_grpc import KServeGrpc
 from ferry.adapters.gateway.kserve_http import KServeHttp, served_by, triton_failure
 from ferry.adapters.gateway.metrics import Metrics
 from ferry.adapters.gateway.refusals import route_of, status_of
-from ferry.adapters.gateway.routing import CANDIDATE, Route, Router, UnknownModel
 from ferry.adapters.gateway.shadow import Shadow
 from ferry.adapters.gateway.upstream import Reply
 from ferry.adapters.gateway.wording import UnknownModelError, UnknownVersionError, version_number
+from ferry.adapters.inference import guard
+from ferry.adapters.inference.body import check_rows, decode_body, predict_document, predict_infer
+from ferry.adapters.inference.routing import CANDIDATE, Route, Router, UnknownModel
 from ferry.core.config import Settings
 from ferry.core.errors import (
     BackendDown,

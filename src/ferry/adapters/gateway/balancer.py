@@ -35,8 +35,8 @@ from typing import Any, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from ferry.adapters.gateway.routing import Router
 from ferry.adapters.gateway.upstream import Reply, UpstreamPool, _Connection
+from ferry.adapters.inference.routing import Router
 from ferry.core.config import Endpoint, ReplicaSource, Settings
 from ferry.core.errors import FerryError
 from ferry.core.fleet import resolve_replicas

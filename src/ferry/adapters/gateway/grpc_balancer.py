@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 from tritonclient.grpc import service_pb2
 
 from ferry.adapters.gateway.balancer import Balancer, ConnectFailed, Replica
-from ferry.adapters.gateway.routing import Router
+from ferry.adapters.inference.routing import Router
 from ferry.core.config import Endpoint, Settings
 
 SERVICE = "inference.GRPCInferenceService"

@@ -26,14 +26,14 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 from tritonclient.grpc import service_pb2
 
-from ferry.adapters.gateway import guard
 from ferry.adapters.gateway.balancer import committed_versions
 from ferry.adapters.gateway.grpc_balancer import GrpcBalancer
 from ferry.adapters.gateway.kserve_http import SERVED_EXTENSIONS
 from ferry.adapters.gateway.refusals import route_of, status_of
-from ferry.adapters.gateway.routing import CANDIDATE, Route
 from ferry.adapters.gateway.shadow import Outputs, Shadowed, grpc_outputs, http_copy_of_grpc
 from ferry.adapters.gateway.wording import UnknownModelError, UnknownVersionError, version_number
+from ferry.adapters.inference import guard
+from ferry.adapters.inference.routing import CANDIDATE, Route
 from ferry.core.config import Endpoint
 from ferry.core.errors import BadRequest, FerryError, InvalidInput
 

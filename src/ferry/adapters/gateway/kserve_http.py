@@ -25,14 +25,14 @@ from typing import TYPE_CHECKING
 
 from starlette.types import Receive, Scope, Send
 
-from ferry.adapters.gateway import guard
 from ferry.adapters.gateway.balancer import committed_versions
-from ferry.adapters.gateway.body import decode_body
 from ferry.adapters.gateway.refusals import route_of, status_of
-from ferry.adapters.gateway.routing import CANDIDATE, Route
 from ferry.adapters.gateway.shadow import Copy, Outputs, Shadowed, http_outputs, json_copy
 from ferry.adapters.gateway.upstream import Reply
 from ferry.adapters.gateway.wording import UnknownModelError, UnknownVersionError
+from ferry.adapters.inference import guard
+from ferry.adapters.inference.body import decode_body
+from ferry.adapters.inference.routing import CANDIDATE, Route
 from ferry.core.errors import FerryError
 
 if TYPE_CHECKING:

@@ -7,7 +7,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from ferry.adapters.gateway.routing import ACTIVE, Route
+from ferry.adapters.inference.routing import ACTIVE, Route
 
 
 class Metrics:

@@ -12,8 +12,8 @@ from typing import Any, Protocol, TypeVar
 from starlette.types import Receive
 
 from ferry.adapters.gateway.metrics import Metrics
-from ferry.adapters.gateway.routing import Route, Router
 from ferry.adapters.gateway.upstream import Reply
+from ferry.adapters.inference.routing import Route, Router
 from ferry.core.config import Settings
 
 T = TypeVar("T")

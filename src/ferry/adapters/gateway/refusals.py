@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ferry.adapters.gateway.routing import Route, UnknownModel
+from ferry.adapters.inference.routing import Route, UnknownModel
 from ferry.core.errors import (
     BackendDown,
     BadRequest,

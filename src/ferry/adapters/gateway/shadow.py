@@ -36,9 +36,9 @@ import numpy as np
 from tritonclient.grpc import service_pb2
 from tritonclient.utils import deserialize_bytes_tensor, triton_to_np_dtype
 
-from ferry.adapters.gateway import guard
-from ferry.adapters.gateway.routing import ACTIVE, Route
 from ferry.adapters.gateway.upstream import Reply
+from ferry.adapters.inference import guard
+from ferry.adapters.inference.routing import ACTIVE, Route
 from ferry.core.errors import FerryError
 
 if TYPE_CHECKING:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 
-from ferry.adapters.gateway.routing import Route
+from ferry.adapters.inference.routing import Route
 from ferry.core.errors import BadRequest, FerryError, NotServed
 
 INT64_MAX = 2**63 - 1

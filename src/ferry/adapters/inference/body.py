@@ -13,8 +13,8 @@ import json
 import zlib
 from typing import Any
 
-from ferry.adapters.gateway.guard import HttpInfer, parse_json, refused
-from ferry.adapters.gateway.routing import Route
+from ferry.adapters.inference.guard import HttpInfer, parse_json, refused
+from ferry.adapters.inference.routing import Route
 from ferry.core.errors import BadRequest, TooLarge, UnsupportedEncoding
 
 PREDICT_HINT = 'send {"inputs": {"<input name>": <nested list>}}'

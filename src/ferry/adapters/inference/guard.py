@@ -24,7 +24,7 @@ from typing import Any
 
 from tritonclient.grpc import service_pb2
 
-from ferry.adapters.gateway.routing import Route
+from ferry.adapters.inference.routing import Route
 from ferry.core.errors import BadRequest
 from ferry.core.model_config import TensorSpec, shape_fits
 
