@@ -187,6 +187,13 @@ def one_line(text: str | None, limit: int = 600) -> str:
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
+def not_the_versions_fault(error: BaseException) -> bool:
+    """ferry's setup, or a dependency that stopped answering (not a step that failed on the version): a deploy
+    that meets it while staging is refused with nothing kept, instead of being rolled back against the version."""
+    return isinstance(error, Misconfigured) or (isinstance(error, FerryError) and error.retryable
+                                                and not isinstance(error, StepFailed))
+
+
 def unreachable(error: FerryError) -> bool:
     """An error whose cause is a dependency that did not answer (an exit code of its own in the CLI)."""
     return error.retryable

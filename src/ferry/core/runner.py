@@ -335,14 +335,13 @@ class Runner(Baking):
 
     def _write_back(self, report: DeployReport) -> None:
         """Tell MLflow what happened (ferry.core.writeback), after the record; a failure there is only a warning."""
-        if report.outcome == Outcome.REJECTED or not self.ferry.settings.serving_alias:
+        if not writeback.due(self.ferry.settings, report):
             return
         self.emit(WRITE_BACK, "start", 0.0, "")
-        told = writeback.tell(self.ferry.settings, self.ferry.registry, self.model_dir, report)
-        if told is not None:
-            report.warnings += told.warnings
-            self.emit(WRITE_BACK, "ok" if told.told else "warned", told.seconds,
-                      "MLflow told of the outcome" if told.told else told.warnings[0])
+        told = writeback.tell(self.ferry.settings, lambda: self.ferry.registry, self.model_dir, report)
+        report.warnings += told.warnings
+        self.emit(WRITE_BACK, "ok" if told.told else "warned", told.seconds,
+                  "MLflow told of the outcome" if told.told else told.warnings[0])
 
     def _refuse_failed_version(self, target: Target) -> None:
         if target.kind != Kind.REVERT or target.force:

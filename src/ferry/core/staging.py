@@ -9,7 +9,7 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ferry.core.errors import FerryError, InvalidInput, Misconfigured, NotOnnx, StepFailed
+from ferry.core.errors import FerryError, InvalidInput, NotOnnx, StepFailed, not_the_versions_fault
 from ferry.core.fsutil import atomic_write, sha256_file
 from ferry.core.model_config import (
     Signature,
@@ -111,7 +111,7 @@ def stage(ferry: Services, model_dir: ModelDir, ref: VersionRef, snapshot: Snaps
         )
         atomic_write(staging / MANIFEST, manifest.model_dump_json(indent=1).encode())
     except FerryError as error:
-        if isinstance(error, Misconfigured) or (error.retryable and not isinstance(error, StepFailed)):
+        if not_the_versions_fault(error):
             model_dir.discard_staging(staging)  # ferry's setup, or MLflow or its store stopped answering: keep none
         raise
     except OSError as error:

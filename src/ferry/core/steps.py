@@ -18,11 +18,11 @@ from ferry.core.current import read_current, restore_current, write_current
 from ferry.core.errors import (
     FerryError,
     InvalidInput,
-    Misconfigured,
     ReplicaFailed,
     StepFailed,
     TritonError,
     TritonTimeout,
+    not_the_versions_fault,
 )
 from ferry.core.fleet import Fleet
 from ferry.core.front import disk_config, store_config, store_name
@@ -147,10 +147,9 @@ def materialize(ferry: Services, snapshot: Snapshot, alias: str | None = None, v
         return staging.stage(ferry, model_dir, ref, snapshot)
     except staging.ForeignVersion:
         raise  # refused before anything was touched: not a failed step, nothing to roll back
-    except Exception as error:  # whatever stops a staging is a failed step, undone
-        if isinstance(error, Misconfigured) or (isinstance(error, FerryError) and error.retryable
-                                                and not isinstance(error, StepFailed)):
-            raise  # ferry's setup, or a dependency that stopped answering: stage kept nothing; rejected
+    except Exception as error:  # whatever else stops a staging is a failed step, undone
+        if not_the_versions_fault(error):
+            raise  # stage kept nothing: rejected, not held against the version
         failure = as_step_failure(Step.MATERIALIZE, error)
         failure.version = ref.version
         raise failure from error

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from pydantic import BaseModel, computed_field
@@ -237,20 +237,17 @@ def _uri(settings: Settings, registry: Registry) -> str:
 # ---------------------------------------------------------------- entry points
 
 
-def write_back(settings: Settings, registry: Registry, report: DeployReport) -> SyncResult:
-    """Tag the version and move the serving alias; the result says what changed and what MLflow was not told."""
-    if not settings.serving_alias or report.outcome == Outcome.REJECTED:
-        return SyncResult(model=report.model)
-    return _apply(settings, registry, plan_for_report(report))
+def due(settings: Settings, report: DeployReport) -> bool:
+    """Whether MLflow is to be told of ``report``: write-back is on, and the attempt was decided."""
+    return bool(settings.serving_alias) and report.outcome != Outcome.REJECTED
 
 
-def tell(settings: Settings, registry: Registry, model_dir: ModelDir, report: DeployReport) -> WriteBackRecord | None:
-    """Write a decided attempt back and leave its line in writeback.jsonl; None when there is nothing to tell."""
-    if not settings.serving_alias or report.outcome == Outcome.REJECTED:
-        return None
+def tell(settings: Settings, registry: Callable[[], Registry], model_dir: ModelDir,
+         report: DeployReport) -> WriteBackRecord:
+    """Tag the version and move the serving alias (when :func:`due`), and leave the line in writeback.jsonl."""
     began = time.perf_counter()
     try:
-        result = write_back(settings, registry, report)
+        result = _apply(settings, registry(), plan_for_report(report))
     except FerryError as error:  # MLflow's client could not even start
         result = SyncResult(model=report.model, unavailable=True, warnings=[
             f"MLflow was not told of the outcome: {error} (run `ferry sync {report.model}`)"])
