@@ -1,7 +1,12 @@
-"""Training-side helpers: log an ONNX model with its smoke sample to MLflow and register it.
+"""Training-side helpers: log a model version with its smoke sample to MLflow and register it.
 
 Call :func:`log_onnx_model` inside an active MLflow run. ferry deploys what it writes:
 ``<artifact_path>/model.onnx`` and ``<artifact_path>/smoke.json`` (the sample input and the golden outputs).
+
+Call :func:`log_triton_model` inside an active MLflow run to log a whole Triton model directory (the ``triton``
+flavor, laid out as NVIDIA's mlflow-triton-plugin lays it out): ``<artifact_path>/MLmodel`` (flavor ``triton``,
+``data`` the directory's name), ``<artifact_path>/<name>/`` (config.pbtxt and one numbered version folder) and,
+when a sample is given, ``<artifact_path>/smoke.json``.
 
 A BYTES (string) tensor may be given as Triton's clients build it (an object array of bytes) or as str (UTF-8).
 onnxruntime's string tensors hold text, so the golden outputs are computed on the UTF-8 text of each element and
@@ -11,15 +16,20 @@ come back as bytes; an element that is not UTF-8 is refused here, as ferry's pyt
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from ferry.core.errors import InvalidInput
+from ferry.core.model_config import Signature, TensorSpec, config_signature, from_pbtxt, shape_fits
 from ferry.core.smoke import SMOKE_FILE, SmokeSample, as_bytes, dump_sample, is_bytes
 
 STRING = "tensor(string)"  # onnxruntime's type name of a string tensor
+TRITON_FLAVOR = "triton"  # the flavor name of NVIDIA's mlflow-triton-plugin
+CONFIG_FILE = "config.pbtxt"
 
 
 def golden_outputs(model_bytes: bytes, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -78,6 +88,110 @@ def log_onnx_model(
     run = mlflow.active_run()
     assert run is not None  # log_artifacts starts a run when none is active
     return f"runs:/{run.info.run_id}/{artifact_path}"
+
+
+def log_triton_model(
+    model_dir: str | Path,
+    sample_inputs: dict[str, np.ndarray] | None = None,
+    golden: dict[str, np.ndarray] | None = None,
+    artifact_path: str = "triton",
+    rtol: float | None = None,
+    atol: float | None = None,
+    extra: dict | None = None,
+) -> str:
+    """Log a Triton model directory to the active run as the ``triton`` flavor; return the URI to register.
+
+    The layout is the plugin's (``MLmodel`` and ``<name>/``) plus ferry's ``smoke.json`` beside ``MLmodel`` when
+    ``sample_inputs`` is given (inputs only when ``golden`` is None: nothing here can run the model). ``extra``
+    goes into the MLmodel's ``metadata``.
+    """
+    import mlflow
+    from mlflow.models import Model
+
+    source = Path(os.path.normpath(Path(model_dir).absolute()))
+    signature = check_triton_dir(source)
+    sample = _triton_sample(signature, sample_inputs, golden, rtol, atol)
+    run = mlflow.active_run()
+    if run is None:
+        raise InvalidInput("log_triton_model needs an active MLflow run", "call it inside `with mlflow.start_run():`")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        shutil.copytree(source, folder / source.name)
+        model = Model(artifact_path=artifact_path, run_id=run.info.run_id, metadata=extra or None)
+        model.add_flavor(TRITON_FLAVOR, data=source.name)
+        model.save(str(folder / "MLmodel"))
+        if sample is not None:
+            (folder / SMOKE_FILE).write_text(dump_sample(sample))
+        mlflow.log_artifacts(str(folder), artifact_path=artifact_path)
+    return f"runs:/{run.info.run_id}/{artifact_path}"
+
+
+def check_triton_dir(model_dir: Path) -> Signature:
+    """Refuse what Triton or ferry cannot take from a model directory; return the signature its config declares."""
+    if not model_dir.is_dir():
+        raise InvalidInput(f"{model_dir} is not a directory", "give the Triton model directory (config.pbtxt, 1/)")
+    if model_dir.name in ("MLmodel", SMOKE_FILE):
+        raise InvalidInput(f"the model directory may not be named {model_dir.name}",
+                           "rename it: the name sits beside MLmodel and smoke.json in the run's artifacts")
+    _refuse_links_and_caches(model_dir)
+    config = model_dir / CONFIG_FILE
+    if not config.is_file():
+        raise InvalidInput(f"{model_dir} has no {CONFIG_FILE}",
+                           "write the model's config.pbtxt at the top of the directory, beside its version folder")
+    versions = sorted(p.name for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    if len(versions) != 1:
+        found = ", ".join(versions) or "none"
+        raise InvalidInput(f"{model_dir} holds {len(versions)} numbered version folders ({found}): one is allowed",
+                           "keep one version folder (ferry stages it as the MLflow version, whatever its number)")
+    return _config_signature(config)
+
+
+def _refuse_links_and_caches(model_dir: Path) -> None:
+    for root, dirs, files in os.walk(model_dir):
+        for name in [*dirs, *files]:
+            path = Path(root, name)
+            if path.is_symlink():
+                raise InvalidInput(f"{path} is a symlink", "copy the file it points at into the model directory")
+            if name == "__pycache__":
+                raise InvalidInput(f"{path} is a __pycache__ folder",
+                                   "remove it (and set PYTHONDONTWRITEBYTECODE): Triton reloads a model on it")
+
+
+def _config_signature(config: Path) -> Signature:
+    from google.protobuf.text_format import ParseError
+
+    try:
+        return config_signature(from_pbtxt(config.read_text()))
+    except (ParseError, UnicodeDecodeError) as error:
+        raise InvalidInput(f"{config} is not a Triton model config: {error}",
+                           "fix config.pbtxt (protobuf text of inference.ModelConfig)") from None
+
+
+def _triton_sample(signature: Signature, inputs: dict[str, np.ndarray] | None, golden: dict[str, np.ndarray] | None,
+                   rtol: float | None, atol: float | None) -> SmokeSample | None:
+    """The smoke sample to log, once its tensors are known to fit the config."""
+    if inputs is None:
+        if golden is not None:
+            raise InvalidInput("golden outputs without sample inputs", "give the sample_inputs they answer")
+        return None
+    _check_tensors("input", signature.inputs, inputs, every=True)
+    if golden is not None:
+        _check_tensors("golden output", signature.outputs, golden, every=False)
+    return SmokeSample(inputs, golden, rtol, atol)
+
+
+def _check_tensors(kind: str, specs: tuple[TensorSpec, ...], tensors: dict[str, np.ndarray], every: bool) -> None:
+    declared = {spec.name: spec for spec in specs}
+    unknown = sorted(set(tensors) - set(declared))
+    missing = sorted(set(declared) - set(tensors)) if every else []
+    if unknown or missing:
+        raise InvalidInput(f"the sample's {kind}s do not match config.pbtxt (unknown {unknown}, missing {missing})",
+                           f"name the {kind}s as config.pbtxt declares them: {sorted(declared)}")
+    for name, value in tensors.items():
+        shape = list(np.shape(value))
+        if not shape_fits(shape, declared[name].dims):
+            raise InvalidInput(f"{kind} '{name}' has shape {shape}, config.pbtxt says {list(declared[name].dims)}",
+                               "give a tensor of the shape the config declares (-1: any size)")
 
 
 def register_version(model: str, source: str, run_id: str, alias: str | None = None,
