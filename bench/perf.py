@@ -3,7 +3,7 @@ what clients that call Triton directly, naming no version, get while ferry deplo
 
 1. Throughput and latency. perf_analyzer (binary tensors, `--concurrency-range 1:4:3`, HTTP and gRPC) runs in
    alternating rounds against three targets: the front straight at Triton (`-m iris`, what a direct client with
-   no version reaches), the gateway (`-m iris`), and the version store by version (`-m iris.versions -x N`,
+   no version reaches), the gateway (`-m iris`), and the version store by version (`-m iris.versions.N -x N`,
    what the front pins). Each figure is the median over the rounds:
        perf <protocol> c<1|4> throughput ratio: X       gateway / direct
        perf <protocol> c<1|4> added p50 ms: X           gateway p50 - direct p50 (p99 likewise)
@@ -56,7 +56,7 @@ from train_model import train_and_register  # noqa: E402
 
 from conftest import World, make_settings  # noqa: E402
 from ferry.core.current import read_current  # noqa: E402
-from ferry.core.front import store_name  # noqa: E402
+from ferry.core.front import parse_store_name, store_name  # noqa: E402
 from ferry.core.runner import deploy  # noqa: E402
 from ferry.runtime import server  # noqa: E402
 
@@ -135,10 +135,11 @@ def cpu_seconds(pid: int) -> float:
 
 
 def store_requests(world: World) -> int:
-    """Successful inferences the version store has run, every version together (Triton's statistics)."""
-    reply = httpx.get(f"{world.settings.triton.url}/v2/models/{store_name(MODEL)}/stats", timeout=10)
+    """Successful inferences the version stores have run, every version together (Triton's statistics)."""
+    reply = httpx.get(f"{world.settings.triton.url}/v2/models/stats", timeout=10)
     reply.raise_for_status()
-    return sum(s["inference_stats"]["success"]["count"] for s in reply.json()["model_stats"])
+    return sum(s["inference_stats"]["success"]["count"] for s in reply.json()["model_stats"]
+               if (parse_store_name(s["name"]) or ("", 0))[0] == MODEL)
 
 
 @dataclass
@@ -396,7 +397,7 @@ def uncommitted_answers(answers: list[tuple[str, float, np.ndarray]], expected: 
 
 
 def isolation(world: World, versions: dict[str, int], model: str, folder: Path) -> None:
-    """``model``: what the direct clients call, naming no version (iris; iris.versions shows the check catching
+    """``model``: what the direct clients call, naming no version (iris; iris.versions.N shows the check catching
     candidates, as Triton answers unversioned requests to the store from its highest loaded version)."""
     expected = expected_outputs(world.settings.tracking_uri, sorted(versions.values()), folder)
     began = time.time()
@@ -453,7 +454,7 @@ def targets(world: World, gateway_port: int, version: int) -> list[Target]:
     for protocol, direct in (("http", triton), ("grpc", grpc_port)):
         gateway = f"127.0.0.1:{gateway_port + (protocol == 'grpc')}"
         found += [Target("direct", protocol, direct, MODEL), Target("gateway", protocol, gateway, MODEL),
-                  Target("store", protocol, direct, store_name(MODEL), str(version))]
+                  Target("store", protocol, direct, store_name(MODEL, version), str(version))]
     return found
 
 
@@ -466,7 +467,7 @@ def main() -> None:
     parser.add_argument("--profile", type=float, default=0, metavar="SECONDS",
                         help="py-spy the gateway for SECONDS under perf_analyzer at concurrency 4, per protocol")
     parser.add_argument("--direct-model", default=MODEL, help="the name the isolation check's direct clients call "
-                        f"(default {MODEL}; {store_name(MODEL)} shows the check catching candidates)")
+                        f"(default {MODEL}; {store_name(MODEL, 2)} shows the check catching candidate v2)")
     args = parser.parse_args()
     if perf_analyzer(["--version"], timeout_s=30).returncode != 0:
         raise SystemExit(f"{PERF_ANALYZER} does not run: install it with `make perf-analyzer`")

@@ -50,9 +50,11 @@ def rollout_plan(bake: str, mode: str, percent: float) -> dict | None:
     return {"mode": mode, "bake_s": parse_duration(bake, "bake"), **share}
 
 
-def snapshot_current(model: str, alias: str, bake: str, mode: str, percent: float, ti) -> dict:
+def snapshot_current(model: str, alias: str, bake: str, mode: str, percent: float, ti,
+                     allow_signature_change: bool | str = False) -> dict:
     try:
-        return _call("snapshot_current", model, alias, rollout_plan(bake, mode, float(percent)))
+        return _call("snapshot_current", model, alias, rollout_plan(bake, mode, float(percent)),
+                     str(allow_signature_change).lower() == "true")
     except Exception as error:
         cause = error.__cause__
         ti.xcom_push(key="failure", value={"message": getattr(cause, "message", str(error)),
@@ -100,13 +102,17 @@ with DAG(
                       "shadow: it gets copies and its answers are compared"),
         "percent": Param(10, type="number", minimum=1, maximum=100,
                          description="canary: the share of requests it answers; shadow: the share copied to it"),
+        "allow_signature_change": Param(False, type="boolean", description="Deploy a version whose inputs or "
+                                        "outputs differ from the active version's (it breaks their clients)"),
     },
     tags=["ferry"],
 ) as dag:
     names = {"model": "{{ params.model }}", "alias": "{{ params.alias }}"}
     snapshot = PythonOperator(task_id="snapshot_current", python_callable=snapshot_current,
                               op_kwargs={**names, "bake": "{{ params.bake }}", "mode": "{{ params.mode }}",
-                                         "percent": "{{ params.percent }}"}, **retry_dependencies)
+                                         "percent": "{{ params.percent }}",
+                                         "allow_signature_change": "{{ params.allow_signature_change }}"},
+                              **retry_dependencies)
     steps = [PythonOperator(task_id=name, python_callable=step(name), **retry_dependencies) for name in STEPS]
     # A sensor in reschedule mode: each look is a short task run, and no worker waits through the bake.
     steps.append(PythonSensor(task_id="triton_bake", python_callable=bake, mode="reschedule",

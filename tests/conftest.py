@@ -21,7 +21,7 @@ from filelock import FileLock
 
 from ferry.core.config import Settings
 from ferry.core.current import read_current, read_history
-from ferry.core.front import store_name
+from ferry.core.model_config import config_digest
 from ferry.core.records import DeployReport
 from ferry.core.repository import ModelDir
 from ferry.core.runner import deploy
@@ -279,11 +279,16 @@ def _assert_replica_invariants(world: World, where: Placement, current, replica:
             f"current.json says v{current.active_version}, {replica}'s store holds {where.store}"
         policy = list(model_dir.read_config().version_policy.specific.versions)
         assert policy == [current.active_version], f"config.pbtxt pins {policy}"
+        # The config travels with its version: config.pbtxt is the active version's, as current.json records it.
+        if manifest.get("config_sha256"):
+            pinned = config_digest(model_dir.read_config_text() or "")
+            assert pinned == manifest["config_sha256"], "config.pbtxt is not the active version's config"
+            assert current.config_sha256 in (None, pinned), "current.json records another config"
 
 
 def _assert_record_invariants(world: World, attempts: int) -> None:
     model_dir = world.model_dir
-    serving = set().union(*(r.ready_versions(world.model) + r.ready_versions(store_name(world.model))
+    serving = set().union(*(r.ready_versions(world.model) + r.placement(world.model).store
                             for r in world.ferry.fleet().replicas))
     # 3. Failed candidates are quarantined with their reason, never live, never beside the versions.
     history = read_history(model_dir)

@@ -179,7 +179,7 @@ def test_a_version_that_is_not_ready_rolls_back(dag_world: World) -> None:
     handle = orchestration.snapshot_current(ferry, "iris", "champion")
     orchestration.materialize_repo(ferry, handle)
     orchestration.triton_load(ferry, handle)
-    ferry.triton.unload(store_name("iris"))  # the store, where the candidate is
+    ferry.triton.unload(store_name("iris", 2))  # the candidate's store
     with pytest.raises(StepFailed, match="v2 not ready"):
         orchestration.triton_ready(ferry, handle)
     report = orchestration.rollback_minimal(ferry, "iris", "champion", handle["deploy_id"], None)

@@ -175,7 +175,8 @@ def _triton_successes(settings, version: int) -> float:
     text = httpx.get(settings.triton_metrics_url, timeout=5).text
     return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
                if sample.name.startswith("nv_inference_request_success")
-               and sample.labels.get("model") == store_name("iris") and sample.labels.get("version") == str(version))
+               and sample.labels.get("model") == store_name("iris", version)
+               and sample.labels.get("version") == str(version))
 
 
 def test_the_gateway_balances_over_the_replicas_through_a_killed_replica_and_a_deploy(tmp_path: Path) -> None:

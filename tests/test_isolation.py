@@ -203,7 +203,7 @@ def test_a_restarted_triton_gets_its_front_back_from_reconcile(world: World) -> 
     assert result.action == "loaded", result.detail
     placement = world.ferry.triton.placement(world.model)
     assert placement.front == [1] and placement.store == [1]
-    assert world.ferry.triton.ready_versions(store_name(world.model)) == [1]
+    assert world.ferry.triton.ready_versions(store_name(world.model, 1)) == [1]
     assert_invariants(world, attempts=1)
 
 

@@ -182,8 +182,8 @@ def _check_prometheus(world: World, prometheus: str) -> None:
     # Smoke inferences run in the model's store (Triton reports them there); production latency never counts them,
     # so a quiet model's p95 cannot be a deploy's cold smoke request.
     assert _wait("the store's own series",
-                 lambda: _query(prometheus, 'nv_inference_request_success{model="iris.versions"}'))
-    assert not _query(prometheus, '{__name__=~"model_version:.*",model="iris.versions"}')
+                 lambda: _query(prometheus, 'nv_inference_request_success{model=~"iris[.]versions[.][0-9]+"}'))
+    assert not _query(prometheus, '{__name__=~"model_version:.*",model=~"iris[.]versions.*"}')
     expected = {("committed", None, "1"), ("rolled_back", "smoke", "1")}  # an empty label is no label in Prometheus
     report = world.cli("report", "iris", "--out", str(world.settings.home / "report.png"),
                        FERRY_PROMETHEUS_URL=prometheus)

@@ -58,6 +58,7 @@ class FakeTriton:
     wrong_outputs: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
     unreachable: bool = False
     loads: list[tuple[str, list[int]]] = field(default_factory=list)
+    unloads: list[str] = field(default_factory=list)
     worker: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1), repr=False)
 
     def _check(self) -> None:
@@ -96,7 +97,7 @@ class FakeTriton:
         for version in wanted:
             if version in self.hang_load:
                 raise TritonTimeout(f"Triton at {self.url} did not answer loading '{model}' (fake)")
-            if not (self.repository / model / str(version) / "model.onnx").is_file():
+            if not (self.repository / model / str(version)).is_dir():
                 raise TritonError(f"Triton refused loading '{model}': no version {version} on disk")
             if version in self.fail_load:
                 raise TritonError(f"Triton refused loading '{model}': {self.fail_load[version]}")
@@ -104,6 +105,7 @@ class FakeTriton:
 
     def unload(self, model: str) -> None:
         self._check()
+        self.unloads.append(model)
         self.models.pop(model, None)
 
     def version_ready(self, model: str, version: int) -> bool:
@@ -127,8 +129,13 @@ class FakeArtifacts:
     def sizes(self) -> dict[str, int]:
         return {p.name: p.stat().st_size for p in self.folder.iterdir() if p.is_file()}
 
+    def tree(self, folder: str = "") -> dict[str, int]:
+        root = self.folder / folder if folder else self.folder
+        return {p.relative_to(self.folder).as_posix(): p.stat().st_size for p in root.rglob("*") if p.is_file()}
+
     def download(self, name: str, destination: Path) -> Path:
         target = destination / name
+        target.parent.mkdir(parents=True, exist_ok=True)
         if self.fails_with is not None:
             target.write_bytes((self.folder / name).read_bytes()[:100])
             raise self.fails_with

@@ -36,7 +36,7 @@ class FakeReplica:
         self.mode = "ok"  # ok | hang (never answers) | reset (closes without answering) | slow
         self.ready = True  # /v2/health/ready
         self.ready_delay_s = 0.0
-        self.models: set[str] = {"/v2/models/iris.versions/versions/1/ready"}  # the model ready paths that answer 200
+        self.models: set[str] = {"/v2/models/iris.versions.1/versions/1/ready"}  # the model ready paths that answer 200
         self.seen: list[str] = []
         self.server: asyncio.Server | None = None
         self.writers: set[asyncio.StreamWriter] = set()
@@ -223,7 +223,7 @@ def test_the_probe_takes_out_an_unready_replica_and_one_that_lacks_a_committed_v
             pool.router = object()  # type: ignore[assignment]
             replicas[1].models.clear()
             await _until(lambda: [r.up for r in pool.replicas] == [True, False, True])
-            replicas[1].models.add("/v2/models/iris.versions/versions/1/ready")
+            replicas[1].models.add("/v2/models/iris.versions.1/versions/1/ready")
             await _until(lambda: all(r.up for r in pool.replicas))
         finally:
             pool.close()

@@ -17,12 +17,12 @@ from unit.support import Bench
 
 
 class RefusesToServeOnly(FakeTriton):
-    """A replica that loads the candidate beside the active version but refuses the pin to it alone."""
+    """A replica that loads the candidate beside the active version but refuses to repoint its front to it."""
 
     refuse = True
 
     def load(self, model: str, config_json: str, files: dict[str, bytes] | None = None) -> None:
-        if self.refuse and '"2"' in config_json and '"1"' not in config_json and model.endswith(".versions"):
+        if self.refuse and model == "iris" and '"2"' in config_json:
             raise TritonError(f"Triton refused loading '{model}': out of memory (fake)")
         super().load(model, config_json, files)
 
@@ -49,9 +49,9 @@ def test_every_replica_loads_proves_and_serves_the_new_version(bench: Bench, rep
     report = _deploy(bench, replicas)
     assert report.outcome == Outcome.COMMITTED
     assert all(r.ready_versions("iris") == [2] for r in replicas)
-    # The candidate into the store beside v1; at the commit the store as it is, the front repointed, the store pinned.
-    assert all(r.loads[-4:] == [("iris.versions", [1, 2]), ("iris.versions", [1, 2]), ("iris", [2]),
-                                ("iris.versions", [2])] for r in replicas)
+    # The candidate into its own store beside v1's; at the commit its store as it is, the front repointed, v1 unloaded.
+    assert all(r.loads[-3:] == [("iris.versions.2", [2]), ("iris.versions.2", [2]), ("iris", [2])]
+               and r.unloads[-1:] == ["iris.versions.1"] for r in replicas)
 
 
 @pytest.mark.parametrize("fault", ["load", "smoke"])

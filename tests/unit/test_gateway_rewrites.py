@@ -21,20 +21,20 @@ def _route(model: str, version: int = 7, behind_front: bool = True) -> Route:
 def test_a_grpc_request_is_addressed_to_the_store_whatever_the_names_length(model: str) -> None:
     request = service_pb2.ModelInferRequest(model_name=model, model_version="", id="r1")
     sent = service_pb2.ModelInferRequest.FromString(_at_store(request.SerializeToString(), _route(model)))
-    assert (sent.model_name, sent.model_version, sent.id) == (f"{model}.versions", "7", "r1")
-    answer = service_pb2.ModelInferResponse(model_name=f"{model}.versions", model_version="7")
+    assert (sent.model_name, sent.model_version, sent.id) == (f"{model}.versions.7", "7", "r1")
+    answer = service_pb2.ModelInferResponse(model_name=f"{model}.versions.7", model_version="7")
     named = service_pb2.ModelInferResponse.FromString(_named(answer.SerializeToString(), _route(model)))
     assert (named.model_name, named.model_version) == (model, "7")
 
 
 def test_a_model_not_behind_a_front_is_called_by_its_own_name() -> None:
     assert _route("iris", behind_front=False).upstream == "iris"
-    assert _route("iris").upstream == "iris.versions"
+    assert _route("iris").upstream == "iris.versions.7"
 
 
 @pytest.mark.parametrize("request_id", ["", "r1", "x" * 300])  # Triton writes the id before the model's name
 def test_an_http_answer_names_the_model_and_keeps_its_binary_part(request_id: str) -> None:
-    head = {"model_name": "iris.versions", "model_version": "7", "outputs": [{"name": "Y", "datatype": "FP32",
+    head = {"model_name": "iris.versions.7", "model_version": "7", "outputs": [{"name": "Y", "datatype": "FP32",
                                                                                "shape": [1], "parameters":
                                                                                    {"binary_data_size": 4}}]}
     if request_id:

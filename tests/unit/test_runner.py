@@ -78,9 +78,9 @@ def test_the_second_version_retires_the_first(bench: Bench) -> None:
     bench.registry.add("iris", "champion")
     report = bench.deploy()
     assert (report.outcome, report.version, report.previous_version) == (Outcome.COMMITTED, 2, 1)
-    assert bench.triton.loads[-4:] == [("iris.versions", [1, 2]), ("iris.versions", [1, 2]), ("iris", [2]),
-                                       ("iris.versions", [2])], \
-        "loaded into the store beside the active; at the commit the front repointed, then the store pinned"
+    assert bench.triton.loads[-3:] == [("iris.versions.2", [2]), ("iris.versions.2", [2]), ("iris", [2])], \
+        "loaded into its own store beside the active's; at the commit the front repointed"
+    assert bench.triton.unloads[-1:] == ["iris.versions.1"], "then the active's store unloaded"
     bench.check_invariants(attempts=2)
 
 

@@ -78,9 +78,11 @@ def test_names_that_could_leave_the_repository_are_refused(name: str, tmp_path: 
         ModelDir(tmp_path, name)
 
 
-def test_a_name_that_would_be_a_models_store_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["iris.versions", "iris.versions.3"])
+def test_a_name_that_would_be_a_models_store_is_refused(name: str, tmp_path: Path) -> None:
     with pytest.raises(InvalidInput, match="version store"):
-        ModelDir(tmp_path, "iris.versions")
+        ModelDir(tmp_path, name)
+    assert ModelDir(tmp_path, "iris.versions.x").model == "iris.versions.x", "only a number makes it a store's"
 
 
 @pytest.mark.parametrize("content", [b"", b"\x00" * 10, b"\xff" * 64, b"\x0a\x05hello", b"not onnx at all"])

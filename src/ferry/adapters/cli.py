@@ -73,6 +73,9 @@ def deploy_command(
     mirror: float = typer.Option(100.0, "--mirror", metavar="PERCENT", help="Shadow: the share of requests copied."),
     gate_failures: int | None = typer.Option(None, "--gate-failures", min=1,
                                              help="Failed gate evaluations in a row that roll back at once."),
+    allow_signature_change: bool = typer.Option(
+        False, "--allow-signature-change",
+        help="Deploy a version whose inputs or outputs differ from the active version's (it breaks their clients)."),
     as_json: bool = JsonOption,
 ) -> None:
     """Deploy the version an MLflow alias points at: load, ready, smoke, [bake,] then commit or roll back."""
@@ -81,7 +84,7 @@ def deploy_command(
 
     guarded(lambda: check_name("model name", model))  # bad names are refused before anything starts
     plan = guarded(lambda: _rollout_plan(shadow, canary, bake, mirror))
-    target = guarded(lambda: Target.of_alias(alias, rollout=plan))
+    target = guarded(lambda: Target.of_alias(alias, rollout=plan, allow_signature_change=allow_signature_change))
     settings = current_settings()
     if gate_failures is not None:
         settings = settings.with_overrides(gate_failures=gate_failures)

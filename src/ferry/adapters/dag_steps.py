@@ -29,7 +29,8 @@ def _runner(ferry: Services, model: str) -> Runner:
     return Runner(ferry, model, via="airflow")
 
 
-def snapshot_current(ferry: Services, model: str, alias: str, rollout: dict | None = None) -> Handle:
+def snapshot_current(ferry: Services, model: str, alias: str, rollout: dict | None = None,
+                     allow_signature_change: bool = False) -> Handle:
     """Take the model (fail fast if another deploy holds it), then record what is committed and served.
 
     The model is taken before the snapshot, so no other deploy can commit in between and be undone
@@ -37,7 +38,8 @@ def snapshot_current(ferry: Services, model: str, alias: str, rollout: dict | No
     may retry, and :func:`rollback_minimal` records the attempt once it is given up.
     """
     plan = RolloutPlan.model_validate(rollout) if rollout else None
-    runner, target = _runner(ferry, model), Target.of_alias(alias, rollout=plan)
+    target = Target.of_alias(alias, rollout=plan, allow_signature_change=allow_signature_change)
+    runner = _runner(ferry, model)
     with holding(runner.model_dir, max(ferry.settings.lock_wait_s, SNAPSHOT_LOCK_WAIT_S)):
         journal = runner.begin(target)
     snapshot = journal.record.snapshot

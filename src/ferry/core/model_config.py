@@ -8,6 +8,7 @@ in more than its version policy, so ferry always renders configs the same way.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import mmap
@@ -278,3 +279,32 @@ def to_override_json(config: model_config_pb2.ModelConfig) -> str:
     from google.protobuf import json_format
 
     return json.dumps(json_format.MessageToDict(config, preserving_proto_field_name=True))
+
+
+def config_digest(text: str) -> str:
+    """The sha256 of a config as a version runs under it: its canonical text, without version policy or name
+    (what the version brings, not how ferry pins it)."""
+    config = from_pbtxt(text)
+    config.ClearField("name")
+    config.ClearField("version_policy")
+    return hashlib.sha256(to_pbtxt(config).encode()).hexdigest()
+
+
+def signature_changes(active: model_config_pb2.ModelConfig, candidate: model_config_pb2.ModelConfig) -> list[str]:
+    """What in the candidate's config would break the active version's clients: an input or output added,
+    removed, or of another datatype or shape (batch dimension included), or a max_batch_size that shrinks."""
+    changes = []
+    pairs = (("input", config_signature(active).inputs, config_signature(candidate).inputs),
+             ("output", config_signature(active).outputs, config_signature(candidate).outputs))
+    for kind, before, after in pairs:
+        now = {t.name: t for t in after}
+        for old in before:
+            new = now.pop(old.name, None)
+            if new is None:
+                changes.append(f"{kind} '{old.name}' is gone")
+            elif new != old:
+                changes.append(f"{kind} {old.describe()} becomes {new.describe()}")
+        changes += [f"{kind} {t.describe()} is new" for t in now.values()]
+    if 0 < candidate.max_batch_size < active.max_batch_size:
+        changes.append(f"max_batch_size shrinks from {active.max_batch_size} to {candidate.max_batch_size}")
+    return changes

@@ -3,88 +3,112 @@ drained (:mod:`ferry.core.front`), verified. The commit, the undo, reconcile and
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 from ferry.core.errors import FerryError, TritonError
 from ferry.core.fleet import Fleet
-from ferry.core.front import disk_config, front_config, front_files, store_config, store_name
-from ferry.core.model_config import from_pbtxt, model_config_pb2, to_override_json
+from ferry.core.front import disk_config, front_config, front_files, legacy_store_name, store_config, store_name
+from ferry.core.model_config import from_pbtxt, model_config_pb2, to_override_json, with_versions
 from ferry.core.records import Candidate, CurrentState, Snapshot, parse_utc_stamp, utc_stamp
 from ferry.core.repository import ModelDir
 from ferry.core.triton import Placement, Triton
 
+Loaded = dict[str, list[int]]  # each replica (its URL) and the versions whose stores it holds
+
+
+def loaded_after_load(snapshot: Snapshot, candidate: int) -> Loaded | None:
+    """The stores each replica holds once ``candidate`` is loaded: what the snapshot found, and the candidate
+    (None for a snapshot that did not record them: looked up on each replica)."""
+    if not snapshot.stores:
+        return None
+    return {url: sorted(set(held) | {candidate}) for url, held in snapshot.stores.items()}
+
 
 def pin_after_commit(model_dir: ModelDir, candidate: Candidate, fleet: Fleet, warm: int | None = None,
-                     previous: int | None = None) -> list[str]:
+                     loaded: Loaded | None = None) -> list[str]:
     """After the commit point a failure is drift for reconcile to repair, never a reason to un-commit."""
-    failed = pin(model_dir, candidate.config_pbtxt, candidate.version, fleet, warm, previous)
+    failed = pin(model_dir, candidate.config_pbtxt, candidate.version, fleet, warm, loaded)
     where = "replica {}".format if len(fleet.replicas) > 1 else (lambda url: "Triton")
     return [f"committed v{candidate.version}, but pinning {where(url)} to it failed: {error} "
             "(drift: run `ferry reconcile`)" for url, error in failed.items()]
 
 
 def pin(model_dir: ModelDir, config_pbtxt: str, version: int, fleet: Fleet, warm: int | None = None,
-        previous: int | None = None) -> dict[str, FerryError]:
-    """Make every replica's front serve ``version`` and its store hold it alone (and ``warm``, the previous
-    version kept loaded); then config.pbtxt says so. ``previous``: what the fronts served until now, kept
-    loaded until they are repointed (None: what each replica's front serves, looked up). The replicas that
-    failed, with why; never raises (after a commit point, a failure is drift, not a reason to un-commit)."""
+        loaded: Loaded | None = None) -> dict[str, FerryError]:
+    """Make every replica's front serve ``version`` (under ``config_pbtxt``) and hold its store alone (and
+    ``warm``'s, the previous version kept loaded); then config.pbtxt says so. ``loaded``: the stores each
+    replica held until now, unloaded once the front is repointed unless kept (None: looked up on each
+    replica). The replicas that failed, with why; never raises (after a commit point, a failure is drift,
+    not a reason to un-commit)."""
     try:
         config = from_pbtxt(config_pbtxt)
-        model_dir.ensure_store_link()  # a model an earlier release of ferry deployed has none yet
+        model_dir.ensure_store_link(version)
     except (FerryError, OSError, ValueError) as error:
         return {str(model_dir.path): FerryError(f"cannot serve v{version} of '{model_dir.model}': {error}")}
     keep = sorted({version} | ({warm} if warm is not None else set()))
-    during = [previous] if previous is not None else None
-    results = fleet.settled(lambda triton: serve(triton, model_dir.model, config, version, keep, during))
+    legacy = model_dir.legacy_store_link.is_symlink()  # a model an earlier release of ferry deployed
+
+    def serve_on(triton: Triton) -> None:
+        serve(triton, model_dir.model, config, version, keep, None if loaded is None else loaded.get(triton.url),
+              legacy)
+
+    results = fleet.settled(serve_on)
     failed: dict[str, FerryError] = {url: r for url, r in results.items() if isinstance(r, FerryError)}
     try:
-        model_dir.write_config(disk_config(config, keep))
+        model_dir.write_config(disk_config(config, [version]))
+        if not failed:
+            model_dir.drop_store_links(keep)
     except OSError as error:
         failed[str(model_dir.config_path)] = FerryError(f"writing {model_dir.config_path} failed: {error}")
     return failed
 
 
 def serve(triton: Triton, model: str, config: model_config_pb2.ModelConfig, version: int, keep: list[int],
-          during: list[int] | None = None) -> None:
-    """Point ``model``'s front at ``version`` and leave its store holding ``keep`` (which includes it).
+          loaded: list[int] | None = None, legacy: bool = False) -> None:
+    """Point ``model``'s front at ``version`` and leave loaded the stores of ``keep`` (which includes it) alone.
 
-    The store is loaded first, holding ``during`` too (what the front serves until it is repointed: an
-    in-place update of what is loaded already), so that the front, whose load makes Triton poll the store,
-    finds it current; the front is repointed; only then does the store drop ``during`` (Triton drains it).
-    ``during`` None: what this replica's front serves now, from its repository index (reconcile, whose
-    replicas may each be astray in their own way)."""
-    store = store_name(model)
-    if during is None:
-        during = triton.placement(model).serving
-    hold = sorted(set(keep) | set(during))
-    triton.load(store, to_override_json(store_config(config, model, hold)))
+    The store of ``version`` is loaded first (an in-place update when it is loaded already), so that the front,
+    whose load makes Triton poll that store, finds it current; the front is repointed; only then are the other
+    stores in ``loaded`` unloaded (Triton drains them). ``loaded`` None: what this replica holds, from its
+    repository index (reconcile and undo, whose replicas may each be astray in their own way). ``legacy``:
+    unload the one store earlier releases of ferry loaded, too."""
+    if loaded is None:
+        where = triton.placement(model)
+        loaded, legacy = where.store, legacy or bool(where.legacy)
+    triton.load(store_name(model, version), to_override_json(store_config(config, model, version)))
     triton.load(model, to_override_json(front_config(config, model, version)), front_files(model, version))
-    if hold != keep:
-        triton.load(store, to_override_json(store_config(config, model, keep)))
+    for old in sorted(set(loaded) - set(keep)):
+        triton.unload(store_name(model, old))
+    if legacy:
+        with contextlib.suppress(TritonError):  # Triton refuses to unload a model it does not have
+            triton.unload(legacy_store_name(model))
 
 
 def retire(triton: Triton, model: str) -> None:
     """Nothing of ``model`` loaded: its front first, so that no client reaches a store being unloaded.
-    Both are asked even if the first refuses (Triton refuses to unload a model it never had)."""
+    Each is asked even if one refuses (Triton refuses to unload a model it never had)."""
+    stores = triton.placement(model).store
     refused: TritonError | None = None
-    for name in (model, store_name(model)):
+    for name in (model, *(store_name(model, v) for v in stores), legacy_store_name(model)):
         try:
             triton.unload(name)
         except TritonError as error:
-            refused = refused or error
+            if name != legacy_store_name(model):
+                refused = refused or error
     if refused is not None:
         raise refused
 
 
 def serve_only_active(fleet: Fleet, snapshot: Snapshot) -> None:
-    """Every replica back to the active version alone (or to nothing); raises if any replica refused."""
+    """Every replica back to the active version alone (or to nothing); raises if any replica refused.
+    config.pbtxt holds the active version's config (the commit wrote it; the undo restored it first)."""
     if snapshot.current is None:
         fleet.each(lambda triton: retire(triton, snapshot.model))
     else:
         config = from_pbtxt(snapshot.config_text or "")
         active = snapshot.current.active_version
-        fleet.each(lambda triton: serve(triton, snapshot.model, config, active, [active]))
+        fleet.each(lambda triton: serve(triton, snapshot.model, with_versions(config, []), active, [active]))
 
 
 def wait_serving(fleet: Fleet, model: str, wanted: list[int], timeout_s: float = 5.0,

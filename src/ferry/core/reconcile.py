@@ -11,6 +11,7 @@ from ferry.core.errors import Busy, FerryError, InvalidInput
 from ferry.core.fleet import Fleet
 from ferry.core.journal import read_journal
 from ferry.core.lock import holding
+from ferry.core.model_config import to_pbtxt
 from ferry.core.placement import held_versions, pin, retire, serving_problems, wait_serving
 from ferry.core.repository import ModelDir
 from ferry.core.services import Services
@@ -71,13 +72,13 @@ def _reconcile(ferry: Services, model_dir: ModelDir) -> Reconciled:
         raise InvalidInput(f"current.json names v{version}, but {model_dir.version_dir(version)} is missing",
                            f"restore that directory, or `ferry rollback {model_dir.model} --to` a version that "
                            "has its files")
-    config_text = model_dir.read_config_text()
-    if config_text is None:
+    config = model_dir.version_config(version, model_dir.read_config_text())
+    if config is None:
         raise InvalidInput(f"{model_dir.config_path} is missing", "restore it, or deploy the version again")
     # Only the replicas that differ are loaded: a replica in place keeps its running instance.
     target = astray if astray.replicas else fleet
     warm = next((v for v in held if v != version), None)
-    failed = pin(model_dir, config_text, version, target, warm)
+    failed = pin(model_dir, to_pbtxt(config), version, target, warm)
     _, after = wait_serving(target, model_dir.model, wanted, timeout_s=ferry.settings.ready_timeout_s,
                             held=held)
     return _result(model_dir, version, "loaded", {**states, **after, **failed}, wanted)

@@ -56,6 +56,7 @@ class Kind(StrEnum):
     REVERT = "rollback"  # an earlier version by number (`ferry rollback`); the value is the history's own
 
 
+Flavor = Literal["onnx", "triton"]  # model.onnx (ferry derives the config), or a Triton model directory
 Via = Literal["cli", "airflow", "mlflow"]  # who runs a deploy: the CLI, the DAG's tasks, the MLflow plugin
 
 
@@ -69,6 +70,7 @@ class CurrentState(BaseModel):
     sha256: str
     deploy_id: str
     previous_warm_until_utc: str | None = None  # previous_version stays loaded, reachable by nothing, until then
+    config_sha256: str | None = None  # of the config the active version runs under (None: written before configs)
 
 
 class Manifest(BaseModel):
@@ -85,6 +87,10 @@ class Manifest(BaseModel):
     deploy_id: str
     staged_at_utc: str
     runtime: str = "python"
+    flavor: Flavor = "onnx"
+    config_pbtxt: str = ""  # the config the version runs under, without version policy ("": the model's own)
+    config_sha256: str = ""
+    files: dict[str, str] = {}  # every staged file (relative path) -> its sha256 (the triton flavor)
 
 
 class QuarantineReason(BaseModel):
@@ -269,6 +275,7 @@ class JournalRecord(BaseModel):
     candidate: Candidate | None = None
     failure: Failure | None = None
     rollout: RolloutPlan | None = None  # a bake asked for
+    allow_signature_change: bool = False  # a candidate whose inputs or outputs differ from the active's may deploy
     gate: list[GateEvaluation] = []  # each evaluation of the bake's gate
     gate_baseline: list[dict[str, Any]] = []  # the gateways' counters when the bake started (rollout.dump_counts)
     bake_started_unix: float | None = None

@@ -2,7 +2,7 @@
 
     <repository>/<model>/config.pbtxt               the model's config; its version policy names what is loaded
     <repository>/<model>/<N>/                       a staged version (model.onnx, model.py, smoke.json, ferry.json)
-    <repository>/<model>.versions -> <model>        the link through which Triton loads the version store
+    <repository>/<model>.versions.<N> -> <model>    the link through which Triton loads version N's store
     <repository>/.ferry/<model>/current.json        the committed state, read by the gateway, operators and rollbacks
     <repository>/.ferry/<model>/history.jsonl       one line per deploy attempt
     <repository>/.ferry/<model>/staging/            versions being written, renamed into place when complete
@@ -10,8 +10,9 @@
     <repository>/.ferry/<model>/journal.json        the deploy in flight, step by step (ferry.journal)
     <repository>/.ferry/<model>/deploy.lock         held by the process running a deploy step
 
-Triton serves the directory under two names (:mod:`ferry.core.front`): ``<model>``, a front that
-clients call, and ``<model>.versions``, the store that holds the versions. ferry's state, staging
+Triton serves the directory under several names (:mod:`ferry.core.front`): ``<model>``, a front that
+clients call, and ``<model>.versions.<N>``, the store of each loaded version, under that version's config
+(kept in its manifest). ferry's state, staging
 included, stays out of the model directory: when anything in it but config.pbtxt and the version
 folders changes, Triton's next load re-creates every loaded version, so a candidate's load would
 re-create the active version's instance. It stays inside the repository so that staging and
@@ -29,9 +30,9 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from ferry.core.errors import InvalidInput
-from ferry.core.front import STORE_SUFFIX, store_name
+from ferry.core.front import STORE_SUFFIX, legacy_store_name, parse_store_name, store_name
 from ferry.core.fsutil import atomic_write, flush_in_background, fsync_dir, fsync_tree
-from ferry.core.model_config import from_pbtxt, model_config_pb2, to_pbtxt
+from ferry.core.model_config import from_pbtxt, model_config_pb2, to_pbtxt, with_versions
 from ferry.core.records import Manifest, QuarantineReason, utc_stamp
 
 STATE_DIR = ".ferry"
@@ -50,9 +51,9 @@ def check_name(kind: str, value: str) -> str:
 
 def check_model_name(value: str) -> str:
     check_name("model name", value)
-    if value.endswith(STORE_SUFFIX):
-        raise InvalidInput(f"model name {value!r} ends with {STORE_SUFFIX!r}, which names a model's version store",
-                           f"name the model without {STORE_SUFFIX!r}")
+    if value.endswith(STORE_SUFFIX) or parse_store_name(value) is not None:
+        raise InvalidInput(f"model name {value!r} ends like the name of a model's version store "
+                           f"('{STORE_SUFFIX}' or '{STORE_SUFFIX}.<N>')", f"name the model without {STORE_SUFFIX!r}")
     return value
 
 
@@ -60,7 +61,7 @@ class ModelDir:
     def __init__(self, repository: Path, model: str) -> None:
         self.model = check_model_name(model)
         self.path = repository / model
-        self.store_link = repository / store_name(model)
+        self.repository = repository
         self.state_dir = repository / STATE_DIR / model
 
     @property
@@ -109,18 +110,48 @@ class ModelDir:
     def ensure(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.ensure_store_link()
 
-    def ensure_store_link(self) -> None:
-        """The link ``<model>.versions -> <model>`` through which Triton loads the version store (relative, so
-        that the repository can be mounted anywhere)."""
-        if self.store_link.is_symlink() and os.readlink(self.store_link) == self.model:
+    def store_link(self, version: int) -> Path:
+        return self.repository / store_name(self.model, version)
+
+    def ensure_store_link(self, version: int) -> None:
+        """The link ``<model>.versions.<N> -> <model>`` through which Triton loads version N's store (relative,
+        so that the repository can be mounted anywhere)."""
+        link = self.store_link(version)
+        if link.is_symlink() and os.readlink(link) == self.model:
             return
-        if self.store_link.exists() or self.store_link.is_symlink():
-            raise InvalidInput(f"{self.store_link} exists and is not ferry's link to {self.model}/",
-                               f"move it out of the repository: ferry serves {self.model}'s versions under that name")
-        os.symlink(self.model, self.store_link)
-        fsync_dir(self.store_link.parent)
+        if link.exists() or link.is_symlink():
+            raise InvalidInput(f"{link} exists and is not ferry's link to {self.model}/",
+                               f"move it out of the repository: ferry serves {self.model} v{version} under that name")
+        os.symlink(self.model, link)
+        fsync_dir(self.repository)
+
+    def drop_store_links(self, keep: list[int]) -> None:
+        """Remove the links of the stores no longer loaded (and the one link earlier releases of ferry made)."""
+        for link in [*self.repository.glob(f"{self.model}{STORE_SUFFIX}.*"), self.legacy_store_link]:
+            parsed = parse_store_name(link.name)
+            mine = link == self.legacy_store_link or (parsed is not None and parsed[0] == self.model)
+            if mine and link.is_symlink() and os.readlink(link) == self.model \
+                    and (parsed is None or parsed[1] not in keep):
+                link.unlink()
+
+    @property
+    def legacy_store_link(self) -> Path:
+        """``<model>.versions``: the one store of every version that earlier releases of ferry loaded."""
+        return self.repository / legacy_store_name(self.model)
+
+    def version_config(self, version: int, fallback: str | None = None) -> model_config_pb2.ModelConfig | None:
+        """The config version ``version`` runs under: the one its manifest records, else ``fallback`` (the
+        model's config.pbtxt, for versions staged by earlier releases of ferry), without a version policy."""
+        manifest = self.read_manifest(version)
+        text = manifest.config_pbtxt if manifest is not None and manifest.config_pbtxt else fallback
+        if text is None:
+            return None
+        try:
+            return with_versions(from_pbtxt(text), [])
+        except Exception as error:  # protobuf's text parser raises its own ParseError
+            raise InvalidInput(f"the config of {self.model} v{version} is not a valid Triton config: {error}",
+                               f"restore {self.version_dir(version)}/{MANIFEST}, or deploy another version") from None
 
     def read_config_text(self) -> str | None:
         try:

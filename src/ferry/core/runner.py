@@ -53,10 +53,12 @@ class Target:
     version: int | None = None
     force: bool = False  # revert to a version even though its last deploy failed
     rollout: RolloutPlan | None = None  # bake the candidate on live traffic before the commit
+    allow_signature_change: bool = False  # deploy a candidate whose inputs or outputs differ from the active's
 
     @classmethod
-    def of_alias(cls, alias: str, rollout: RolloutPlan | None = None) -> Target:
-        return cls(Kind.DEPLOY, alias=check_name("alias", alias), rollout=rollout and check_plan(rollout))
+    def of_alias(cls, alias: str, rollout: RolloutPlan | None = None, allow_signature_change: bool = False) -> Target:
+        return cls(Kind.DEPLOY, alias=check_name("alias", alias), rollout=rollout and check_plan(rollout),
+                   allow_signature_change=allow_signature_change)
 
     @classmethod
     def of_version(cls, version: int, force: bool = False, rollout: RolloutPlan | None = None) -> Target:
@@ -137,7 +139,8 @@ class Runner(Baking):
         record = JournalRecord(model=self.model, kind=target.kind, target=target.label, alias=target.alias,
                                version=target.version, who=current_user(),
                                owner=Owner(via=self.via, host=socket.gethostname(), pid=os.getpid()),
-                               started_at_utc=utc_stamp(), rollout=target.rollout)
+                               started_at_utc=utc_stamp(), rollout=target.rollout,
+                               allow_signature_change=target.allow_signature_change)
         journal = Journal.create(self.model_dir, record)
         try:
             snapshot = self._timed(journal, Step.SNAPSHOT, lambda: steps.take_snapshot(self.ferry, self.model))
@@ -164,7 +167,8 @@ class Runner(Baking):
         if step == Step.MATERIALIZE:
             if record.alias is not None:
                 self._timed(journal, REGISTRY, lambda: self.ferry.registry)  # MLflow's client, if still starting
-            action = lambda: steps.materialize(self.ferry, snapshot, record.alias, record.version)  # noqa: E731
+            action = lambda: steps.materialize(  # noqa: E731
+                self.ferry, snapshot, record.alias, record.version, record.allow_signature_change)
         elif step == Step.BAKE:
             action = lambda: self._bake(journal)  # noqa: E731
         else:
@@ -292,8 +296,8 @@ class Runner(Baking):
             return report
         held = placement.held_versions(report.current)  # the previous version too, if its window is still open
         warm = next((v for v in held if v != candidate.version), None)
-        report.warnings += placement.pin_after_commit(self.model_dir, candidate, fleet, warm,
-                                                  record.snapshot.active_version)
+        loaded = placement.loaded_after_load(record.snapshot, candidate.version)
+        report.warnings += placement.pin_after_commit(self.model_dir, candidate, fleet, warm, loaded)
         _, states = placement.wait_serving(fleet, self.model, [candidate.version], held=held)
         report.warnings += [f"{problem} (drift: run `ferry reconcile`)"
                             for problem in placement.serving_problems(states, [candidate.version])]
@@ -380,9 +384,11 @@ _STEP_FUNCTIONS = {Step.LOAD: "load", Step.READY: "wait_ready", Step.SMOKE: "smo
 
 
 def deploy(ferry: Services, model: str, alias: str | None = None, version: int | None = None,
-           on_event: EventHandler | None = None, force: bool = False) -> DeployReport:
+           on_event: EventHandler | None = None, force: bool = False,
+           allow_signature_change: bool = False) -> DeployReport:
     """One attempt in this process: the version ``alias`` names, or ``version`` (going back to it)."""
     if (alias is None) == (version is None):
         raise InvalidInput("give either an alias or a version to deploy")
-    target = Target.of_alias(alias) if alias is not None else Target.of_version(version or 0, force)
+    target = Target.of_alias(alias, allow_signature_change=allow_signature_change) if alias is not None \
+        else Target.of_version(version or 0, force)
     return Runner(ferry, model, on_event=on_event).deploy(target)

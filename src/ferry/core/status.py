@@ -10,11 +10,11 @@ from pydantic import BaseModel
 from ferry.core.current import read_current
 from ferry.core.errors import FerryError
 from ferry.core.fleet import Fleet
-from ferry.core.front import store_name
+from ferry.core.front import legacy_store_name
 from ferry.core.journal import read_journal, unfinished_error
 from ferry.core.records import CurrentState
 from ferry.core.repository import STATE_DIR, ModelDir
-from ferry.core.triton import RepositoryIndex, VersionState, placement
+from ferry.core.triton import RepositoryIndex, VersionState, placement, store_states
 
 UNKNOWN = "unknown"
 
@@ -90,7 +90,7 @@ def replica_indexes(fleet: Fleet) -> dict[str, RepositoryIndex | FerryError]:
 def _replica(url: str, index: RepositoryIndex | FerryError, model: str, committed: list[int] | None) -> ReplicaStatus:
     if isinstance(index, FerryError):
         return ReplicaStatus(url=url, error=str(index), drift=UNKNOWN)
-    versions = index.get(store_name(model), []) or index.get(model, [])
+    versions = store_states(index, model) or index.get(legacy_store_name(model), []) or index.get(model, [])
     where = placement(index, model)
     serving = where.serving
     if committed is None:

@@ -27,11 +27,18 @@ from ferry.core.errors import (
 from ferry.core.fleet import Fleet
 from ferry.core.front import disk_config, store_config, store_name
 from ferry.core.model_config import (
+    config_digest,
     config_signature,
     from_pbtxt,
     to_override_json,
 )
-from ferry.core.placement import pin_after_commit, serve_only_active, serving_problems, wait_serving
+from ferry.core.placement import (
+    loaded_after_load,
+    pin_after_commit,
+    serve_only_active,
+    serving_problems,
+    wait_serving,
+)
 from ferry.core.records import (
     Candidate,
     CurrentState,
@@ -122,14 +129,16 @@ def fleet_of(ferry: Services, snapshot: Snapshot) -> Fleet:
 # ---------------------------------------------------------------- materialize
 
 
-def materialize(ferry: Services, snapshot: Snapshot, alias: str | None = None, version: int | None = None) -> Candidate:
+def materialize(ferry: Services, snapshot: Snapshot, alias: str | None = None, version: int | None = None,
+                allow_signature_change: bool = False) -> Candidate:
     """Resolve the target and stage its files as ``<model>/<version>/``, verified.
 
     A target that cannot be resolved, or whose download meets MLflow or its artifact store not answering,
     raises FerryError (nothing is kept); a version that cannot be staged raises StepFailed, with what was
     downloaded left for the undo to quarantine.
     The active version is a candidate too when Triton does not serve it (after a restart):
-    it goes through load, ready and smoke again.
+    it goes through load, ready and smoke again. A version going back (no alias) may have another signature:
+    it served before, with it.
     """
     model_dir = ferry.model_dir(snapshot.model)
     ref = staging.resolve(ferry, model_dir, alias, version)
@@ -142,9 +151,10 @@ def materialize(ferry: Services, snapshot: Snapshot, alias: str | None = None, v
     try:
         if staging.is_warm(snapshot, ref.version):
             return staging.warm(model_dir, ref, snapshot)
+        allowed = allow_signature_change or alias is None
         if model_dir.version_dir(ref.version).exists():
-            return staging.reuse(model_dir, ref, snapshot)
-        return staging.stage(ferry, model_dir, ref, snapshot)
+            return staging.reuse(model_dir, ref, snapshot, allowed)
+        return staging.stage(ferry, model_dir, ref, snapshot, allowed)
     except staging.ForeignVersion:
         raise  # refused before anything was touched: not a failed step, nothing to roll back
     except Exception as error:  # whatever else stops a staging is a failed step, undone
@@ -174,27 +184,28 @@ def needs_commit(candidate: Candidate) -> bool:
 
 
 def load(ferry: Services, snapshot: Snapshot, candidate: Candidate) -> None:
-    """Load the candidate into the store beside the active version: the front still serves the active one,
-    whose instance is updated in place, not re-created."""
+    """Load the candidate, under its own config, into its own store beside the active version's: the front
+    still serves the active version, whose store nothing touches."""
     if not needs_validation(candidate):
         return
-    versions = [v for v in (snapshot.active_version, candidate.version) if v is not None]
-    ferry.model_dir(snapshot.model).ensure_store_link()
+    model_dir = ferry.model_dir(snapshot.model)
+    model_dir.ensure_store_link(candidate.version)
+    config = from_pbtxt(candidate.config_pbtxt)
     if snapshot.config_text is None:
         # Triton records a config override's time only when config.pbtxt exists, and a later load of the front
         # then finds the store unchanged; the undo removes the file again (the snapshot had none).
-        ferry.model_dir(snapshot.model).write_config(disk_config(from_pbtxt(candidate.config_pbtxt), versions))
-    elif (existing := from_pbtxt(snapshot.config_text)).name:
+        model_dir.write_config(disk_config(config, [candidate.version]))
+    elif (existing := from_pbtxt(snapshot.config_text)).name and snapshot.active_version is not None:
         # A model not yet behind a front: without a name, config.pbtxt tells the gateways (at the commit, when
-        # they read current.json again) to call the store, where the candidate now is; the undo restores it.
-        ferry.model_dir(snapshot.model).write_config(disk_config(existing, versions))
-    config = to_override_json(store_config(from_pbtxt(candidate.config_pbtxt), snapshot.model, versions))
-    on_every_replica(fleet_of(ferry, snapshot), lambda triton: _load_on(triton, snapshot.model, config, candidate))
+        # they read current.json again) to call the stores, where the candidate now is; the undo restores it.
+        model_dir.write_config(disk_config(existing, [snapshot.active_version]))
+    override = to_override_json(store_config(config, snapshot.model, candidate.version))
+    on_every_replica(fleet_of(ferry, snapshot), lambda triton: _load_on(triton, snapshot.model, override, candidate))
 
 
 def _load_on(triton: Triton, model: str, config_json: str, candidate: Candidate) -> None:
     try:
-        triton.load(store_name(model), config_json)
+        triton.load(store_name(model, candidate.version), config_json)
     except TritonTimeout as error:
         raise StepFailed(Step.LOAD, f"load of v{candidate.version} timed out: {error.message}",
                          "a backend that cannot start hangs the load; see the Triton log") from error
@@ -208,7 +219,8 @@ def wait_ready(ferry: Services, snapshot: Snapshot, candidate: Candidate) -> Non
         return
     timeout_s = ferry.settings.ready_timeout_s
     on_every_replica(fleet_of(ferry, snapshot),
-                     lambda triton: _wait_ready_on(triton, store_name(snapshot.model), candidate.version, timeout_s))
+                     lambda triton: _wait_ready_on(triton, store_name(snapshot.model, candidate.version),
+                                                   candidate.version, timeout_s))
 
 
 def _wait_ready_on(triton: Triton, model: str, version: int, timeout_s: float) -> None:
@@ -239,7 +251,8 @@ def smoke(ferry: Services, snapshot: Snapshot, candidate: Candidate) -> dict[str
 
     def smoke_on(triton: Triton) -> dict[str, list[int]]:
         try:
-            outputs = triton.infer(store_name(snapshot.model), candidate.version, sample.inputs, datatypes)
+            outputs = triton.infer(store_name(snapshot.model, candidate.version), candidate.version,
+                                   sample.inputs, datatypes)
         except TritonError as error:
             raise StepFailed(Step.SMOKE, f"inference on v{candidate.version} failed: {error.message}",
                              detail=error.detail) from error
@@ -269,6 +282,7 @@ def commit(ferry: Services, snapshot: Snapshot, candidate: Candidate) -> tuple[C
         active_version=candidate.version, run_id=candidate.run_id, alias=candidate.alias,
         updated_at_utc=utc_stamp(), model=snapshot.model, previous_version=snapshot.active_version,
         sha256=candidate.sha256, deploy_id=snapshot.deploy_id, previous_warm_until_utc=warm_until,
+        config_sha256=config_digest(candidate.config_pbtxt),
     )
     try:
         model_dir.make_durable(candidate.version)  # the files current.json will name survive a machine crash
@@ -277,7 +291,8 @@ def commit(ferry: Services, snapshot: Snapshot, candidate: Candidate) -> tuple[C
         raise StepFailed(Step.COMMIT, f"cannot write {model_dir.current_path}: {error}") from error
     remove_rollout(model_dir)  # after current.json: the candidate is the active version now
     warm = snapshot.active_version if warm_until else None
-    return state, pin_after_commit(model_dir, candidate, fleet_of(ferry, snapshot), warm, snapshot.active_version)
+    loaded = loaded_after_load(snapshot, candidate.version)
+    return state, pin_after_commit(model_dir, candidate, fleet_of(ferry, snapshot), warm, loaded)
 
 
 # ---------------------------------------------------------------- undo
@@ -326,11 +341,13 @@ def undo(ferry: Services, snapshot: Snapshot, failure: Failure, candidate: int |
     fleet = fleet_of(ferry, snapshot)
     # Pin Triton before moving the candidate away: with the model directory unchanged since the
     # candidate's load, Triton keeps the active version's running instance instead of re-creating it.
-    if snapshot.current is not None:
-        attempt("checked the store's link", model_dir.ensure_store_link)
+    if (active := snapshot.active_version) is not None:
+        attempt("checked the store's link", lambda: model_dir.ensure_store_link(active))
     attempt("asked Triton to serve only the active version", lambda: serve_only_active(fleet, snapshot))
     wanted = [snapshot.current.active_version] if snapshot.current else []
     verified, states = wait_serving(fleet, snapshot.model, wanted)
+    if verified:
+        attempt("removed the links of the stores unloaded", lambda: model_dir.drop_store_links(wanted))
     problems += serving_problems(states, wanted)
     replicas = {url: s for url, s in states.items() if not isinstance(s, FerryError)}
     serving = sorted(set().union(*replicas.values())) if replicas else []

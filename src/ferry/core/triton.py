@@ -14,12 +14,12 @@ import json
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ferry.core.config import Endpoint, parse_endpoint
 from ferry.core.errors import TritonError, TritonTimeout, one_line
-from ferry.core.front import store_name
+from ferry.core.front import legacy_store_name, parse_store_name
 
 if TYPE_CHECKING:
     import tritonclient.http as triton_http
@@ -50,26 +50,39 @@ def ready_versions(states: list[VersionState]) -> list[int]:
 @dataclass(frozen=True)
 class Placement:
     """What Triton holds of one model: the front's version (what clients of the model's name reach) and
-    the versions loaded in its store (:mod:`ferry.core.front`)."""
+    the versions whose stores are loaded (:mod:`ferry.core.front`)."""
 
     front: list[int]
     store: list[int]
+    legacy: list[int] = field(default_factory=list)  # held by the one store earlier releases of ferry loaded
 
     @property
     def serving(self) -> list[int]:
         """The versions clients of the model's name reach: the one place that decides what "serving" means.
-        With an empty store the name is not a front (a model deployed by an earlier release of ferry, or by
+        With no store loaded the name is not a front (a model deployed by an earlier release of ferry, or by
         another tool): what it serves itself."""
-        return sorted(set(self.front) & set(self.store)) if self.store else self.front
+        stores = set(self.store) | set(self.legacy)
+        return sorted(set(self.front) & stores) if stores else self.front
 
     def settled(self, wanted: list[int], held: list[int] | None = None) -> bool:
-        """Whether the front serves ``wanted`` and the store holds nothing else (no candidate left), or ``held``
+        """Whether the front serves ``wanted`` and the stores hold nothing else (no candidate left), or ``held``
         (``wanted`` and the previous version, kept warm)."""
-        return self.front == wanted and self.store in (wanted, held or wanted)
+        return self.front == wanted and self.store in (wanted, held or wanted) and not self.legacy
+
+
+def store_states(index: RepositoryIndex, model: str) -> list[VersionState]:
+    """The state of each version of ``model`` that has a store (its own version of it), by version."""
+    states = []
+    for name, versions in index.items():
+        parsed = parse_store_name(name)
+        if parsed is not None and parsed[0] == model:
+            states += [v for v in versions if v.version == parsed[1]]
+    return sorted(states, key=lambda v: v.version)
 
 
 def placement(index: RepositoryIndex, model: str) -> Placement:
-    return Placement(ready_versions(index.get(model, [])), ready_versions(index.get(store_name(model), [])))
+    return Placement(ready_versions(index.get(model, [])), ready_versions(store_states(index, model)),
+                     ready_versions(index.get(legacy_store_name(model), [])))
 
 
 class Triton:

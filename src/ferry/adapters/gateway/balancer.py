@@ -366,7 +366,7 @@ class HttpBalancer(Balancer[_HttpClient]):
         return isinstance(error, OSError) and not isinstance(error, TimeoutError)
 
     async def _ready(self, replica: Replica[_HttpClient], committed: Sequence[tuple[str, int]]) -> bool:
-        paths = [f"/v2/models/{store_name(model)}/versions/{version}/ready" for model, version in committed]
+        paths = [f"/v2/models/{store_name(model, version)}/versions/{version}/ready" for model, version in committed]
         for path in paths or ["/v2/health/ready"]:
             if (await replica.client.probes.request("GET", path)).status != 200:
                 return False

@@ -19,7 +19,7 @@ from pathlib import Path
 from ferry.core.current import read_current
 from ferry.core.errors import FerryError, NoSuchModel
 from ferry.core.front import store_name
-from ferry.core.model_config import Signature, TensorSpec, config_signature
+from ferry.core.model_config import Signature, TensorSpec, config_signature, model_config_pb2
 from ferry.core.records import CurrentState, RolloutState
 from ferry.core.repository import ModelDir
 from ferry.core.rollout import ROLES, read_rollout
@@ -42,11 +42,11 @@ class Route:
 
     @cached_property
     def upstream(self) -> str:
-        """The Triton model the gateway sends this route's requests to, naming its version: the model's store,
-        which holds the committed version from the candidate's load on (the front only from the commit's repoint
-        on, a few milliseconds after current.json) and a baking candidate beside it; or, for a model not yet
-        behind a front, the model itself."""
-        return store_name(self.model) if self.behind_front else self.model
+        """The Triton model the gateway sends this route's requests to, naming its version: the version's store,
+        loaded from the candidate's load on (the front serves it only from the commit's repoint on, a few
+        milliseconds after current.json), a baking candidate's too; or, for a model not yet behind a front, the
+        model itself."""
+        return store_name(self.model, self.version) if self.behind_front else self.model
 
     def serves(self, version: str) -> bool:
         """Whether a version a client named (a URL segment, a gRPC field; empty: none named) is this one."""
@@ -80,8 +80,10 @@ class Bake:
         return random.random() < self.share
 
 
-def bake_of(route: Route, state: RolloutState | None) -> Bake | None:
-    """What rollout.json asks for ``route``, if it applies: it must bake beside the version committed now."""
+def bake_of(route: Route, state: RolloutState | None,
+            config: model_config_pb2.ModelConfig | None = None) -> Bake | None:
+    """What rollout.json asks for ``route``, if it applies: it must bake beside the version committed now.
+    ``config``: the candidate's own (None: the committed version's), which its requests are checked against."""
     if state is None or state.model != route.model or state.active_version != route.version \
             or state.candidate_version == route.version:
         return None
@@ -90,6 +92,8 @@ def bake_of(route: Route, state: RolloutState | None) -> Bake | None:
     if share <= 0:
         return None
     candidate = replace(route, version=state.candidate_version, role=ROLES[plan.mode], behind_front=True)  # the store
+    if config is not None:
+        candidate = replace(candidate, signature=config_signature(config), max_batch_size=config.max_batch_size)
     return Bake(route, candidate, min(share, 1.0), state.deploy_id)
 
 
@@ -133,12 +137,15 @@ class Router:
     @staticmethod
     def _read(model_dir: ModelDir) -> Route:
         current: CurrentState | None = read_current(model_dir)
-        config = model_dir.read_config()
-        if current is None or config is None:
+        pinned = model_dir.read_config()
+        if current is None or pinned is None:
             raise UnknownModel(f"model '{model_dir.model}' has no committed version", "deploy it with `ferry deploy`")
+        # The version's own config (its manifest): config.pbtxt follows the commit only after every front is
+        # repointed, and the first request after the commit must be checked against the new version's config.
+        config = model_dir.version_config(current.active_version) or pinned
         # ferry writes config.pbtxt without a name once the model is behind a front (ferry.core.front.disk_config).
         return Route(model_dir.model, current.active_version, config_signature(config), config.max_batch_size,
-                     behind_front=not config.name)
+                     behind_front=not pinned.name)
 
     def bake(self, route: Route) -> Bake | None:
         """The bake beside ``route`` (a committed route), from rollout.json: None when there is none, when it
@@ -154,8 +161,15 @@ class Router:
         cached = self._bakes.get(route.model)
         if cached is None or cached[0] != key or cached[2] is not route:  # built once per file and route
             state = cached[1] if cached is not None and cached[0] == key else self._read_rollout(route.model)
-            cached = self._bakes[route.model] = (key, state, route, bake_of(route, state))
+            config = self._candidate_config(route.model, state)
+            cached = self._bakes[route.model] = (key, state, route, bake_of(route, state, config))
         return cached[3]
+
+    def _candidate_config(self, model: str, state: RolloutState | None) -> model_config_pb2.ModelConfig | None:
+        try:
+            return None if state is None else self._model_dir(model).version_config(state.candidate_version)
+        except FerryError:  # a damaged manifest: the candidate is checked against the committed version's config
+            return None
 
     def _read_rollout(self, model: str) -> RolloutState | None:
         try:
