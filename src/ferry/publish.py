@@ -6,7 +6,8 @@ Call :func:`log_onnx_model` inside an active MLflow run. ferry deploys what it w
 Call :func:`log_triton_model` inside an active MLflow run to log a whole Triton model directory (the ``triton``
 flavor, laid out as NVIDIA's mlflow-triton-plugin lays it out): ``<artifact_path>/MLmodel`` (flavor ``triton``,
 ``data`` the directory's name), ``<artifact_path>/<name>/`` (config.pbtxt and one numbered version folder) and,
-when a sample is given, ``<artifact_path>/smoke.json``.
+when a sample is given, ``<artifact_path>/<name>/smoke.json`` (beside config.pbtxt: NVIDIA's plugin takes the one
+entry beside MLmodel for the model directory; Triton ignores the file).
 
 A BYTES (string) tensor may be given as Triton's clients build it (an object array of bytes) or as str (UTF-8).
 onnxruntime's string tensors hold text, so the golden outputs are computed on the UTF-8 text of each element and
@@ -101,7 +102,7 @@ def log_triton_model(
 ) -> str:
     """Log a Triton model directory to the active run as the ``triton`` flavor; return the URI to register.
 
-    The layout is the plugin's (``MLmodel`` and ``<name>/``) plus ferry's ``smoke.json`` beside ``MLmodel`` when
+    The layout is the plugin's (``MLmodel`` and ``<name>/``) plus ferry's ``smoke.json`` beside ``config.pbtxt`` when
     ``sample_inputs`` is given (inputs only when ``golden`` is None: nothing here can run the model). ``extra``
     goes into the MLmodel's ``metadata``.
     """
@@ -121,7 +122,7 @@ def log_triton_model(
         model.add_flavor(TRITON_FLAVOR, data=source.name)
         model.save(str(folder / "MLmodel"))
         if sample is not None:
-            (folder / SMOKE_FILE).write_text(dump_sample(sample))
+            (folder / source.name / SMOKE_FILE).write_text(dump_sample(sample))
         mlflow.log_artifacts(str(folder), artifact_path=artifact_path)
     return f"runs:/{run.info.run_id}/{artifact_path}"
 

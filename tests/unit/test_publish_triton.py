@@ -56,7 +56,7 @@ def _log(model_dir: Path, **kwargs: Any) -> tuple[str, str, Path]:
     return uri, run.info.run_id, Path(mlflow.artifacts.download_artifacts(uri))
 
 
-def test_the_layout_is_the_plugins_with_smoke_json_beside_mlmodel(
+def test_the_layout_is_the_plugins_with_smoke_json_beside_the_config(
     store: Path, tmp_path: Path, weights: example.Weights
 ) -> None:
     model_dir = example.build_model_dir(tmp_path / "build", "iris_py", weights)
@@ -64,11 +64,13 @@ def test_the_layout_is_the_plugins_with_smoke_json_beside_mlmodel(
     uri, run_id, logged = _log(model_dir, sample_inputs=SAMPLE, golden=golden, extra={"break": "none"})
     assert uri == f"runs:/{run_id}/triton"
     files = sorted(str(p.relative_to(logged)) for p in logged.rglob("*") if p.is_file())
-    assert files == ["MLmodel", "iris_py/1/model.py", "iris_py/1/weights.npz", "iris_py/config.pbtxt", "smoke.json"]
+    # MLmodel and one entry beside it, as NVIDIA's plugin wants (it takes that entry for the model directory).
+    assert files == ["MLmodel", "iris_py/1/model.py", "iris_py/1/weights.npz", "iris_py/config.pbtxt",
+                     "iris_py/smoke.json"]
     mlmodel = Model.load(str(logged / "MLmodel"))
     assert mlmodel.flavors == {"triton": {"data": "iris_py"}}
     assert (mlmodel.artifact_path, mlmodel.run_id, mlmodel.metadata) == ("triton", run_id, {"break": "none"})
-    sample = load_sample(logged / "smoke.json")
+    sample = load_sample(logged / "iris_py" / "smoke.json")
     np.testing.assert_array_equal(sample.inputs["X"], SAMPLE["X"])
     assert sample.golden is not None
     np.testing.assert_array_equal(sample.golden["probabilities"], golden["probabilities"])
@@ -80,7 +82,7 @@ def test_without_golden_smoke_json_holds_the_inputs_and_without_a_sample_there_i
 ) -> None:
     model_dir = example.build_model_dir(tmp_path / "build", "iris_py", weights)
     _, _, logged = _log(model_dir, sample_inputs=SAMPLE, rtol=1e-4)
-    body = json.loads((logged / "smoke.json").read_text())
+    body = json.loads((logged / "iris_py" / "smoke.json").read_text())
     assert set(body) == {"inputs", "rtol"} and body["inputs"]["X"]["shape"] == [3, 4]
     _, _, bare = _log(model_dir)
     assert sorted(p.name for p in bare.iterdir()) == ["MLmodel", "iris_py"]
@@ -246,7 +248,7 @@ def test_golden_mismatch_registers_other_numbers_than_the_model_answers(store: P
                                          tracking_uri=mlflow.get_tracking_uri(), experiment="ferry-examples")
     assert version == 1
     logged = Path(mlflow.artifacts.download_artifacts("models:/iris_py@champion"))
-    sample = load_sample(logged / "smoke.json")
+    sample = load_sample(logged / "iris_py" / "smoke.json")
     assert sample.golden is not None
     [response] = _load(logged / "iris_py").execute([{"X": _Tensor("X", sample.inputs["X"])}])
     answered = response.output_tensors[0].value

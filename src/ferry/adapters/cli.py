@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, NoReturn
 import typer
 from rich.markup import escape
 
-from ferry.adapters import cli_mlflow, cli_rollout, cli_services
+from ferry.adapters import cli_mlflow, cli_rollout, cli_services, cli_versions
 from ferry.adapters.cli_support import (
     EXIT_FAILED,
     EXIT_UNAVAILABLE,
@@ -297,8 +297,8 @@ def _print_status_table(reports: list[ModelStatus], settings: Settings) -> None:
     if not reports:
         out.print(f"no models in {settings.repository}")
         return
-    table = Table("model", "active", "alias", "run", "updated (UTC)", "Triton serves", "drift", "quarantined",
-                  "p95", "failures")
+    table = Table("model", "active", "alias", "run", "config", "updated (UTC)", "Triton serves", "drift",
+                  "quarantined", "p95", "failures")
     for r in reports:
         current = r.current
         serving = "; ".join(_replica_serves(replica, len(r.replicas)) for replica in r.replicas)
@@ -308,6 +308,7 @@ def _print_status_table(reports: list[ModelStatus], settings: Settings) -> None:
             f"v{current.active_version}" if current else ((r.current_error and "[red]unreadable[/red]") or "none"),
             (current.alias or "-") if current else "-",
             current.run_id[:8] if current else "-",
+            (current.config_sha256 or "-")[:12] if current else "-",
             current.updated_at_utc if current else "-",
             serving,
             drift,
@@ -350,7 +351,8 @@ def history_command(
     for r in attempts:
         colour = colours[r.outcome]
         table.add_row(
-            r.started_at_utc, r.who, r.target, f"v{r.version}" if r.version else "-",
+            r.started_at_utc, r.who, r.target, (f"v{r.version}" + (" +config" if r.config_changed else ""))
+            if r.version else "-",
             f"[{colour}]{r.outcome}[/{colour}]", r.failed_step or "-", f"{sum(r.steps.values()):.2f}",
             escape(one_line(r.error, 80)),
         )
@@ -359,6 +361,7 @@ def history_command(
 
 cli_mlflow.register(app)  # ferry watch, ferry sync
 cli_rollout.register(app)  # ferry rollout status|promote|abort
+cli_versions.register(app)  # ferry diff
 cli_services.register(app)  # ferry gateway, exporter, metrics, report, triton
 
 

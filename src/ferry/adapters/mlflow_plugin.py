@@ -52,8 +52,11 @@ _logger = logging.getLogger(__name__)
 
 TARGET = "ferry"
 FLAVOR = "onnx"
+FLAVORS = (FLAVOR, "triton")  # model.onnx with its smoke.json, or a Triton model directory (any backend)
 SETTING_KEYS = tuple(sorted(field.name for field in dataclasses.fields(Settings)))
-DEPLOY_KEYS = ("force",)  # models:/m/N: deploy the version even though its last deploy failed
+# force: models:/m/N, deploy the version even though its last deploy failed; allow_signature_change: a version whose
+# inputs or outputs differ from the active version's (it breaks their clients)
+DEPLOY_KEYS = ("force", "allow_signature_change")
 DELETE_KEYS = ("confirm",)  # delete unloads the model: say so
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off", "")
 
@@ -67,6 +70,7 @@ class Options:
 
     settings: Settings
     force: bool = False
+    allow_signature_change: bool = False
     confirm: bool = False
 
 
@@ -122,11 +126,13 @@ def _stop_rolls_back() -> Iterator[EventHandler]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def deploy_uri(ferry: Services, name: str, model_uri: str, force: bool = False) -> dict[str, Any]:
+def deploy_uri(ferry: Services, name: str, model_uri: str, force: bool = False,
+               allow_signature_change: bool = False) -> dict[str, Any]:
     """Deploy what ``model_uri`` names through the runner: the deployment dict, or an MlflowException."""
     with mlflow_errors():
         check_name("deployment name", name)
     target, registered = target_of(ferry, name, model_uri, force)
+    target = dataclasses.replace(target, allow_signature_change=allow_signature_change)
     return deployed(run_deploy(ferry, name, target), registered)
 
 
@@ -150,9 +156,10 @@ def deployed(report: DeployReport, registered: int | None = None) -> dict[str, A
 
 
 def _check_flavor(flavor: str | None) -> None:
-    if flavor not in (None, FLAVOR):
-        raise refused(f"ferry deploys the onnx flavor (a version's model.onnx, checked against its smoke.json), "
-                       f"not {flavor!r}", "leave out --flavor, or give --flavor onnx")
+    if flavor not in (None, *FLAVORS):
+        raise refused(f"ferry deploys the onnx flavor (a version's model.onnx, checked against its smoke.json) and "
+                      f"the triton flavor (a Triton model directory), not {flavor!r}",
+                      "leave out --flavor (ferry reads it from the version's artifacts), or give onnx or triton")
 
 
 def _no_endpoint(endpoint: str | None) -> None:
@@ -226,7 +233,7 @@ class FerryDeploymentClient(BaseDeploymentClient):
         if current is not None:
             raise refused(f"deployment '{name}' exists: v{current.active_version} is committed",
                            "deploy another version with `mlflow deployments update`", code=RESOURCE_ALREADY_EXISTS)
-        return deploy_uri(ferry, name, model_uri, opts.force)
+        return deploy_uri(ferry, name, model_uri, opts.force, opts.allow_signature_change)
 
     def update_deployment(self, name: str, model_uri: str | None = None, flavor: str | None = None,
                           config: Mapping[str, Any] | None = None, endpoint: str | None = None) -> dict[str, Any]:
@@ -240,7 +247,7 @@ class FerryDeploymentClient(BaseDeploymentClient):
             with mlflow_errors():
                 target = Target.of_version(current.active_version, opts.force)
             return deployed(run_deploy(ferry, name, target))
-        return deploy_uri(ferry, name, model_uri, opts.force)
+        return deploy_uri(ferry, name, model_uri, opts.force, opts.allow_signature_change)
 
     def delete_deployment(self, name: str, config: Mapping[str, Any] | None = None,
                           endpoint: str | None = None) -> None:
@@ -302,7 +309,7 @@ def run_local(name: str, model_uri: str, flavor: str | None = None, config: Mapp
         # model has been unloaded (strict readiness), which server.up would take for a foreign server.
         state = server.status(settings)
         state = state if state.running else server.up(settings)
-    deployment = deploy_uri(Services(settings), name, model_uri, opts.force)
+    deployment = deploy_uri(Services(settings), name, model_uri, opts.force, opts.allow_signature_change)
     print(f"ferry: {name} v{deployment['version']} {deployment['outcome']} on the local Triton at {state.url} "
           f"(pid {state.pid}); stop it with `ferry triton down`")
 
@@ -357,7 +364,7 @@ Config (-C key=value): any of ferry's settings, by name, as the FERRY_<KEY> vari
 (-C wins over the variables and FERRY_CONFIG), e.g. -C triton_url=http://127.0.0.1:8000
 -C runtime=onnxruntime -C load_timeout_s=60 -C repository=/models. Valid keys:
 {keys}
-and force (create, update, run-local), confirm (delete). Unknown keys are refused. Keep secrets
+and force, allow_signature_change (create, update, run-local), confirm (delete). Unknown keys are refused. Keep secrets
 (triton_api_key, gateway_token, ...) in FERRY_* variables: -C values show in the process list.
 MLflow itself is read from MLFLOW_TRACKING_URI (or -C tracking_uri=...).
 """

@@ -243,6 +243,8 @@ class DeployReport(BaseModel):
     finished_at_utc: str = ""
     recovered_by: str | None = None  # who finished or undid it with `ferry recover`, after its process stopped
     gate: list[GateEvaluation] = []  # the bake's gate evaluations, when a bake was asked for
+    config_sha256: str | None = None  # of the config the candidate runs under
+    config_changed: bool = False  # the candidate's config differs from the one served before (ferry diff shows how)
 
     @property
     def ok(self) -> bool:

@@ -25,6 +25,7 @@ from ferry.core.errors import Busy, FerryError, InvalidInput, NoSuchModel, StepF
 from ferry.core.events import RECORDED, REGISTRY, WRITE_BACK, EventHandler, describe, quiet
 from ferry.core.journal import Journal, read_journal
 from ferry.core.lock import current_user, holding
+from ferry.core.model_config import config_digest
 from ferry.core.records import (
     VALIDATION_STEPS,
     Candidate,
@@ -360,11 +361,14 @@ class Runner(Baking):
 
     def _report(self, record: JournalRecord, outcome: Outcome) -> DeployReport:
         snapshot, candidate = record.snapshot, record.candidate
+        config = config_digest(candidate.config_pbtxt) if candidate and candidate.config_pbtxt else None
+        before = config_digest(snapshot.config_text) if snapshot and snapshot.config_text else None
         return DeployReport(
             deploy_id=record.deploy_id, model=record.model, kind=record.kind, target=record.target, outcome=outcome,
             who=record.who, started_at_utc=record.started_at_utc,
             version=candidate.version if candidate else None, run_id=candidate.run_id if candidate else None,
             previous_version=snapshot.active_version if snapshot else None,
+            config_sha256=config, config_changed=config is not None and before is not None and config != before,
         )
 
     def _close(self, journal: Journal, report: DeployReport) -> DeployReport:

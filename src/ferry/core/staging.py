@@ -4,6 +4,7 @@ stage them as ``<model>/<N>/`` with one atomic rename, or trust a version staged
 from __future__ import annotations
 
 import importlib.resources
+import os
 import py_compile
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -179,11 +180,11 @@ def _fill_from_directory(ferry: Services, artifacts: Artifacts, staging: Path,
     """Stage a triton-flavor version's folder and its smoke sample: the config, size, sha256 and every file's."""
     scratch = staging / ".artifacts"
     folder = triton_flavor.model_folder(artifacts, sizes, scratch)
-    where = triton_flavor.layout(artifacts.tree(folder), folder)
+    where = triton_flavor.layout({**sizes, **artifacts.tree(folder)}, folder)
     triton_flavor.check_tree_limit(where, ferry.settings.max_artifact_bytes)
     config = triton_flavor.read_config(artifacts, where, scratch)
-    if SMOKE_FILE in sizes:
-        artifacts.download(SMOKE_FILE, staging)
+    if where.smoke is not None:
+        os.rename(artifacts.download(where.smoke, scratch), staging / SMOKE_FILE)
     files = triton_flavor.download_version(artifacts, where, staging)
     return config, sum(where.files.values()), triton_flavor.tree_digest(files), files
 

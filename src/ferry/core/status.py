@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 
 from filelock import FileLock, Timeout
 from pydantic import BaseModel
 
 from ferry.core.current import read_current
-from ferry.core.errors import FerryError
+from ferry.core.errors import FerryError, InvalidInput
 from ferry.core.fleet import Fleet
 from ferry.core.front import legacy_store_name
 from ferry.core.journal import read_journal, unfinished_error
+from ferry.core.model_config import config_digest, signature_changes, to_pbtxt
 from ferry.core.records import CurrentState
 from ferry.core.repository import STATE_DIR, ModelDir
 from ferry.core.triton import RepositoryIndex, VersionState, placement, store_states
@@ -127,3 +129,32 @@ def _drift(report: ModelStatus) -> str | None:
     if not known:
         return UNKNOWN
     return "; ".join(f"replica {r.url}: {r.drift}" for r in known)
+
+
+class ConfigDiff(BaseModel):
+    """How the configs of two versions of a model differ (``ferry diff``)."""
+
+    model: str
+    versions: tuple[int, int]
+    sha256: tuple[str, str]
+    diff: list[str]  # a unified diff of the two config.pbtxt texts (empty: the same config)
+    signature_changes: list[str]  # what in the second would break the first's clients
+
+
+def config_diff(model_dir: ModelDir, first: int, second: int) -> ConfigDiff:
+    """The two versions' configs, from their manifests (the model's config.pbtxt for versions staged before
+    configs travelled with them); InvalidInput for a version ferry has no files of."""
+    fallback = model_dir.read_config_text()
+    configs = []
+    for version in (first, second):
+        config = model_dir.version_config(version, fallback) if model_dir.read_manifest(version) else None
+        if config is None:
+            raise InvalidInput(f"{model_dir.model} has no staged v{version} (no {model_dir.version_dir(version)})",
+                               f"`ferry history {model_dir.model}` lists the versions deployed")
+        configs.append(config)
+    texts = [to_pbtxt(c) for c in configs]
+    diff = list(difflib.unified_diff(texts[0].splitlines(), texts[1].splitlines(), f"v{first}/config.pbtxt",
+                                     f"v{second}/config.pbtxt", lineterm=""))
+    return ConfigDiff(model=model_dir.model, versions=(first, second),
+                      sha256=(config_digest(texts[0]), config_digest(texts[1])), diff=diff,
+                      signature_changes=signature_changes(configs[0], configs[1]))

@@ -3,7 +3,7 @@
     <artifact root>/MLmodel                 flavors: {triton: {data: <dir>}}
     <artifact root>/<dir>/config.pbtxt      the version's config (any backend)
     <artifact root>/<dir>/<k>/...           its one numbered version folder, whatever k is
-    <artifact root>/smoke.json              ferry's smoke sample (optional)
+    <artifact root>/<dir>/smoke.json        ferry's smoke sample (optional; beside MLmodel is read too)
 
 A directory logged as the artifact root itself (config.pbtxt at the top) is taken too. The version
 folder's files are staged as ``<model>/<N>/``, each hashed while it is written; ferry understands
@@ -43,6 +43,7 @@ class Layout:
     folder: str  # the model directory ("" for the root itself)
     version_folder: str  # its one numbered folder, as logged ("1")
     files: dict[str, int]  # every file of the version folder, relative to it -> its size
+    smoke: str | None  # the smoke sample, as the artifact store names it (None: none logged)
 
     def source(self, name: str) -> str:
         """A file of the version folder as the artifact store names it."""
@@ -97,15 +98,16 @@ def layout(tree: dict[str, int], folder: str) -> Layout:
         raise StepFailed(Step.MATERIALIZE, f"{where} holds {len(numbered)} numbered version folders "
                          f"({', '.join(numbered) or 'none'}); a model version is exactly one",
                          "log one version folder per MLflow version (ferry stages it as the version's number)")
-    beside = sorted(name for name in inside if name != CONFIG and not name.startswith(f"{numbered[0]}/")
-                    and not (folder == "" and name in (MLMODEL, SMOKE_FILE)))
+    beside = sorted(name for name in inside if name not in (CONFIG, SMOKE_FILE)
+                    and not name.startswith(f"{numbered[0]}/") and not (folder == "" and name == MLMODEL))
     if beside:
         raise StepFailed(Step.MATERIALIZE, f"{where} holds files outside its version folder: {', '.join(beside[:5])}",
                          "move them into the version folder: a file beside config.pbtxt would be shared by every "
                          "version, and changing it makes Triton reload all of them")
     files = {name.split("/", 1)[1]: size for name, size in inside.items() if name.startswith(f"{numbered[0]}/")}
     _refuse_reserved(files)
-    return Layout(folder, numbered[0], files)
+    smoke = next((name for name in (f"{prefix}{SMOKE_FILE}", SMOKE_FILE) if name in tree), None)
+    return Layout(folder, numbered[0], files, smoke)
 
 
 def _refuse_reserved(files: dict[str, int]) -> None:
