@@ -7,14 +7,18 @@ The story in both layouts: a deploy, a second version, `ferry rollback`, the wri
 stopped after the download (the commit stands, the write-back warns, `ferry sync` repairs it); S3 stopped, or
 answering 500 to the download (FaultyS3Proxy: rejected as retryable, exit 3, nothing staged), or holding other
 bytes than were logged; S3 credentials wrong.
-Each fault keeps what served before: current.json's bytes and Triton's versions."""
+Each fault keeps what served before: current.json's bytes and Triton's versions.
+And a Triton model directory logged to a run (the triton flavor): listed whole and downloaded file by file."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import secrets
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +27,7 @@ import pytest
 from conftest import World, assert_invariants
 from ferry.core.current import read_current, read_history
 from ferry.core.records import Step
+from ferry.core.registry import Registry, RestArtifacts, VersionRef
 from ferry.core.runner import deploy
 from ferry.core.writeback import read_write_backs
 from support.mlflow_server import TrackingServer, register_example, start_tracking
@@ -322,3 +327,35 @@ def test_missing_credentials_name_the_variable(triton_settings, tracking: Tracki
     assert result.returncode == 2, result.stderr
     assert "AWS_SECRET_ACCESS_KEY" in result.stdout + result.stderr
     assert not Path(world.model_dir.current_path).exists()
+
+
+# ---------------------------------------------------------------- a model directory (the triton flavor)
+
+
+def test_a_nested_model_directory_is_listed_and_downloaded_as_logged(tracking: TrackingServer,
+                                                                     client_env: dict[str, str],
+                                                                     tmp_path: Path) -> None:
+    """A Triton model directory logged to a run: ferry's REST reader lists it whole (S3's prefix listing, or the
+    proxy's one folder at a time) and downloads each file, in parallel, with its bytes and sha256."""
+    files = {"triton/m/config.pbtxt": b'name: "m"\nbackend: "python"\n', "triton/m/1/model.py": b"import numpy\n",
+             "triton/m/1/sub/data.bin": os.urandom(70_000)}
+    logged = tmp_path / "logged"
+    for name, data in files.items():
+        (logged / name).parent.mkdir(parents=True, exist_ok=True)
+        (logged / name).write_bytes(data)
+    client = tracking.client()
+    run_id = client.create_run(client.create_experiment(f"tree-{secrets.token_hex(4)}")).info.run_id
+    client.log_artifacts(run_id, str(logged))
+    client.log_text(run_id, "flavors: {}\n", "MLmodel")
+    ref = VersionRef(f"tree_{tracking.layout}", 1, run_id, f"runs:/{run_id}", None, f"runs:/{run_id}")
+    artifacts = Registry(tracking.url).artifacts(ref)
+    assert isinstance(artifacts, RestArtifacts), "a tracking server is read through its REST API"
+
+    assert artifacts.tree("triton") == {name: len(data) for name, data in files.items()}
+    assert artifacts.tree() == {**artifacts.tree("triton"), "MLmodel": len("flavors: {}\n")}
+    staging = tmp_path / "staging"
+    with ThreadPoolExecutor(len(files)) as pool:
+        paths = dict(zip(files, pool.map(lambda name: artifacts.download(name, staging), files), strict=True))
+    for name, path in paths.items():
+        assert path == staging / name and not path.is_symlink() and path.read_bytes() == files[name], name
+        assert artifacts.sha256(name, path) == hashlib.sha256(files[name]).hexdigest(), name

@@ -116,12 +116,42 @@ class MlflowRest:
                             "mlflow-artifacts:/ only", "store the model's artifacts on S3 or behind the server's proxy")
 
 
+def artifact_path(path: str, where: str) -> str:
+    """``path`` itself when it is a plain relative posix path, one that stays inside the folder it is read from
+    and names a file the same on every store and file system; else RegistryError."""
+    why = _unsafe(path)
+    if why:
+        raise RegistryError(f"artifact path {path!r} in {where} {why}: ferry reads only plain relative paths inside "
+                            "the version's folder",
+                            "log the model's files under plain relative names (no absolute path, no '..', '.' or "
+                            "empty segment, no backslash or NUL)")
+    return path
+
+
+def _unsafe(path: str) -> str:
+    """What makes ``path`` unsafe to read or write under a folder ("" when nothing does)."""
+    if "\x00" in path:
+        return "holds a NUL"
+    if "\\" in path:
+        return "holds a backslash"
+    if path.startswith("/"):
+        return "is absolute"
+    if any(part in ("", ".", "..") for part in path.split("/")):
+        return "has an empty, '.' or '..' segment"
+    return ""
+
+
 class ArtifactStore:
     """A folder of files: their sizes, and one file streamed into a local file with its sha256."""
 
     uri: str
 
     def sizes(self) -> dict[str, int]:
+        raise NotImplementedError
+
+    def tree(self, folder: str) -> dict[str, int]:
+        """Every file under ``folder`` ("" for the whole folder), recursively: its path relative to the store's
+        folder, as the store names it (the caller checks each one) -> its size in bytes."""
         raise NotImplementedError
 
     def open(self, name: str) -> BinaryIO:
@@ -166,12 +196,30 @@ class ProxyStore(ArtifactStore):
         self.path = parsed.path.strip("/")
 
     def sizes(self) -> dict[str, int]:
+        return {Path(f["path"]).name: int(f.get("file_size", 0)) for f in self._list("") if not f.get("is_dir")}
+
+    def tree(self, folder: str) -> dict[str, int]:
+        """One listing per folder: the proxy lists one level, each entry by its base name."""
+        found: dict[str, int] = {}
+        pending = [folder]
+        while pending:
+            here = pending.pop()
+            for entry in self._list(here):
+                path = f"{here}/{entry['path']}" if here else str(entry["path"])
+                if entry.get("is_dir"):
+                    pending.append(artifact_path(path, self.uri))  # never list a folder outside this one
+                else:
+                    found[path] = int(entry.get("file_size", 0))
+        return found
+
+    def _list(self, folder: str) -> list[dict[str, Any]]:
+        """The entries of one folder under this one ("" for this one)."""
+        path = "/".join(part for part in (self.path, folder) if part)
         try:
-            found = self.rest.request("GET", "/api/2.0/mlflow-artifacts/artifacts", {"path": self.path})
+            found = self.rest.request("GET", "/api/2.0/mlflow-artifacts/artifacts", {"path": path})
         except ServerError as error:
             raise self._store_failed(error) from None
-        return {Path(f["path"]).name: int(f.get("file_size", 0)) for f in found.get("files", [])
-                if not f.get("is_dir")}
+        return list(found.get("files", []))
 
     def open(self, name: str) -> BinaryIO:
         url = f"{self.rest.base}/api/2.0/mlflow-artifacts/artifacts/{urllib.parse.quote(f'{self.path}/{name}')}"
@@ -218,9 +266,29 @@ class S3Store(ArtifactStore):
             raise self._fail(f"listing {self.uri}", error) from None
         return {Path(o["Key"]).name: int(o["Size"]) for o in found.get("Contents", [])}
 
+    def tree(self, folder: str) -> dict[str, int]:
+        """A listing by prefix is recursive already; a page holds at most 1000 keys."""
+        root = f"{self.prefix}/" if self.prefix else ""
+        below = f"{root}{folder}/" if folder else root
+        found: dict[str, int] = {}
+        more: dict[str, str] = {}
+        while True:
+            try:
+                page = self.client.list_objects_v2(Bucket=self.bucket, Prefix=below, **more)
+            except Exception as error:
+                raise self._fail(f"listing {self.uri}/{folder}", error) from None
+            for entry in page.get("Contents", []):
+                key, size = str(entry["Key"]), int(entry["Size"])
+                if not (key.endswith("/") and size == 0):  # an empty key ending in / marks a folder (S3 consoles)
+                    found[key[len(root):]] = size
+            if not page.get("IsTruncated"):
+                return found
+            more = {"ContinuationToken": str(page["NextContinuationToken"])}
+
     def open(self, name: str) -> BinaryIO:
+        key = f"{self.prefix}/{name}" if self.prefix else name
         try:
-            body: BinaryIO = self.client.get_object(Bucket=self.bucket, Key=f"{self.prefix}/{name}")["Body"]
+            body: BinaryIO = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
             return body
         except Exception as error:
             raise self._fail(f"downloading {name} of {self.uri}", error) from None

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ferry.core.errors import FerryError, NoSuchModel, RegistryError, Unavailable
 from ferry.core.fsutil import copy_and_hash, sha256_file
-from ferry.core.mlflow_rest import NOT_FOUND, ArtifactStore, MlflowRest
+from ferry.core.mlflow_rest import NOT_FOUND, ArtifactStore, MlflowRest, artifact_path
 
 if TYPE_CHECKING:
     from mlflow.store.artifact.artifact_repo import ArtifactRepository
@@ -157,7 +159,10 @@ class Registry:
 
 
 class Artifacts:
-    """One version's artifact folder, resolved once for the listing and every download."""
+    """One version's artifact folder, resolved once for the listing and every download.
+
+    Downloads may run in several threads at once: the caches are filled under a lock, the digests are set
+    one key at a time."""
 
     def __init__(self, registry: Registry, ref: VersionRef, uri: str, repository: ArtifactRepository | None) -> None:
         self.registry = registry
@@ -165,7 +170,15 @@ class Artifacts:
         self.uri = uri
         self.repository = repository
         self._sizes: dict[str, int] | None = None
+        self._trees: dict[str, dict[str, int]] = {}  # folder -> its files, as tree() gives them
+        self._listing = threading.Lock()
         self._digests: dict[str, str] = {}  # sha256 of the files copied and hashed in one pass
+
+    @property
+    def local_dir(self) -> Path | None:
+        """The folder itself, when MLflow's local-filesystem store holds it."""
+        found = getattr(self.repository, "artifact_dir", None)
+        return Path(found) if found is not None else None
 
     def sha256(self, name: str, path: Path) -> str:
         """The sha256 of a downloaded file: the one computed while copying it, else read back from disk."""
@@ -182,19 +195,74 @@ class Artifacts:
             self._sizes = {Path(f.path).name: (f.file_size or 0) for f in listing if not f.is_dir}
         return self._sizes
 
+    def tree(self, folder: str = "") -> dict[str, int]:
+        """Every regular file under ``folder`` ("" for the whole folder), recursively: its posix path relative to
+        the version's folder -> its size in bytes. A link, or a path that could leave the folder, is refused."""
+        if folder:
+            artifact_path(folder, self.uri)
+        with self._listing:
+            if folder not in self._trees:
+                listed = self._list_tree(folder)
+                self._trees[folder] = {self._checked(path, folder): size for path, size in sorted(listed.items())}
+            return self._trees[folder]
+
+    def _checked(self, path: str, folder: str) -> str:
+        artifact_path(path, self.uri)
+        if folder and not path.startswith(f"{folder}/"):
+            raise RegistryError(f"listing {folder} of {self.uri} gave {path!r}, which is not under it",
+                                "check the logged artifacts and the artifact store")
+        return path
+
+    def _list_tree(self, folder: str) -> dict[str, int]:
+        """MLflow's listing, one folder at a time; on the local store each entry is checked before it is used."""
+        assert self.repository is not None, "a folder without MLflow's repository lists itself (RestArtifacts)"
+        local = self.local_dir
+        if local is not None and folder:
+            refuse_links(local, folder, self.uri)
+        found: dict[str, int] = {}
+        pending = [folder]
+        while pending:
+            here = pending.pop()
+            try:
+                listing = self.repository.list_artifacts(here or None)
+            except Exception as error:
+                raise self.registry.fail(f"listing {here or 'the artifacts'} of {self.uri}", error) from None
+            for entry in listing:
+                path = artifact_path(str(entry.path), self.uri)
+                size = self._local_entry(local, path, bool(entry.is_dir)) if local is not None else None
+                if entry.is_dir:
+                    pending.append(path)
+                else:
+                    found[path] = (entry.file_size or 0) if size is None else size
+        return found
+
+    def _local_entry(self, local: Path, path: str, is_dir: bool) -> int:
+        """The size of a regular file of the local store; a link, or anything else than what was listed, is refused."""
+        mode = os.lstat(local / path)
+        if stat.S_ISLNK(mode.st_mode):
+            raise RegistryError(f"{path} in {self.uri} is a symbolic link; ferry copies only regular files",
+                                "log the model's real files, not links to them")
+        if not (stat.S_ISDIR(mode.st_mode) if is_dir else stat.S_ISREG(mode.st_mode)):
+            raise RegistryError(f"{path} in {self.uri} is not a regular file or folder",
+                                "log the model's files as regular files")
+        return mode.st_size
+
     def download(self, name: str, destination: Path) -> Path:
-        """Copy the file ``name`` into ``destination``: a regular file, never a link to something else.
+        """Copy the file ``name`` (a relative path, nested or not) to ``destination / name``: a regular file, never
+        a link, and never written through one. Safe from several threads at once.
 
         A full disk raises the OSError itself, so that the caller can clean up and say so.
         """
         assert self.repository is not None, "a folder without MLflow's repository downloads itself (RestArtifacts)"
-        local_dir = getattr(self.repository, "artifact_dir", None)  # set by MLflow's local-filesystem store
-        if local_dir is not None and (Path(local_dir) / name).is_symlink():
-            raise RegistryError(f"{name} in {self.uri} is a symbolic link; ferry copies only regular files",
-                             "log the model's real file, not a link to one")
-        if local_dir is not None and (Path(local_dir) / name).is_file():
-            self._digests[name] = copy_and_hash(Path(local_dir) / name, destination / name)
-            return destination / name
+        artifact_path(name, self.uri)
+        local = self.local_dir
+        if local is not None:
+            refuse_links(local, name, self.uri)
+            if (local / name).is_file():
+                target = prepare_target(destination, name)
+                self._digests[name] = copy_and_hash(local / name, target)
+                return target
+        prepare_target(destination, name, create=False)
         try:
             path = Path(self.repository.download_artifacts(  # type: ignore[no-untyped-call]  # MLflow: unannotated
                 name, dst_path=str(destination)))
@@ -221,19 +289,66 @@ class RestArtifacts(Artifacts):
             self._sizes = self.store.sizes()
         return self._sizes
 
+    def _list_tree(self, folder: str) -> dict[str, int]:
+        return self.store.tree(folder)
+
     def download(self, name: str, destination: Path) -> Path:
-        """Stream ``name`` into ``destination``, hashed on the way; a full disk raises its OSError.
+        """Stream ``name`` into ``destination / name``, hashed on the way; a full disk raises its OSError.
 
         The bytes written must be as many as the listing said: a body cut short reads as a complete one
         through the server's proxy (http.client does not raise on a connection closed early)."""
-        path = destination / name
-        self._digests[name] = self.store.download(name, path)
-        listed, written = self.sizes().get(name, 0), path.stat().st_size
+        path = prepare_target(destination, artifact_path(name, self.uri))
+        try:
+            self._digests[name] = self.store.download(name, path)
+        except FerryError:
+            path.unlink(missing_ok=True)  # the store's failure leaves no file behind (a full disk: the caller's)
+            raise
+        listed, written = self._listed(name), path.stat().st_size
         if listed and written != listed:
             raise Unavailable(f"downloading {name} of {self.uri} gave {written} bytes, its listing {listed}: the "
                               "transfer was cut short, or the file changed meanwhile",
                               "deploy again; if it happens again, check the artifact store and its proxy")
         return path
+
+    def _listed(self, name: str) -> int:
+        """The size the listing gave ``name``: the folder's top, a tree already listed, else its own folder's."""
+        if "/" not in name:
+            return self.sizes().get(name, 0)
+        with self._listing:
+            sizes = [files[name] for files in self._trees.values() if name in files]
+        return sizes[0] if sizes else self.tree(name.rpartition("/")[0]).get(name, 0)
+
+
+def refuse_links(root: Path, name: str, uri: str) -> None:
+    """RegistryError when ``root / name``, or a folder on the way to it, is a symbolic link."""
+    here = root
+    for part in name.split("/"):
+        here = here / part
+        if here.is_symlink():
+            raise RegistryError(f"{name} in {uri} is, or lies under, a symbolic link ({here}); ferry copies only "
+                                "regular files", "log the model's real files, not links to them")
+
+
+def prepare_target(destination: Path, name: str, create: bool = True) -> Path:
+    """``destination / name`` with its folders made, none of them a link; ``create`` makes it an empty regular
+    file (never a link's target: O_NOFOLLOW), which the download then writes."""
+    target = destination / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    here = destination
+    for part in name.split("/"):
+        here = here / part
+        if here.is_symlink():
+            raise RegistryError(f"the download of {name} would be written through the symbolic link {here}",
+                                f"remove the link from {destination}; ferry writes regular files only")
+    if create:
+        try:
+            os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644))
+        except OSError as error:
+            if error.errno != errno.ELOOP:
+                raise
+            raise RegistryError(f"{target} became a symbolic link before the download of {name}",
+                                f"remove the link from {destination}; ferry writes regular files only") from None
+    return target
 
 
 def disk_full(error: BaseException | None) -> OSError | None:
