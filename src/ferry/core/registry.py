@@ -135,7 +135,8 @@ class Registry:
             raise self.fail(f"opening the artifacts at {uri}", error) from None
         return Artifacts(self, ref, uri, repository)
 
-    def artifacts(self, ref: VersionRef, expected: str = "model.onnx") -> Artifacts:
+    def artifacts(self, ref: VersionRef,
+                  expected: tuple[str, ...] = ("model.onnx", "MLmodel", "config.pbtxt")) -> Artifacts:
         """The version's artifact folder. A runs:/ URI is resolved once to the run's own store, which
         MLflow's runs:/ repository would look up again (with its logged models) on every call; it is
         still the fallback when the run's store does not hold the files."""
@@ -151,7 +152,7 @@ class Registry:
                 run_id, path = RunsArtifactRepository.parse_runs_uri(ref.artifact_uri)  # type: ignore[no-untyped-call]
                 uri = get_artifact_uri(run_id, path, tracking_uri=self.tracking_uri)  # type: ignore[no-untyped-call]
                 direct = self._open(ref, uri)
-                if expected in direct.sizes():
+                if set(expected) & set(direct.sizes()):  # a version's file: ONNX, or a Triton model directory
                     return direct
             except Exception:  # FerryError included: the runs:/ repository below reports it with the user's URI
                 pass
