@@ -155,7 +155,7 @@ class Failure(BaseModel):
     retryable: bool = False  # ... because a dependency did not answer
 
 
-RolloutMode = Literal["shadow", "canary"]
+RolloutMode = Literal["shadow", "canary", "rolling"]  # rolling: replicas swap to the candidate batch by batch
 
 
 class RolloutPlan(BaseModel):
@@ -168,8 +168,9 @@ class RolloutPlan(BaseModel):
 
 
 class RolloutState(BaseModel):
-    """``.ferry/<model>/rollout.json``: what the gateways do with the candidate while a deploy bakes.
-    Written atomically; the commit writes current.json before removing it, a rollback removes it first."""
+    """``.ferry/<model>/rollout.json``: what the gateways do with the candidate while a deploy bakes, or while
+    a rolling deploy swaps the replicas batch by batch. Written atomically; the commit writes current.json
+    before removing it, a rollback removes it first (a rolling one once every replica is back)."""
 
     format: Literal[1] = 1
     model: str
@@ -178,6 +179,8 @@ class RolloutState(BaseModel):
     candidate_version: int
     plan: RolloutPlan
     started_at_utc: str
+    draining: list[str] = []  # rolling: replicas (URLs) the gateways send no new request to, while they swap
+    swapped: list[str] = []  # rolling: replicas whose front serves the candidate
 
 
 class GateFigures(BaseModel):

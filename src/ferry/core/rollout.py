@@ -30,12 +30,15 @@ from ferry.core.fsutil import atomic_write
 from ferry.core.records import GateEvaluation, GateFigures, RolloutPlan, RolloutState, Step, utc_stamp
 from ferry.core.repository import ModelDir
 
-ROLES = {"shadow": "shadow", "canary": "candidate"}  # the gateway's role label of the candidate's requests
+# The gateway's role label of the candidate's requests (rolling: those answered by a swapped replica).
+ROLES = {"shadow": "shadow", "canary": "candidate", "rolling": "candidate"}
 METRIC_TIMEOUT_S = 5.0
 Counts = dict[tuple[str, str, str], "Tally"]  # (version, role, kind) -> tally
 
 
 def check_plan(plan: RolloutPlan) -> RolloutPlan:
+    if plan.mode == "rolling":
+        return plan
     if plan.bake_s <= 0:
         raise InvalidInput(f"a bake of {plan.bake_s:g} s proves nothing", "give --bake (or --shadow) a duration")
     if plan.mode == "canary" and not 0 < plan.canary_percent <= 50:

@@ -85,7 +85,7 @@ def bake_of(route: Route, state: RolloutState | None,
     """What rollout.json asks for ``route``, if it applies: it must bake beside the version committed now.
     ``config``: the candidate's own (None: the committed version's), which its requests are checked against."""
     if state is None or state.model != route.model or state.active_version != route.version \
-            or state.candidate_version == route.version:
+            or state.candidate_version == route.version or state.plan.mode == "rolling":
         return None
     plan = state.plan
     share = (plan.canary_percent if plan.mode == "canary" else plan.mirror_percent) / 100
