@@ -40,10 +40,11 @@ from ferry.core.events import RECORDED, EventHandler
 from ferry.core.records import CurrentState, DeployReport, Outcome
 from ferry.core.repository import ModelDir, check_name
 from ferry.core.retire import retire
-from ferry.core.runner import Runner, Target
+from ferry.core.runner import Runner
 from ferry.core.services import Services
 from ferry.core.status import ModelStatus, list_models, model_status, replica_indexes
 from ferry.core.summary import failure_reason
+from ferry.core.target import Target
 
 if TYPE_CHECKING:
     pass
@@ -133,7 +134,8 @@ def deploy_uri(ferry: Services, name: str, model_uri: str, force: bool = False,
         check_name("deployment name", name)
     target, registered = target_of(ferry, name, model_uri, force)
     target = dataclasses.replace(target, allow_signature_change=allow_signature_change)
-    return deployed(run_deploy(ferry, name, target), registered)
+    report = run_deploy(ferry, name, target)
+    return deployed(report, registered, flavor_of(ferry, name, report.version))
 
 
 def run_deploy(ferry: Services, name: str, target: Target) -> DeployReport:
@@ -141,7 +143,13 @@ def run_deploy(ferry: Services, name: str, target: Target) -> DeployReport:
         return Runner(ferry, name, via="mlflow", on_event=on_event).deploy(target)
 
 
-def deployed(report: DeployReport, registered: int | None = None) -> dict[str, Any]:
+def flavor_of(ferry: Services, model: str, version: int | None) -> str:
+    """The flavor of a staged version, from its manifest (onnx when there is none to read)."""
+    manifest = ferry.model_dir(model).read_manifest(version) if version is not None else None
+    return manifest.flavor if manifest is not None else FLAVOR
+
+
+def deployed(report: DeployReport, registered: int | None = None, flavor: str = FLAVOR) -> dict[str, Any]:
     """A committed (or no-op) deploy as MLflow's deployment dict; a failed one as an MlflowException."""
     if report.outcome == Outcome.ROLLED_BACK:
         raise refused(failure_reason(report), code=INVALID_STATE)
@@ -150,7 +158,7 @@ def deployed(report: DeployReport, registered: int | None = None) -> dict[str, A
         raise refused(str(report.error), report.hint or "", code=code)
     for warning in report.warnings:
         _logger.warning("ferry: %s", warning)
-    return {"name": report.model, "flavor": FLAVOR, "outcome": str(report.outcome), "version": report.version,
+    return {"name": report.model, "flavor": flavor, "outcome": str(report.outcome), "version": report.version,
             "previous_version": report.previous_version, "run_id": report.run_id, "deploy_id": report.deploy_id,
             "registered_version": registered, "steps": report.steps, "warnings": report.warnings}
 
@@ -176,11 +184,11 @@ def _committed(ferry: Services, name: str) -> CurrentState | None:
 # ---------------------------------------------------------------- status
 
 
-def describe(status: ModelStatus) -> dict[str, Any]:
+def describe(status: ModelStatus, flavor: str = FLAVOR) -> dict[str, Any]:
     """ferry's status of one model as a deployment dict."""
     current = status.current
     active = current.active_version if current else None
-    described: dict[str, Any] = {"name": status.model, "flavor": FLAVOR, "active_version": active}
+    described: dict[str, Any] = {"name": status.model, "flavor": flavor, "active_version": active}
     described.update({key: getattr(current, key, None) for key in
                       ("run_id", "alias", "updated_at_utc", "previous_version", "deploy_id", "sha256")})
     described.update({
@@ -246,7 +254,8 @@ class FerryDeploymentClient(BaseDeploymentClient):
         if model_uri is None:
             with mlflow_errors():
                 target = Target.of_version(current.active_version, opts.force)
-            return deployed(run_deploy(ferry, name, target))
+            report = run_deploy(ferry, name, target)
+            return deployed(report, flavor=flavor_of(ferry, name, report.version))
         return deploy_uri(ferry, name, model_uri, opts.force, opts.allow_signature_change)
 
     def delete_deployment(self, name: str, config: Mapping[str, Any] | None = None,
@@ -267,7 +276,8 @@ class FerryDeploymentClient(BaseDeploymentClient):
         _no_endpoint(endpoint)
         ferry = Services(options(None).settings)
         with mlflow_errors():
-            return [describe(s) for s in deployment_statuses(ferry, list_models(ferry.settings.repository))]
+            return [describe(s, flavor_of(ferry, s.model, s.current.active_version if s.current else None))
+                    for s in deployment_statuses(ferry, list_models(ferry.settings.repository))]
 
     def get_deployment(self, name: str, endpoint: str | None = None) -> dict[str, Any]:
         """ferry's status of the model: active version, run, replicas serving it, drift."""
@@ -278,7 +288,8 @@ class FerryDeploymentClient(BaseDeploymentClient):
         if not found:
             raise refused(f"no deployment '{name}': nothing is committed in {ferry.settings.repository}",
                            code=RESOURCE_DOES_NOT_EXIST)
-        return describe(found[0])
+        current = found[0].current
+        return describe(found[0], flavor_of(ferry, name, current.active_version if current else None))
 
     def predict(self, deployment_name: str | None = None, inputs: Any = None,
                 endpoint: str | None = None) -> PredictionsResponse:
