@@ -43,8 +43,8 @@ from conftest import FAKES, World, make_settings  # noqa: E402
 from ferry.core import rollout  # noqa: E402
 from ferry.core.records import DeployReport, RolloutPlan, RolloutState  # noqa: E402
 from ferry.core.runner import GATE, Runner  # noqa: E402
-from ferry.core.runner import Target as DeployTarget  # noqa: E402
 from ferry.core.steps import Services  # noqa: E402
+from ferry.core.target import Target as DeployTarget  # noqa: E402
 from ferry.runtime import server  # noqa: E402
 
 ROWS = load_iris(return_X_y=True)[0].astype(np.float32)

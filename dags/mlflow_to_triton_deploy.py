@@ -51,10 +51,10 @@ def rollout_plan(bake: str, mode: str, percent: float) -> dict | None:
 
 
 def snapshot_current(model: str, alias: str, bake: str, mode: str, percent: float, ti,
-                     allow_signature_change: bool | str = False) -> dict:
+                     allow_signature_change: bool | str = False, strategy: str = "beside", batch: str = "1") -> dict:
     try:
         return _call("snapshot_current", model, alias, rollout_plan(bake, mode, float(percent)),
-                     str(allow_signature_change).lower() == "true")
+                     str(allow_signature_change).lower() == "true", strategy, batch)
     except Exception as error:
         cause = error.__cause__
         ti.xcom_push(key="failure", value={"message": getattr(cause, "message", str(error)),
@@ -104,6 +104,10 @@ with DAG(
                          description="canary: the share of requests it answers; shadow: the share copied to it"),
         "allow_signature_change": Param(False, type="boolean", description="Deploy a version whose inputs or "
                                         "outputs differ from the active version's (it breaks their clients)"),
+        "strategy": Param("beside", enum=["beside", "rolling"], description="beside: the candidate loads beside "
+                          "the active version; rolling: replica batch by batch (a model that fits once)"),
+        "batch": Param("1", type="string", pattern=r"^([1-9][0-9]*|[1-9][0-9]?%|100%)$",
+                       description="rolling: replicas per batch (1, 2, 25%)"),
     },
     tags=["ferry"],
 ) as dag:
@@ -111,7 +115,8 @@ with DAG(
     snapshot = PythonOperator(task_id="snapshot_current", python_callable=snapshot_current,
                               op_kwargs={**names, "bake": "{{ params.bake }}", "mode": "{{ params.mode }}",
                                          "percent": "{{ params.percent }}",
-                                         "allow_signature_change": "{{ params.allow_signature_change }}"},
+                                         "allow_signature_change": "{{ params.allow_signature_change }}",
+                                         "strategy": "{{ params.strategy }}", "batch": "{{ params.batch }}"},
                               **retry_dependencies)
     steps = [PythonOperator(task_id=name, python_callable=step(name), **retry_dependencies) for name in STEPS]
     # A sensor in reschedule mode: each look is a short task run, and no worker waits through the bake.

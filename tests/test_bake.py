@@ -34,8 +34,9 @@ from ferry.core import rollout
 from ferry.core.config import Settings
 from ferry.core.current import read_current
 from ferry.core.records import DeployReport, RolloutPlan, RolloutState, utc_stamp
-from ferry.core.runner import Runner, Target
+from ferry.core.runner import Runner
 from ferry.core.services import Services
+from ferry.core.target import Target
 from ferry.runtime import server
 from support.gateway import TOKEN, Running, running_gateway
 

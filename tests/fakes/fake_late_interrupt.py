@@ -13,12 +13,13 @@ import signal
 import sys
 
 import ferry.core.runner
+import ferry.core.target
 from ferry.adapters.cli import app
 
 decided = ferry.core.runner.Runner.deploy
 
 
-def deploy_then_interrupted(self: ferry.core.runner.Runner, target: ferry.core.runner.Target):
+def deploy_then_interrupted(self: ferry.core.runner.Runner, target: ferry.core.target.Target):
     report = decided(self, target)
     os.kill(os.getpid(), signal.SIGINT)
     return report

@@ -12,7 +12,8 @@ from ferry.core import rollout
 from ferry.core.current import read_current, read_history
 from ferry.core.records import GateFigures, Outcome, RolloutPlan
 from ferry.core.rollout import Counts, Tally
-from ferry.core.runner import Runner, Target
+from ferry.core.runner import Runner
+from ferry.core.target import Target
 from unit.support import Bench
 
 BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, float("inf"))

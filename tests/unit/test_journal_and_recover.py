@@ -11,7 +11,8 @@ from ferry.core.current import read_current
 from ferry.core.errors import InvalidInput
 from ferry.core.journal import read_journal
 from ferry.core.records import Outcome, Step
-from ferry.core.runner import Runner, Target
+from ferry.core.runner import Runner
+from ferry.core.target import Target
 from unit.fakes import tiny_onnx, write_version_files
 from unit.support import Bench
 

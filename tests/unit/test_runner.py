@@ -13,7 +13,8 @@ from ferry.core.errors import Busy, Misconfigured, NoSuchModel, Unavailable
 from ferry.core.journal import read_journal
 from ferry.core.records import Outcome, QuarantineReason, Step
 from ferry.core.repository import ModelDir
-from ferry.core.runner import Runner, Target
+from ferry.core.runner import Runner
+from ferry.core.target import Target
 from unit.fakes import tiny_onnx
 from unit.support import Bench
 

@@ -10,7 +10,8 @@ import pytest
 from ferry.core import writeback
 from ferry.core.current import read_current, read_history
 from ferry.core.records import Outcome
-from ferry.core.runner import Runner, Target
+from ferry.core.runner import Runner
+from ferry.core.target import Target
 from ferry.core.writeback import read_write_backs
 from unit.fakes import FakeRegistry
 from unit.support import Bench

@@ -40,9 +40,9 @@ from ferry.adapters.cli_support import (
 if TYPE_CHECKING:
     from ferry.core.config import Settings
     from ferry.core.reconcile import Reconciled
-    from ferry.core.records import RolloutPlan
-    from ferry.core.runner import Target
+    from ferry.core.records import RolloutPlan, Strategy
     from ferry.core.status import ModelStatus, ReplicaStatus
+    from ferry.core.target import Target
 
 # Plain click help: rich's panels show a <bool> metavar on every flag and {MODEL} in the usage line.
 app = typer.Typer(help="Move model versions from the MLflow Model Registry into Triton, safely.",
@@ -58,6 +58,12 @@ def _run_deploy(settings: Settings, model: str, target: Target, as_json: bool) -
     runner = guarded(lambda: Runner(ferry, model, on_event=deploy_events(as_json)))
     report = guarded(lambda: runner.deploy(target))
     finish_deploy(report, as_json)
+
+
+StrategyOption = typer.Option("beside", "--strategy", metavar="beside|rolling",
+                              help="beside: the candidate loads beside the active version on every replica; "
+                              "rolling: replica batch by batch, never both on one (a model that fits once).")
+BatchOption = typer.Option("1", "--batch", metavar="N|P%", help="Rolling: replicas per batch (1, 2, 25%).")
 
 
 @app.command("deploy")
@@ -76,19 +82,30 @@ def deploy_command(
     allow_signature_change: bool = typer.Option(
         False, "--allow-signature-change",
         help="Deploy a version whose inputs or outputs differ from the active version's (it breaks their clients)."),
+    strategy: str = StrategyOption,
+    batch: str = BatchOption,
     as_json: bool = JsonOption,
 ) -> None:
     """Deploy the version an MLflow alias points at: load, ready, smoke, [bake,] then commit or roll back."""
     from ferry.core.repository import check_name
-    from ferry.core.runner import Target
+    from ferry.core.target import Target
 
     guarded(lambda: check_name("model name", model))  # bad names are refused before anything starts
     plan = guarded(lambda: _rollout_plan(shadow, canary, bake, mirror))
-    target = guarded(lambda: Target.of_alias(alias, rollout=plan, allow_signature_change=allow_signature_change))
+    target = guarded(lambda: Target.of_alias(alias, rollout=plan, allow_signature_change=allow_signature_change,
+                                             strategy=_strategy(strategy), batch=batch))
     settings = current_settings()
     if gate_failures is not None:
         settings = settings.with_overrides(gate_failures=gate_failures)
     _run_deploy(settings, model, target, as_json)
+
+
+def _strategy(name: str) -> Strategy:
+    from ferry.core.errors import InvalidInput
+
+    if name not in ("beside", "rolling"):
+        raise InvalidInput(f"--strategy {name!r} is not a strategy", "give --strategy beside or --strategy rolling")
+    return "rolling" if name == "rolling" else "beside"
 
 
 def _rollout_plan(shadow: str | None, canary: float | None, bake: str | None, mirror: float) -> RolloutPlan | None:
@@ -114,12 +131,14 @@ def rollback_command(
     model: str = ModelArgument,
     to: int | None = typer.Option(None, "--to", help="Version to go back to (default: the previous one)."),
     force: bool = typer.Option(False, "--force", help="Go back to a version even if its last deploy failed."),
+    strategy: str = StrategyOption,
+    batch: str = BatchOption,
     as_json: bool = JsonOption,
 ) -> None:
     """Go back to an earlier version, through the same validation chain (no MLflow needed if its files are kept)."""
     from ferry.core.current import read_current
     from ferry.core.errors import InvalidInput
-    from ferry.core.runner import Target
+    from ferry.core.target import Target
 
     settings = current_settings()
     model_dir = known_model(settings, model)
@@ -129,7 +148,7 @@ def rollback_command(
             fail(InvalidInput(f"'{model}' has no previous version recorded in current.json",
                                "give one with --to VERSION (see `ferry history`)"))
         to = current.previous_version
-    target = guarded(lambda: Target.of_version(to, force=force))
+    target = guarded(lambda: Target.of_version(to, force=force, strategy=_strategy(strategy), batch=batch))
     _run_deploy(settings, model, target, as_json)
 
 

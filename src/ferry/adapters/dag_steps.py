@@ -14,9 +14,10 @@ from typing import Any
 from ferry.core.current import find_attempt
 from ferry.core.errors import InvalidInput
 from ferry.core.lock import holding
-from ferry.core.records import Kind, RolloutPlan, Step
-from ferry.core.runner import Runner, Target
+from ferry.core.records import Kind, RolloutPlan, Step, Strategy
+from ferry.core.runner import Runner
 from ferry.core.services import Services
+from ferry.core.target import Target
 
 Handle = dict[str, Any]  # what XCom carries between tasks: {"model", "deploy_id", ...}
 # Another run's snapshot, or a step of the deploy in flight, holds the model's lock for a moment: a snapshot
@@ -30,7 +31,7 @@ def _runner(ferry: Services, model: str) -> Runner:
 
 
 def snapshot_current(ferry: Services, model: str, alias: str, rollout: dict | None = None,
-                     allow_signature_change: bool = False) -> Handle:
+                     allow_signature_change: bool = False, strategy: Strategy = "beside", batch: str = "1") -> Handle:
     """Take the model (fail fast if another deploy holds it), then record what is committed and served.
 
     The model is taken before the snapshot, so no other deploy can commit in between and be undone
@@ -38,7 +39,8 @@ def snapshot_current(ferry: Services, model: str, alias: str, rollout: dict | No
     may retry, and :func:`rollback_minimal` records the attempt once it is given up.
     """
     plan = RolloutPlan.model_validate(rollout) if rollout else None
-    target = Target.of_alias(alias, rollout=plan, allow_signature_change=allow_signature_change)
+    target = Target.of_alias(alias, rollout=plan, allow_signature_change=allow_signature_change, strategy=strategy,
+                             batch=batch)
     runner = _runner(ferry, model)
     with holding(runner.model_dir, max(ferry.settings.lock_wait_s, SNAPSHOT_LOCK_WAIT_S)):
         journal = runner.begin(target)

@@ -21,8 +21,8 @@ from mlflow.protos.databricks_pb2 import (
 
 from ferry.adapters.mlflow_predict import refused
 from ferry.core.errors import Busy, FerryError, NoSuchModel, unreachable
-from ferry.core.runner import Target
 from ferry.core.services import Services
+from ferry.core.target import Target
 
 _logger = logging.getLogger("ferry.adapters.mlflow_plugin")
 

@@ -112,8 +112,9 @@ def default_home() -> Path:
 _NUMBER_RANGES: tuple[tuple[tuple[str, ...], Callable[[float], bool], str], ...] = (
     (("triton_timeout_s", "load_timeout_s", "ready_timeout_s", "writeback_timeout_s", "gateway_body_timeout_s",
       "gate_interval_s", "max_artifact_mb", "gate_latency_factor"), lambda v: v > 0, "more than 0"),
-    (("lock_wait_s", "keep_previous_s", "quarantine_keep", "rtol", "atol", "watch_poll_s", "gate_error_margin",
-      "gate_latency_slack_ms", "gate_failures", "gate_min_requests"), lambda v: v >= 0, "0 or more"),
+    (("lock_wait_s", "drain_timeout_s", "keep_previous_s", "quarantine_keep", "rtol", "atol", "watch_poll_s",
+      "gate_error_margin", "gate_latency_slack_ms", "gate_failures", "gate_min_requests"),
+     lambda v: v >= 0, "0 or more"),
     (("gate_max_error_ratio", "gate_min_agreement"), lambda v: 0 <= v <= 1, "from 0 to 1"),
 )
 
@@ -134,6 +135,7 @@ class Settings:
     ready_timeout_s: float = 30.0
     max_artifact_mb: float = 1024.0
     lock_wait_s: float = 0.0
+    drain_timeout_s: float = 30.0  # a rolling deploy waits this long at most for the gateways to drain a batch
     keep_previous_s: float = 0.0  # after a commit the previous version stays loaded this long (a fast rollback)
     quarantine_keep: int = 0  # keep the files of this many newest failed versions per model (0: all); reasons always
     prometheus_url: str = ""  # where `ferry status` reads live latency and failures (none: Triton's metrics)

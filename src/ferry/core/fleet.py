@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 from ferry.core.config import Endpoint, ReplicaSource
-from ferry.core.errors import FerryError, ReplicaFailed, Unavailable
+from ferry.core.errors import FerryError, ReplicaFailed, StepFailed, Unavailable
 from ferry.core.triton import Triton
 
 MAX_PARALLEL = 128  # concurrent calls to replicas (and so connections) of one action, at most
@@ -88,4 +88,15 @@ class Fleet:
             if isinstance(result, FerryError):
                 raise ReplicaFailed(url, result) if len(results) > 1 else result
         return results  # type: ignore[return-value]
+
+    def each_step(self, action: Callable[[Triton], T]) -> dict[str, T]:
+        """:meth:`each` for a step of the deploy: a step's failure names the replica it failed on."""
+        try:
+            return self.each(action)
+        except ReplicaFailed as failed:
+            cause = failed.cause
+            if isinstance(cause, StepFailed):
+                raise StepFailed(cause.step, cause.message, cause.hint, cause.version, cause.retryable,
+                                 cause.detail, replica=failed.replica) from None
+            raise
 

@@ -17,12 +17,15 @@ from ferry.core.triton import Placement, Triton
 Loaded = dict[str, list[int]]  # each replica (its URL) and the versions whose stores it holds
 
 
-def loaded_after_load(snapshot: Snapshot, candidate: int) -> Loaded | None:
-    """The stores each replica holds once ``candidate`` is loaded: what the snapshot found, and the candidate
-    (None for a snapshot that did not record them: looked up on each replica)."""
+def loaded_after_load(snapshot: Snapshot, candidate: Candidate) -> Loaded | None:
+    """The stores each replica holds once the candidate is loaded: what the snapshot found, and the candidate
+    (the candidate alone after a rolling deploy; None for a snapshot that did not record them: looked up on
+    each replica)."""
     if not snapshot.stores:
         return None
-    return {url: sorted(set(held) | {candidate}) for url, held in snapshot.stores.items()}
+    if candidate.rolled:
+        return {url: [candidate.version] for url in snapshot.stores}
+    return {url: sorted(set(held) | {candidate.version}) for url, held in snapshot.stores.items()}
 
 
 def pin_after_commit(model_dir: ModelDir, candidate: Candidate, fleet: Fleet, warm: int | None = None,

@@ -57,6 +57,7 @@ class Kind(StrEnum):
 
 
 Flavor = Literal["onnx", "triton"]  # model.onnx (ferry derives the config), or a Triton model directory
+Strategy = Literal["beside", "rolling"]  # the candidate loaded beside the active version, or replica by replica
 Via = Literal["cli", "airflow", "mlflow"]  # who runs a deploy: the CLI, the DAG's tasks, the MLflow plugin
 
 
@@ -140,6 +141,7 @@ class Candidate(BaseModel):
     reused: bool = False  # the version directory was staged by an earlier deploy and verified again
     revalidate: bool = False  # the active version, which Triton did not serve: proven and pinned again
     warm: bool = False  # the previous version, still loaded on every replica: served again without a load
+    rolled: bool = False  # swapped in replica by replica (a rolling deploy): each replica holds it alone
 
 
 class Failure(BaseModel):
@@ -248,6 +250,7 @@ class DeployReport(BaseModel):
     gate: list[GateEvaluation] = []  # the bake's gate evaluations, when a bake was asked for
     config_sha256: str | None = None  # of the config the candidate runs under
     config_changed: bool = False  # the candidate's config differs from the one served before (ferry diff shows how)
+    strategy: Strategy = "beside"  # rolling: the swapped replicas answered as the candidate before the commit
 
     @property
     def ok(self) -> bool:
@@ -281,6 +284,9 @@ class JournalRecord(BaseModel):
     failure: Failure | None = None
     rollout: RolloutPlan | None = None  # a bake asked for
     allow_signature_change: bool = False  # a candidate whose inputs or outputs differ from the active's may deploy
+    strategy: Strategy = "beside"
+    batch: str = "1"  # rolling: replicas per batch ("2", "25%")
+    swapped: list[str] = []  # rolling: the replicas swapped to the candidate (or being swapped), in order
     gate: list[GateEvaluation] = []  # each evaluation of the bake's gate
     gate_baseline: list[dict[str, Any]] = []  # the gateways' counters when the bake started (rollout.dump_counts)
     bake_started_unix: float | None = None

@@ -228,3 +228,22 @@ def decide(evaluations: list[GateEvaluation], failures_needed: int, version: int
                           detail=last.model_dump_json())
     return None
 
+
+
+def in_flight(settings: Settings, replicas: list[str]) -> int | None:
+    """Requests the gateways have sent to ``replicas`` and not yet seen answered (their
+    ``ferry_gateway_in_flight`` gauge, summed); None when a gateway did not answer (nothing to wait for:
+    a gateway that is down sends nothing)."""
+    wanted, total = set(replicas), 0
+    for url in gateway_urls(settings):
+        try:
+            with urllib.request.urlopen(f"{url.rstrip('/')}/metrics", timeout=METRIC_TIMEOUT_S) as reply:
+                text = reply.read().decode()
+        except OSError:
+            return None
+        for line in text.splitlines():
+            match = SAMPLE.match(line)
+            if match and match["name"] == "ferry_gateway_in_flight" \
+                    and dict(LABEL.findall(match["labels"])).get("replica") in wanted:
+                total += int(float(match["value"]))
+    return total

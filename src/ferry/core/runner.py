@@ -15,10 +15,9 @@ import shutil
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-from ferry.core import placement, steps, writeback
+from ferry.core import placement, rolling, steps, writeback
 from ferry.core.baking import Baking
 from ferry.core.current import append_history, find_attempt, read_attempts, read_current
 from ferry.core.errors import Busy, FerryError, InvalidInput, NoSuchModel, StepFailed, unreachable
@@ -35,41 +34,13 @@ from ferry.core.records import (
     Kind,
     Outcome,
     Owner,
-    RolloutPlan,
     Step,
+    Strategy,
     Via,
     utc_stamp,
 )
-from ferry.core.repository import check_name
-from ferry.core.rollout import check_plan
 from ferry.core.services import Services
-
-
-@dataclass(frozen=True)
-class Target:
-    """What an attempt deploys: the version an alias names, or an earlier version by number."""
-
-    kind: Kind
-    alias: str | None = None
-    version: int | None = None
-    force: bool = False  # revert to a version even though its last deploy failed
-    rollout: RolloutPlan | None = None  # bake the candidate on live traffic before the commit
-    allow_signature_change: bool = False  # deploy a candidate whose inputs or outputs differ from the active's
-
-    @classmethod
-    def of_alias(cls, alias: str, rollout: RolloutPlan | None = None, allow_signature_change: bool = False) -> Target:
-        return cls(Kind.DEPLOY, alias=check_name("alias", alias), rollout=rollout and check_plan(rollout),
-                   allow_signature_change=allow_signature_change)
-
-    @classmethod
-    def of_version(cls, version: int, force: bool = False, rollout: RolloutPlan | None = None) -> Target:
-        if version < 1:
-            raise InvalidInput(f"version {version} is not a model version", "versions are numbered from 1")
-        return cls(Kind.REVERT, version=version, force=force, rollout=rollout and check_plan(rollout))
-
-    @property
-    def label(self) -> str:
-        return f"@{self.alias}" if self.alias is not None else f"v{self.version}"
+from ferry.core.target import Target
 
 
 class Runner(Baking):
@@ -141,13 +112,20 @@ class Runner(Baking):
                                version=target.version, who=current_user(),
                                owner=Owner(via=self.via, host=socket.gethostname(), pid=os.getpid()),
                                started_at_utc=utc_stamp(), rollout=target.rollout,
-                               allow_signature_change=target.allow_signature_change)
+                               allow_signature_change=target.allow_signature_change, strategy=target.strategy,
+                               batch=target.batch)
         journal = Journal.create(self.model_dir, record)
         try:
             snapshot = self._timed(journal, Step.SNAPSHOT, lambda: steps.take_snapshot(self.ferry, self.model))
         except BaseException:
             journal.remove()
             raise
+        if target.strategy == "rolling":
+            try:
+                rolling.check_can_roll(snapshot, target.batch)
+            except BaseException:
+                journal.remove()
+                raise
         journal.update(deploy_id=snapshot.deploy_id, snapshot=snapshot)
         return journal
 
@@ -172,6 +150,9 @@ class Runner(Baking):
                 self.ferry, snapshot, record.alias, record.version, record.allow_signature_change)
         elif step == Step.BAKE:
             action = lambda: self._bake(journal)  # noqa: E731
+        elif step == Step.LOAD and record.strategy == "rolling" and record.candidate is not None \
+                and steps.needs_validation(record.candidate):
+            action = lambda: self._roll(journal)  # noqa: E731
         else:
             candidate = record.candidate
             assert candidate is not None, f"{step} runs only after materialize"
@@ -188,6 +169,13 @@ class Runner(Baking):
         if step == Step.MATERIALIZE:
             journal.update(candidate=result, failure=None)
         return result
+
+    def _roll(self, journal: Journal) -> None:
+        """The load of a rolling deploy: every replica swapped to the candidate and proven, batch by batch."""
+        candidate, snapshot = journal.record.candidate, journal.record.snapshot
+        assert candidate is not None and snapshot is not None
+        rolling.roll(self.ferry, journal, candidate, steps.prove_on(self.ferry, snapshot, candidate))
+        journal.update(candidate=candidate.model_copy(update={"rolled": True}))
 
     def finish(self, journal: Journal) -> DeployReport:
         """Commit the candidate (or end the no-op), write the history record and release the model."""
@@ -219,7 +207,7 @@ class Runner(Baking):
         journal.update(step=Step.ROLLBACK, failure=failure)
         self.emit(Step.ROLLBACK, "start", 0.0, "")
         began = time.perf_counter()
-        undone = steps.undo(self.ferry, snapshot, failure, staged)
+        undone = steps.undo(self.ferry, snapshot, failure, staged, record.swapped, record.batch)
         record.steps[Step.ROLLBACK] = round(time.perf_counter() - began, 4)
         detail = "; ".join(undone.problems) or f"serving {undone.serving or 'nothing'}"
         self.emit(Step.ROLLBACK, "ok" if undone.verified else "failed", record.steps[Step.ROLLBACK], detail)
@@ -296,8 +284,8 @@ class Runner(Baking):
                                    "(run `ferry reconcile`)")
             return report
         held = placement.held_versions(report.current)  # the previous version too, if its window is still open
-        warm = next((v for v in held if v != candidate.version), None)
-        loaded = placement.loaded_after_load(record.snapshot, candidate.version)
+        warm = None if candidate.rolled else next((v for v in held if v != candidate.version), None)
+        loaded = placement.loaded_after_load(record.snapshot, candidate)
         report.warnings += placement.pin_after_commit(self.model_dir, candidate, fleet, warm, loaded)
         _, states = placement.wait_serving(fleet, self.model, [candidate.version], held=held)
         report.warnings += [f"{problem} (drift: run `ferry reconcile`)"
@@ -369,6 +357,7 @@ class Runner(Baking):
             version=candidate.version if candidate else None, run_id=candidate.run_id if candidate else None,
             previous_version=snapshot.active_version if snapshot else None,
             config_sha256=config, config_changed=config is not None and before is not None and config != before,
+            strategy=record.strategy,
         )
 
     def _close(self, journal: Journal, report: DeployReport) -> DeployReport:
@@ -389,10 +378,10 @@ _STEP_FUNCTIONS = {Step.LOAD: "load", Step.READY: "wait_ready", Step.SMOKE: "smo
 
 def deploy(ferry: Services, model: str, alias: str | None = None, version: int | None = None,
            on_event: EventHandler | None = None, force: bool = False,
-           allow_signature_change: bool = False) -> DeployReport:
+           allow_signature_change: bool = False, strategy: Strategy = "beside", batch: str = "1") -> DeployReport:
     """One attempt in this process: the version ``alias`` names, or ``version`` (going back to it)."""
     if (alias is None) == (version is None):
         raise InvalidInput("give either an alias or a version to deploy")
-    target = Target.of_alias(alias, allow_signature_change=allow_signature_change) if alias is not None \
-        else Target.of_version(version or 0, force)
+    target = Target.of_alias(alias, allow_signature_change=allow_signature_change, strategy=strategy, batch=batch) \
+        if alias is not None else Target.of_version(version or 0, force)
     return Runner(ferry, model, on_event=on_event).deploy(target)

@@ -8,17 +8,17 @@ timing, history) for the CLI, the DAG and ``ferry recover`` alike. A step that f
 from __future__ import annotations
 
 import datetime as dt
+import re
 import time
 import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from ferry.core import staging
+from ferry.core import rolling, staging
 from ferry.core.current import read_current, restore_current, write_current
 from ferry.core.errors import (
     FerryError,
     InvalidInput,
-    ReplicaFailed,
     StepFailed,
     TritonError,
     TritonTimeout,
@@ -57,6 +57,7 @@ from ferry.core.stubs import stop_stubs_of
 from ferry.core.triton import Triton, placement
 
 T = TypeVar("T")
+_OUT_OF_MEMORY = re.compile(r"out of memory|outofmemory|cannot allocate memory|\bOOM\b", re.IGNORECASE)
 
 
 def as_step_failure(step: Step, error: BaseException) -> StepFailed:
@@ -79,18 +80,6 @@ def failure_of(error: StepFailed, rejected: bool = False) -> Failure:
     detail = error.detail or (error.message if newline else "")
     return Failure(step=error.step, message=first, hint=error.hint, detail=detail, version=error.version,
                    replica=error.replica, rejected=rejected, retryable=error.retryable)
-
-
-def on_every_replica(fleet: Fleet, action: Callable[[Triton], T]) -> dict[str, T]:
-    """``action`` on every replica of the deploy at once; a step's failure names the replica it failed on."""
-    try:
-        return fleet.each(action)
-    except ReplicaFailed as failed:
-        cause = failed.cause
-        if isinstance(cause, StepFailed):
-            raise StepFailed(cause.step, cause.message, cause.hint, cause.version, cause.retryable,
-                             cause.detail, replica=failed.replica) from None
-        raise
 
 
 # ---------------------------------------------------------------- snapshot
@@ -200,7 +189,7 @@ def load(ferry: Services, snapshot: Snapshot, candidate: Candidate) -> None:
         # they read current.json again) to call the stores, where the candidate now is; the undo restores it.
         model_dir.write_config(disk_config(existing, [snapshot.active_version]))
     override = to_override_json(store_config(config, snapshot.model, candidate.version))
-    on_every_replica(fleet_of(ferry, snapshot), lambda triton: _load_on(triton, snapshot.model, override, candidate))
+    fleet_of(ferry, snapshot).each_step(lambda triton: _load_on(triton, snapshot.model, override, candidate))
 
 
 def _load_on(triton: Triton, model: str, config_json: str, candidate: Candidate) -> None:
@@ -210,17 +199,24 @@ def _load_on(triton: Triton, model: str, config_json: str, candidate: Candidate)
         raise StepFailed(Step.LOAD, f"load of v{candidate.version} timed out: {error.message}",
                          "a backend that cannot start hangs the load; see the Triton log") from error
     except TritonError as error:
+        hint = error.hint
+        if _out_of_memory(error):
+            hint = ("there is no room for the candidate beside the active version: deploy with --strategy rolling "
+                    "(each replica swaps versions, never holding both)")
         raise StepFailed(Step.LOAD, f"Triton could not load v{candidate.version}: {error.message}",
-                         error.hint, retryable=error.retryable, detail=error.detail) from error
+                         hint, retryable=error.retryable, detail=error.detail) from error
+
+
+def _out_of_memory(error: TritonError) -> bool:
+    return bool(_OUT_OF_MEMORY.search(f"{error.message} {error.detail}"))
 
 
 def wait_ready(ferry: Services, snapshot: Snapshot, candidate: Candidate) -> None:
     if not needs_validation(candidate):
         return
     timeout_s = ferry.settings.ready_timeout_s
-    on_every_replica(fleet_of(ferry, snapshot),
-                     lambda triton: _wait_ready_on(triton, store_name(snapshot.model, candidate.version),
-                                                   candidate.version, timeout_s))
+    store = store_name(snapshot.model, candidate.version)
+    fleet_of(ferry, snapshot).each_step(lambda triton: _wait_ready_on(triton, store, candidate.version, timeout_s))
 
 
 def _wait_ready_on(triton: Triton, model: str, version: int, timeout_s: float) -> None:
@@ -242,6 +238,14 @@ def smoke(ferry: Services, snapshot: Snapshot, candidate: Candidate) -> dict[str
     """Infer on the candidate version alone; check outputs against the config and the golden outputs."""
     if not needs_validation(candidate):
         return {}
+    smoke_on, golden = smoke_check(ferry, snapshot, candidate)
+    shapes = fleet_of(ferry, snapshot).each_step(smoke_on)
+    return {"golden": golden, "outputs": next(iter(shapes.values())), "replicas": len(shapes)}
+
+
+def smoke_check(ferry: Services, snapshot: Snapshot,
+                candidate: Candidate) -> tuple[Callable[[Triton], dict[str, list[int]]], bool]:
+    """The smoke inference on one replica (the output shapes it gave), and whether golden outputs judge it."""
     signature = config_signature(from_pbtxt(candidate.config_pbtxt))
     sample_path = ferry.model_dir(snapshot.model).version_dir(candidate.version) / SMOKE_FILE
     sample = load_sample(sample_path) if sample_path.exists() else synthetic_sample(signature)
@@ -261,8 +265,19 @@ def smoke(ferry: Services, snapshot: Snapshot, candidate: Candidate) -> dict[str
             raise StepFailed(Step.SMOKE, "; ".join(problems))
         return {name: list(v.shape) for name, v in outputs.items()}
 
-    shapes = on_every_replica(fleet_of(ferry, snapshot), smoke_on)
-    return {"golden": sample.golden is not None, "outputs": next(iter(shapes.values())), "replicas": len(shapes)}
+    return smoke_on, sample.golden is not None
+
+
+def prove_on(ferry: Services, snapshot: Snapshot, candidate: Candidate) -> Callable[[Triton], None]:
+    """Ready and smoke on one replica: how a rolling deploy proves each replica it swaps."""
+    smoke_on, _ = smoke_check(ferry, snapshot, candidate)
+    store, timeout_s = store_name(snapshot.model, candidate.version), ferry.settings.ready_timeout_s
+
+    def prove(triton: Triton) -> None:
+        _wait_ready_on(triton, store, candidate.version, timeout_s)
+        smoke_on(triton)
+
+    return prove
 
 
 # ---------------------------------------------------------------- commit
@@ -290,8 +305,8 @@ def commit(ferry: Services, snapshot: Snapshot, candidate: Candidate) -> tuple[C
     except OSError as error:
         raise StepFailed(Step.COMMIT, f"cannot write {model_dir.current_path}: {error}") from error
     remove_rollout(model_dir)  # after current.json: the candidate is the active version now
-    warm = snapshot.active_version if warm_until else None
-    loaded = loaded_after_load(snapshot, candidate.version)
+    warm = snapshot.active_version if warm_until and not candidate.rolled else None  # no room: it swapped out
+    loaded = loaded_after_load(snapshot, candidate)
     return state, pin_after_commit(model_dir, candidate, fleet_of(ferry, snapshot), warm, loaded)
 
 
@@ -308,12 +323,14 @@ def _quarantine_failed(model_dir: ModelDir, snapshot: Snapshot, candidate: int |
             for folder, v in folders.items()]
 
 
-def undo(ferry: Services, snapshot: Snapshot, failure: Failure, candidate: int | None) -> RollbackReport:
+def undo(ferry: Services, snapshot: Snapshot, failure: Failure, candidate: int | None,
+         swapped: list[str] | None = None, batch: str = "1") -> RollbackReport:
     """Restore the snapshot's state, quarantine the failed version, and make Triton serve the active one.
 
     ``candidate`` is the version materialize produced (staged or reused), None if it produced none;
-    what this deploy left half-staged is found by its deploy id. Best effort: every action is tried
-    even if an earlier one failed, and the report says what worked.
+    what this deploy left half-staged is found by its deploy id. ``swapped``: the replicas a rolling deploy
+    swapped to the candidate, put back batch by batch (drained first) before anything else. Best effort:
+    every action is tried even if an earlier one failed, and the report says what worked.
     """
     model_dir = ferry.model_dir(snapshot.model)
     actions: list[str] = []
@@ -331,6 +348,9 @@ def undo(ferry: Services, snapshot: Snapshot, failure: Failure, candidate: int |
         actions.append(what)
         return result
 
+    if swapped:  # first: no replica answers as the candidate (rollout.json keeps the gateways away meanwhile)
+        problems += attempt("swapped the replicas back to the active version",
+                            lambda: rolling.swap_back(ferry, snapshot, swapped, batch)) or []
     if attempt("checked rollout.json", lambda: remove_rollout(model_dir)):  # first: no request to the candidate
         actions.append("removed rollout.json")
     if attempt("checked current.json", lambda: restore_current(model_dir, snapshot.current)):
