@@ -260,7 +260,7 @@ def test_a_second_runner_cannot_take_a_model_in_flight(bench: Bench) -> None:
     journal = first.begin(Target.of_alias("champion"))
     with pytest.raises(Busy, match="is in progress"):
         Runner(bench.ferry, "iris").begin(Target.of_alias("champion"))
-    first.roll_back(journal)
+    first.undo(journal)
     assert read_journal(bench.model_dir) is None
 
 

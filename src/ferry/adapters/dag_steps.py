@@ -105,4 +105,4 @@ def rollback_minimal(ferry: Services, model: str, alias: str, deploy_id: str | N
     with holding(runner.model_dir):
         if (recorded := find_attempt(runner.model_dir, deploy_id)) is not None:  # `ferry recover` ended it already
             return recorded.model_dump(mode="json")
-        return runner.roll_back(runner.journal_of(deploy_id)).model_dump(mode="json")
+        return runner.undo(runner.journal_of(deploy_id)).model_dump(mode="json")

@@ -4,7 +4,7 @@ It owns what every run of the steps needs: the model's lock, the journal (each s
 timing, candidate and failure), the events an adapter shows, the conversion of any error into a
 step's failure, the undo, and the one history record per attempt. A deploy in one process
 (:meth:`Runner.deploy`) and a deploy spread over processes (the DAG: :meth:`Runner.begin`, then
-:meth:`Runner.run_step` per task, then :meth:`Runner.finish` or :meth:`Runner.roll_back`) go through
+:meth:`Runner.run_step` per task, then :meth:`Runner.finish` or :meth:`Runner.undo`) go through
 the same methods; between processes, the journal is the deploy's memory and its claim on the model.
 """
 
@@ -91,13 +91,13 @@ class Runner(Baking):
                 self.run_step(journal, Step.BAKE)
             return self.finish(journal)
         except StepFailed:
-            return self.roll_back(journal)
+            return self.undo(journal)
         except NoSuchModel:
             journal.remove()  # nothing was touched, and there is no model to keep a record for
             raise
         except FerryError:
             if journal.record.failure and journal.record.failure.rejected:
-                return self.roll_back(journal)  # nothing was touched: recorded as rejected
+                return self.undo(journal)  # nothing was touched: recorded as rejected
             raise
 
     # ------------------------------------------------------------ the parts, also run one per process
@@ -191,7 +191,7 @@ class Runner(Baking):
             report.warnings.insert(0, f"v{candidate.version} is already active: {done}")
         return self._close(journal, report)
 
-    def roll_back(self, journal: Journal, recovered_by: str | None = None) -> DeployReport:
+    def undo(self, journal: Journal, recovered_by: str | None = None) -> DeployReport:
         """Undo a failed deploy: restore the snapshot, quarantine the candidate, pin Triton, record it all."""
         record = journal.record
         failure = record.failure or Failure(step="unknown", message="a step failed without saying why")
@@ -270,7 +270,7 @@ class Runner(Baking):
                 step=record.step, hint="`ferry recover` rolled the deploy back; deploy again",
                 message=f"the deploying process (pid {record.owner.pid} on {record.owner.host}) stopped during "
                         f"{record.step}", version=candidate.version if candidate else None)
-        return self.roll_back(journal, recovered_by=who)
+        return self.undo(journal, recovered_by=who)
 
     def _finish_commit(self, record: JournalRecord, candidate: Candidate, who: str) -> DeployReport:
         """The deploy stopped after its commit point: pin every replica it acted on; a failure is drift."""
