@@ -56,6 +56,9 @@ def _run_deploy(settings: Settings, model: str, target: Target, as_json: bool) -
     ferry = Services(settings)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a stopped deploy rolls back, as on Ctrl-C
     runner = guarded(lambda: Runner(ferry, model, on_event=deploy_events(as_json)))
+    if target.strategy == "rolling" and not as_json:
+        err.print("rolling: each batch of replicas swaps to the candidate in turn; until the commit, the swapped "
+                  "replicas answer as the candidate (through the gateways and directly)", style="yellow")
     report = guarded(lambda: runner.deploy(target))
     finish_deploy(report, as_json)
 

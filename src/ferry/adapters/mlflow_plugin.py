@@ -37,7 +37,7 @@ from ferry.core.config import Settings, load_settings
 from ferry.core.current import read_current
 from ferry.core.errors import FerryError
 from ferry.core.events import RECORDED, EventHandler
-from ferry.core.records import CurrentState, DeployReport, Outcome
+from ferry.core.records import CurrentState, DeployReport, Outcome, Strategy
 from ferry.core.repository import ModelDir, check_name
 from ferry.core.retire import retire
 from ferry.core.runner import Runner
@@ -57,7 +57,9 @@ FLAVORS = (FLAVOR, "triton")  # model.onnx with its smoke.json, or a Triton mode
 SETTING_KEYS = tuple(sorted(field.name for field in dataclasses.fields(Settings)))
 # force: models:/m/N, deploy the version even though its last deploy failed; allow_signature_change: a version whose
 # inputs or outputs differ from the active version's (it breaks their clients)
-DEPLOY_KEYS = ("force", "allow_signature_change")
+# strategy: beside or rolling; batch: rolling, replicas per batch (1, 2, 25%)
+DEPLOY_KEYS = ("force", "allow_signature_change", "strategy", "batch")
+TEXT_KEYS = ("strategy", "batch")  # the own keys that are not true or false
 DELETE_KEYS = ("confirm",)  # delete unloads the model: say so
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off", "")
 
@@ -73,6 +75,8 @@ class Options:
     force: bool = False
     allow_signature_change: bool = False
     confirm: bool = False
+    strategy: Strategy = "beside"
+    batch: str = "1"
 
 
 def _flag(key: str, value: object) -> bool:
@@ -100,8 +104,12 @@ def options(config: Mapping[str, Any] | None, own_keys: tuple[str, ...] = ()) ->
         settings = load_settings({**os.environ, **overrides})
     except FerryError as error:
         raise refused(f"-C config or FERRY_* variables: {error}") from error
-    flags = {key: _flag(key, config[key]) for key in own_keys if key in config}
-    return Options(settings, **flags)
+    flags = {key: _flag(key, config[key]) for key in own_keys if key in config and key not in TEXT_KEYS}
+    strategy = str(config.get("strategy", "beside"))
+    if strategy not in ("beside", "rolling"):
+        raise refused(f"-C strategy={strategy!r} is not a strategy", "give -C strategy=beside or -C strategy=rolling")
+    return Options(settings, **flags, strategy="rolling" if strategy == "rolling" else "beside",
+                   batch=str(config.get("batch", "1")))
 
 
 # ---------------------------------------------------------------- deploys
@@ -127,13 +135,13 @@ def _stop_rolls_back() -> Iterator[EventHandler]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def deploy_uri(ferry: Services, name: str, model_uri: str, force: bool = False,
-               allow_signature_change: bool = False) -> dict[str, Any]:
+def deploy_uri(ferry: Services, name: str, model_uri: str, opts: Options) -> dict[str, Any]:
     """Deploy what ``model_uri`` names through the runner: the deployment dict, or an MlflowException."""
     with mlflow_errors():
         check_name("deployment name", name)
-    target, registered = target_of(ferry, name, model_uri, force)
-    target = dataclasses.replace(target, allow_signature_change=allow_signature_change)
+    target, registered = target_of(ferry, name, model_uri, opts.force)
+    target = dataclasses.replace(target, allow_signature_change=opts.allow_signature_change, strategy=opts.strategy,
+                                 batch=opts.batch)
     report = run_deploy(ferry, name, target)
     return deployed(report, registered, flavor_of(ferry, name, report.version))
 
@@ -241,7 +249,7 @@ class FerryDeploymentClient(BaseDeploymentClient):
         if current is not None:
             raise refused(f"deployment '{name}' exists: v{current.active_version} is committed",
                            "deploy another version with `mlflow deployments update`", code=RESOURCE_ALREADY_EXISTS)
-        return deploy_uri(ferry, name, model_uri, opts.force, opts.allow_signature_change)
+        return deploy_uri(ferry, name, model_uri, opts)
 
     def update_deployment(self, name: str, model_uri: str | None = None, flavor: str | None = None,
                           config: Mapping[str, Any] | None = None, endpoint: str | None = None) -> dict[str, Any]:
@@ -253,10 +261,11 @@ class FerryDeploymentClient(BaseDeploymentClient):
                            code=RESOURCE_DOES_NOT_EXIST)
         if model_uri is None:
             with mlflow_errors():
-                target = Target.of_version(current.active_version, opts.force)
+                target = Target.of_version(current.active_version, opts.force, strategy=opts.strategy,
+                                           batch=opts.batch)
             report = run_deploy(ferry, name, target)
             return deployed(report, flavor=flavor_of(ferry, name, report.version))
-        return deploy_uri(ferry, name, model_uri, opts.force, opts.allow_signature_change)
+        return deploy_uri(ferry, name, model_uri, opts)
 
     def delete_deployment(self, name: str, config: Mapping[str, Any] | None = None,
                           endpoint: str | None = None) -> None:
@@ -320,7 +329,7 @@ def run_local(name: str, model_uri: str, flavor: str | None = None, config: Mapp
         # model has been unloaded (strict readiness), which server.up would take for a foreign server.
         state = server.status(settings)
         state = state if state.running else server.up(settings)
-    deployment = deploy_uri(Services(settings), name, model_uri, opts.force, opts.allow_signature_change)
+    deployment = deploy_uri(Services(settings), name, model_uri, opts)
     print(f"ferry: {name} v{deployment['version']} {deployment['outcome']} on the local Triton at {state.url} "
           f"(pid {state.pid}); stop it with `ferry triton down`")
 
@@ -375,7 +384,8 @@ Config (-C key=value): any of ferry's settings, by name, as the FERRY_<KEY> vari
 (-C wins over the variables and FERRY_CONFIG), e.g. -C triton_url=http://127.0.0.1:8000
 -C runtime=onnxruntime -C load_timeout_s=60 -C repository=/models. Valid keys:
 {keys}
-and force, allow_signature_change (create, update, run-local), confirm (delete). Unknown keys are refused. Keep secrets
-(triton_api_key, gateway_token, ...) in FERRY_* variables: -C values show in the process list.
+and force, allow_signature_change, strategy, batch (create, update, run-local), confirm (delete).
+Unknown keys are refused. Keep secrets (triton_api_key, gateway_token, ...) in FERRY_* variables:
+-C values show in the process list.
 MLflow itself is read from MLFLOW_TRACKING_URI (or -C tracking_uri=...).
 """
