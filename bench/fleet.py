@@ -10,6 +10,10 @@ Prints, from one run:
                                        deploy wall on 64 fake replicas (bench/fake_replicas.py, a load of
                                        0.3 s each) over the same on 1 (target <= 1.25)
   `most requests in flight at once: N` at the 64 fake replicas (each holds one connection; bounded by MAX_PARALLEL)
+  `rolling ratio: R`                   a rolling deploy (--strategy rolling, batch 1) on 4 real replicas over
+                                       materialize + 4 x one replica's bare swap (unload, load, ready, one
+                                       inference), measured in the same run: the cost of draining, proving and
+                                       repointing batch by batch (no target)
 
     .venv/bin/python bench/fleet.py [--rounds 4]
 """
@@ -17,6 +21,7 @@ Prints, from one run:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import statistics
 import subprocess
@@ -34,6 +39,7 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "examples")]
 from train_model import train_and_register  # noqa: E402
 
 from conftest import World, _free_port_block, make_settings, start_fleet, stop_fleet  # noqa: E402
+from ferry.core.errors import FerryError  # noqa: E402
 from ferry.core.fleet import MAX_PARALLEL  # noqa: E402
 from ferry.core.model_config import from_pbtxt, to_override_json, with_versions  # noqa: E402
 from ferry.core.runner import deploy  # noqa: E402
@@ -96,6 +102,47 @@ def real_fleet(replicas: int, rounds: int, home: Path) -> tuple[float, float]:
         stop_fleet(world)
 
 
+def bare_swap(world: World, version: int) -> float:
+    """One replica's swap of the twin model to ``version``, bare: unload, load it alone, ready, one inference."""
+    source = world.model_dir.version_dir(version)
+    shutil.copytree(source, world.settings.repository / TWIN / str(version))
+    config = with_versions(from_pbtxt(world.model_dir.read_config_text() or ""), [version])
+    config.name = TWIN
+    triton = world.ferry.fleet().replicas[0]
+    began = time.perf_counter()
+    with contextlib.suppress(FerryError):  # the first swap has nothing to unload
+        triton.unload(TWIN)
+    triton.load(TWIN, to_override_json(config))
+    while not triton.version_ready(TWIN, version):
+        time.sleep(0.01)
+    triton.infer(TWIN, version, SAMPLE, {"X": "FP32"})
+    return time.perf_counter() - began
+
+
+def rolling_fleet(replicas: int, rounds: int, home: Path) -> float:
+    """The median of a rolling deploy's wall over materialize + ``replicas`` bare swaps, on real servers."""
+    world = start_fleet(home, replicas)
+    try:
+        train_and_register("iris", "champion", tracking_uri=world.settings.tracking_uri)
+        deploy(world.ferry, "iris", alias="champion")
+        bare_swap(world, 1)
+        controller = Services(world.settings)
+        ratios = []
+        for _ in range(rounds):
+            version = train_and_register("iris", "champion", tracking_uri=world.settings.tracking_uri)
+            began = time.perf_counter()
+            report = deploy(controller, "iris", alias="champion", strategy="rolling")
+            wall = time.perf_counter() - began
+            assert report.outcome == "committed", report.error
+            time.sleep(0.5)
+            ratios.append(wall / (report.steps["materialize"] + replicas * bare_swap(world, version)))
+        print(f"{replicas} real replicas, rolling: steps of the last deploy: "
+              + ", ".join(f"{step} {seconds:.3f}" for step, seconds in report.steps.items()), flush=True)
+        return statistics.median(ratios)
+    finally:
+        stop_fleet(world)
+
+
 def simulated_fleet(replicas: int, rounds: int, home: Path, load_delay_s: float = 0.3) -> tuple[float, str]:
     """(median deploy wall, the fake servers' connection count line) on ``replicas`` fake replicas."""
     base = _free_port_block(replicas)
@@ -137,6 +184,7 @@ def main() -> None:
         if walls:
             print(f"fleet ratio 4/1: {walls[4] / walls[1]:.3f}")
             print(f"fleet coordination ratio: {ratio:.3f}")
+            print(f"rolling ratio: {rolling_fleet(4, args.rounds, root / 'rolling-4'):.3f}", flush=True)
         one, _ = simulated_fleet(1, args.rounds, root / "fake-1")
         many, connections = simulated_fleet(64, args.rounds, root / "fake-64")
         print(f"simulated deploy wall: 1 replica {one:.3f} s, 64 replicas {many:.3f} s")
