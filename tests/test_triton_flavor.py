@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -14,6 +15,7 @@ from conftest import World, _assert_record_invariants, make_settings
 from ferry.core.current import read_current, read_history
 from ferry.core.front import store_name
 from ferry.core.model_config import config_digest
+from ferry.core.triton import API_KEY_HEADER
 from ferry.runtime import server
 
 MODEL = "iris_py"
@@ -123,3 +125,76 @@ def test_a_broken_version_fails_at_its_step_and_v2_keeps_its_config(flavor: Trit
         reason = json.loads((flavor.model_dir.quarantine_root / folder.rsplit("/", 1)[1] / "reason.json").read_text())
         assert message in (reason.get("detail") or "") + reason["error"]
     assert_flavor_invariants(flavor, attempts=attempts)
+
+
+def test_a_signature_change_asked_for_is_committed_and_rolled_back(flavor: TritonWorld) -> None:
+    attempts = len(read_history(flavor.model_dir))
+    renamed = flavor.register_triton("rename-output", batching=True)
+    asked = flavor.cli("deploy", MODEL, "--alias", "champion", "--allow-signature-change")
+    assert asked.returncode == 0, asked.stderr
+    assert read_current(flavor.model_dir).active_version == renamed
+    assert [o["name"] for o in triton_config(flavor, MODEL)["output"]] == ["probability"]
+    assert_flavor_invariants(flavor, attempts=attempts + 1)
+    back = flavor.cli("rollback", MODEL)
+    assert back.returncode == 0, back.stderr
+    assert [o["name"] for o in triton_config(flavor, MODEL)["output"]] == ["probabilities"]
+    assert_flavor_invariants(flavor, attempts=attempts + 2)
+
+
+def test_a_version_logged_as_nvidias_plugin_logs_it_deploys_through_mlflow_deployments(tmp_path: Path) -> None:
+    """MLmodel + <dir>/config.pbtxt + <dir>/1/..., no smoke.json: ferry's smoke infers zeros shaped from the config."""
+    import mlflow
+    import numpy as np
+    from mlflow.models import Model
+    from sklearn.datasets import load_iris
+    from train_model import use_experiment
+    from train_triton_model import build_model_dir, train
+
+    from conftest import start_fleet, stop_fleet
+    from ferry.publish import register_version
+    from test_mlflow_plugin import deployments
+
+    world = start_fleet(tmp_path, 1)
+    world.model = "iris_plugin"
+    try:
+        features, labels = load_iris(return_X_y=True)
+        mlflow.set_tracking_uri(world.settings.tracking_uri)
+        use_experiment("plugin")
+        with mlflow.start_run() as run:
+            folder = tmp_path / "logged"
+            build_model_dir(folder, world.model, train(labels, features.astype(np.float32)))
+            model = Model(artifact_path="triton", run_id=run.info.run_id)
+            model.add_flavor("triton", data=world.model)
+            model.save(str(folder / "MLmodel"))
+            mlflow.log_artifacts(str(folder), artifact_path="triton")
+        register_version(world.model, f"runs:/{run.info.run_id}/triton", run.info.run_id, "champion",
+                         tracking_uri=world.settings.tracking_uri)
+        created = deployments(world, "create", "-t", "ferry", "--name", world.model, "-m",
+                              f"models:/{world.model}@champion")
+        assert created.returncode == 0, created.stderr
+        assert read_current(world.model_dir).active_version == 1
+        assert not (world.model_dir.version_dir(1) / "smoke.json").exists()
+        assert_flavor_invariants(world, attempts=1)
+    finally:
+        stop_fleet(world)
+
+
+def test_a_fleet_of_two_commits_a_config_change_on_both(tmp_path: Path) -> None:
+    from conftest import replica_settings, start_fleet, stop_fleet
+
+    world = start_fleet(tmp_path, 2)
+    flavor = TritonWorld(world.settings, model=MODEL)
+    try:
+        flavor.register_triton()
+        assert flavor.deploy().outcome == "committed"
+        flavor.register_triton(batching=True)
+        report = flavor.deploy()
+        assert report.outcome == "committed" and report.version == 2, report.error
+        for replica in replica_settings(world.settings):
+            reply = httpx.get(f"{replica.triton_url}/v2/models/{store_name(MODEL, 2)}/config", timeout=10,
+                              headers={API_KEY_HEADER: "fleet-key"})
+            assert reply.status_code == 200, reply.text
+            assert reply.json()["max_batch_size"] == 8 and instances(reply.json()) == 2
+        assert_flavor_invariants(flavor, attempts=2)
+    finally:
+        stop_fleet(world)
