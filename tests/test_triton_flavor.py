@@ -198,3 +198,48 @@ def test_a_fleet_of_two_commits_a_config_change_on_both(tmp_path: Path) -> None:
         assert_flavor_invariants(flavor, attempts=2)
     finally:
         stop_fleet(world)
+
+
+def test_a_canary_bake_commits_a_config_change(tmp_path: Path) -> None:
+    import threading
+
+    from ferry.core.records import RolloutPlan
+    from ferry.core.runner import Runner, Target
+    from ferry.core.services import Services
+    from support.gateway import TOKEN, running_gateway
+
+    settings = make_settings(tmp_path)
+    server.up(settings)
+    flavor = TritonWorld(settings, model=MODEL)
+    try:
+        flavor.register_triton()
+        assert flavor.deploy().outcome == "committed"
+        flavor.register_triton(batching=True)
+        with running_gateway(flavor) as gateway:
+            stop, answers = threading.Event(), []
+
+            def send() -> None:
+                body = {"inputs": [{"name": "X", "shape": [1, 4], "datatype": "FP32", "data": [5.1, 3.5, 1.4, 0.2]}]}
+                with httpx.Client(base_url=gateway.url, headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+                    while not stop.is_set():
+                        answers.append(http.post(f"/v2/models/{MODEL}/infer", json=body, timeout=10).status_code)
+
+            workers = [threading.Thread(target=send, daemon=True) for _ in range(3)]
+            for worker in workers:
+                worker.start()
+            try:
+                baked = settings.with_overrides(gateways=gateway.url, gate_interval_s=1.0, gate_min_requests=10,
+                                                gate_latency_slack_ms=50.0)
+                report = Runner(Services(baked), MODEL).deploy(
+                    Target.of_alias("champion", rollout=RolloutPlan(mode="canary", bake_s=3, canary_percent=30)))
+            finally:
+                stop.set()
+                for worker in workers:
+                    worker.join(timeout=15)
+        assert report.outcome == "committed" and report.version == 2, report.error
+        assert "bake" in report.steps and report.gate, report.steps
+        assert answers and set(answers) == {200}
+        assert triton_config(flavor, MODEL)["max_batch_size"] == 8
+        assert_flavor_invariants(flavor, attempts=2)
+    finally:
+        server.down(settings, grace_s=0)
