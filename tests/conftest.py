@@ -267,8 +267,10 @@ def _assert_replica_invariants(world: World, where: Placement, current, replica:
         assert not model_dir.config_path.exists(), "a config.pbtxt was left for a model with nothing committed"
     else:
         version_dir = model_dir.version_dir(current.active_version)
-        assert (version_dir / "model.onnx").is_file(), f"the active version's files are missing in {version_dir}"
         manifest = json.loads((version_dir / "ferry.json").read_text())
+        files = list(manifest.get("files") or {}) if manifest.get("flavor") == "triton" else ["model.onnx"]
+        assert files and all((version_dir / name).is_file() for name in files), \
+            f"the active version's files are missing in {version_dir}"
         assert manifest["sha256"] == current.sha256
         # 2. Production reaches only the committed version: at rest, Triton serves it alone.
         # Clients that name no version reach the front's one version; the store holds no candidate.

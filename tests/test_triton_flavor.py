@@ -11,7 +11,7 @@ import httpx
 import pytest
 from train_triton_model import train_and_register
 
-from conftest import World, _assert_record_invariants, make_settings
+from conftest import World, assert_invariants, make_settings
 from ferry.core.current import read_current, read_history
 from ferry.core.front import store_name
 from ferry.core.model_config import config_digest
@@ -47,23 +47,14 @@ def instances(config: dict) -> int:
 
 
 def assert_flavor_invariants(world: World, attempts: int) -> None:
-    """conftest's assert_invariants, for a version folder that holds model.py (not model.onnx)."""
-    model_dir = world.model_dir
-    current = read_current(model_dir)
+    """conftest's invariants, and that the active version is a Triton model directory whose config is the one
+    config.pbtxt and current.json name."""
+    assert_invariants(world, attempts)
+    current = read_current(world.model_dir)
     assert current is not None
-    manifest = json.loads((model_dir.version_dir(current.active_version) / "ferry.json").read_text())
-    assert manifest["flavor"] == "triton" and manifest["sha256"] == current.sha256
-    for name in manifest["files"]:
-        assert (model_dir.version_dir(current.active_version) / name).is_file(), f"{name} is missing"
-    for replica in world.ferry.fleet().replicas:
-        where = replica.placement(world.model)
-        assert where.front == [current.active_version], f"{replica.url}'s front serves {where.front}"
-        assert where.store in ([current.active_version], []), f"{replica.url}'s store holds {where.store}"
-    policy = list(model_dir.read_config().version_policy.specific.versions)
-    assert policy == [current.active_version], f"config.pbtxt pins {policy}"
-    pinned = config_digest(model_dir.read_config_text() or "")
-    assert pinned == manifest["config_sha256"] == current.config_sha256, "config.pbtxt is not the active config"
-    _assert_record_invariants(world, attempts)
+    manifest = json.loads((world.model_dir.version_dir(current.active_version) / "ferry.json").read_text())
+    pinned = config_digest(world.model_dir.read_config_text() or "")
+    assert manifest["flavor"] == "triton" and pinned == manifest["config_sha256"] == current.config_sha256
 
 
 def test_a_config_change_is_committed_and_rolled_back_with_its_version(flavor: TritonWorld) -> None:
