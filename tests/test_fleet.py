@@ -186,7 +186,7 @@ def test_the_gateway_balances_over_the_replicas_through_a_killed_replica_and_a_d
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
-    from support.gateway import TOKEN, Sent, grpc_load, load, running_gateway
+    from support.gateway import TOKEN, running_gateway, steady_load
 
     world = start_fleet(tmp_path, 3)
     replicas = replica_settings(world.settings)
@@ -194,14 +194,8 @@ def test_the_gateway_balances_over_the_replicas_through_a_killed_replica_and_a_d
         world.register()
         assert world.deploy().outcome == "committed"
         world.register(trees=3)  # v2
-        results: list[Sent] = []
-        stop = threading.Event()
         with running_gateway(world) as gateway:
-            workers = [threading.Thread(target=load, args=(gateway.url, stop, results)) for _ in range(3)]
-            workers += [threading.Thread(target=grpc_load, args=(gateway.grpc, stop, results)) for _ in range(2)]
-            for worker in workers:
-                worker.start()
-            try:
+            with steady_load(gateway, http=3, grpc=2) as results:
                 time.sleep(1.0)
                 os.kill(_pid(replicas[0]), signal.SIGKILL)  # the one a single-server gateway would use
                 time.sleep(1.0)  # the load goes on over two replicas
@@ -217,10 +211,6 @@ def test_the_gateway_balances_over_the_replicas_through_a_killed_replica_and_a_d
                 committed_by = time.monotonic()
                 assert report.outcome == "committed" and report.version == 2, report.error
                 time.sleep(1.5)
-            finally:
-                stop.set()
-                for worker in workers:
-                    worker.join(timeout=60)
             metrics = httpx.get(f"{gateway.url}/metrics", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5).text
 
         assert sum(r.protocol == "http" for r in results) > 100 and sum(r.protocol == "grpc" for r in results) > 30

@@ -119,3 +119,21 @@ def grpc_load(address: str, stop: threading.Event, results: list[Sent]) -> None:
         except InferenceServerException as error:
             results.append(Sent(began, time.monotonic(), f"{error.status()} {error.message()}", None, "grpc"))
     triton.close()
+
+
+@contextmanager
+def steady_load(gateway: Running, http: int = 2, grpc: int = 1) -> Iterator[list[Sent]]:
+    """``http`` HTTP and ``grpc`` gRPC clients calling the gateway without pause until the block ends; what
+    each request got (the list fills while the block runs; complete once it has ended)."""
+    results: list[Sent] = []
+    stop = threading.Event()
+    workers = [threading.Thread(target=load, args=(gateway.url, stop, results)) for _ in range(http)]
+    workers += [threading.Thread(target=grpc_load, args=(gateway.grpc, stop, results)) for _ in range(grpc)]
+    for worker in workers:
+        worker.start()
+    try:
+        yield results
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join(timeout=60)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from ferry.adapters.inference.routing import Router
 from ferry.core.current import write_current
 from ferry.core.front import disk_config
@@ -42,12 +44,19 @@ def _commit(model_dir: ModelDir, version: int, write_config: bool) -> None:
         model_dir.write_config(disk_config(from_pbtxt(config.config_pbtxt), [version]))
 
 
-def test_the_first_request_after_a_commit_is_checked_against_the_new_versions_config(tmp_path: Path) -> None:
+@pytest.fixture
+def model_dir(tmp_path: Path) -> ModelDir:
+    """v1 unbatched committed, v2 batched staged."""
     model_dir = ModelDir(tmp_path, "m")
     model_dir.ensure()
     _stage(model_dir, 1, UNBATCHED)
     _stage(model_dir, 2, BATCHED)
     _commit(model_dir, 1, write_config=True)
+    return model_dir
+
+
+def test_the_first_request_after_a_commit_is_checked_against_the_new_versions_config(tmp_path: Path,
+                                                                                      model_dir: ModelDir) -> None:
     router = Router(tmp_path)
     assert router.route("m").max_batch_size == 0
     _commit(model_dir, 2, write_config=False)  # config.pbtxt follows only once every front is repointed
@@ -56,12 +65,7 @@ def test_the_first_request_after_a_commit_is_checked_against_the_new_versions_co
     assert to_pbtxt(from_pbtxt(model_dir.read_config_text() or "")).count("max_batch_size") == 0
 
 
-def test_a_baking_candidate_is_checked_against_its_own_config(tmp_path: Path) -> None:
-    model_dir = ModelDir(tmp_path, "m")
-    model_dir.ensure()
-    _stage(model_dir, 1, UNBATCHED)
-    _stage(model_dir, 2, BATCHED)
-    _commit(model_dir, 1, write_config=True)
+def test_a_baking_candidate_is_checked_against_its_own_config(tmp_path: Path, model_dir: ModelDir) -> None:
     write_rollout(model_dir, RolloutState(model="m", deploy_id="d", active_version=1, candidate_version=2,
                                           plan=RolloutPlan(mode="canary", bake_s=5, canary_percent=10),
                                           started_at_utc=utc_stamp()))

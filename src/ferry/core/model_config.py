@@ -218,19 +218,26 @@ def _dims_compatible(declared: tuple[int, ...], configured: tuple[int, ...]) -> 
     return len(declared) == len(configured) and all(d == c or -1 in (d, c) for d, c in zip(declared, configured))
 
 
+def _paired(first: Signature, second: Signature) -> Iterator[tuple[str, TensorSpec | None, TensorSpec | None]]:
+    """Each tensor of either signature by name, as ("input" or "output", first's, second's); None where absent."""
+    for kind, ours, theirs in (("input", first.inputs, second.inputs), ("output", first.outputs, second.outputs)):
+        mine = {t.name: t for t in ours}
+        for other in theirs:
+            yield kind, mine.pop(other.name, None), other
+        for left in mine.values():
+            yield kind, left, None
+
+
 def signature_mismatches(declared: Signature, configured: Signature) -> list[str]:
     """What in an ONNX model's declared signature contradicts the model's config (empty when they agree)."""
     problems = []
-    pairs = (("input", declared.inputs, configured.inputs), ("output", declared.outputs, configured.outputs))
-    for kind, ours, theirs in pairs:
-        by_name = {t.name: t for t in ours}
-        for want in theirs:
-            got = by_name.pop(want.name, None)
-            if got is None:
-                problems.append(f"{kind} '{want.name}' is missing")
-            elif got.datatype != want.datatype or not _dims_compatible(got.dims, want.dims):
-                problems.append(f"{kind} is {got.describe()}, the config says {want.describe()}")
-        problems += [f"{kind} '{name}' is not in the config" for name in by_name]
+    for kind, got, want in _paired(declared, configured):
+        if want is None:
+            problems.append(f"{kind} '{got.name if got else ''}' is not in the config")
+        elif got is None:
+            problems.append(f"{kind} '{want.name}' is missing")
+        elif got.datatype != want.datatype or not _dims_compatible(got.dims, want.dims):
+            problems.append(f"{kind} is {got.describe()}, the config says {want.describe()}")
     return problems
 
 
@@ -294,17 +301,13 @@ def signature_changes(active: model_config_pb2.ModelConfig, candidate: model_con
     """What in the candidate's config would break the active version's clients: an input or output added,
     removed, or of another datatype or shape (batch dimension included), or a max_batch_size that shrinks."""
     changes = []
-    pairs = (("input", config_signature(active).inputs, config_signature(candidate).inputs),
-             ("output", config_signature(active).outputs, config_signature(candidate).outputs))
-    for kind, before, after in pairs:
-        now = {t.name: t for t in after}
-        for old in before:
-            new = now.pop(old.name, None)
-            if new is None:
-                changes.append(f"{kind} '{old.name}' is gone")
-            elif new != old:
-                changes.append(f"{kind} {old.describe()} becomes {new.describe()}")
-        changes += [f"{kind} {t.describe()} is new" for t in now.values()]
+    for kind, new, old in _paired(config_signature(candidate), config_signature(active)):
+        if old is None and new is not None:
+            changes.append(f"{kind} {new.describe()} is new")
+        elif new is None and old is not None:
+            changes.append(f"{kind} '{old.name}' is gone")
+        elif new != old and new is not None and old is not None:
+            changes.append(f"{kind} {old.describe()} becomes {new.describe()}")
     if 0 < candidate.max_batch_size < active.max_batch_size:
         changes.append(f"max_batch_size shrinks from {active.max_batch_size} to {candidate.max_batch_size}")
     return changes
