@@ -19,7 +19,12 @@ During a bake (rollout.json, :meth:`.routing.Router.bake`), an inference that na
 candidate's: in canary mode the candidate answers that share of them (``X-Ferry-Canary: 1``, gRPC trailing
 metadata ``x-ferry-canary``); in shadow mode the active version answers every one and a copy of that share
 goes to the candidate off the response path (:mod:`.shadow`). Metrics carry the role of each answer:
-``active``, ``candidate`` (a canary's answer) or ``shadow`` (a copy, never seen by a client).
+``active``, ``candidate`` (a canary's answer, or a swapped replica's in a rolling deploy) or ``shadow`` (a copy,
+never seen by a client).
+
+During a rolling deploy (rollout.json, mode ``rolling``), every call for the model goes to its front, naming no
+version, and the answer names the version the replica's front served; replicas listed ``draining`` get no new
+call for any model (:mod:`.balancer`).
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from starlette.types import Receive, Scope, Send
 
 from ferry.adapters.gateway.balancer import HttpBalancer
 from ferry.adapters.gateway.kserve_grpc import KServeGrpc
-from ferry.adapters.gateway.kserve_http import KServeHttp, served_by, triton_failure
+from ferry.adapters.gateway.kserve_http import KServeHttp, answered_version, served_by, triton_failure
 from ferry.adapters.gateway.metrics import Metrics
 from ferry.adapters.gateway.refusals import route_of, status_of
 from ferry.adapters.gateway.shadow import Shadow
@@ -151,8 +156,8 @@ class Gateway:
 
         ``split`` (inference): during a canary bake, a request that names no version is the candidate's with
         the canary's probability; its failure is the client's answer, unless the bake was decided meanwhile."""
-        route = self.route(model, version)
-        if split and not version and (bake := self.router.bake(route)) is not None and bake.canary and bake.takes():
+        route, bake = self.router.follow(self.route(model, version))  # during a rolling deploy: the front
+        if split and not version and bake is not None and bake.canary and bake.takes():
             route = bake.candidate
         answer = await _attempt(call, route)
         if done(answer):
@@ -164,6 +169,7 @@ class Gateway:
             raise NotServed(f"model '{model}' v{version} was retired by a commit while the request ran",
                             f"v{newer.version} is committed now: name it, or no version")
         self.metrics.rerouted.labels(model).inc()
+        newer = self.router.follow(newer)[0]
         return newer, await _attempt(call, newer)
 
     def _still_canary(self, committed: Route, candidate: Route) -> bool:
@@ -184,8 +190,8 @@ class Gateway:
         serving, problems = {}, []
         for model in list_models(self.settings.repository):
             try:
-                route = self.router.route(model)
-                reply = await self.triton.request("GET", f"/v2/models/{route.upstream}/versions/{route.version}/ready")
+                route = self.router.follow(self.router.route(model))[0]
+                reply = await self.triton.request("GET", f"{route.path}/ready")
             except UnknownModel:
                 continue
             except (OSError, TimeoutError) as error:
@@ -259,13 +265,14 @@ async def _predict(gateway: Gateway, model: str, request: Request) -> tuple[Rout
         check_rows(infer)
         tensors = json.dumps(infer.document, separators=(",", ":")).encode()
         shadow.start(route, lambda: gateway.http.copy(model, tensors, json_type))
-        path = f"/v2/models/{route.upstream}/versions/{route.version}/infer"  # the store: see Route.upstream
+        path = f"{route.path}/infer"  # the store (the front during a rolling deploy): see Route.upstream
         return await gateway.triton_request("POST", path, tensors, json_type)
 
     with shadow:
         route, reply = await gateway.at_committed(model, "", attempt, lambda reply: reply.status == 200, split=True)
         shadow.answered(route, reply)
     if reply.status == 200:
+        route = route.answered_by(answered_version(reply.body)) if route.front else route
         return route, JSONResponse({"model": model, "version": route.version, "outputs": _outputs(reply.body)},
                                    headers=served_by(route))
     status, message = triton_failure(route, reply)

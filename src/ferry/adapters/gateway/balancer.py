@@ -15,6 +15,11 @@ taken out; one that passes is admitted (again). When no replica is admitted, cal
 would without a balancer (those that answered their last probe first): a probe can be wrong (a committed
 version no replica serves takes them all out), a connection attempt decides.
 
+During a rolling deploy, a replica some model's rollout.json lists as ``draining`` gets no new call, for any
+model (:meth:`.routing.Router.draining`; its calls in flight finish), and a rolling model's probe asks for its
+front, unversioned (a swapped replica has no store of the committed version). ``ferry_gateway_in_flight``, by
+replica, is the calls sent and not yet answered, over both protocols: what a rolling deploy waits on to reach 0.
+
 ``dns+http://name:port`` entries are resolved again every :data:`REFRESH_S` (off the event loop), so the
 replicas follow a headless Service's ready pods: a new address is admitted once its probe passes, a vanished
 one is dropped once its calls have finished. A failed lookup keeps the replicas known so far.
@@ -28,13 +33,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import weakref
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry
 
+from ferry.adapters.gateway.replica_metrics import ReplicaMetrics
 from ferry.adapters.gateway.upstream import Reply, UpstreamPool, _Connection
 from ferry.adapters.inference.routing import Router
 from ferry.core.config import Endpoint, ReplicaSource, Settings
@@ -60,32 +65,6 @@ class ConnectFailed(ConnectionError):
     """No connection to a replica could be made: refused, unreachable, or not within the connect timeout."""
 
 
-class ReplicaMetrics:
-    """``ferry_gateway_replica_*``, one set per registry (the HTTP and gRPC balancers share it)."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.up = Gauge("ferry_gateway_replica_up", "1 if the gateway sends calls to the Triton replica, 0 if it "
-                        "took the replica out (a connection failed or its probe did)", ["replica", "protocol"],
-                        registry=registry)
-        self.requests = Counter("ferry_gateway_replica_requests", "Calls the gateway sent to each Triton replica",
-                                ["replica", "protocol"], registry=registry)
-        self.ejections = Counter("ferry_gateway_replica_ejections", "Times a replica was taken out, by reason "
-                                 "(connect: a call could not reach it; probe: it failed its readiness probe)",
-                                 ["replica", "protocol", "reason"], registry=registry)
-        self.retried = Counter("ferry_gateway_replica_retried", "Calls sent once more, to another replica, after "
-                               "their replica could not be reached", ["protocol"], registry=registry)
-
-    @classmethod
-    def of(cls, registry: CollectorRegistry | None) -> ReplicaMetrics:
-        registry = registry or CollectorRegistry()
-        if registry not in _SHARED:
-            _SHARED[registry] = cls(registry)
-        return _SHARED[registry]
-
-
-_SHARED: weakref.WeakKeyDictionary[CollectorRegistry, ReplicaMetrics] = weakref.WeakKeyDictionary()
-
-
 @dataclass(eq=False)
 class Replica(Generic[C]):
     """One replica as a balancer sees it: how to call it, whether it is admitted, its calls in flight."""
@@ -99,6 +78,24 @@ class Replica(Generic[C]):
     gone: bool = False  # dropped by a DNS refresh: closed once its last call has finished
     missed: int = 0  # probes in a row not answered in time
     reachable: bool = True  # its last call or probe got an answer (if only "not ready")
+
+
+def probe_targets(router: Router) -> list[tuple[str, str]]:
+    """The Triton model and version (empty: the front's one) each committed model's probe asks for: the active
+    version's store, or, during the model's rolling deploy, its front."""
+    found = []
+    for model, version in committed_versions(router):
+        found.append((model, "") if _rolling(router, model) else (store_name(model, version), str(version)))
+    return found
+
+
+def _rolling(router: Router, model: str) -> bool:
+    if not isinstance(router, Router):  # a stand-in (tests): no rollout.json to follow
+        return False
+    try:
+        return router.follow(router.route(model))[0].front
+    except (FerryError, OSError, ValueError):
+        return False
 
 
 def committed_versions(router: Router) -> list[tuple[str, int]]:
@@ -128,9 +125,11 @@ class Balancer(Generic[C]):
         self._sources = settings.replica_sources
         self._retried = self.metrics.retried.labels(self.protocol)
         self.replicas: list[Replica[C]] = []
+        self.leaving: set[Replica[C]] = set()  # dropped by a DNS refresh, their calls not all answered yet
         self._turn = 0
         self._task: asyncio.Task | None = None
         self._closed = False
+        self.metrics.balancers.add(self)
 
     # -------------------------------------------------------------- what a protocol supplies
 
@@ -144,7 +143,8 @@ class Balancer(Generic[C]):
         """Where this protocol reaches a replica whose HTTP address is ``replica``."""
         return replica
 
-    async def _ready(self, replica: Replica[C], committed: Sequence[tuple[str, int]]) -> bool:
+    async def _ready(self, replica: Replica[C], committed: Sequence[tuple[str, str]]) -> bool:
+        """Whether every (model, version) of ``committed`` (version empty: the front) is ready on ``replica``."""
         raise NotImplementedError
 
     def _unreachable(self, error: BaseException) -> bool:
@@ -162,6 +162,9 @@ class Balancer(Generic[C]):
             self.start()
         first = self.pick()
         if first is None:
+            if self.replicas:
+                raise ConnectFailed("every Triton replica is draining for a rolling deploy (rollout.json's "
+                                    "'draining'): none takes a new call")
             raise ConnectFailed(f"no Triton replica is known (FERRY_TRITON_URL={self.settings.triton_url})")
         try:
             return await self._send(first, send)
@@ -187,14 +190,19 @@ class Balancer(Generic[C]):
         finally:
             replica.in_flight -= 1
             if replica.gone and not replica.in_flight:
+                self.leaving.discard(replica)
                 self._close_client(replica.client)
 
     def pick(self, exclude: Sequence[Replica[C]] = ()) -> Replica[C] | None:
-        """The admitted replica with the fewest calls in flight (ties in turn); any replica if none is admitted."""
+        """The admitted replica with the fewest calls in flight (ties in turn); any replica if none is admitted.
+        Never one a rolling deploy drains (None if every replica is draining)."""
         replicas = self.replicas
         count = len(replicas)
         if not count:
             return None
+        draining = self.router.draining() if isinstance(self.router, Router) else ()
+        if draining:
+            exclude = [*exclude, *(r for r in replicas if r.name in draining)]
         self._turn = turn = (self._turn + 1) % count
         best = None
         for i in range(count):
@@ -226,7 +234,7 @@ class Balancer(Generic[C]):
     async def probe(self) -> None:
         """Probe every replica once (concurrently): admit those that pass; take out those that fail, or that
         did not answer in time :data:`PROBE_MISSES` times in a row."""
-        committed = committed_versions(self.router) if self.router is not None else []
+        committed = probe_targets(self.router) if self.router is not None else []
         replicas = list(self.replicas)
         results = await asyncio.gather(*(self._probe(replica, committed) for replica in replicas))
         for replica, (failure, missed, reachable) in zip(replicas, results):
@@ -236,7 +244,7 @@ class Balancer(Generic[C]):
             elif not missed or replica.missed >= PROBE_MISSES:
                 self._eject(replica, "probe", failure)
 
-    async def _probe(self, replica: Replica[C], committed: Sequence[tuple[str, int]]) -> tuple[str, bool, bool]:
+    async def _probe(self, replica: Replica[C], committed: Sequence[tuple[str, str]]) -> tuple[str, bool, bool]:
         """Why ``replica`` failed its probe (empty if it passed), whether it only did not answer in time, and
         whether it answered."""
         try:
@@ -276,6 +284,8 @@ class Balancer(Generic[C]):
                 self.metrics.up.remove(replica.name, self.protocol)
             if not replica.in_flight:
                 self._close_client(replica.client)
+            else:
+                self.leaving.add(replica)
         self.replicas = fresh
 
     def _replica(self, endpoint: Endpoint, admitted: bool) -> Replica[C]:
@@ -365,8 +375,9 @@ class HttpBalancer(Balancer[_HttpClient]):
         # A connection refused, reset or closed before the answer; not a timeout waiting for the answer.
         return isinstance(error, OSError) and not isinstance(error, TimeoutError)
 
-    async def _ready(self, replica: Replica[_HttpClient], committed: Sequence[tuple[str, int]]) -> bool:
-        paths = [f"/v2/models/{store_name(model, version)}/versions/{version}/ready" for model, version in committed]
+    async def _ready(self, replica: Replica[_HttpClient], committed: Sequence[tuple[str, str]]) -> bool:
+        paths = [f"/v2/models/{name}/versions/{version}/ready" if version else f"/v2/models/{name}/ready"
+                 for name, version in committed]
         for path in paths or ["/v2/health/ready"]:
             if (await replica.client.probes.request("GET", path)).status != 200:
                 return False

@@ -3,7 +3,8 @@
 The same choice, admission, probing and DNS refresh as HTTP (:mod:`.balancer`). A call that fails with
 ``UNAVAILABLE`` because the connection failed (refused, reset, closed: grpc's own words for it, never
 Triton's: Triton's ``UNAVAILABLE`` "unknown model" is an answer) takes its replica out and is sent once more,
-to another replica. The probe is ``ModelReady`` for each committed model's active version, or ``ServerReady``.
+to another replica. The probe is ``ModelReady`` for each committed model's active version (its front, during
+its rolling deploy), or ``ServerReady``.
 
 :class:`GrpcBalancer` looks like the one channel it replaces: ``unary_unary(method)`` gives a callable taking
 ``(request, timeout=..., metadata=...)``; ``await close()``.
@@ -97,11 +98,11 @@ class GrpcBalancer(Balancer[_GrpcClient]):
             return f"{error.code().name}: {error.details()}"
         return super()._describe(error)
 
-    async def _ready(self, replica: Replica[_GrpcClient], committed: Sequence[tuple[str, int]]) -> bool:
+    async def _ready(self, replica: Replica[_GrpcClient], committed: Sequence[tuple[str, str]]) -> bool:
         if not committed:
             return await self._ask(replica, "ServerReady", b"")
-        for model, version in committed:
-            request = service_pb2.ModelReadyRequest(name=model, version=str(version)).SerializeToString()
+        for name, version in committed:
+            request = service_pb2.ModelReadyRequest(name=name, version=version).SerializeToString()
             if not await self._ask(replica, "ModelReady", request):
                 return False
         return True

@@ -88,7 +88,35 @@ def _varint(value: int) -> bytes:
 def _at_store(raw: bytes, route: Route) -> bytes:
     """The serialized request addressed to the route's store (field 1, the model's name) at the route's version
     (field 2: ``model_version`` or ``version``)."""
-    return raw + _field(1, route.upstream) + _field(2, str(route.version))
+    return raw + _field(1, route.upstream) + _field(2, route.upstream_version)
+
+
+def answered_version(payload: bytes) -> int | None:
+    """The ``model_version`` (field 2) of a serialized infer response, None if it cannot be read: Triton writes
+    the fields in order, so it follows the model's name (field 1)."""
+    at = 0
+    while at < len(payload):
+        tag = payload[at]
+        if tag not in (0x0A, 0x12):  # not a length-delimited field 1 or 2: past them
+            return None
+        length, at = _read_varint(payload, at + 1)
+        if tag == 0x12:
+            digits = payload[at:at + length]
+            return int(digits) if digits.isdigit() else None
+        at += length
+    return None
+
+
+def _read_varint(data: bytes, at: int) -> tuple[int, int]:
+    value = shift = 0
+    while at < len(data):
+        byte = data[at]
+        value |= (byte & 0x7F) << shift
+        at += 1
+        if not byte & 0x80:
+            break
+        shift += 7
+    return value, at
 
 
 def _named(payload: bytes, route: Route) -> bytes:
@@ -196,7 +224,7 @@ class KServeGrpc:
         route, reply = await self.gateway.at_committed(model, version, call, lambda reply: reply.code is OK, split)
         if reply.code is not OK:
             return self._failure(route, reply)
-        reply.route = route
+        reply.route = reply.route or route  # an answer by a rolling deploy's front names its own version
         return reply
 
     # ------------------------------------------------------------ the service's methods
@@ -278,7 +306,9 @@ class KServeGrpc:
                 return Result(payload=cached)
             reply = await self._triton(method, _at_store(raw, route))
             if reply.code is OK:
-                reply.payload = self.gateway.remember(method, route, _as_committed(method, reply.payload, route))
+                reply.payload = _as_committed(method, reply.payload, route)
+                if not route.front:  # the front's (an ensemble's platform and config): not cached as the store's
+                    self.gateway.remember(method, route, reply.payload)
             return reply
 
         return attempt
@@ -294,7 +324,10 @@ class KServeGrpc:
                 shadow.start(route, lambda: self.gateway.http.copy(route.model, *http_copy_of_grpc(request)))
             reply = await self._triton("ModelInfer", _at_store(raw, route))
             if reply.code is OK:
-                reply.payload = _named(reply.payload, route)
+                if route.front:  # a rolling deploy: the replica's front answered with the version it serves
+                    reply.route = route.answered_by(answered_version(reply.payload))
+                else:
+                    reply.payload = _named(reply.payload, route)
             return reply
 
         with shadow:
@@ -307,7 +340,7 @@ def _committed_statistics(payload: bytes, route: Route) -> bytes:
     """The store's statistics, of the committed version alone, named as the served model."""
     kept = service_pb2.ModelStatisticsResponse()
     for entry in service_pb2.ModelStatisticsResponse.FromString(payload).model_stats:
-        if entry.name == route.upstream and entry.version == str(route.version):
+        if entry.name == route.upstream and (route.front or entry.version == str(route.version)):
             copy = kept.model_stats.add()
             copy.CopyFrom(entry)
             copy.name = route.model

@@ -211,14 +211,15 @@ class KServeHttp:
             if not asked.version:
                 shadow.start(route, lambda: self.copy(route.model, *json_copy(request, body,
                                                                              headers.get(b"content-type"))))
-            path = f"/v2/models/{route.upstream}/versions/{route.version}/infer"
-            return await gateway.triton_request("POST", path, body, passed)
+            return await gateway.triton_request("POST", f"{route.path}/infer", body, passed)
 
         with shadow:
             route, reply = await gateway.at_committed(asked.model, asked.version, attempt, _ok, split=True)
             shadow.answered(route, reply)
         if reply.status != 200:
             return Answer.error(*triton_failure(route, reply), route)
+        if route.front:  # a rolling deploy: the replica's front answered with the version it serves
+            route = route.answered_by(answered_version(reply.body))
         body, headers = served_as(route, reply.body, {name: reply.headers[name] for name in _PASSED_REPLY
                                                       if name in reply.headers})
         return Answer(200, body, list(headers.items()), route)
@@ -230,8 +231,7 @@ class KServeHttp:
     def copy(self, model: str, body: bytes, headers: list[tuple[bytes, bytes]]) -> Copy:
         """Send ``body`` to a shadow candidate: its status as the gateway would answer it, and its outputs."""
         async def send(candidate: Route) -> tuple[int, Outputs | None]:
-            path = f"/v2/models/{candidate.upstream}/versions/{candidate.version}/infer"
-            reply = await self.gateway.triton_request("POST", path, body, headers)
+            reply = await self.gateway.triton_request("POST", f"{candidate.path}/infer", body, headers)
             if reply.status != 200:
                 return triton_failure(candidate, reply)[0], None
             return 200, http_outputs(reply)
@@ -240,8 +240,7 @@ class KServeHttp:
 
     async def _model_ready(self, asked: V2Path) -> Answer:
         async def attempt(route: Route) -> Reply:
-            path = f"/v2/models/{route.upstream}/versions/{route.version}/ready"
-            return await self.gateway.triton_request("GET", path)
+            return await self.gateway.triton_request("GET", f"{route.path}/ready")
 
         try:
             route, reply = await self.gateway.at_committed(asked.model, asked.version, attempt, _ok)
@@ -262,11 +261,13 @@ class KServeHttp:
             if cached is not None:
                 return Reply(200, cached)
             suffix = "/config" if what == "config" else ""
-            reply = await self.gateway.triton_request("GET", f"/v2/models/{route.upstream}/versions/{route.version}"
-                                                             f"{suffix}")
+            reply = await self.gateway.triton_request("GET", f"{route.path}{suffix}")
             if reply.status != 200:
                 return reply
-            return Reply(200, self.gateway.remember(what, route, _as_committed(what, reply.body, route)))
+            answer = _as_committed(what, reply.body, route)
+            if route.front:  # the front's (an ensemble's platform and config): not cached as the store's
+                return Reply(200, answer)
+            return Reply(200, self.gateway.remember(what, route, answer))
 
         route, reply = await self.gateway.at_committed(asked.model, asked.version, attempt, _ok)
         if reply.status != 200:
@@ -287,8 +288,7 @@ class KServeHttp:
 
     async def _stats_of(self, model: str, version: str) -> Answer:
         async def attempt(route: Route) -> Reply:
-            return await self.gateway.triton_request("GET", f"/v2/models/{route.upstream}/versions/{route.version}"
-                                                            "/stats")
+            return await self.gateway.triton_request("GET", f"{route.path}/stats")
 
         try:
             route, reply = await self.gateway.at_committed(model, version, attempt, _ok)
@@ -303,10 +303,11 @@ class KServeHttp:
 
 
 def committed_stats(answer: bytes, route: Route) -> bytes:
-    """The store's statistics, of the committed version alone, named as the served model."""
+    """The store's statistics, of the committed version alone, named as the served model (during a rolling
+    deploy, the front's, of whichever version the replica's front serves)."""
     document = json.loads(answer)
-    stats = [entry for entry in document.get("model_stats", [])
-             if entry.get("name") == route.upstream and entry.get("version") == str(route.version)]
+    stats = [entry for entry in document.get("model_stats", []) if entry.get("name") == route.upstream
+             and (route.front or entry.get("version") == str(route.version))]
     document["model_stats"] = [{**entry, "name": route.model} for entry in stats]
     return json.dumps(document, separators=(",", ":")).encode()
 
@@ -315,9 +316,26 @@ def _ok(reply: Reply) -> bool:
     return reply.status == 200
 
 
+_MODEL_VERSION = b'"model_version":"'
+
+
+def answered_version(body: bytes) -> int | None:
+    """The ``model_version`` of Triton's JSON answer, None if it cannot be read. Triton writes the id, the model's
+    name, then its version, before the outputs; inside a JSON string the quotes would be escaped."""
+    at = body.find(_MODEL_VERSION)
+    if at < 0:
+        return None
+    start = at + len(_MODEL_VERSION)
+    end = body.find(b'"', start, start + 20)
+    digits = body[start:end] if end > 0 else b""
+    return int(digits) if digits.isdigit() else None
+
+
 def served_as(route: Route, body: bytes, headers: dict[bytes, bytes]) -> tuple[bytes, dict[bytes, bytes]]:
     """Triton's answer from the store, naming the model the client asked for (Triton writes compact JSON with
     ``model_name`` first)."""
+    if route.upstream == route.model:  # the front, or a model not behind one: already so named
+        return body, headers
     stored = f'"model_name":"{route.upstream}"'.encode()
     length = headers.get(BINARY_HEADER)
     end = int(length) if length is not None else len(body)

@@ -6,28 +6,37 @@ microsecond) tells whether to read it again. The first request after a commit go
 During a bake, ``.ferry/<model>/rollout.json`` names a candidate beside the committed version, followed the
 same way (a ``stat``, a read only when it changed; absent: no bake), and :meth:`Router.bake` says what to do
 with the candidate (canary: answer a share of requests; shadow: receive a copy of a share of them).
+
+During a rolling deploy (rollout.json's ``plan.mode`` is ``rolling`` and its ``active_version`` the committed
+one), :meth:`Router.follow` sends the model's requests to its front, unversioned: each replica answers with the
+version its front serves (the active one, or the candidate on the replicas listed ``swapped``), and
+:meth:`Route.answered_by` names the version that answered. :meth:`Router.draining` is the union of every rolling
+rollout's ``draining`` replicas, which the balancers send nothing new.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import time
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
+from typing import NamedTuple
 
 from ferry.core.current import read_current
 from ferry.core.errors import FerryError, NoSuchModel
 from ferry.core.front import store_name
 from ferry.core.model_config import Signature, TensorSpec, config_signature, model_config_pb2
 from ferry.core.records import CurrentState, RolloutState
-from ferry.core.repository import ModelDir
+from ferry.core.repository import STATE_DIR, ModelDir
 from ferry.core.rollout import ROLES, read_rollout
 
 ACTIVE = "active"  # the role of the committed version's requests (metrics' ``role`` label)
 CANDIDATE = ROLES["canary"]  # a canary's share, answered by the candidate
 SHADOW = ROLES["shadow"]  # copies of requests sent to a shadow candidate, never seen by a client
 StatKey = tuple[int, int, int]
+DRAIN_SCAN_S = 0.1  # every model's rollout.json is looked at this often (on the request path) for draining replicas
 
 
 @dataclass(frozen=True)
@@ -39,14 +48,43 @@ class Route:
     role: str = ACTIVE  # CANDIDATE: the candidate version answering a canary's share; SHADOW: a mirrored copy
 
     behind_front: bool = True  # False for a model an earlier ferry deployed, or adopted: Triton serves it itself
+    front: bool = False  # a rolling deploy: sent to the model's front, naming no version (see Router.follow)
 
     @cached_property
     def upstream(self) -> str:
         """The Triton model the gateway sends this route's requests to, naming its version: the version's store,
         loaded from the candidate's load on (the front serves it only from the commit's repoint on, a few
         milliseconds after current.json), a baking candidate's too; or, for a model not yet behind a front, the
-        model itself."""
-        return store_name(self.model, self.version) if self.behind_front else self.model
+        model itself; during a rolling deploy, the model's front (the replica decides the version)."""
+        return store_name(self.model, self.version) if self.behind_front and not self.front else self.model
+
+    @cached_property
+    def path(self) -> str:
+        """The KServe HTTP path of the upstream model (append ``/infer``, ``/ready``...): with its version, or
+        none for the front (a swapped replica's front serves the candidate, not the committed version)."""
+        if self.front:
+            return f"/v2/models/{self.model}"
+        return f"/v2/models/{self.upstream}/versions/{self.version}"
+
+    @cached_property
+    def upstream_version(self) -> str:
+        """The version named in a gRPC request sent upstream (empty for the front: whichever it serves)."""
+        return "" if self.front else str(self.version)
+
+    def answered_by(self, version: int | None) -> Route:
+        """This front route as the answer of ``version`` names it (the model_version Triton's front wrote): role
+        CANDIDATE for a version other than the committed one. None (unreadable): this route, as the active one."""
+        if not self.front or version is None or version == self.version:
+            return self
+        answers = self._answers
+        found = answers.get(version)
+        if found is None:
+            found = answers[version] = replace(self, version=version, role=CANDIDATE)
+        return found
+
+    @cached_property
+    def _answers(self) -> dict[int, Route]:
+        return {}
 
     def serves(self, version: str) -> bool:
         """Whether a version a client named (a URL segment, a gRPC field; empty: none named) is this one."""
@@ -97,6 +135,25 @@ def bake_of(route: Route, state: RolloutState | None,
     return Bake(route, candidate, min(share, 1.0), state.deploy_id)
 
 
+def front_of(route: Route, state: RolloutState | None) -> Route | None:
+    """The front route for ``route`` while rollout.json describes a rolling deploy from the version committed now
+    (None otherwise: the committed version's store, as always). The version stays the committed one: the
+    requests are checked against its config, and an answer names its own version (:meth:`Route.answered_by`)."""
+    if state is None or state.plan.mode != "rolling" or state.model != route.model \
+            or state.active_version != route.version or not route.behind_front or route.role != ACTIVE:
+        return None
+    return replace(route, front=True)
+
+
+class _Derived(NamedTuple):
+    """What one rollout.json means for one committed route (rebuilt when either changes)."""
+
+    state: RolloutState | None
+    route: Route
+    bake: Bake | None
+    served: Route  # the route requests go to: the committed one, or its front during a rolling deploy
+
+
 class UnknownModel(NoSuchModel):
     """Nothing is committed for this model (or the name is not one): the gateway answers 404."""
 
@@ -106,8 +163,12 @@ class Router:
         self.repository = repository
         self._current_paths: dict[str, str] = {}  # model -> its current.json, for the names already checked
         self._cache: dict[str, tuple[StatKey, Route]] = {}
-        self._rollout_paths: dict[str, str] = {}  # routed models only: bounded by the repository
-        self._bakes: dict[str, tuple[StatKey, RolloutState | None, Route | None, Bake | None]] = {}
+        self._rollout_paths: dict[str, str] = {}  # routed or rolling models only: bounded by the repository
+        self._states: dict[str, tuple[StatKey, RolloutState | None]] = {}  # model -> its rollout.json, as last read
+        self._derived: dict[str, _Derived] = {}
+        self._drains: dict[str, frozenset[str]] = {}  # model -> its rolling rollout's draining replicas
+        self._draining: frozenset[str] = frozenset()
+        self._scanned = -DRAIN_SCAN_S
 
     def route(self, model: str) -> Route:
         """The committed version of ``model``; UnknownModel if it has none (or no such model)."""
@@ -150,20 +211,71 @@ class Router:
     def bake(self, route: Route) -> Bake | None:
         """The bake beside ``route`` (a committed route), from rollout.json: None when there is none, when it
         does not apply to the version committed now, or when the file is damaged (no bake, fail safe)."""
-        path = self._rollout_paths.get(route.model)
+        return self.follow(route)[1]
+
+    def follow(self, route: Route) -> tuple[Route, Bake | None]:
+        """Where ``route``'s (a committed route's) requests go, and the bake beside it, from rollout.json (one
+        ``stat``; absent: ``route`` itself and no bake): its front during a rolling deploy (:func:`front_of`)."""
+        state = self.rollout(route.model)
+        if state is None:
+            return route, None
+        derived = self._derived.get(route.model)
+        if derived is None or derived.state is not state or derived.route is not route:  # once per file and route
+            config = self._candidate_config(route.model, state)
+            derived = self._derived[route.model] = _Derived(state, route, bake_of(route, state, config),
+                                                            front_of(route, state) or route)
+        return derived.served, derived.bake
+
+    def rollout(self, model: str) -> RolloutState | None:
+        """``model``'s rollout.json, read again only when its ``stat`` changed; None when absent or damaged."""
+        path = self._rollout_paths.get(model)
         if path is None:
-            path = self._rollout_paths[route.model] = str(self._model_dir(route.model).rollout_path)
+            path = self._rollout_paths[model] = str(self._model_dir(model).rollout_path)
         try:
             stat = os.stat(path)
         except OSError:  # absent (no bake), or unreadable: either way the committed version alone
+            if model in self._states:
+                del self._states[model]
+                self._drained(model, None)
             return None
         key = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
-        cached = self._bakes.get(route.model)
-        if cached is None or cached[0] != key or cached[2] is not route:  # built once per file and route
-            state = cached[1] if cached is not None and cached[0] == key else self._read_rollout(route.model)
-            config = self._candidate_config(route.model, state)
-            cached = self._bakes[route.model] = (key, state, route, bake_of(route, state, config))
-        return cached[3]
+        cached = self._states.get(model)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        state = self._read_rollout(model)
+        self._states[model] = (key, state)
+        self._drained(model, state)
+        return state
+
+    def draining(self) -> frozenset[str]:
+        """The replicas (URLs) some model's rolling rollout lists as draining: no new request goes to them. A
+        routed model's change is seen at its next request; any other model's within :data:`DRAIN_SCAN_S`."""
+        now = time.monotonic()
+        if now - self._scanned >= DRAIN_SCAN_S:
+            self._scanned = now
+            self._scan()
+        return self._draining
+
+    def _scan(self) -> None:
+        try:
+            entries = [entry.name for entry in os.scandir(self.repository / STATE_DIR) if entry.is_dir()]
+        except OSError:
+            entries = []
+        for model in {*entries, *self._drains}:
+            try:
+                self.rollout(model)
+            except UnknownModel:  # a directory whose name is no model's
+                continue
+
+    def _drained(self, model: str, state: RolloutState | None) -> None:
+        drains = frozenset(state.draining) if state is not None and state.plan.mode == "rolling" else frozenset()
+        if drains == self._drains.get(model, frozenset()):
+            return
+        if drains:
+            self._drains[model] = drains
+        else:
+            self._drains.pop(model, None)
+        self._draining = frozenset().union(*self._drains.values())
 
     def _candidate_config(self, model: str, state: RolloutState | None) -> model_config_pb2.ModelConfig | None:
         try:
