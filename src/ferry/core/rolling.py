@@ -31,6 +31,7 @@ from ferry.core.services import Services
 from ferry.core.triton import Triton
 
 DRAIN_POLL_S = 0.05
+DRAIN_NOTICE_S = 0.2  # a gateway notices a drain written for another model within 0.1 s (its throttled scan)
 Prove = Callable[[Triton], None]
 
 
@@ -173,6 +174,7 @@ def publish(model_dir: ModelDir, snapshot: Snapshot, candidate: int | None, drai
 def wait_drained(ferry: Services, replicas: list[str]) -> None:
     """Until no gateway has a request in flight to ``replicas`` (at most FERRY_DRAIN_TIMEOUT_S; at once when no
     gateway answers: then no gateway sends them anything)."""
+    time.sleep(DRAIN_NOTICE_S)
     deadline = time.monotonic() + ferry.settings.drain_timeout_s
     while time.monotonic() < deadline:
         busy = rollout.in_flight(ferry.settings, replicas)
