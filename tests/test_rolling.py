@@ -16,8 +16,10 @@ from pathlib import Path
 from conftest import FAKES, World, assert_invariants, start_fleet, stop_fleet
 from ferry.core.current import read_current
 from ferry.core.journal import read_journal
-from ferry.core.runner import deploy
+from ferry.core.records import RolloutPlan
+from ferry.core.runner import Runner, deploy
 from ferry.core.services import Services
+from ferry.core.target import Target
 
 
 class Watch:
@@ -165,5 +167,57 @@ def test_a_replica_killed_mid_batch_rolls_back_the_others_and_reconcile_brings_i
         result = reconcile(world.ferry, "iris")
         assert result.action == "loaded" and result.replicas == {url: [1] for url in by_url}, result
         assert [r.placement("iris").store for r in world.ferry.fleet().replicas] == [[1]] * 3
+    finally:
+        stop_fleet(world)
+
+
+OUTSIDE_THE_SAMPLE = {"inputs": [{"name": "X", "shape": [1, 4], "datatype": "FP32", "data": [7.7, 3.8, 6.7, 2.2]}]}
+
+
+def test_a_candidate_failing_live_traffic_in_batch_two_is_caught_by_its_bake(tmp_path: Path) -> None:
+    from support.gateway import TOKEN, client, running_gateway, steady_load
+
+    world = start_fleet(tmp_path, 3, faulty=1)  # only v2's runner fails there, on live rows outside the sample
+    try:
+        world.register()
+        assert world.deploy().outcome == "committed"
+        world.register(trees=3)
+        urls = world.settings.triton_url.split(",")
+        position = sorted(urls).index(urls[1]) + 1
+        outside: list[tuple[float, int, str | None]] = []  # (began, status, version) of rows outside the sample
+        stop = threading.Event()
+
+        def outside_load(url: str) -> None:
+            with client(url) as session:
+                while not stop.is_set():
+                    began = time.monotonic()
+                    reply = session.post("/v2/models/iris/infer", json=OUTSIDE_THE_SAMPLE)
+                    outside.append((began, reply.status_code, reply.headers.get("x-ferry-model-version")))
+
+        with running_gateway(world) as gateway, steady_load(gateway, http=1, grpc=1) as results:
+            worker = threading.Thread(target=outside_load, args=(gateway.url,))
+            worker.start()
+            try:
+                ferry = Services(world.settings.with_overrides(
+                    gateways=gateway.url, gateway_token=TOKEN, gate_interval_s=1.0, gate_min_requests=10,
+                    python_runner=FAKES / "fake_live_fault_on_one_replica_runner.py"))
+                target = Target.of_alias("champion", rollout=RolloutPlan(mode="rolling", bake_s=4.0),
+                                         strategy="rolling")
+                report = Runner(ferry, "iris").deploy(target)
+                decided = time.monotonic()
+                time.sleep(1.0)
+            finally:
+                stop.set()
+                worker.join(timeout=60)
+        assert (report.outcome, report.failed_step) == ("rolled_back", "bake"), (report.error, report.gate)
+        assert f"batch {position}" in (report.error or "") and report.rollback.verified, report
+        assert report.gate and report.gate[-1].verdict == "fail"
+        failed = [o for o in outside if o[1] != 200]
+        assert failed and all(version in ("2", None) for _, _, version in failed), "only the candidate failed"
+        assert all(version == "1" for began, _, version in outside if began > decided), "v2 answered after"
+        assert all(r.status == 200 for r in results), "a row inside the sample failed"
+        assert [r.placement("iris").store for r in world.ferry.fleet().replicas] == [[1]] * 3
+        assert read_current(world.model_dir).active_version == 1 and not world.model_dir.rollout_path.exists()
+        assert_invariants(world, attempts=2)
     finally:
         stop_fleet(world)

@@ -78,7 +78,8 @@ def deploy_command(
                                       "candidate, its answers are compared, clients see only the active version's."),
     canary: float | None = typer.Option(None, "--canary", metavar="PERCENT",
                                         help="Bake in canary mode: the candidate answers this share of requests."),
-    bake: str | None = typer.Option(None, "--bake", metavar="DURATION", help="How long a canary bakes (5m)."),
+    bake: str | None = typer.Option(None, "--bake", metavar="DURATION",
+                                    help="How long a canary bakes (5m); with --strategy rolling, each batch."),
     mirror: float = typer.Option(100.0, "--mirror", metavar="PERCENT", help="Shadow: the share of requests copied."),
     gate_failures: int | None = typer.Option(None, "--gate-failures", min=1,
                                              help="Failed gate evaluations in a row that roll back at once."),
@@ -94,7 +95,7 @@ def deploy_command(
     from ferry.core.target import Target
 
     guarded(lambda: check_name("model name", model))  # bad names are refused before anything starts
-    plan = guarded(lambda: _rollout_plan(shadow, canary, bake, mirror))
+    plan = guarded(lambda: _rollout_plan(shadow, canary, bake, mirror, rolling=strategy == "rolling"))
     target = guarded(lambda: Target.of_alias(alias, rollout=plan, allow_signature_change=allow_signature_change,
                                              strategy=_strategy(strategy), batch=batch))
     settings = current_settings()
@@ -111,7 +112,8 @@ def _strategy(name: str) -> Strategy:
     return "rolling" if name == "rolling" else "beside"
 
 
-def _rollout_plan(shadow: str | None, canary: float | None, bake: str | None, mirror: float) -> RolloutPlan | None:
+def _rollout_plan(shadow: str | None, canary: float | None, bake: str | None, mirror: float,
+                  rolling: bool = False) -> RolloutPlan | None:
     from ferry.core.config import parse_duration
     from ferry.core.errors import InvalidInput
     from ferry.core.records import RolloutPlan
@@ -124,8 +126,11 @@ def _rollout_plan(shadow: str | None, canary: float | None, bake: str | None, mi
         if bake is None:
             raise InvalidInput("--canary needs --bake DURATION: how long the candidate takes its share")
         return RolloutPlan(mode="canary", bake_s=parse_duration(bake, "--bake"), canary_percent=canary)
+    if bake is not None and rolling:  # each batch, once swapped, is the candidate's share
+        return RolloutPlan(mode="rolling", bake_s=parse_duration(bake, "--bake"))
     if bake is not None:
-        raise InvalidInput("--bake goes with --canary PERCENT (or bake in shadow with --shadow DURATION)")
+        raise InvalidInput("--bake goes with --canary PERCENT or --strategy rolling (or bake in shadow with --shadow "
+                           "DURATION)")
     return None
 
 

@@ -42,7 +42,8 @@ class Baking:
     def bakes(self, journal: Journal) -> bool:
         """Whether this deploy bakes its candidate: asked for, and there is a new version to prove."""
         record = journal.record
-        return record.rollout is not None and record.candidate is not None and not record.candidate.already_active
+        return record.rollout is not None and record.rollout.mode != "rolling" and record.candidate is not None \
+            and not record.candidate.already_active  # a rolling deploy bakes each batch inside its load
 
     def bake_start(self, journal: Journal) -> None:
         """Tell the gateways (rollout.json) and note where their counters stand."""
@@ -101,9 +102,23 @@ class Baking:
             journal.save()
         return done
 
+    def bake_batch(self, journal: Journal, number: int) -> None:
+        """A rolling deploy's bake of one batch, swapped and admitted: the gate judges the live traffic its
+        replicas answer as the candidate, against what the others answer as the active version."""
+        journal.update(gate_baseline=rollout.dump_counts(rollout.read_counts(self.ferry.settings, self.model)),
+                       bake_started_unix=time.time())
+        try:
+            self._gate_until_decided(journal)
+        except StepFailed as failure:
+            raise StepFailed(failure.step, f"batch {number}: {failure.message}", failure.hint, failure.version,
+                             failure.retryable, failure.detail) from failure
+
     def _bake(self, journal: Journal) -> None:
         """The bake in this process: an evaluation every gate interval until it passes, fails or is decided."""
         self.bake_start(journal)
+        self._gate_until_decided(journal)
+
+    def _gate_until_decided(self, journal: Journal) -> None:
         settings, plan = self.ferry.settings, journal.record.rollout
         assert plan is not None
         next_check = time.monotonic() + min(settings.gate_interval_s, plan.bake_s)

@@ -71,9 +71,11 @@ def batch_size(replicas: int, batch: str) -> int:
     return size
 
 
-def roll(ferry: Services, journal: Journal, candidate: Candidate, prove: Prove) -> None:
+def roll(ferry: Services, journal: Journal, candidate: Candidate, prove: Prove,
+         bake: Callable[[int], None] | None = None) -> None:
     """Swap every replica to the candidate, batch by batch, each batch proven by ``prove`` (ready and smoke on
-    the replica) before it is admitted again."""
+    the replica) before it is admitted again, then judged on its live traffic by ``bake`` (given the batch's
+    number) before the next batch starts."""
     record = journal.record
     snapshot = record.snapshot
     assert snapshot is not None and snapshot.active_version is not None, "a rolling deploy replaces an active version"
@@ -98,6 +100,8 @@ def roll(ferry: Services, journal: Journal, candidate: Candidate, prove: Prove) 
                              replica=failure.replica or (todo[0] if len(todo) == 1 else None)) from failure
         swapped += todo
         publish(model_dir, snapshot, candidate.version, draining=[], swapped=swapped)
+        if bake is not None:
+            bake(number)
 
 
 def _swap_forward(triton: Triton, model: str, version: int, config: model_config_pb2.ModelConfig,
@@ -111,8 +115,10 @@ def _swap_forward(triton: Triton, model: str, version: int, config: model_config
 
 
 def swap_back(ferry: Services, snapshot: Snapshot, swapped: list[str], batch: str) -> list[str]:
-    """Put the replicas a rolling deploy swapped back on the active version, batch by batch (drained first);
-    what could not be put back, one line per replica."""
+    """Put the replicas a rolling deploy swapped back on the active version, batch by batch, drained first;
+    what could not be put back, one line per replica. While a replica not swapped serves, every swapped one
+    is drained at once (the candidate answers nothing after the decision); when all were, batch by batch
+    (capacity first)."""
     active = snapshot.active_version
     assert active is not None
     model_dir = ferry.model_dir(snapshot.model)
@@ -122,10 +128,12 @@ def swap_back(ferry: Services, snapshot: Snapshot, swapped: list[str], batch: st
     model_dir.ensure_store_link(active)
     problems = []
     left = [url for url in fleet.urls if url in swapped]
+    at_once = len(left) < len(fleet.urls)
     size = batch_size(len(fleet.urls), batch) if left else 1
     for start in range(0, len(left), size):
         todo, still = left[start:start + size], left[start + size:]
-        publish(model_dir, snapshot, None, draining=todo, swapped=still)
+        publish(model_dir, snapshot, None, draining=todo + still if at_once else todo,
+                swapped=[] if at_once else still)
         wait_drained(ferry, todo)
         for url in todo:
             try:

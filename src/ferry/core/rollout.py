@@ -37,8 +37,6 @@ Counts = dict[tuple[str, str, str], "Tally"]  # (version, role, kind) -> tally
 
 
 def check_plan(plan: RolloutPlan) -> RolloutPlan:
-    if plan.mode == "rolling":
-        return plan
     if plan.bake_s <= 0:
         raise InvalidInput(f"a bake of {plan.bake_s:g} s proves nothing", "give --bake (or --shadow) a duration")
     if plan.mode == "canary" and not 0 < plan.canary_percent <= 50:

@@ -174,7 +174,8 @@ class Runner(Baking):
         """The load of a rolling deploy: every replica swapped to the candidate and proven, batch by batch."""
         candidate, snapshot = journal.record.candidate, journal.record.snapshot
         assert candidate is not None and snapshot is not None
-        rolling.roll(self.ferry, journal, candidate, steps.prove_on(self.ferry, snapshot, candidate))
+        bake = (lambda number: self.bake_batch(journal, number)) if journal.record.rollout is not None else None
+        rolling.roll(self.ferry, journal, candidate, steps.prove_on(self.ferry, snapshot, candidate), bake)
         journal.update(candidate=candidate.model_copy(update={"rolled": True}))
 
     def finish(self, journal: Journal) -> DeployReport:

@@ -27,7 +27,7 @@ class Target:
     def of_alias(cls, alias: str, rollout: RolloutPlan | None = None, allow_signature_change: bool = False,
                  strategy: Strategy = "beside", batch: str = "1") -> Target:
         if strategy == "rolling" and rollout is not None:
-            raise InvalidInput("a rolling deploy does not bake yet", "leave out --shadow/--canary, or deploy beside")
+            rollout = _per_batch(rollout)
         return cls(Kind.DEPLOY, alias=check_name("alias", alias), rollout=rollout and check_plan(rollout),
                    allow_signature_change=allow_signature_change, strategy=strategy, batch=batch)
 
@@ -42,3 +42,11 @@ class Target:
     @property
     def label(self) -> str:
         return f"@{self.alias}" if self.alias is not None else f"v{self.version}"
+
+
+def _per_batch(plan: RolloutPlan) -> RolloutPlan:
+    """A rolling deploy bakes each batch once it is swapped: the batch is the candidate's share of the traffic."""
+    if plan.mode == "shadow":
+        raise InvalidInput("a rolling deploy bakes each batch on the traffic it answers, not on copies",
+                           "give --bake DURATION with --strategy rolling (no --shadow)")
+    return RolloutPlan(mode="rolling", bake_s=plan.bake_s)

@@ -45,7 +45,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 from starlette.types import Receive, Scope, Send
 
-from ferry.adapters.gateway.balancer import HttpBalancer
+from ferry.adapters.gateway.balancer import LAST_REPLICA, HttpBalancer
 from ferry.adapters.gateway.kserve_grpc import KServeGrpc
 from ferry.adapters.gateway.kserve_http import KServeHttp, answered_version, served_by, triton_failure
 from ferry.adapters.gateway.metrics import Metrics
@@ -275,6 +275,8 @@ async def _predict(gateway: Gateway, model: str, request: Request) -> tuple[Rout
         route = route.answered_by(answered_version(reply.body)) if route.front else route
         return route, JSONResponse({"model": model, "version": route.version, "outputs": _outputs(reply.body)},
                                    headers=served_by(route))
+    if route.front:  # a rolling deploy: an error names no version, the replica it came from does
+        route = gateway.router.answered_on(route, LAST_REPLICA.get())
     status, message = triton_failure(route, reply)
     return route, _error(status, message, route)
 

@@ -16,9 +16,8 @@ would without a balancer (those that answered their last probe first): a probe c
 version no replica serves takes them all out), a connection attempt decides.
 
 During a rolling deploy, a replica some model's rollout.json lists as ``draining`` gets no new call, for any
-model (:meth:`.routing.Router.draining`; its calls in flight finish), and a rolling model's probe asks for its
-front, unversioned (a swapped replica has no store of the committed version). ``ferry_gateway_in_flight``, by
-replica, is the calls sent and not yet answered, over both protocols: what a rolling deploy waits on to reach 0.
+model (:meth:`.routing.Router.draining`; its calls in flight finish); a rolling model's probe asks for its front
+(a swapped replica lacks the committed store); ``ferry_gateway_in_flight`` is what the deploy waits on.
 
 ``dns+http://name:port`` entries are resolved again every :data:`REFRESH_S` (off the event loop), so the
 replicas follow a headless Service's ready pods: a new address is admitted once its probe passes, a vanished
@@ -32,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -56,6 +56,7 @@ REFRESH_S = 30.0  # dns+ entries are resolved again this often
 RESOLVE_TIMEOUT_S = 10.0
 
 log = logging.getLogger("ferry.gateway")
+LAST_REPLICA = contextvars.ContextVar("last_replica", default="")  # this task's last call's: Router.answered_on
 C = TypeVar("C")  # what a replica is called through: an UpstreamPool, a gRPC channel
 T = TypeVar("T")
 Resolve = Callable[[Iterable[ReplicaSource]], list[Endpoint]]
@@ -178,6 +179,7 @@ class Balancer(Generic[C]):
         return await self._send(second, send)
 
     async def _send(self, replica: Replica[C], send: Callable[[Replica[C]], Awaitable[T]]) -> T:
+        LAST_REPLICA.set(replica.name)
         replica.in_flight += 1
         replica.sent.inc()
         try:

@@ -26,7 +26,7 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 from tritonclient.grpc import service_pb2
 
-from ferry.adapters.gateway.balancer import committed_versions
+from ferry.adapters.gateway.balancer import LAST_REPLICA, committed_versions
 from ferry.adapters.gateway.grpc_balancer import GrpcBalancer
 from ferry.adapters.gateway.kserve_http import SERVED_EXTENSIONS
 from ferry.adapters.gateway.refusals import route_of, status_of
@@ -328,6 +328,8 @@ class KServeGrpc:
                     reply.route = route.answered_by(answered_version(reply.payload))
                 else:
                     reply.payload = _named(reply.payload, route)
+            elif route.front:  # an error names no version, the replica it came from does
+                reply.route = self.gateway.router.answered_on(route, LAST_REPLICA.get())
             return reply
 
         with shadow:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from starlette.types import Receive, Scope, Send
 
-from ferry.adapters.gateway.balancer import committed_versions
+from ferry.adapters.gateway.balancer import LAST_REPLICA, committed_versions
 from ferry.adapters.gateway.refusals import route_of, status_of
 from ferry.adapters.gateway.shadow import Copy, Outputs, Shadowed, http_outputs, json_copy
 from ferry.adapters.gateway.upstream import Reply
@@ -217,6 +217,8 @@ class KServeHttp:
             route, reply = await gateway.at_committed(asked.model, asked.version, attempt, _ok, split=True)
             shadow.answered(route, reply)
         if reply.status != 200:
+            if route.front:  # a rolling deploy: an error names no version, the replica it came from does
+                route = gateway.router.answered_on(route, LAST_REPLICA.get())
             return Answer.error(*triton_failure(route, reply), route)
         if route.front:  # a rolling deploy: the replica's front answered with the version it serves
             route = route.answered_by(answered_version(reply.body))

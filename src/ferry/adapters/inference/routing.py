@@ -226,6 +226,14 @@ class Router:
                                                             front_of(route, state) or route)
         return derived.served, derived.bake
 
+    def answered_on(self, route: Route, replica: str) -> Route:
+        """A front route's answer that names no version (an error) by the replica it came from: the candidate's
+        when a rolling deploy swapped that replica, else the route itself."""
+        state = self.rollout(route.model) if route.front else None
+        if state is None or replica not in state.swapped or state.candidate_version == route.version:
+            return route
+        return route.answered_by(state.candidate_version)
+
     def rollout(self, model: str) -> RolloutState | None:
         """``model``'s rollout.json, read again only when its ``stat`` changed; None when absent or damaged."""
         path = self._rollout_paths.get(model)
