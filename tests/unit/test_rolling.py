@@ -136,3 +136,24 @@ def test_a_deploy_killed_mid_roll_is_undone_by_recover(bench: Bench, fleet, tmp_
     report = Runner(_services(bench, replicas), "iris").recover()
     assert report is not None and report.outcome == Outcome.ROLLED_BACK
     assert _serving(replicas) == [[1]] * 3 and read_journal(bench.model_dir) is None
+
+
+def test_the_dags_steps_roll_like_one_deploy(bench: Bench, fleet) -> None:
+    from ferry.adapters import dag_steps
+
+    replicas, log = fleet
+    ferry = _services(bench, replicas)
+    bench.registry.add("iris", "champion")
+    deploy(ferry, "iris", alias="champion")
+    bench.registry.add("iris", "champion")
+    log.clear()
+    handle = dag_steps.snapshot_current(ferry, "iris", "champion", None, False, "rolling", "2")
+    handle = dag_steps.materialize_repo(ferry, handle)
+    for step in (dag_steps.triton_load, dag_steps.triton_ready, dag_steps.triton_infer_smoke):
+        handle = step(ferry, handle)
+    report = dag_steps.commit_current(ferry, handle)
+    assert report["outcome"] == "committed" and report["strategy"] == "rolling"
+    assert _serving(replicas) == [[2]] * 3 and max(stores for _, stores, _ in log) == 1
+    with pytest.raises(InvalidInput, match="nowhere to move the traffic"):
+        dag_steps.snapshot_current(ferry, "iris", "champion", None, False, "rolling", "3")
+    assert read_journal(bench.model_dir) is None, "a refused snapshot leaves no journal"
