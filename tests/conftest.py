@@ -114,16 +114,35 @@ def triton_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settin
         server.down(settings, grace_s=0)
 
 
+_GIVEN_PORTS: set[int] = set()  # ports this process handed out: a server may not have bound them yet
+
+
+def _worker_ports() -> range:
+    """This xdist worker's own share of the ports, so that two workers never pick the same port before either
+    binds it (a second server would then answer at a test's URL with another key); below the kernel's ephemeral
+    ports (32768 on), which free_port() and every outgoing connection take."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    index = int(worker) if worker.isdigit() else 0
+    span = 12000 // 8
+    start = 20000 + (index % 8) * span
+    return range(start, start + span)
+
+
 def _free_port_block(size: int = 3) -> int:
-    """A base port with ``size`` consecutive free ports (Triton's http, grpc and metrics)."""
+    """A base port with ``size`` consecutive free ports (Triton's http, grpc and metrics), in this worker's share
+    and never handed out before by this process."""
+    ports = _worker_ports()
     for _ in range(200):
-        base = random.randint(20000, 60000)
+        base = random.randint(ports.start, ports.stop - size)
+        if _GIVEN_PORTS & set(range(base, base + size)):
+            continue
         try:
             sockets = []
             for port in range(base, base + size):
                 s = socket.socket()
                 sockets.append(s)
                 s.bind(("127.0.0.1", port))
+            _GIVEN_PORTS.update(range(base, base + size))
             return base
         except OSError:
             continue
