@@ -114,11 +114,13 @@ def _swap_forward(triton: Triton, model: str, version: int, config: model_config
                          version, error.retryable, error.detail) from error
 
 
-def swap_back(ferry: Services, snapshot: Snapshot, swapped: list[str], batch: str) -> list[str]:
+def swap_back(ferry: Services, snapshot: Snapshot, swapped: list[str], batch: str,
+              candidate: int | None = None) -> list[str]:
     """Put the replicas a rolling deploy swapped back on the active version, batch by batch, drained first;
     what could not be put back, one line per replica. While a replica not swapped serves, every swapped one
     is drained at once (the candidate answers nothing after the decision); when all were, batch by batch
-    (capacity first)."""
+    (capacity first). rollout.json keeps listing them as swapped until they are back, so that a gateway counts
+    what they still answer (``candidate``'s requests in flight) as the candidate's."""
     active = snapshot.active_version
     assert active is not None
     model_dir = ferry.model_dir(snapshot.model)
@@ -132,8 +134,7 @@ def swap_back(ferry: Services, snapshot: Snapshot, swapped: list[str], batch: st
     size = batch_size(len(fleet.urls), batch) if left else 1
     for start in range(0, len(left), size):
         todo, still = left[start:start + size], left[start + size:]
-        publish(model_dir, snapshot, None, draining=todo + still if at_once else todo,
-                swapped=[] if at_once else still)
+        publish(model_dir, snapshot, candidate, draining=todo + still if at_once else todo, swapped=todo + still)
         wait_drained(ferry, todo)
         for url in todo:
             try:

@@ -350,7 +350,7 @@ def undo(ferry: Services, snapshot: Snapshot, failure: Failure, candidate: int |
 
     if swapped:  # first: no replica answers as the candidate (rollout.json keeps the gateways away meanwhile)
         problems += attempt("swapped the replicas back to the active version",
-                            lambda: rolling.swap_back(ferry, snapshot, swapped, batch)) or []
+                            lambda: rolling.swap_back(ferry, snapshot, swapped, batch, candidate)) or []
     if attempt("checked rollout.json", lambda: remove_rollout(model_dir)):  # first: no request to the candidate
         actions.append("removed rollout.json")
     if attempt("checked current.json", lambda: restore_current(model_dir, snapshot.current)):
