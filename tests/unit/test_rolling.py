@@ -157,3 +157,18 @@ def test_the_dags_steps_roll_like_one_deploy(bench: Bench, fleet) -> None:
     with pytest.raises(InvalidInput, match="nowhere to move the traffic"):
         dag_steps.snapshot_current(ferry, "iris", "champion", None, False, "rolling", "3")
     assert read_journal(bench.model_dir) is None, "a refused snapshot leaves no journal"
+
+
+def test_a_batch_without_rolling_or_unreadable_is_refused_before_anything(bench: Bench) -> None:
+    from ferry.core.target import Target
+
+    with pytest.raises(InvalidInput, match="applies to rolling deploys only"):
+        Target.of_alias("champion", batch="0")
+    with pytest.raises(InvalidInput, match="applies to rolling deploys only"):
+        Target.of_version(1, batch="2")
+    with pytest.raises(InvalidInput, match="not a number of replicas"):
+        Target.of_alias("champion", strategy="rolling", batch="0")
+    bench.registry.add("iris", "champion")
+    with pytest.raises(InvalidInput, match="applies to rolling deploys only"):
+        bench.deploy(batch="3")
+    assert not bench.model_dir.exists() or read_current(bench.model_dir) is None

@@ -9,7 +9,7 @@ import time
 from ferry.core.errors import FerryError, TritonError
 from ferry.core.fleet import Fleet
 from ferry.core.front import disk_config, front_config, front_files, legacy_store_name, store_config, store_name
-from ferry.core.model_config import from_pbtxt, model_config_pb2, to_override_json, with_versions
+from ferry.core.model_config import from_pbtxt, model_config_pb2, to_override_json
 from ferry.core.records import Candidate, CurrentState, Snapshot, parse_utc_stamp, utc_stamp
 from ferry.core.repository import ModelDir
 from ferry.core.triton import Placement, Triton
@@ -111,7 +111,7 @@ def serve_only_active(fleet: Fleet, snapshot: Snapshot) -> None:
     else:
         config = from_pbtxt(snapshot.config_text or "")
         active = snapshot.current.active_version
-        fleet.each(lambda triton: serve(triton, snapshot.model, with_versions(config, []), active, [active]))
+        fleet.each(lambda triton: serve(triton, snapshot.model, config, active, [active]))
 
 
 def wait_serving(fleet: Fleet, model: str, wanted: list[int], timeout_s: float = 5.0,

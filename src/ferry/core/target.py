@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from ferry.core.errors import InvalidInput
 from ferry.core.records import Kind, RolloutPlan, Strategy
 from ferry.core.repository import check_name
+from ferry.core.rolling import batch_size
 from ferry.core.rollout import check_plan
 
 
@@ -26,6 +27,7 @@ class Target:
     @classmethod
     def of_alias(cls, alias: str, rollout: RolloutPlan | None = None, allow_signature_change: bool = False,
                  strategy: Strategy = "beside", batch: str = "1") -> Target:
+        check_strategy(strategy, batch)
         if strategy == "rolling" and rollout is not None:
             rollout = _per_batch(rollout)
         return cls(Kind.DEPLOY, alias=check_name("alias", alias), rollout=rollout and check_plan(rollout),
@@ -36,12 +38,22 @@ class Target:
                    strategy: Strategy = "beside", batch: str = "1") -> Target:
         if version < 1:
             raise InvalidInput(f"version {version} is not a model version", "versions are numbered from 1")
+        check_strategy(strategy, batch)
         return cls(Kind.REVERT, version=version, force=force, rollout=rollout and check_plan(rollout),
                    strategy=strategy, batch=batch)
 
     @property
     def label(self) -> str:
         return f"@{self.alias}" if self.alias is not None else f"v{self.version}"
+
+
+def check_strategy(strategy: Strategy, batch: str) -> None:
+    """A batch is a rolling deploy's: refused with any other strategy, and refused unless it reads as one,
+    before anything runs (how many replicas it leaves serving is checked once they are known)."""
+    if strategy != "rolling" and batch != "1":
+        raise InvalidInput(f"--batch {batch!r} applies to rolling deploys only", "add --strategy rolling, or leave out "
+                           "--batch (a deploy beside the active version loads on every replica at once)")
+    batch_size(1, batch)
 
 
 def _per_batch(plan: RolloutPlan) -> RolloutPlan:

@@ -46,13 +46,12 @@ class Layout:
     smoke: str | None  # the smoke sample, as the artifact store names it (None: none logged)
 
     def source(self, name: str) -> str:
-        """A file of the version folder as the artifact store names it."""
-        return str(PurePosixPath(self.folder, self.version_folder, name)) if self.folder else \
-            str(PurePosixPath(self.version_folder, name))
+        """A file of the version folder as the artifact store names it (an empty folder adds nothing)."""
+        return str(PurePosixPath(self.folder, self.version_folder, name))
 
     @property
     def config(self) -> str:
-        return str(PurePosixPath(self.folder, CONFIG)) if self.folder else CONFIG
+        return str(PurePosixPath(self.folder, CONFIG))
 
 
 def is_directory(sizes: dict[str, int]) -> bool:
@@ -114,7 +113,7 @@ def _refuse_reserved(files: dict[str, int]) -> None:
     clashes = sorted(name for name in files if name in _RESERVED)
     if clashes:
         raise StepFailed(Step.MATERIALIZE, f"the version folder holds {', '.join(clashes)}, a name ferry writes there",
-                         "rename the file (smoke.json belongs beside MLmodel, not in the version folder)")
+                         "rename the file (smoke.json belongs beside config.pbtxt, not in the version folder)")
     cached = sorted(name for name in files if "__pycache__" in PurePosixPath(name).parts or name.endswith(".pyc"))
     if cached:
         raise StepFailed(Step.MATERIALIZE, f"the version folder holds compiled Python ({cached[0]})",
@@ -149,8 +148,7 @@ def download_version(artifacts: Artifacts, where: Layout, staging: Path) -> dict
 
     with ThreadPoolExecutor(min(_DOWNLOADS, max(1, len(names)))) as pool:
         digests = dict(zip(names, pool.map(fetch, names), strict=True))
-    root = scratch / where.folder / where.version_folder if where.folder else scratch / where.version_folder
-    for entry in root.iterdir():
+    for entry in (scratch / where.folder / where.version_folder).iterdir():
         os.rename(entry, staging / entry.name)
     shutil.rmtree(scratch)
     _compile_sources(staging)
