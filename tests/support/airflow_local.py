@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DAG_ID = "mlflow_to_triton_deploy"
 MIGRATE_TIMEOUT_S = 120.0
 START_TIMEOUT_S = 120.0
-REQUEST_TIMEOUT_S = 10.0
+REQUEST_TIMEOUT_S = 30.0
 FINISHED = ("success", "failed")
 COMPONENTS = {  # the three processes, each with the arguments production would give it
     "api-server": lambda port: ["api-server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
@@ -194,10 +194,15 @@ class LocalAirflow:
 
 
 def wait_for(what: str, probe: Callable[[], Any], timeout_s: float, every_s: float = 0.2) -> Any:
-    """The first answer of ``probe`` that is not None; TimeoutError naming ``what`` when time runs out."""
+    """The first answer of ``probe`` that is not None; TimeoutError naming ``what`` when time runs out.
+    A probe's read that timed out (the API server of a loaded machine) counts as no answer yet."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if (answer := probe()) is not None:
+        try:
+            answer = probe()
+        except httpx.TimeoutException:
+            answer = None
+        if answer is not None:
             return answer
         time.sleep(every_s)
     raise TimeoutError(f"waited {timeout_s:g} s for {what}")
