@@ -89,6 +89,15 @@ def test_a_config_change_is_committed_and_rolled_back_with_its_version(flavor: T
     assert_flavor_invariants(flavor, attempts=4)
 
 
+def serving_with_batching(world: TritonWorld) -> None:
+    """What the tests after the first start from (and make themselves when xdist runs them on another worker):
+    a version with Triton's batching committed."""
+    current = read_current(world.model_dir)
+    if current is None or "max_batch_size: 8" not in (world.model_dir.read_config_text() or ""):
+        world.register_triton(batching=True)
+        assert world.deploy().outcome == "committed"
+
+
 BROKEN = [
     ("init-raises", "load", "weights.npz holds coef"),
     ("bad-backend", "load", "onnxruntime"),
@@ -100,6 +109,7 @@ BROKEN = [
 @pytest.mark.parametrize(("breakage", "step", "message"), BROKEN)
 def test_a_broken_version_fails_at_its_step_and_v2_keeps_its_config(flavor: TritonWorld, breakage: str, step: str,
                                                                     message: str) -> None:
+    serving_with_batching(flavor)
     attempts = len(read_history(flavor.model_dir)) + 1
     active = read_current(flavor.model_dir).active_version
     broken = flavor.register_triton(breakage, batching=True)
@@ -113,12 +123,16 @@ def test_a_broken_version_fails_at_its_step_and_v2_keeps_its_config(flavor: Trit
     record = read_history(flavor.model_dir)[-1]
     assert record["version"] == broken and record["failed_step"] == step and "\n" not in record["error"]
     for folder in report.rollback.quarantined:
-        reason = json.loads((flavor.model_dir.quarantine_root / folder.rsplit("/", 1)[1] / "reason.json").read_text())
+        kept = flavor.model_dir.quarantine_root / folder.rsplit("/", 1)[1]
+        reason = json.loads((kept / "reason.json").read_text())
         assert message in (reason.get("detail") or "") + reason["error"]
+        manifest = json.loads((kept / "ferry.json").read_text())  # the config it brought is kept for analysis
+        assert manifest["version"] == broken and manifest["config_pbtxt"], manifest
     assert_flavor_invariants(flavor, attempts=attempts)
 
 
 def test_a_signature_change_asked_for_is_committed_and_rolled_back(flavor: TritonWorld) -> None:
+    serving_with_batching(flavor)
     attempts = len(read_history(flavor.model_dir))
     renamed = flavor.register_triton("rename-output", batching=True)
     asked = flavor.cli("deploy", MODEL, "--alias", "champion", "--allow-signature-change")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from filelock import FileLock
 
+from ferry.core import failure_text
 from ferry.core.current import read_current, read_history
 from ferry.core.errors import Busy, Misconfigured, NoSuchModel, Unavailable
 from ferry.core.journal import read_journal
@@ -107,6 +108,22 @@ def test_the_active_version_not_served_is_proven_and_served_again(bench: Bench) 
     bench.check_invariants(attempts=2)
 
 
+@pytest.mark.parametrize(("message", "reason"), [  # as the pip server (Triton 2.51) words them
+    ("Triton refused loading 'iris_py.versions.3': load failed for model 'iris_py.versions.3': version 3 is at "
+     "UNAVAILABLE state: Internal: ValueError: weights.npz holds coef [3, 5]",
+     "ValueError: weights.npz holds coef [3, 5]"),
+    ("Triton refused loading 'iris_py.versions.4': load failed for model 'iris_py.versions.4': version 4 is at "
+     "UNAVAILABLE state: Invalid argument: unable to find backend library for backend 'onnxruntime', try specifying "
+     "runtime on the model configuration.;", "the server has no backend 'onnxruntime'"),
+    ("Triton refused loading 'e.versions.2': load failed for model 'e.versions.2': ensemble 'e.versions.2' depends "
+     "on 'b.versions.2' whose required version 2 is not loaded.",
+     "ensemble 'e.versions.2' depends on 'b.versions.2' whose required version 2 is not loaded."),
+    ("something else entirely", "something else entirely"),
+])
+def test_a_load_failure_gives_tritons_reason_once(message: str, reason: str) -> None:
+    assert failure_text.load_reason(message) == reason
+
+
 @pytest.mark.parametrize(("fault", "step", "message"), [
     ("load", "load", "Triton could not load v2"),
     ("hang", "load", "timed out"),
@@ -128,6 +145,7 @@ def test_a_failing_candidate_is_rolled_back_and_quarantined(bench: Bench, fault:
     report = bench.deploy()
     assert (report.outcome, report.failed_step) == (Outcome.ROLLED_BACK, step)
     assert message in report.error and "\n" not in report.error
+    assert report.hint, "every failure says what to do"
     assert bench.model_dir.current_path.read_bytes() == before
     [quarantined] = report.rollback.quarantined
     reason = QuarantineReason.model_validate_json((bench.model_dir.quarantine_root / quarantined / "reason.json")

@@ -119,6 +119,8 @@ def explain_rollback(report: DeployReport) -> None:
     from ferry.core.summary import failure_reason
 
     err.print(f"[red]{escape(failure_reason(report, with_problems=False))}[/red]")
+    if report.hint:
+        err.print(f"  hint: {escape(report.hint)}")
     for problem in report.rollback.problems if report.rollback else []:
         err.print(f"  rollback problem: {escape(problem)}")
 

@@ -65,8 +65,8 @@ class Runner(Baking):
         model that MLflow does not know leaves nothing behind, not even a record.
         """
         fresh = not self.model_dir.exists()
-        if target.kind == Kind.DEPLOY:
-            self.ferry.start_registry()  # MLflow's client starts while the snapshot runs
+        if target.kind == Kind.DEPLOY or self.ferry.settings.serving_alias:
+            self.ferry.start_registry()  # MLflow's client starts while the snapshot runs (the write-back needs it too)
         try:
             with holding(self.model_dir, self.ferry.settings.lock_wait_s):
                 journal = self.begin(target)

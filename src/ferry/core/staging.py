@@ -136,9 +136,6 @@ def stage(ferry: Services, model_dir: ModelDir, ref: VersionRef, snapshot: Snaps
         else:
             config, size, digest = _fill_staging(ferry, artifacts, model_dir, staging, snapshot, sizes)
             files = {}
-        check_signature(model_dir, snapshot, config, ref.version, allow_signature_change)
-        if (staging / SMOKE_FILE).exists():
-            _check_sample(staging / SMOKE_FILE, config)
         config_text = to_pbtxt(config)
         manifest = Manifest(
             model=ref.model, version=ref.version, run_id=ref.run_id, source=ref.source, sha256=digest,
@@ -146,7 +143,11 @@ def stage(ferry: Services, model_dir: ModelDir, ref: VersionRef, snapshot: Snaps
             flavor="triton" if directory else "onnx", config_pbtxt=config_text,
             config_sha256=config_digest(config_text), files=files,
         )
+        # Before the checks: a version refused by them is quarantined with the config it brought.
         atomic_write(staging / MANIFEST, manifest.model_dump_json(indent=1).encode())
+        check_signature(model_dir, snapshot, config, ref.version, allow_signature_change)
+        if (staging / SMOKE_FILE).exists():
+            _check_sample(staging / SMOKE_FILE, config)
     except FerryError as error:
         if not_the_versions_fault(error):
             model_dir.discard_staging(staging)  # ferry's setup, or MLflow or its store stopped answering: keep none

@@ -8,7 +8,6 @@ timing, history) for the CLI, the DAG and ``ferry recover`` alike. A step that f
 from __future__ import annotations
 
 import datetime as dt
-import re
 import time
 import uuid
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from ferry.core.errors import (
     TritonTimeout,
     not_the_versions_fault,
 )
+from ferry.core.failure_text import SMOKE_HINT, load_hint, load_reason
 from ferry.core.fleet import Fleet
 from ferry.core.front import disk_config, store_config, store_name
 from ferry.core.model_config import (
@@ -57,7 +57,7 @@ from ferry.core.stubs import stop_stubs_of
 from ferry.core.triton import Triton, placement
 
 T = TypeVar("T")
-_OUT_OF_MEMORY = re.compile(r"out of memory|outofmemory|cannot allocate memory|\bOOM\b", re.IGNORECASE)
+
 
 
 def as_step_failure(step: Step, error: BaseException) -> StepFailed:
@@ -199,16 +199,9 @@ def _load_on(triton: Triton, model: str, config_json: str, candidate: Candidate)
         raise StepFailed(Step.LOAD, f"load of v{candidate.version} timed out: {error.message}",
                          "a backend that cannot start hangs the load; see the Triton log") from error
     except TritonError as error:
-        hint = error.hint
-        if _out_of_memory(error):
-            hint = ("there is no room for the candidate beside the active version: deploy with --strategy rolling "
-                    "(each replica swaps versions, never holding both)")
-        raise StepFailed(Step.LOAD, f"Triton could not load v{candidate.version}: {error.message}",
-                         hint, retryable=error.retryable, detail=error.detail) from error
-
-
-def _out_of_memory(error: TritonError) -> bool:
-    return bool(_OUT_OF_MEMORY.search(f"{error.message} {error.detail}"))
+        reason = load_reason(error.message)
+        raise StepFailed(Step.LOAD, f"Triton could not load v{candidate.version}: {reason}", load_hint(error),
+                         retryable=error.retryable, detail=error.detail or error.message) from error
 
 
 def wait_ready(ferry: Services, snapshot: Snapshot, candidate: Candidate) -> None:
@@ -230,7 +223,8 @@ def _wait_ready_on(triton: Triton, model: str, version: int, timeout_s: float) -
         if time.monotonic() > deadline:
             states = {v.version: f"{v.state} {v.reason}".strip() for v in triton.versions(model)}
             raise StepFailed(Step.READY, f"v{version} not ready after {timeout_s:g} s: "
-                             f"{states.get(version, 'unknown to Triton')}")
+                             f"{states.get(version, 'unknown to Triton')}",
+                             "a model that needs longer to start: raise FERRY_READY_TIMEOUT_S; else see the Triton log")
         time.sleep(0.05)
 
 
@@ -259,10 +253,12 @@ def smoke_check(ferry: Services, snapshot: Snapshot,
                                    sample.inputs, datatypes)
         except TritonError as error:
             raise StepFailed(Step.SMOKE, f"inference on v{candidate.version} failed: {error.message}",
-                             detail=error.detail) from error
+                             error.hint or "the version loads but cannot answer its smoke sample: fix the version "
+                             "(or its smoke.json) and register it again", detail=error.detail) from error
         problems = output_problems(signature, outputs, sample.golden, rtol, atol)
         if problems:
-            raise StepFailed(Step.SMOKE, "; ".join(problems))
+            raise StepFailed(Step.SMOKE, "; ".join(problems), SMOKE_HINT if sample.golden is not None else
+                             "the version's outputs do not fit its config: fix the model or its config.pbtxt")
         return {name: list(v.shape) for name, v in outputs.items()}
 
     return smoke_on, sample.golden is not None
