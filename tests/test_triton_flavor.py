@@ -75,6 +75,9 @@ def test_a_config_change_is_committed_and_rolled_back_with_its_version(flavor: T
     assert store["max_batch_size"] == 8 and instances(store) == 2 and "dynamic_batching" in store
     assert "max_batch_size: 8" in (flavor.model_dir.read_config_text() or "")
     assert_flavor_invariants(flavor, attempts=2)
+    diff = flavor.cli("diff", MODEL, "1", "2")
+    assert diff.returncode == 0, diff.stderr
+    assert "+max_batch_size: 8" in diff.stdout and "compatible: v2 keeps the inputs and outputs" in diff.stdout
 
     back = flavor.cli("rollback", MODEL)
     assert back.returncode == 0, back.stderr
@@ -135,13 +138,18 @@ def test_a_signature_change_asked_for_is_committed_and_rolled_back(flavor: Trito
     serving_with_batching(flavor)
     attempts = len(read_history(flavor.model_dir))
     renamed = flavor.register_triton("rename-output", batching=True)
+    served = read_current(flavor.model_dir).active_version
     asked = flavor.cli("deploy", MODEL, "--alias", "champion", "--allow-signature-change")
     assert asked.returncode == 0, asked.stderr
     assert read_current(flavor.model_dir).active_version == renamed
     assert [o["name"] for o in triton_config(flavor, MODEL)["output"]] == ["probability"]
     assert_flavor_invariants(flavor, attempts=attempts + 1)
+    diff = flavor.cli("diff", MODEL, str(served), str(renamed))
+    assert diff.returncode == 0, diff.stderr
+    assert "breaks clients" in diff.stdout and "probabilit" in diff.stdout and "compatible" not in diff.stdout
     back = flavor.cli("rollback", MODEL)
     assert back.returncode == 0, back.stderr
+    assert f"has another signature than v{renamed}" in back.stderr, back.stderr
     assert [o["name"] for o in triton_config(flavor, MODEL)["output"]] == ["probabilities"]
     assert_flavor_invariants(flavor, attempts=attempts + 2)
 

@@ -38,6 +38,9 @@ def diff_command(
         out.print(escape(line), style=style)
     for problem in change.signature_changes:
         out.print(f"breaks clients: {escape(problem)} (deploying it needs --allow-signature-change)", style="red")
+    if not change.signature_changes:
+        out.print(f"compatible: v{second} keeps the inputs and outputs of v{first}, so clients are not affected "
+                  "(the configs are shown as Triton reads them, normalized)")
 
 
 def register(app: typer.Typer) -> None:

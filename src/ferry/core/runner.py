@@ -190,6 +190,9 @@ class Runner(Baking):
         if candidate.already_active:
             done = "proven and served again" if candidate.revalidate else "nothing to do"
             report.warnings.insert(0, f"v{candidate.version} is already active: {done}")
+        elif record.kind == Kind.REVERT and (changes := steps.signature_crossed(self.ferry, snapshot, candidate)):
+            report.warnings.append(f"v{candidate.version} has another signature than v{snapshot.active_version} "
+                                   f"had ({'; '.join(changes)}): clients built for v{snapshot.active_version} break")
         return self._close(journal, report)
 
     def undo(self, journal: Journal, recovered_by: str | None = None) -> DeployReport:

@@ -30,6 +30,7 @@ from ferry.core.model_config import (
     config_digest,
     config_signature,
     from_pbtxt,
+    signature_changes,
     to_override_json,
 )
 from ferry.core.placement import (
@@ -156,6 +157,12 @@ def materialize(ferry: Services, snapshot: Snapshot, alias: str | None = None, v
 
 def _served_by_replica(snapshot: Snapshot) -> list[list[int]]:
     return list(snapshot.replicas.values()) if snapshot.replicas else [snapshot.triton_ready]
+
+
+def signature_crossed(ferry: Services, snapshot: Snapshot, candidate: Candidate) -> list[str]:
+    """How the candidate's inputs and outputs differ from the active version's (a rollback may cross them)."""
+    active = staging.active_config(ferry.model_dir(snapshot.model), snapshot)
+    return signature_changes(active, from_pbtxt(candidate.config_pbtxt)) if active is not None else []
 
 
 def needs_validation(candidate: Candidate) -> bool:
