@@ -166,6 +166,7 @@ def test_rollback_to_an_earlier_version_goes_through_validation(world: World) ->
 def test_commit_and_rollback_keep_the_running_instances(world: World) -> None:
     """The instance that passed smoke is the one production gets; a rollback does not restart the active one."""
     from ferry.core import steps
+    from ferry.core import undo as undoing
     from ferry.core.stubs import stubs_of
 
     world.register()
@@ -188,7 +189,7 @@ def test_commit_and_rollback_keep_the_running_instances(world: World) -> None:
     active = stubs_of(world.model_dir.version_dir(2))
     with pytest.raises(steps.StepFailed) as failure:
         steps.smoke(world.ferry, snapshot, candidate)
-    report = steps.undo(world.ferry, snapshot, steps.failure_of(failure.value), candidate.version)
+    report = undoing.undo(world.ferry, snapshot, steps.failure_of(failure.value), candidate.version)
     assert report.verified and report.serving == [2]
     assert stubs_of(world.model_dir.version_dir(2)) == active
 

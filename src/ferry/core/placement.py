@@ -10,7 +10,8 @@ from ferry.core.errors import FerryError, TritonError
 from ferry.core.fleet import Fleet
 from ferry.core.front import disk_config, front_config, front_files, legacy_store_name, store_config, store_name
 from ferry.core.model_config import from_pbtxt, model_config_pb2, to_override_json
-from ferry.core.records import Candidate, CurrentState, Snapshot, parse_utc_stamp, utc_stamp
+from ferry.core.records import Candidate, CurrentState, ReleaseMember, Snapshot, parse_utc_stamp, utc_stamp
+from ferry.core.release import MemberKey, MemberStore, entry_store_config, member_stores
 from ferry.core.repository import ModelDir
 from ferry.core.triton import Placement, Triton
 
@@ -29,24 +30,27 @@ def loaded_after_load(snapshot: Snapshot, candidate: Candidate) -> Loaded | None
 
 
 def pin_after_commit(model_dir: ModelDir, candidate: Candidate, fleet: Fleet, warm: int | None = None,
-                     loaded: Loaded | None = None) -> list[str]:
+                     loaded: Loaded | None = None, stale: list[MemberKey] | None = None) -> list[str]:
     """After the commit point a failure is drift for reconcile to repair, never a reason to un-commit."""
-    failed = pin(model_dir, candidate.config_pbtxt, candidate.version, fleet, warm, loaded)
+    failed = pin(model_dir, candidate.config_pbtxt, candidate.version, fleet, warm, loaded, candidate.members, stale)
     where = "replica {}".format if len(fleet.replicas) > 1 else (lambda url: "Triton")
     return [f"committed v{candidate.version}, but pinning {where(url)} to it failed: {error} "
             "(drift: run `ferry reconcile`)" for url, error in failed.items()]
 
 
 def pin(model_dir: ModelDir, config_pbtxt: str, version: int, fleet: Fleet, warm: int | None = None,
-        loaded: Loaded | None = None) -> dict[str, FerryError]:
+        loaded: Loaded | None = None, members: list[ReleaseMember] | None = None,
+        stale: list[MemberKey] | None = None) -> dict[str, FerryError]:
     """Make every replica's front serve ``version`` (under ``config_pbtxt``) and hold its store alone (and
     ``warm``'s, the previous version kept loaded); then config.pbtxt says so. ``loaded``: the stores each
     replica held until now, unloaded once the front is repointed unless kept (None: looked up on each
-    replica). The replicas that failed, with why; never raises (after a commit point, a failure is drift,
-    not a reason to un-commit)."""
+    replica). ``members``: a release's, loaded first; ``stale``: member stores to unload after the front.
+    The replicas that failed, with why; never raises (after a commit point, a failure is drift, not a reason
+    to un-commit)."""
     try:
         config = from_pbtxt(config_pbtxt)
         model_dir.ensure_store_link(version)
+        stores = member_stores(model_dir, members or [])
     except (FerryError, OSError, ValueError) as error:
         return {str(model_dir.path): FerryError(f"cannot serve v{version} of '{model_dir.model}': {error}")}
     keep = sorted({version} | ({warm} if warm is not None else set()))
@@ -54,7 +58,7 @@ def pin(model_dir: ModelDir, config_pbtxt: str, version: int, fleet: Fleet, warm
 
     def serve_on(triton: Triton) -> None:
         serve(triton, model_dir.model, config, version, keep, None if loaded is None else loaded.get(triton.url),
-              legacy)
+              legacy, stores, stale or [])
 
     results = fleet.settled(serve_on)
     failed: dict[str, FerryError] = {url: r for url, r in results.items() if isinstance(r, FerryError)}
@@ -68,24 +72,44 @@ def pin(model_dir: ModelDir, config_pbtxt: str, version: int, fleet: Fleet, warm
 
 
 def serve(triton: Triton, model: str, config: model_config_pb2.ModelConfig, version: int, keep: list[int],
-          loaded: list[int] | None = None, legacy: bool = False) -> None:
+          loaded: list[int] | None = None, legacy: bool = False, members: list[MemberStore] | None = None,
+          stale: list[MemberKey] | None = None) -> None:
     """Point ``model``'s front at ``version`` and leave loaded the stores of ``keep`` (which includes it) alone.
 
     The store of ``version`` is loaded first (an in-place update when it is loaded already), so that the front,
     whose load makes Triton poll that store, finds it current; the front is repointed; only then are the other
     stores in ``loaded`` unloaded (Triton drains them). ``loaded`` None: what this replica holds, from its
     repository index (reconcile and undo, whose replicas may each be astray in their own way). ``legacy``:
-    unload the one store earlier releases of ferry loaded, too."""
+    unload the one store earlier releases of ferry loaded, too. ``members``: a release's member stores,
+    loaded before its entry's store (:mod:`ferry.core.release`); ``stale``: member stores unloaded last."""
     if loaded is None:
         where = triton.placement(model)
         loaded, legacy = where.store, legacy or bool(where.legacy)
-    triton.load(store_name(model, version), to_override_json(store_config(config, model, version)))
+    load_store(triton, model, config, version, members or [])
     triton.load(model, to_override_json(front_config(config, model, version)), front_files(model, version))
     for old in sorted(set(loaded) - set(keep)):
         triton.unload(store_name(model, old))
     if legacy:
         with contextlib.suppress(TritonError):  # Triton refuses to unload a model it does not have
             triton.unload(legacy_store_name(model))
+    unload_members(triton, stale or [])
+
+
+def unload_members(triton: Triton, stale: list[MemberKey]) -> None:
+    """Unload member stores no committed release pins any more (after the front that used them moved)."""
+    for member, version in stale:
+        with contextlib.suppress(TritonError):  # not loaded there (a replica that restarted): nothing to drain
+            triton.unload(store_name(member, version))
+
+
+def load_store(triton: Triton, model: str, config: model_config_pb2.ModelConfig, version: int,
+               members: list[MemberStore]) -> None:
+    """Load version ``version``'s store under its config; a release's member stores first, then its entry's
+    store with its steps sent to them."""
+    for member in members:
+        triton.load(member.name, member.override())
+    pinned = entry_store_config(config, model, version, members) if members else store_config(config, model, version)
+    triton.load(store_name(model, version), to_override_json(pinned))
 
 
 def retire(triton: Triton, model: str) -> None:
@@ -103,15 +127,23 @@ def retire(triton: Triton, model: str) -> None:
         raise refused
 
 
-def serve_only_active(fleet: Fleet, snapshot: Snapshot) -> None:
+def serve_only_active(fleet: Fleet, snapshot: Snapshot, model_dir: ModelDir,
+                      stale: list[MemberKey] | None = None) -> None:
     """Every replica back to the active version alone (or to nothing); raises if any replica refused.
-    config.pbtxt holds the active version's config (the commit wrote it; the undo restored it first)."""
+    config.pbtxt holds the active version's config (the commit wrote it; the undo restored it first).
+    ``stale``: the member stores a failed release loaded, unloaded last."""
+    def retire_all(triton: Triton) -> None:
+        retire(triton, snapshot.model)
+        unload_members(triton, stale or [])
+
     if snapshot.current is None:
-        fleet.each(lambda triton: retire(triton, snapshot.model))
+        fleet.each(retire_all)
     else:
         config = from_pbtxt(snapshot.config_text or "")
         active = snapshot.current.active_version
-        fleet.each(lambda triton: serve(triton, snapshot.model, config, active, [active]))
+        members = member_stores(model_dir, snapshot.current.members)
+        fleet.each(lambda triton: serve(triton, snapshot.model, config, active, [active], None, False, members,
+                                        stale))
 
 
 def wait_serving(fleet: Fleet, model: str, wanted: list[int], timeout_s: float = 5.0,

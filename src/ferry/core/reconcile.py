@@ -13,9 +13,10 @@ from ferry.core.journal import read_journal
 from ferry.core.lock import holding
 from ferry.core.model_config import to_pbtxt
 from ferry.core.placement import held_versions, pin, retire, serving_problems, wait_serving
+from ferry.core.release import missing_members, release_of
 from ferry.core.repository import ModelDir
 from ferry.core.services import Services
-from ferry.core.triton import Placement
+from ferry.core.triton import Placement, RepositoryIndex, placement
 
 Action = Literal["in place", "loaded", "unloaded", "skipped", "failed"]
 
@@ -53,15 +54,24 @@ def reconcile(ferry: Services, model: str) -> Reconciled:
 
 def _reconcile(ferry: Services, model_dir: ModelDir) -> Reconciled:
     current = read_current(model_dir)
+    if current is None and (releases := release_of(model_dir, model_dir.model)):
+        return Reconciled(model=model_dir.model, active_version=None, action="in place",
+                          detail=f"a member of {releases}: reconciled with its release")
     version = current.active_version if current else None
     wanted = [version] if version is not None else []
     held = held_versions(current)
+    members = current.members if current else []
     fleet = ferry.fleet()
-    placements = fleet.settled(lambda triton: triton.placement(model_dir.model))
+    indexes = fleet.settled(lambda triton: triton.index())
+    placements: dict[str, Placement | FerryError] = {
+        url: index if isinstance(index, FerryError) else placement(index, model_dir.model)
+        for url, index in indexes.items()}
     states: dict[str, list[int] | FerryError] = {
         url: where.serving if isinstance(where, Placement) else where for url, where in placements.items()}
-    # Unreachable replicas are astray too; a warm previous version past its window makes a replica astray.
-    astray = Fleet([r for r in fleet.replicas if not _in_place(placements[r.url], wanted, held)])
+    # Unreachable replicas are astray too; a warm previous version past its window makes a replica astray, and
+    # so does a member store of the committed release that a replica lacks.
+    astray = Fleet([r for r in fleet.replicas if not _in_place(placements[r.url], wanted, held)
+                    or (members and missing_members(_index_of(indexes[r.url]), members))])
     pinned = version is None or _pinned(model_dir, wanted, held)
     if not astray.replicas and pinned:
         return _result(model_dir, version, "in place", states, wanted)
@@ -78,10 +88,14 @@ def _reconcile(ferry: Services, model_dir: ModelDir) -> Reconciled:
     # Only the replicas that differ are loaded: a replica in place keeps its running instance.
     target = astray if astray.replicas else fleet
     warm = next((v for v in held if v != version), None)
-    failed = pin(model_dir, to_pbtxt(config), version, target, warm)
+    failed = pin(model_dir, to_pbtxt(config), version, target, warm, members=members)
     _, after = wait_serving(target, model_dir.model, wanted, timeout_s=ferry.settings.ready_timeout_s,
                             held=held)
     return _result(model_dir, version, "loaded", {**states, **after, **failed}, wanted)
+
+
+def _index_of(index: RepositoryIndex | FerryError) -> RepositoryIndex:
+    return {} if isinstance(index, FerryError) else index
 
 
 def _in_place(where: Placement | FerryError, wanted: list[int], held: list[int]) -> bool:

@@ -61,6 +61,20 @@ Strategy = Literal["beside", "rolling"]  # the candidate loaded beside the activ
 Via = Literal["cli", "airflow", "mlflow"]  # who runs a deploy: the CLI, the DAG's tasks, the MLflow plugin
 
 
+class ReleaseMember(BaseModel):
+    """One model of a release (ferry.core.release): the version of it the release's entry model pins."""
+
+    model: str
+    version: int
+    run_id: str = ""
+    sha256: str = ""
+    config_sha256: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} v{self.version}"
+
+
 class CurrentState(BaseModel):
     active_version: int
     run_id: str
@@ -72,6 +86,7 @@ class CurrentState(BaseModel):
     deploy_id: str
     previous_warm_until_utc: str | None = None  # previous_version stays loaded, reachable by nothing, until then
     config_sha256: str | None = None  # of the config the active version runs under (None: written before configs)
+    members: list[ReleaseMember] = []  # a release: the exact version of every model the active version pins
 
 
 class Manifest(BaseModel):
@@ -92,6 +107,7 @@ class Manifest(BaseModel):
     config_pbtxt: str = ""  # the config the version runs under, without version policy ("": the model's own)
     config_sha256: str = ""
     files: dict[str, str] = {}  # every staged file (relative path) -> its sha256 (the triton flavor)
+    members: list[ReleaseMember] = []  # an entry model: the release it is, fixed at its first staging
 
 
 class QuarantineReason(BaseModel):
@@ -142,6 +158,7 @@ class Candidate(BaseModel):
     revalidate: bool = False  # the active version, which Triton did not serve: proven and pinned again
     warm: bool = False  # the previous version, still loaded on every replica: served again without a load
     rolled: bool = False  # swapped in replica by replica (a rolling deploy): each replica holds it alone
+    members: list[ReleaseMember] = []  # a release: the versions of the models it pins, loaded and proven with it
 
 
 class Failure(BaseModel):
@@ -251,6 +268,7 @@ class DeployReport(BaseModel):
     config_sha256: str | None = None  # of the config the candidate runs under
     config_changed: bool = False  # the candidate's config differs from the one served before (ferry diff shows how)
     strategy: Strategy = "beside"  # rolling: the swapped replicas answered as the candidate before the commit
+    members: list[ReleaseMember] = []  # a release: every member's version, committed or undone with it
 
     @property
     def ok(self) -> bool:

@@ -16,15 +16,17 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 from ferry.core.current import read_current
-from ferry.core.errors import FerryError
+from ferry.core.errors import FerryError, InvalidInput
 from ferry.core.fsutil import atomic_write, fsync_dir
 from ferry.core.journal import read_journal, unfinished_error
 from ferry.core.lock import current_user, holding
 from ferry.core.placement import retire as retire_from
-from ferry.core.placement import serving_problems, wait_serving
+from ferry.core.placement import serving_problems, unload_members, wait_serving
 from ferry.core.records import CurrentState, utc_stamp
+from ferry.core.release import MemberKey, release_of, stale_stores
 from ferry.core.repository import ModelDir
 from ferry.core.services import Services
+from ferry.core.triton import Triton
 
 RETIRED_DIR = "retired"
 
@@ -63,12 +65,15 @@ def retire(ferry: Services, model: str) -> Retired:
         if journal is not None:
             raise unfinished_error(model_dir, journal)
         current = read_current(model_dir)  # a damaged file is refused: restore it first, then retire
+        if current is None and (releases := release_of(model_dir, model)):
+            raise InvalidInput(f"'{model}' is a member of the release {releases}, which serves it",
+                               "retire the release's entry model first (its members go with it)")
         kept = _keep(model_dir, current) if current is not None else None
         if current is not None:
             model_dir.current_path.unlink()
             fsync_dir(model_dir.state_dir)
         retired = Retired(model=model, version=current.active_version if current else None, kept_at=kept)
-        _unload(ferry, retired)
+        _unload(ferry, retired, stale_stores(model_dir, model, current.members, []) if current else [])
         return retired
 
 
@@ -86,8 +91,9 @@ def _keep(model_dir: ModelDir, current: CurrentState) -> str:
     return str(path)
 
 
-def _unload(ferry: Services, retired: Retired) -> None:
-    """After the commit point: no replica serves the model any more, or the warnings say how to repair it."""
+def _unload(ferry: Services, retired: Retired, members: list[MemberKey]) -> None:
+    """After the commit point: no replica serves the model any more (nor the member stores of its release
+    that nothing else pins), or the warnings say how to repair it."""
     model = retired.model
     try:
         fleet = ferry.fleet()
@@ -95,7 +101,11 @@ def _unload(ferry: Services, retired: Retired) -> None:
         retired.warnings.append(f"nothing is committed for '{model}' any more, but its replicas are unknown: {error} "
                                 f"(run `ferry reconcile {model}`)")
         return
-    unloaded = fleet.settled(lambda triton: retire_from(triton, model))
+    def unload(triton: Triton) -> None:
+        retire_from(triton, model)
+        unload_members(triton, members)
+
+    unloaded = fleet.settled(unload)
     _, states = wait_serving(fleet, model, [])
     # A refused unload matters only where the model still serves (Triton refuses to unload a model it never had).
     states.update({url: error for url, error in unloaded.items() if isinstance(error, FerryError) and states[url]})

@@ -40,6 +40,10 @@ def check_can_roll(snapshot: Snapshot, batch: str) -> None:
     if snapshot.active_version is None:
         raise InvalidInput(f"'{snapshot.model}' has no active version to roll from",
                            "deploy its first version beside nothing (leave out --strategy rolling)")
+    if snapshot.current is not None and snapshot.current.members:
+        raise InvalidInput(f"'{snapshot.model}' is a release, and a release is switched beside what serves, never "
+                           "replica by replica (a replica would answer with another release than its neighbour)",
+                           "deploy it without --strategy rolling")
     batches(snapshot.replica_urls or [], batch)
 
 
@@ -79,6 +83,9 @@ def roll(ferry: Services, journal: Journal, candidate: Candidate, prove: Prove,
     record = journal.record
     snapshot = record.snapshot
     assert snapshot is not None and snapshot.active_version is not None, "a rolling deploy replaces an active version"
+    if candidate.members:
+        raise StepFailed(Step.LOAD, f"v{candidate.version} is a release, which is switched beside what serves, "
+                         "never replica by replica", "deploy it without --strategy rolling")
     model_dir = ferry.model_dir(snapshot.model)
     fleet = ferry.fleet(snapshot.replica_urls)
     config = from_pbtxt(candidate.config_pbtxt)

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ferry.core import placement, rolling, steps, writeback
+from ferry.core import undo as undoing
 from ferry.core.baking import Baking
 from ferry.core.current import append_history, find_attempt, read_attempts, read_current
 from ferry.core.errors import Busy, FerryError, InvalidInput, NoSuchModel, StepFailed, unreachable
@@ -211,7 +212,7 @@ class Runner(Baking):
         journal.update(step=Step.ROLLBACK, failure=failure)
         self.emit(Step.ROLLBACK, "start", 0.0, "")
         began = time.perf_counter()
-        undone = steps.undo(self.ferry, snapshot, failure, staged, record.swapped, record.batch)
+        undone = undoing.undo(self.ferry, snapshot, failure, staged, record.swapped, record.batch)
         record.steps[Step.ROLLBACK] = round(time.perf_counter() - began, 4)
         detail = "; ".join(undone.problems) or f"serving {undone.serving or 'nothing'}"
         self.emit(Step.ROLLBACK, "ok" if undone.verified else "failed", record.steps[Step.ROLLBACK], detail)
@@ -361,7 +362,7 @@ class Runner(Baking):
             version=candidate.version if candidate else None, run_id=candidate.run_id if candidate else None,
             previous_version=snapshot.active_version if snapshot else None,
             config_sha256=config, config_changed=config is not None and before is not None and config != before,
-            strategy=record.strategy,
+            strategy=record.strategy, members=candidate.members if candidate else [],
         )
 
     def _close(self, journal: Journal, report: DeployReport) -> DeployReport:

@@ -8,13 +8,14 @@ timing, history) for the CLI, the DAG and ``ferry recover`` alike. A step that f
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import time
 import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from ferry.core import rolling, staging
-from ferry.core.current import read_current, restore_current, write_current
+from ferry.core import release, staging
+from ferry.core.current import read_current, write_current
 from ferry.core.errors import (
     FerryError,
     InvalidInput,
@@ -25,27 +26,23 @@ from ferry.core.errors import (
 )
 from ferry.core.failure_text import SMOKE_HINT, load_hint, load_reason
 from ferry.core.fleet import Fleet
-from ferry.core.front import disk_config, store_config, store_name
+from ferry.core.front import disk_config, store_name
 from ferry.core.model_config import (
     config_digest,
     config_signature,
     from_pbtxt,
+    model_config_pb2,
     signature_changes,
-    to_override_json,
 )
 from ferry.core.placement import (
+    load_store,
     loaded_after_load,
     pin_after_commit,
-    serve_only_active,
-    serving_problems,
-    wait_serving,
 )
 from ferry.core.records import (
     Candidate,
     CurrentState,
     Failure,
-    QuarantineReason,
-    RollbackReport,
     Snapshot,
     Step,
     utc_stamp,
@@ -54,7 +51,6 @@ from ferry.core.repository import ModelDir
 from ferry.core.rollout import remove_rollout
 from ferry.core.services import Services
 from ferry.core.smoke import SMOKE_FILE, load_sample, output_problems, synthetic_sample
-from ferry.core.stubs import stop_stubs_of
 from ferry.core.triton import Triton, placement
 
 T = TypeVar("T")
@@ -131,27 +127,39 @@ def materialize(ferry: Services, snapshot: Snapshot, alias: str | None = None, v
     it served before, with it.
     """
     model_dir = ferry.model_dir(snapshot.model)
+    if snapshot.current is None and (releases := release.release_of(model_dir, snapshot.model)):
+        raise release.ReleaseRefused(f"'{snapshot.model}' is a member of the release {releases}, which pins its "
+                                     "version", "deploy a new release of its entry model instead")
     ref = staging.resolve(ferry, model_dir, alias, version)
     if ref.version == snapshot.active_version and snapshot.current is not None:
-        return Candidate(
+        active = Candidate(
             model=ref.model, version=ref.version, run_id=ref.run_id, alias=alias, sha256=snapshot.current.sha256,
             size_bytes=0, config_pbtxt=snapshot.config_text or "", already_active=True,
             revalidate=any(served != [ref.version] for served in _served_by_replica(snapshot)),
         )
-    try:
+        return _staged(ref.version, lambda: release.with_members(ferry, snapshot, active, alias))
+    allowed = allow_signature_change or alias is None
+
+    def stage() -> Candidate:
         if staging.is_warm(snapshot, ref.version):
             return staging.warm(model_dir, ref, snapshot)
-        allowed = allow_signature_change or alias is None
         if model_dir.version_dir(ref.version).exists():
-            return staging.reuse(model_dir, ref, snapshot, allowed)
-        return staging.stage(ferry, model_dir, ref, snapshot, allowed)
-    except staging.ForeignVersion:
+            return release.with_members(ferry, snapshot, staging.reuse(model_dir, ref, snapshot, allowed), alias)
+        return release.with_members(ferry, snapshot, staging.stage(ferry, model_dir, ref, snapshot, allowed), alias)
+
+    return _staged(ref.version, stage)
+
+
+def _staged(version: int, stage: Callable[[], Candidate]) -> Candidate:
+    try:
+        return stage()
+    except (staging.ForeignVersion, release.ReleaseRefused):
         raise  # refused before anything was touched: not a failed step, nothing to roll back
     except Exception as error:  # whatever else stops a staging is a failed step, undone
         if not_the_versions_fault(error):
             raise  # stage kept nothing: rejected, not held against the version
         failure = as_step_failure(Step.MATERIALIZE, error)
-        failure.version = ref.version
+        failure.version = version
         raise failure from error
 
 
@@ -195,19 +203,28 @@ def load(ferry: Services, snapshot: Snapshot, candidate: Candidate) -> None:
         # A model not yet behind a front: without a name, config.pbtxt tells the gateways (at the commit, when
         # they read current.json again) to call the stores, where the candidate now is; the undo restores it.
         model_dir.write_config(disk_config(existing, [snapshot.active_version]))
-    override = to_override_json(store_config(config, snapshot.model, candidate.version))
-    fleet_of(ferry, snapshot).each_step(lambda triton: _load_on(triton, snapshot.model, override, candidate))
+    members = release.member_stores(model_dir, candidate.members)
+    fleet_of(ferry, snapshot).each_step(lambda triton: _load_on(triton, snapshot.model, config, candidate, members))
 
 
-def _load_on(triton: Triton, model: str, config_json: str, candidate: Candidate) -> None:
+def _load_on(triton: Triton, model: str, config: model_config_pb2.ModelConfig, candidate: Candidate,
+             members: list[release.MemberStore]) -> None:
+    """The candidate's store (a release: its members' first, each failure named by its member)."""
+    for member in members:
+        _load_one(functools.partial(triton.load, member.name, member.override()),
+                  f"member '{member.model}' v{member.version}")
+    _load_one(lambda: load_store(triton, model, config, candidate.version, members), f"v{candidate.version}")
+
+
+def _load_one(load: Callable[[], None], what: str) -> None:
     try:
-        triton.load(store_name(model, candidate.version), config_json)
+        load()
     except TritonTimeout as error:
-        raise StepFailed(Step.LOAD, f"load of v{candidate.version} timed out: {error.message}",
+        raise StepFailed(Step.LOAD, f"load of {what} timed out: {error.message}",
                          "a backend that cannot start hangs the load; see the Triton log") from error
     except TritonError as error:
         reason = load_reason(error.message)
-        raise StepFailed(Step.LOAD, f"Triton could not load v{candidate.version}: {reason}", load_hint(error),
+        raise StepFailed(Step.LOAD, f"Triton could not load {what}: {reason}", load_hint(error),
                          retryable=error.retryable, detail=error.detail or error.message) from error
 
 
@@ -215,8 +232,15 @@ def wait_ready(ferry: Services, snapshot: Snapshot, candidate: Candidate) -> Non
     if not needs_validation(candidate):
         return
     timeout_s = ferry.settings.ready_timeout_s
-    store = store_name(snapshot.model, candidate.version)
-    fleet_of(ferry, snapshot).each_step(lambda triton: _wait_ready_on(triton, store, candidate.version, timeout_s))
+
+    def ready_on(triton: Triton) -> None:
+        for member in candidate.members:
+            release.as_member(member, functools.partial(_wait_ready_on, triton,
+                                                        store_name(member.model, member.version),
+                                                        member.version, timeout_s))
+        _wait_ready_on(triton, store_name(snapshot.model, candidate.version), candidate.version, timeout_s)
+
+    fleet_of(ferry, snapshot).each_step(ready_on)
 
 
 def _wait_ready_on(triton: Triton, model: str, version: int, timeout_s: float) -> None:
@@ -239,9 +263,24 @@ def smoke(ferry: Services, snapshot: Snapshot, candidate: Candidate) -> dict[str
     """Infer on the candidate version alone; check outputs against the config and the golden outputs."""
     if not needs_validation(candidate):
         return {}
+    fleet = fleet_of(ferry, snapshot)
+    checks = [(member, smoke_check(ferry, *release.member_candidate(ferry, snapshot, member))[0])
+              for member in candidate.members]
+
+    def members_on(triton: Triton) -> None:  # each member alone first: a failure then names the member at fault
+        for member, check in checks:
+            release.as_member(member, functools.partial(check, triton))
+
+    if checks:
+        fleet.each_step(members_on)
     smoke_on, golden = smoke_check(ferry, snapshot, candidate)
-    shapes = fleet_of(ferry, snapshot).each_step(smoke_on)
-    return {"golden": golden, "outputs": next(iter(shapes.values())), "replicas": len(shapes)}
+
+    def end_to_end(triton: Triton) -> dict[str, list[int]]:
+        return release.end_to_end(candidate.members, functools.partial(smoke_on, triton))
+
+    shapes = fleet.each_step(end_to_end if candidate.members else smoke_on)
+    return {"golden": golden, "outputs": next(iter(shapes.values())), "replicas": len(shapes),
+            **({"members": len(candidate.members)} if candidate.members else {})}
 
 
 def smoke_check(ferry: Services, snapshot: Snapshot,
@@ -293,14 +332,15 @@ def commit(ferry: Services, snapshot: Snapshot, candidate: Candidate) -> tuple[C
     if candidate.already_active:
         pinned = pin_after_commit(model_dir, candidate, fleet_of(ferry, snapshot)) if candidate.revalidate else []
         return snapshot.current, pinned
-    keep_s = ferry.settings.keep_previous_s
+    before = snapshot.current.members if snapshot.current else []
+    keep_s = 0 if candidate.members or before else ferry.settings.keep_previous_s  # a release keeps no warm copy
     warm_until = utc_stamp(dt.datetime.now(dt.UTC) + dt.timedelta(seconds=keep_s)) \
         if keep_s > 0 and snapshot.active_version is not None else None
     state = CurrentState(
         active_version=candidate.version, run_id=candidate.run_id, alias=candidate.alias,
         updated_at_utc=utc_stamp(), model=snapshot.model, previous_version=snapshot.active_version,
         sha256=candidate.sha256, deploy_id=snapshot.deploy_id, previous_warm_until_utc=warm_until,
-        config_sha256=config_digest(candidate.config_pbtxt),
+        config_sha256=config_digest(candidate.config_pbtxt), members=candidate.members,
     )
     try:
         model_dir.make_durable(candidate.version)  # the files current.json will name survive a machine crash
@@ -310,77 +350,8 @@ def commit(ferry: Services, snapshot: Snapshot, candidate: Candidate) -> tuple[C
     remove_rollout(model_dir)  # after current.json: the candidate is the active version now
     warm = snapshot.active_version if warm_until and not candidate.rolled else None  # no room: it swapped out
     loaded = loaded_after_load(snapshot, candidate)
-    return state, pin_after_commit(model_dir, candidate, fleet_of(ferry, snapshot), warm, loaded)
-
-
-# ---------------------------------------------------------------- undo
-
-
-def _quarantine_failed(model_dir: ModelDir, snapshot: Snapshot, candidate: int | None,
-                       reason: QuarantineReason) -> list[str]:
-    """Quarantine what this deploy staged and the candidate version, if there was one: never delete them."""
-    folders = dict(model_dir.staging_dirs(snapshot.deploy_id))
-    if candidate is not None and candidate != snapshot.active_version and model_dir.version_dir(candidate).exists():
-        folders[model_dir.version_dir(candidate)] = candidate
-    return [str(model_dir.quarantine(folder, reason.model_copy(update={"version": v})))
-            for folder, v in folders.items()]
-
-
-def undo(ferry: Services, snapshot: Snapshot, failure: Failure, candidate: int | None,
-         swapped: list[str] | None = None, batch: str = "1") -> RollbackReport:
-    """Restore the snapshot's state, quarantine the failed version, and make Triton serve the active one.
-
-    ``candidate`` is the version materialize produced (staged or reused), None if it produced none;
-    what this deploy left half-staged is found by its deploy id. ``swapped``: the replicas a rolling deploy
-    swapped to the candidate, put back batch by batch (drained first) before anything else. Best effort:
-    every action is tried even if an earlier one failed, and the report says what worked.
-    """
-    model_dir = ferry.model_dir(snapshot.model)
-    actions: list[str] = []
-    problems: list[str] = []
-    reason = QuarantineReason(deploy_id=snapshot.deploy_id, model=snapshot.model, failed_step=failure.step,
-                              error=failure.message, hint=failure.hint, detail=failure.detail,
-                              failed_at_utc=utc_stamp())
-
-    def attempt(what: str, action: Callable[[], T]) -> T | None:
-        try:
-            result = action()
-        except Exception as error:  # best effort: record it and go on with the next action
-            problems.append(f"{what}: {error}")
-            return None
-        actions.append(what)
-        return result
-
-    if swapped:  # first: no replica answers as the candidate (rollout.json keeps the gateways away meanwhile)
-        problems += attempt("swapped the replicas back to the active version",
-                            lambda: rolling.swap_back(ferry, snapshot, swapped, batch, candidate)) or []
-    if attempt("checked rollout.json", lambda: remove_rollout(model_dir)):  # first: no request to the candidate
-        actions.append("removed rollout.json")
-    if attempt("checked current.json", lambda: restore_current(model_dir, snapshot.current)):
-        actions.append("restored current.json")
-    attempt("restored config.pbtxt", lambda: model_dir.restore_config_text(snapshot.config_text))
-    if failure.step == Step.LOAD and candidate is not None:
-        attempt("stopped the candidate's backend stubs", lambda: stop_stubs_of(model_dir.version_dir(candidate)))
-    fleet = fleet_of(ferry, snapshot)
-    # Pin Triton before moving the candidate away: with the model directory unchanged since the
-    # candidate's load, Triton keeps the active version's running instance instead of re-creating it.
-    if (active := snapshot.active_version) is not None:
-        attempt("checked the store's link", lambda: model_dir.ensure_store_link(active))
-    attempt("asked Triton to serve only the active version", lambda: serve_only_active(fleet, snapshot))
-    wanted = [snapshot.current.active_version] if snapshot.current else []
-    verified, states = wait_serving(fleet, snapshot.model, wanted)
-    if verified:
-        attempt("removed the links of the stores unloaded", lambda: model_dir.drop_store_links(wanted))
-    problems += serving_problems(states, wanted)
-    replicas = {url: s for url, s in states.items() if not isinstance(s, FerryError)}
-    serving = sorted(set().union(*replicas.values())) if replicas else []
-    quarantined = attempt("quarantined the failed version",
-                          lambda: _quarantine_failed(model_dir, snapshot, candidate, reason))
-    if ferry.settings.quarantine_keep > 0:
-        attempt("pruned the files of older quarantined versions",
-                lambda: model_dir.prune_quarantine(ferry.settings.quarantine_keep))
-    return RollbackReport(actions=actions, quarantined=quarantined or [], verified=verified, serving=serving,
-                          problems=problems, replicas=replicas)
+    stale = release.stale_stores(model_dir, snapshot.model, before, candidate.members)
+    return state, pin_after_commit(model_dir, candidate, fleet_of(ferry, snapshot), warm, loaded, stale)
 
 
 def committed_by(model_dir: ModelDir, deploy_id: str) -> bool:

@@ -93,20 +93,27 @@ def layout(tree: dict[str, int], folder: str) -> Layout:
         raise StepFailed(Step.MATERIALIZE, f"{where} holds no {CONFIG}",
                          "log the whole Triton model directory: config.pbtxt and one numbered version folder")
     numbered = sorted({name.split("/", 1)[0] for name in inside if "/" in name and name.split("/", 1)[0].isdigit()})
-    if len(numbered) != 1:
-        raise StepFailed(Step.MATERIALIZE, f"{where} holds {len(numbered)} numbered version folders "
-                         f"({', '.join(numbered) or 'none'}); a model version is exactly one",
-                         "log one version folder per MLflow version (ferry stages it as the version's number)")
+    if len(numbered) > 1:
+        raise too_many_folders(where, numbered)
+    version_folder = numbered[0] if numbered else ""  # none: an ensemble, whose (empty) folder MLflow does not keep
     beside = sorted(name for name in inside if name not in (CONFIG, SMOKE_FILE)
-                    and not name.startswith(f"{numbered[0]}/") and not (folder == "" and name == MLMODEL))
+                    and not (numbered and name.startswith(f"{version_folder}/"))
+                    and not (folder == "" and name == MLMODEL))
     if beside:
         raise StepFailed(Step.MATERIALIZE, f"{where} holds files outside its version folder: {', '.join(beside[:5])}",
                          "move them into the version folder: a file beside config.pbtxt would be shared by every "
                          "version, and changing it makes Triton reload all of them")
-    files = {name.split("/", 1)[1]: size for name, size in inside.items() if name.startswith(f"{numbered[0]}/")}
+    files = {name.split("/", 1)[1]: size for name, size in inside.items()
+             if numbered and name.startswith(f"{version_folder}/")}
     _refuse_reserved(files)
     smoke = next((name for name in (f"{prefix}{SMOKE_FILE}", SMOKE_FILE) if name in tree), None)
-    return Layout(folder, numbered[0], files, smoke)
+    return Layout(folder, version_folder, files, smoke)
+
+
+def too_many_folders(where: str, numbered: list[str]) -> StepFailed:
+    return StepFailed(Step.MATERIALIZE, f"{where} holds {len(numbered)} numbered version folders "
+                      f"({', '.join(numbered) or 'none'}); a model version is exactly one",
+                      "log one version folder per MLflow version (ferry stages it as the version's number)")
 
 
 def _refuse_reserved(files: dict[str, int]) -> None:
@@ -133,6 +140,8 @@ def read_config(artifacts: Artifacts, where: Layout, scratch: Path) -> model_con
                          "declare every input and output: ferry checks and smoke-tests the signature")
     config.ClearField("version_policy")
     config.ClearField("name")
+    if not where.version_folder and config.platform != "ensemble":
+        raise too_many_folders(where.folder or "the artifact root", [])
     return config
 
 
@@ -141,6 +150,9 @@ def download_version(artifacts: Artifacts, where: Layout, staging: Path) -> dict
     sha256 of every file, by its path in the folder."""
     scratch = staging / _SCRATCH
     names = sorted(where.files)
+    if not names:  # an ensemble: Triton needs the version folder only
+        shutil.rmtree(scratch, ignore_errors=True)
+        return {}
 
     def fetch(name: str) -> str:
         path = artifacts.download(where.source(name), scratch)

@@ -1,0 +1,317 @@
+"""Releases: an entry model (an ensemble) and the version of every model it uses, switched as one.
+
+A model whose config is an ensemble is a release's entry. Its steps name its members; each step's
+``model_version`` pins the member's MLflow version (> 0), or leaves it to the alias the deploy names (-1: the
+member's version under that alias). The members are fixed at the entry version's first staging (its
+manifest records them), so an entry version is one release for ever, and a rollback restores its tuple.
+
+In Triton each member version is a store like any model's (``<member>.versions.<v>``, under its own config),
+and the entry version's store is the ensemble with its steps rewritten to those stores at their versions:
+``pipe.versions.7`` runs ``pre.versions.3`` then ``cls.versions.5``, whatever else is loaded. The commit
+repoints the entry's front in one load, so a request runs wholly on the old stores or wholly on the new ones.
+
+Members have no front and no current.json: the entry's current.json commits their versions. A member store
+stays loaded while any committed release pins it (two releases may pin one member, at one version or at
+two, loaded beside); a model deployed on its own cannot be a member, nor a member be deployed on its own.
+
+A load of an ensemble makes Triton poll its members on disk and reload from config.pbtxt any member whose
+directory changed since its last load: every load of an entry store is preceded by loads of its member
+stores with their overrides, and each member directory holds a config.pbtxt (an ensemble's load needs it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from ferry.core import staging
+from ferry.core.current import read_current
+from ferry.core.errors import FerryError, InvalidInput, StepFailed
+from ferry.core.front import disk_config, store_config, store_name
+from ferry.core.fsutil import atomic_write
+from ferry.core.model_config import config_digest, from_pbtxt, model_config_pb2, to_override_json, to_pbtxt
+from ferry.core.records import Candidate, QuarantineReason, ReleaseMember, Snapshot, Step
+from ferry.core.registry import VersionRef
+from ferry.core.repository import MANIFEST, STATE_DIR, ModelDir, check_model_name
+from ferry.core.services import Services
+from ferry.core.triton import VersionState, ready_versions
+
+MemberKey = tuple[str, int]
+T = TypeVar("T")
+
+
+class ReleaseRefused(InvalidInput):
+    """A release named inconsistently: refused as it is, nothing rolled back (the version is not at fault)."""
+
+
+def is_entry(config: model_config_pb2.ModelConfig) -> bool:
+    """Whether a version with this config is a release's entry: an ensemble of other models."""
+    return bool(config.platform == "ensemble")
+
+
+def member_pins(config: model_config_pb2.ModelConfig) -> list[MemberKey]:
+    """Each model the ensemble's steps name, once, in step order, with the version its step pins (-1: none)."""
+    pins: dict[str, int] = {}
+    for step in config.ensemble_scheduling.step:
+        pinned = int(step.model_version)
+        if pins.setdefault(step.model_name, pinned) != pinned:
+            raise StepFailed(Step.MATERIALIZE, f"the ensemble's steps pin '{step.model_name}' at two versions "
+                             f"({pins[step.model_name]} and {pinned})", "a release runs one version of each member")
+    return list(pins.items())
+
+
+def keys(members: list[ReleaseMember]) -> list[MemberKey]:
+    return [(m.model, m.version) for m in members]
+
+
+def labels(members: list[ReleaseMember] | list[MemberKey]) -> str:
+    pairs = [(m.model, m.version) if isinstance(m, ReleaseMember) else m for m in members]
+    return ", ".join(f"{model} v{version}" for model, version in pairs)
+
+
+# ---------------------------------------------------------------- materialize
+
+
+def with_members(ferry: Services, snapshot: Snapshot, candidate: Candidate, alias: str | None) -> Candidate:
+    """The candidate with its release's members, each staged (or verified again) as a version of its own
+    model; the candidate unchanged if it is no release. Raises StepFailed for a member that cannot be staged
+    (the undo quarantines what this deploy staged) and InvalidInput for a release named inconsistently."""
+    config = from_pbtxt(candidate.config_pbtxt)
+    if not is_entry(config):
+        return candidate
+    entry_dir = ferry.model_dir(snapshot.model)
+    manifest = entry_dir.read_manifest(candidate.version)
+    recorded = manifest.members if manifest is not None else []
+    if recorded and alias is None:
+        refs = [staging.resolve(ferry, ferry.model_dir(m.model), None, m.version) for m in recorded]
+    else:
+        refs = resolve_members(ferry, snapshot.model, config, alias)
+        if recorded and keys(recorded) != [(r.model, r.version) for r in refs]:
+            raise ReleaseRefused(
+                f"v{candidate.version} of '{snapshot.model}' is the release {labels(recorded)}, but '{alias}' now "
+                f"names {labels([(r.model, r.version) for r in refs])}",
+                f"register a new version of '{snapshot.model}' for the new members (a version is one release), or "
+                f"move the members' alias back")
+    if candidate.already_active and not candidate.revalidate:
+        return candidate.model_copy(update={"members": recorded})
+    members = [_stage_member(ferry, snapshot, ref) for ref in refs]
+    if recorded and [m.sha256 for m in members] != [m.sha256 for m in recorded]:
+        raise ReleaseRefused(f"the members staged for '{snapshot.model}' v{candidate.version} are not the files its "
+                           f"release recorded ({labels(recorded)})",
+                           "move the changed member versions out of the repository and deploy again")
+    if not recorded and manifest is not None:
+        record = manifest.model_copy(update={"members": members})
+        atomic_write(entry_dir.version_dir(candidate.version) / MANIFEST, record.model_dump_json(indent=1).encode())
+    return candidate.model_copy(update={"members": members})
+
+
+def resolve_members(ferry: Services, entry: str, config: model_config_pb2.ModelConfig,
+                    alias: str | None) -> list[VersionRef]:
+    """The version of each member the entry's config names: the one its step pins, else the deploy's alias'."""
+    refs = []
+    for name, pinned in member_pins(config):
+        check_model_name(name)
+        if name == entry:
+            raise StepFailed(Step.MATERIALIZE, f"the ensemble '{entry}' names itself as a step")
+        if _deployed_alone(ferry.model_dir(name)):
+            raise ReleaseRefused(f"'{name}', a member of '{entry}', is deployed on its own (it has a current.json)",
+                               f"a model is either a member of releases or deployed alone: retire '{name}' first, "
+                               "or name a copy of it in the ensemble")
+        if pinned > 0:
+            refs.append(staging.resolve(ferry, ferry.model_dir(name), None, pinned))
+        elif alias is not None:
+            refs.append(ferry.registry.resolve_alias(name, alias))
+        else:
+            raise ReleaseRefused(f"the ensemble's step '{name}' pins no version (model_version -1) and the deploy "
+                                 "names no alias to find it by",
+                                 f"deploy '{entry}' by alias, or pin model_version in its step")
+    return refs
+
+
+def _stage_member(ferry: Services, snapshot: Snapshot, ref: VersionRef) -> ReleaseMember:
+    member_dir = ferry.model_dir(ref.model)
+    alone = Snapshot(model=ref.model, deploy_id=snapshot.deploy_id, started_at_utc=snapshot.started_at_utc,
+                     current=None, config_text=None, triton_ready=[])
+    try:
+        if member_dir.version_dir(ref.version).exists():
+            staged = staging.reuse(member_dir, ref, alone, allow_signature_change=True)
+        else:
+            staged = staging.stage(ferry, member_dir, ref, alone, allow_signature_change=True)
+    except StepFailed as error:
+        raise _of_member(error, ref.model, ref.version) from error
+    config = from_pbtxt(staged.config_pbtxt)
+    if is_entry(config):
+        raise StepFailed(Step.MATERIALIZE, f"member '{ref.model}' v{ref.version} is an ensemble itself",
+                         "name the models of the inner ensemble in the entry's own steps")
+    if not member_dir.config_path.exists():
+        member_dir.write_config(disk_config(config, [ref.version]))  # an ensemble's load polls it (module doc)
+    return ReleaseMember(model=ref.model, version=ref.version, run_id=staged.run_id, sha256=staged.sha256,
+                         config_sha256=config_digest(staged.config_pbtxt))
+
+
+def _of_member(error: StepFailed, model: str, version: int) -> StepFailed:
+    """A member's failure, as the release's: the step, with the member it failed on named first."""
+    return StepFailed(error.step, f"member '{model}' v{version}: {error.message}", error.hint,
+                      retryable=error.retryable, detail=error.detail)
+
+
+def member_candidate(ferry: Services, snapshot: Snapshot, member: ReleaseMember) -> tuple[Snapshot, Candidate]:
+    """A member version as a deploy of its own sees it: how its smoke check runs (its sample, its config)."""
+    config = ferry.model_dir(member.model).version_config(member.version)
+    if config is None:
+        raise StepFailed(Step.SMOKE, f"member '{member.model}' v{member.version} has lost its manifest")
+    alone = Snapshot(model=member.model, deploy_id=snapshot.deploy_id, started_at_utc=snapshot.started_at_utc,
+                     current=None, config_text=None, triton_ready=[], replicas=snapshot.replicas)
+    return alone, Candidate(model=member.model, version=member.version, run_id=member.run_id, alias=None,
+                            sha256=member.sha256, size_bytes=0, config_pbtxt=to_pbtxt(config))
+
+
+def as_member(member: ReleaseMember, call: Callable[[], T]) -> T:
+    """``call``, whose failure (a step's) names the member it failed on."""
+    try:
+        return call()
+    except StepFailed as error:
+        raise _of_member(error, member.model, member.version) from error
+
+
+def end_to_end(members: list[ReleaseMember], call: Callable[[], T]) -> T:
+    """``call``, the entry's smoke, whose failure says the members each passed alone."""
+    try:
+        return call()
+    except StepFailed as error:
+        raise StepFailed(error.step, f"the release end to end ({labels(members)}, each of which passed its own "
+                         f"smoke): {error.message}", error.hint or "the members do not fit together: register "
+                         "members that do (or the entry's smoke.json for the new pipeline)",
+                         retryable=error.retryable, detail=error.detail) from error
+
+
+def _deployed_alone(model_dir: ModelDir) -> bool:
+    try:
+        return read_current(model_dir) is not None
+    except FerryError:
+        return True  # a current.json ferry cannot read is still someone's commit
+
+
+# ---------------------------------------------------------------- in Triton
+
+
+@dataclass(frozen=True)
+class MemberStore:
+    """A member version's store as an entry store runs it."""
+
+    model: str
+    version: int
+    config: model_config_pb2.ModelConfig
+
+    @property
+    def name(self) -> str:
+        return store_name(self.model, self.version)
+
+    def override(self) -> str:
+        return to_override_json(store_config(self.config, self.model, self.version))
+
+
+def member_stores(repository: ModelDir, members: list[ReleaseMember]) -> list[MemberStore]:
+    """The stores of a release's members, their links in place (``repository``: any model of it)."""
+    stores = []
+    for member in members:
+        member_dir = ModelDir(repository.repository, member.model)
+        config = member_dir.version_config(member.version)
+        if config is None:
+            raise InvalidInput(f"member '{member.model}' v{member.version} has no manifest in {member_dir.path}",
+                               f"restore {member_dir.version_dir(member.version)}, or deploy another release")
+        member_dir.ensure_store_link(member.version)
+        stores.append(MemberStore(member.model, member.version, config))
+    return stores
+
+
+def entry_store_config(config: model_config_pb2.ModelConfig, model: str, version: int,
+                       stores: list[MemberStore]) -> model_config_pb2.ModelConfig:
+    """The entry version's store: its ensemble with every step sent to its member's store, at its version."""
+    pinned = store_config(config, model, version)
+    by_model = {store.model: store for store in stores}
+    for step in pinned.ensemble_scheduling.step:
+        if step.model_name in by_model:
+            store = by_model[step.model_name]
+            step.model_name, step.model_version = store.name, store.version
+    return pinned
+
+
+def pinned_versions(repository: ModelDir, member: str, besides: str | None = None) -> dict[int, list[str]]:
+    """Each version of ``member`` that a committed release pins, and the entry models that pin it (but
+    ``besides``, whose commit is being changed)."""
+    pins: dict[int, list[str]] = {}
+    for current_path in sorted((repository.repository / STATE_DIR).glob("*/current.json")):
+        entry = current_path.parent.name
+        if entry == besides:
+            continue
+        try:
+            current = read_current(ModelDir(repository.repository, entry))
+        except (FerryError, ValueError):
+            continue  # another model's damaged file is its own deploy's to report
+        for pinned in current.members if current else []:
+            if pinned.model == member:
+                pins.setdefault(pinned.version, []).append(entry)
+    return pins
+
+
+def stale_stores(repository: ModelDir, entry: str, before: list[ReleaseMember],
+                 after: list[ReleaseMember]) -> list[MemberKey]:
+    """The member stores ``entry`` pinned before and no longer does, that no other committed release pins."""
+    kept = set(keys(after))
+    stale = []
+    for model, version in keys(before):
+        if (model, version) not in kept and version not in pinned_versions(repository, model, besides=entry):
+            stale.append((model, version))
+    return stale
+
+
+def release_of(repository: ModelDir, model: str) -> str | None:
+    """The committed releases ``model`` is a member of, as one phrase (None: of none)."""
+    pins = pinned_versions(repository, model)
+    if not pins:
+        return None
+    return ", ".join(f"'{entry}' (v{version})" for version, entries in sorted(pins.items()) for entry in entries)
+
+
+# ---------------------------------------------------------------- the undo
+
+
+def members_of(model_dir: ModelDir, version: int | None) -> list[ReleaseMember]:
+    """The members an entry version's manifest records ([] for no release, or one not yet recorded)."""
+    manifest = model_dir.read_manifest(version) if version is not None else None
+    return manifest.members if manifest is not None else []
+
+
+def member_models(model_dir: ModelDir, version: int | None) -> list[str]:
+    """The models an entry version's config names as members, recorded or not ([] for no release)."""
+    try:
+        config = model_dir.version_config(version) if version is not None else None
+        return [name for name, _ in member_pins(config)] if config is not None and is_entry(config) else []
+    except (FerryError, ValueError):
+        return []
+
+
+def quarantine_staged(model_dir: ModelDir, names: list[str], reason: QuarantineReason) -> list[str]:
+    """Quarantine what a failed release staged of its members ``names`` (what this deploy staged, and that no
+    committed release pins), and drop the links of member stores nothing pins any more."""
+    moved = []
+    for name in names:
+        member_dir = ModelDir(model_dir.repository, name)
+        pinned = pinned_versions(model_dir, name)
+        folders = dict(member_dir.staging_dirs(reason.deploy_id))
+        for folder in member_dir.path.glob("[0-9]*"):
+            manifest = member_dir.read_manifest(int(folder.name)) if folder.name.isdigit() else None
+            if manifest is not None and manifest.deploy_id == reason.deploy_id and manifest.version not in pinned:
+                folders[folder] = manifest.version
+        for folder, member_version in folders.items():
+            copy = reason.model_copy(update={"model": name, "version": member_version})
+            moved.append(str(member_dir.quarantine(folder, copy)))
+        member_dir.drop_store_links(sorted(pinned))
+    return moved
+
+
+def missing_members(index: dict[str, list[VersionState]], members: list[ReleaseMember]) -> list[str]:
+    """The members of a committed release whose store a replica (its repository index) does not hold ready."""
+    return [m.label for m in members if m.version not in ready_versions(index.get(store_name(m.model, m.version), []))]
