@@ -124,7 +124,7 @@ def test_error_classes_outside_the_tree_are_only_the_known_refinements() -> None
         "src/ferry/adapters/inference/guard.py: _NotJson(ValueError)",
         "src/ferry/adapters/inference/routing.py: UnknownModel(NoSuchModel)",
         "src/ferry/core/mlflow_rest.py: ServerError(Unavailable)",
-        "src/ferry/core/release.py: ReleaseRefused(InvalidInput)",
+        "src/ferry/core/release_staging.py: ReleaseRefused(InvalidInput)",
         "src/ferry/core/staging.py: ForeignVersion(InvalidInput)",
     ]
 

@@ -316,6 +316,18 @@ def _replica_serves(replica: ReplicaStatus, replicas: int) -> str:
     return f"{escape(replica.url)}: {serves}" if replicas > 1 else serves
 
 
+def _active(report: ModelStatus) -> str:
+    """The status table's active column: the version (with a release's members), or why there is none."""
+    from ferry.core.release import labels
+
+    if report.current is not None:
+        members = report.current.members
+        return f"v{report.current.active_version}" + (f" ({labels(members)})" if members else "")
+    if report.member_of:
+        return f"member of {report.member_of}"
+    return (report.current_error and "[red]unreadable[/red]") or "none"
+
+
 def _print_status_table(reports: list[ModelStatus], settings: Settings) -> None:
     from rich.table import Table
 
@@ -332,7 +344,7 @@ def _print_status_table(reports: list[ModelStatus], settings: Settings) -> None:
         drift = {None: "none", UNKNOWN: "[yellow]unknown[/yellow]"}.get(r.drift, f"[red]{escape(r.drift or '')}[/red]")
         table.add_row(
             r.model,
-            f"v{current.active_version}" if current else ((r.current_error and "[red]unreadable[/red]") or "none"),
+            _active(r),
             (current.alias or "-") if current else "-",
             current.run_id[:8] if current else "-",
             (current.config_sha256 or "-")[:12] if current else "-",
@@ -355,40 +367,9 @@ def _print_status_table(reports: list[ModelStatus], settings: Settings) -> None:
                 err.print(f"[red]{r.model}:[/red] {escape(problem)}")
 
 
-@app.command("history")
-def history_command(
-    model: str = ModelArgument,
-    limit: int = typer.Option(20, "--limit", "-n", min=0, help="How many of the latest attempts to show."),
-    as_json: bool = JsonOption,
-) -> None:
-    """Every deploy attempt of a model: who, when, what, the step timings and the outcome."""
-    from rich.table import Table
-
-    from ferry.core.current import read_attempts, read_history
-    from ferry.core.errors import one_line
-    from ferry.core.records import Outcome
-
-    settings = current_settings()
-    if as_json:
-        print_json(read_history(known_model(settings, model), limit))  # the records as written
-        return
-    attempts = read_attempts(known_model(settings, model), limit)
-    table = Table("started (UTC)", "who", "target", "version", "outcome", "failed step", "seconds", "error")
-    colours = {Outcome.COMMITTED: "green", Outcome.NOOP: "dim", Outcome.ROLLED_BACK: "red", Outcome.REJECTED: "yellow"}
-    for r in attempts:
-        colour = colours[r.outcome]
-        table.add_row(
-            r.started_at_utc, r.who, r.target, (f"v{r.version}" + (" +config" if r.config_changed else ""))
-            if r.version else "-",
-            f"[{colour}]{r.outcome}[/{colour}]", r.failed_step or "-", f"{sum(r.steps.values()):.2f}",
-            escape(one_line(r.error, 80)),
-        )
-    out.print(table)
-
-
 cli_mlflow.register(app)  # ferry watch, ferry sync
 cli_rollout.register(app)  # ferry rollout status|promote|abort
-cli_versions.register(app)  # ferry diff
+cli_versions.register(app)  # ferry history, ferry diff
 cli_services.register(app)  # ferry gateway, exporter, metrics, report, triton
 
 

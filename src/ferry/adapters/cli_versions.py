@@ -1,6 +1,9 @@
-"""``ferry diff MODEL A B``: how two versions' configs differ, and whether the change would break clients."""
+"""``ferry history MODEL``: every attempt, and ``ferry diff MODEL A B``: how two versions' configs differ, and
+whether the change would break clients."""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import typer
 from rich.markup import escape
@@ -14,6 +17,48 @@ from ferry.adapters.cli_support import (
     out,
     print_json,
 )
+
+if TYPE_CHECKING:
+    from ferry.core.records import DeployReport
+
+
+def _attempted(report: DeployReport) -> str:
+    """The history table's version column: the version, a config change, a release's members."""
+    from ferry.core.release import labels
+
+    if not report.version:
+        return "-"
+    return f"v{report.version}" + (" +config" if report.config_changed else "") + \
+        (f" ({labels(report.members)})" if report.members else "")
+
+
+def history_command(
+    model: str = ModelArgument,
+    limit: int = typer.Option(20, "--limit", "-n", min=0, help="How many of the latest attempts to show."),
+    as_json: bool = JsonOption,
+) -> None:
+    """Every deploy attempt of a model: who, when, what, the step timings and the outcome."""
+    from rich.table import Table
+
+    from ferry.core.current import read_attempts, read_history
+    from ferry.core.errors import one_line
+    from ferry.core.records import Outcome
+
+    settings = current_settings()
+    if as_json:
+        print_json(read_history(known_model(settings, model), limit))  # the records as written
+        return
+    attempts = read_attempts(known_model(settings, model), limit)
+    table = Table("started (UTC)", "who", "target", "version", "outcome", "failed step", "seconds", "error")
+    colours = {Outcome.COMMITTED: "green", Outcome.NOOP: "dim", Outcome.ROLLED_BACK: "red", Outcome.REJECTED: "yellow"}
+    for r in attempts:
+        colour = colours[r.outcome]
+        table.add_row(
+            r.started_at_utc, r.who, r.target, _attempted(r),
+            f"[{colour}]{r.outcome}[/{colour}]", r.failed_step or "-", f"{sum(r.steps.values()):.2f}",
+            escape(one_line(r.error, 80)),
+        )
+    out.print(table)
 
 
 def diff_command(
@@ -44,4 +89,5 @@ def diff_command(
 
 
 def register(app: typer.Typer) -> None:
+    app.command("history")(history_command)
     app.command("diff")(diff_command)

@@ -14,7 +14,8 @@ from ferry.core.fleet import Fleet
 from ferry.core.front import legacy_store_name
 from ferry.core.journal import read_journal, unfinished_error
 from ferry.core.model_config import config_digest, signature_changes, to_pbtxt
-from ferry.core.records import CurrentState
+from ferry.core.records import CurrentState, ReleaseMember
+from ferry.core.release import missing_members, pinned_versions, release_of
 from ferry.core.repository import STATE_DIR, ModelDir
 from ferry.core.triton import RepositoryIndex, VersionState, placement, store_states
 
@@ -51,6 +52,7 @@ class ModelStatus(BaseModel):
     quarantined: list[str] = []
     in_flight: str | None = None  # a deploy that is running, or whose process stopped before it finished
     live: LiveFigures | None = None  # p95 latency and failure ratio of the active version
+    member_of: str | None = None  # a model with nothing committed of its own: the releases that pin it
 
 
 def list_models(repository: Path) -> list[str]:
@@ -72,8 +74,15 @@ def model_status(repository: Path, fleet: Fleet, model: str,
     except FerryError as error:
         report.current_error = str(error)
     committed = [report.current.active_version] if report.current else None
+    members = report.current.members if report.current else []
+    if report.current is None and not report.current_error:
+        report.member_of = release_of(model_dir, model)
+    pinned = sorted(pinned_versions(model_dir, model)) if report.member_of else []
     for url, entry in (index if index is not None else replica_indexes(fleet)).items():
-        report.replicas.append(_replica(url, entry, model, None if report.current_error else committed))
+        replica = _replica(url, entry, model, None if report.current_error else committed)
+        if not isinstance(entry, FerryError):
+            _release_drift(replica, entry, members, model, pinned)
+        report.replicas.append(replica)
     first = report.replicas[0] if report.replicas else None
     report.triton, report.triton_error = (first.versions, first.error) if first else (None, None)
     report.serving = sorted({v for r in report.replicas for v in r.serving})
@@ -102,6 +111,20 @@ def _replica(url: str, index: RepositoryIndex | FerryError, model: str, committe
     else:
         drift = f"current.json names {committed or 'no version'}, Triton serves {serving or 'nothing'}"
     return ReplicaStatus(url=url, versions=versions, serving=serving, held=where.store, drift=drift)
+
+
+def _release_drift(replica: ReplicaStatus, index: RepositoryIndex, members: list[ReleaseMember], model: str,
+                   pinned: list[int]) -> None:
+    """A release's drift: a member store of the committed release the replica lacks; for a member, what it
+    holds against what the committed releases pin (it has no front: its stores are what serves)."""
+    if pinned:
+        held = placement(index, model).store
+        replica.serving, replica.held = held, held
+        replica.drift = None if set(pinned) <= set(held) else \
+            f"the committed releases pin v{', v'.join(map(str, pinned))}, Triton holds {held or 'nothing'}"
+    elif missing := missing_members(index, members):
+        lacks = f"lacks the release's {', '.join(missing)}"
+        replica.drift = f"{replica.drift}; {lacks}" if replica.drift else lacks
 
 
 def _in_flight(model_dir: ModelDir) -> str | None:

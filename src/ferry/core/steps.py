@@ -47,6 +47,7 @@ from ferry.core.records import (
     Step,
     utc_stamp,
 )
+from ferry.core.release_staging import ReleaseRefused, as_member, end_to_end, member_candidate, with_members
 from ferry.core.repository import ModelDir
 from ferry.core.rollout import remove_rollout
 from ferry.core.services import Services
@@ -128,7 +129,7 @@ def materialize(ferry: Services, snapshot: Snapshot, alias: str | None = None, v
     """
     model_dir = ferry.model_dir(snapshot.model)
     if snapshot.current is None and (releases := release.release_of(model_dir, snapshot.model)):
-        raise release.ReleaseRefused(f"'{snapshot.model}' is a member of the release {releases}, which pins its "
+        raise ReleaseRefused(f"'{snapshot.model}' is a member of the release {releases}, which pins its "
                                      "version", "deploy a new release of its entry model instead")
     ref = staging.resolve(ferry, model_dir, alias, version)
     if ref.version == snapshot.active_version and snapshot.current is not None:
@@ -137,15 +138,15 @@ def materialize(ferry: Services, snapshot: Snapshot, alias: str | None = None, v
             size_bytes=0, config_pbtxt=snapshot.config_text or "", already_active=True,
             revalidate=any(served != [ref.version] for served in _served_by_replica(snapshot)),
         )
-        return _staged(ref.version, lambda: release.with_members(ferry, snapshot, active, alias))
+        return _staged(ref.version, lambda: with_members(ferry, snapshot, active, alias))
     allowed = allow_signature_change or alias is None
 
     def stage() -> Candidate:
         if staging.is_warm(snapshot, ref.version):
             return staging.warm(model_dir, ref, snapshot)
         if model_dir.version_dir(ref.version).exists():
-            return release.with_members(ferry, snapshot, staging.reuse(model_dir, ref, snapshot, allowed), alias)
-        return release.with_members(ferry, snapshot, staging.stage(ferry, model_dir, ref, snapshot, allowed), alias)
+            return with_members(ferry, snapshot, staging.reuse(model_dir, ref, snapshot, allowed), alias)
+        return with_members(ferry, snapshot, staging.stage(ferry, model_dir, ref, snapshot, allowed), alias)
 
     return _staged(ref.version, stage)
 
@@ -153,7 +154,7 @@ def materialize(ferry: Services, snapshot: Snapshot, alias: str | None = None, v
 def _staged(version: int, stage: Callable[[], Candidate]) -> Candidate:
     try:
         return stage()
-    except (staging.ForeignVersion, release.ReleaseRefused):
+    except (staging.ForeignVersion, ReleaseRefused):
         raise  # refused before anything was touched: not a failed step, nothing to roll back
     except Exception as error:  # whatever else stops a staging is a failed step, undone
         if not_the_versions_fault(error):
@@ -235,7 +236,7 @@ def wait_ready(ferry: Services, snapshot: Snapshot, candidate: Candidate) -> Non
 
     def ready_on(triton: Triton) -> None:
         for member in candidate.members:
-            release.as_member(member, functools.partial(_wait_ready_on, triton,
+            as_member(member, functools.partial(_wait_ready_on, triton,
                                                         store_name(member.model, member.version),
                                                         member.version, timeout_s))
         _wait_ready_on(triton, store_name(snapshot.model, candidate.version), candidate.version, timeout_s)
@@ -264,21 +265,21 @@ def smoke(ferry: Services, snapshot: Snapshot, candidate: Candidate) -> dict[str
     if not needs_validation(candidate):
         return {}
     fleet = fleet_of(ferry, snapshot)
-    checks = [(member, smoke_check(ferry, *release.member_candidate(ferry, snapshot, member))[0])
+    checks = [(member, smoke_check(ferry, *member_candidate(ferry, snapshot, member))[0])
               for member in candidate.members]
 
     def members_on(triton: Triton) -> None:  # each member alone first: a failure then names the member at fault
         for member, check in checks:
-            release.as_member(member, functools.partial(check, triton))
+            as_member(member, functools.partial(check, triton))
 
     if checks:
         fleet.each_step(members_on)
     smoke_on, golden = smoke_check(ferry, snapshot, candidate)
 
-    def end_to_end(triton: Triton) -> dict[str, list[int]]:
-        return release.end_to_end(candidate.members, functools.partial(smoke_on, triton))
+    def whole(triton: Triton) -> dict[str, list[int]]:
+        return end_to_end(candidate.members, functools.partial(smoke_on, triton))
 
-    shapes = fleet.each_step(end_to_end if candidate.members else smoke_on)
+    shapes = fleet.each_step(whole if candidate.members else smoke_on)
     return {"golden": golden, "outputs": next(iter(shapes.values())), "replicas": len(shapes),
             **({"members": len(candidate.members)} if candidate.members else {})}
 
