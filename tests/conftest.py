@@ -321,7 +321,9 @@ def _assert_record_invariants(world: World, attempts: int) -> None:
         for folder in map(Path, record["rollback"]["quarantined"]):
             reason = json.loads((folder / "reason.json").read_text())
             assert reason["failed_step"] == record["failed_step"] and reason["error"]
-            assert folder.parent == model_dir.quarantine_root
+            # A release quarantines what it staged of each member in that member's own quarantine.
+            members = {m["model"] for m in record.get("members") or []} | {reason["model"]}
+            assert folder.parent in {ModelDir(model_dir.repository, m).quarantine_root for m in members | {world.model}}
         redeployed = any(r["outcome"] == "committed" and r["version"] == record["version"] for r in history[i + 1:])
         if record["version"] is not None and not redeployed:  # a version that failed once may pass later
             assert record["version"] not in serving
