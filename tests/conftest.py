@@ -49,7 +49,8 @@ BROKEN_VERSIONS = [
 LONG_TESTS = ("test_demo",)  # each about 25-110 s
 # Modules whose servers (PostgreSQL, SeaweedFS, MLflow, Airflow) start once per module and worker: kept whole on
 # one worker, so that they start once. Their seconds here, to balance the workers' shares.
-LONG_MODULES = {"test_production_mlflow.py": 105, "test_airflow_local.py": 75}
+LONG_MODULES = {"test_production_mlflow.py": 105, "test_airflow_local.py": 75, "test_release_fleet.py": 130,
+                "test_release.py": 45}
 LONG_TEST_S = 45
 
 
@@ -274,11 +275,11 @@ def assert_invariants(world: World, attempts: int) -> None:
     # 1. current.json parses and names a version whose files exist and that every replica serves.
     current = read_current(model_dir)
     for replica in world.ferry.fleet().replicas:
-        _assert_replica_invariants(world, replica.placement(world.model), current, replica.url)
+        assert_replica_invariants(world, replica.placement(world.model), current, replica.url)
     _assert_record_invariants(world, attempts)
 
 
-def _assert_replica_invariants(world: World, where: Placement, current, replica: str) -> None:
+def assert_replica_invariants(world: World, where: Placement, current, replica: str) -> None:
     model_dir = world.model_dir
     serving = where.front
     if current is None:

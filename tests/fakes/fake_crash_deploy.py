@@ -15,6 +15,7 @@ import sys
 import ferry.core.journal
 import ferry.core.runner
 import ferry.core.steps
+import ferry.core.undo
 from ferry.adapters.cli import app
 from ferry.core.repository import ModelDir
 
@@ -31,7 +32,7 @@ POINTS = {
     "inside-commit": (ferry.core.steps, "write_current", "after"),  # committed, Triton not yet pinned to it
     "after-commit": (ferry.core.runner, "append_history", "before"),
     "after-history": (ferry.core.journal.Journal, "remove", "before"),
-    "inside-rollback": (ferry.core.steps, "serve_only_active", "before"),  # current.json restored, Triton not yet
+    "inside-rollback": (ferry.core.undo, "serve_only_active", "before"),  # current.json restored, Triton not yet
 }
 
 

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ferry.core import placement, rolling, steps, writeback
+from ferry.core import placement, release, rolling, steps, writeback
 from ferry.core import undo as undoing
 from ferry.core.baking import Baking
 from ferry.core.current import append_history, find_attempt, read_attempts, read_current
@@ -291,7 +291,9 @@ class Runner(Baking):
         held = placement.held_versions(report.current)  # the previous version too, if its window is still open
         warm = None if candidate.rolled else next((v for v in held if v != candidate.version), None)
         loaded = placement.loaded_after_load(record.snapshot, candidate)
-        report.warnings += placement.pin_after_commit(self.model_dir, candidate, fleet, warm, loaded)
+        before = record.snapshot.current.members if record.snapshot.current else []
+        stale = release.stale_stores(self.model_dir, self.model, before, candidate.members)
+        report.warnings += placement.pin_after_commit(self.model_dir, candidate, fleet, warm, loaded, stale)
         _, states = placement.wait_serving(fleet, self.model, [candidate.version], held=held)
         report.warnings += [f"{problem} (drift: run `ferry reconcile`)"
                             for problem in placement.serving_problems(states, [candidate.version])]
