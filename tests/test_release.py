@@ -234,6 +234,12 @@ def test_a_member_that_cannot_load_rolls_the_release_back_naming_it(released: Re
     reason = Path(next(p for p in report.rollback.quarantined if f"/{SCORE}/" in p)) / "reason.json"
     assert "params.json" in reason.read_text()
     assert_release_invariants(released, attempts)
+    client = mlflow.MlflowClient(released.settings.tracking_uri)  # every member's outcome is written back
+    refused = client.get_model_version(SCORE, str(versions[SCORE])).tags
+    assert refused["ferry.status"] == "refused" and f"release {ENTRY} v{versions[ENTRY]}" in refused["ferry.error"]
+    for member in before.members:
+        assert client.get_model_version(member.model, str(member.version)).tags["ferry.status"] == "serving"
+        assert int(client.get_model_version_by_alias(member.model, "serving").version) == member.version
     again = released.cli("rollback", ENTRY, "--to", str(versions[ENTRY]))  # refused before anything is touched
     assert again.returncode == 2 and "failed its last deploy" in again.stderr, again.stderr
     assert_release_invariants(released, attempts + 1)

@@ -36,6 +36,7 @@ from ferry.core.fsutil import append_line
 from ferry.core.mlflow_write import MlflowWriter, connect
 from ferry.core.records import CurrentState, DeployReport, Outcome, WriteBackRecord, utc_stamp
 from ferry.core.registry import Registry
+from ferry.core.release import pinned_versions
 from ferry.core.repository import ModelDir
 
 STATUS, DEPLOY_ID, UPDATED_AT = "ferry.status", "ferry.deploy_id", "ferry.updated_at_utc"
@@ -74,6 +75,7 @@ class Plan:
     model: str
     serving: Mark | None = None
     marks: list[Mark] = field(default_factory=list)
+    kept: list[int] = field(default_factory=list)  # versions left tagged serving (another release pins them)
 
 
 class SyncResult(BaseModel):
@@ -107,6 +109,23 @@ def plan_for_report(report: DeployReport) -> Plan:
         plan.marks.append(Mark(report.version, REFUSED, report.deploy_id, report.finished_at_utc,
                                report.failed_step or "", report.error or ""))
     return plan
+
+
+def member_plans(model_dir: ModelDir, report: DeployReport) -> list[Plan]:
+    """A release's members, each a model of its own in MLflow: a committed release's member versions serve
+    (other versions that a committed release still pins stay tagged serving); a failed release's member
+    versions that nothing committed pins are refused, with the release's reason."""
+    if report.outcome in (Outcome.COMMITTED, Outcome.NOOP) and report.current is not None:
+        current = report.current
+        return [Plan(m.model, serving=Mark(m.version, SERVING, current.deploy_id, current.updated_at_utc),
+                     kept=sorted(pinned_versions(model_dir, m.model, besides=model_dir.model)))
+                for m in current.members]
+    if report.outcome != Outcome.ROLLED_BACK:
+        return []
+    reason = f"release {report.model} v{report.version}: {report.error or ''}"
+    return [Plan(m.model, marks=[Mark(m.version, REFUSED, report.deploy_id, report.finished_at_utc,
+                                      report.failed_step or "", reason)])
+            for m in report.members if m.version not in pinned_versions(model_dir, m.model)]
 
 
 def plan_from_state(model: str, current: CurrentState | None, history: list[DeployReport]) -> Plan:
@@ -214,7 +233,7 @@ def _apply(settings: Settings, registry: Registry, plan: Plan) -> SyncResult:
         writer = _Writer(mlflow, plan.model, time.monotonic() + _BUDGET_CALLS * settings.writeback_timeout_s)
         try:
             if plan.serving is not None:
-                writer.serve(plan.serving, settings.serving_alias, [m.version for m in plan.marks])
+                writer.serve(plan.serving, settings.serving_alias, [m.version for m in plan.marks] + plan.kept)
             for mark in plan.marks:
                 writer.mark(mark)
         finally:
@@ -247,7 +266,12 @@ def tell(settings: Settings, registry: Callable[[], Registry], model_dir: ModelD
     """Tag the version and move the serving alias (when :func:`due`), and leave the line in writeback.jsonl."""
     began = time.perf_counter()
     try:
-        result = _apply(settings, registry(), plan_for_report(report))
+        client = registry()
+        result = _apply(settings, client, plan_for_report(report))
+        for plan in member_plans(model_dir, report) if not result.unavailable else []:
+            told = _apply(settings, client, plan)
+            result.warnings += told.warnings
+            result.unavailable, result.refused = result.unavailable or told.unavailable, result.refused + told.refused
     except FerryError as error:  # MLflow's client could not even start
         result = SyncResult(model=report.model, unavailable=True, warnings=[
             f"MLflow was not told of the outcome: {error} (run `ferry sync {report.model}`)"])
