@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-stamp
 # Tests run side by side (each has its own Triton and MLflow): the servers wait on I/O much of the time.
 WORKERS ?= 3
 
-.PHONY: install prometheus perf-analyzer demo demo-airflow demo-fleet demo-watch test test-fast lint bench clean
+.PHONY: install prometheus perf-analyzer demo demo-airflow demo-fleet demo-release demo-watch test test-fast lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ demo-airflow: install
 
 demo-fleet: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo_fleet.sh
+
+demo-release: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo_release.sh
 
 demo-watch: install
 	$(BIN)/python scripts/demo_watch.py

@@ -291,3 +291,25 @@ def test_a_member_two_releases_pin_stays_loaded_for_the_one_that_still_pins_it(r
         assert replica.placement(SCALE).store == [m.version for m in moved.members if m.model == SCALE]
         assert not replica.ready_versions(store_name(other.model, 1))
     assert_release_invariants(released, len(read_history(released.model_dir)))
+
+
+def test_demo_release_tells_its_story(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT, _free_port_block
+
+    env = {**os.environ, "FERRY_DEMO_DIR": str(tmp_path / "demo"), "FERRY_DEMO_PORT": str(_free_port_block(3)),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "demo_release.sh")], env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout
+    answers = [line for line in out.splitlines() if line.startswith("iris_pipeline answers")]
+    assert [line.rsplit("computed by ", 1)[1] for line in answers] == [
+        "iris_scale v1 and iris_score v1", "iris_scale v2 and iris_score v2", "iris_scale v2 and iris_score v2",
+        "iris_scale v1 and iris_score v1"]
+    assert "a release of iris_scale v2, iris_score v2" in out
+    assert "committed iris_pipeline v1 (was v2)" in out and "member of 'iris_pipeline' (v1)" in out
+    assert "failed at smoke: the release end to end (iris_scale v3, iris_score v3" in result.stderr

@@ -25,6 +25,9 @@ def describe(step: Step, result: Any) -> str:
         if candidate.already_active:
             served = "Triton did not serve it: proving it again" if candidate.revalidate else "served"
             return f"v{candidate.version} is already active ({served})"
+        if candidate.members:  # an ensemble has no files of its own: what it is is its members
+            members = ", ".join(m.label for m in candidate.members)
+            return f"v{candidate.version} (run {candidate.run_id[:8]}), a release of {members}"
         origin = "reused" if candidate.reused else f"{candidate.size_bytes} bytes"
         return f"v{candidate.version} (run {candidate.run_id[:8]}, {origin}, sha256 {candidate.sha256[:12]})"
     if step == Step.COMMIT and result[0] is not None:
