@@ -313,3 +313,33 @@ def test_demo_release_tells_its_story(tmp_path: Path) -> None:
     assert "a release of iris_scale v2, iris_score v2" in out
     assert "committed iris_pipeline v1 (was v2)" in out and "member of 'iris_pipeline' (v1)" in out
     assert "failed at smoke: the release end to end (iris_scale v3, iris_score v3" in result.stderr
+
+
+def test_the_dags_tasks_and_the_mlflow_plugin_deploy_a_release(released: ReleaseWorld,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow.deployments import get_deploy_client
+
+    from ferry.adapters import dag_steps
+
+    versions = released.register_release(factor=4.0)
+    attempts = len(read_history(released.model_dir)) + 1
+    handle = dag_steps.snapshot_current(released.ferry, ENTRY, "champion")  # plain JSON between the DAG's tasks
+    for step in (dag_steps.materialize_repo, dag_steps.triton_load, dag_steps.triton_ready,
+                 dag_steps.triton_infer_smoke):
+        handle = step(released.ferry, handle)
+    assert handle["smoke"]["members"] == 2
+    assert dag_steps.commit_current(released.ferry, handle)["outcome"] == "committed"
+    committed = read_current(released.model_dir)
+    assert [(m.model, m.version) for m in committed.members] == [(SCALE, versions[SCALE]), (SCORE, versions[SCORE])]
+    assert_release_invariants(released, attempts)
+
+    for name, value in released.env().items():
+        monkeypatch.setenv(name, value)
+    client = get_deploy_client("ferry")
+    back = client.update_deployment(ENTRY, f"models:/{ENTRY}/1")  # -t ferry: back to the first release
+    assert back["outcome"] == "committed" and back["version"] == 1, back
+    assert [m.version for m in read_current(released.model_dir).members] == [1, 1]
+    assert_release_invariants(released, attempts + 1)
+    metrics = released.cli("metrics")
+    for member in (SCALE, SCORE):
+        assert f'ferry_release_member{{member="{member}",model="{ENTRY}",version="1"}} 1.0' in metrics.stdout

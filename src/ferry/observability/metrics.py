@@ -25,6 +25,7 @@ from ferry.core.current import read_current
 from ferry.core.errors import FerryError, InvalidInput
 from ferry.core.fleet import Fleet
 from ferry.core.records import TRANSACTION_STEPS, Step, parse_utc_stamp
+from ferry.core.release import missing_members
 from ferry.core.repository import ModelDir
 from ferry.core.status import list_models, replica_indexes
 from ferry.core.triton import RepositoryIndex, placement
@@ -114,6 +115,8 @@ class FerryCollector(Collector):
                                    labels=["model"])
         gate_failed = GaugeMetricFamily("ferry_last_gate_failure_timestamp_seconds", "When a bake's gate last "
                                         "rolled a deploy back (UNIX time; 0: never)", labels=["model"])
+        members = GaugeMetricFamily("ferry_release_member", "1 for each member version a committed release pins "
+                                    "(its entry model, the member, its version)", labels=["model", "member", "version"])
         indexes = self._indexes()
         for model in list_models(self.settings.repository):
             model_dir = ModelDir(self.settings.repository, model)
@@ -134,13 +137,17 @@ class FerryCollector(Collector):
                 current = None
             if current is not None:
                 active.add_metric([model], current.active_version)
+            pinned = current.members if current else []
+            for member in pinned:
+                members.add_metric([model, member.model, str(member.version)], 1.0)
             committed = [current.active_version] if current else []
             for replica, index in indexes.items():
-                if not isinstance(index, FerryError):
-                    drift.add_metric([model, replica], float(placement(index, model).serving != committed))
+                if not isinstance(index, FerryError):  # a release drifts too when a replica lacks a member store
+                    astray = placement(index, model).serving != committed or bool(missing_members(index, pinned))
+                    drift.add_metric([model, replica], float(astray))
         for replica, index in indexes.items():
             triton_up.add_metric([replica], float(not isinstance(index, FerryError)))
-        yield from (deploys, rollbacks, steps, last, active, drift, triton_up, baking, gate_failed)
+        yield from (deploys, rollbacks, steps, last, active, drift, triton_up, baking, gate_failed, members)
 
 
 def write_textfile(path: Path, collector: FerryCollector) -> None:
