@@ -12,9 +12,9 @@ from collections.abc import Iterator
 import pytest
 
 from conftest import replica_settings, start_fleet, stop_fleet
-from ferry.core import steps
 from ferry.core.current import read_current, read_history
 from ferry.core.reconcile import reconcile
+from ferry.core.triton import Triton
 from ferry.runtime import server
 from test_fleet import _pid
 from test_recover import CRASHING_FERRY
@@ -41,14 +41,14 @@ def test_a_replica_killed_in_a_releases_load_rolls_back_the_other_and_reconcile_
     assert world.deploy().outcome == "committed"
     before = read_current(world.model_dir)
     doomed = replica_settings(world.settings)[1]
-    load_store = steps.load_store
+    load = Triton.load
 
-    def killed_between_the_members_and_the_entry(triton, *args, **kwargs):  # the fault: a node lost mid-load
-        if triton.url == doomed.triton.url:
+    def killed_between_the_members_and_the_entry(triton: Triton, name: str, *args, **kwargs):  # a node lost
+        if triton.url == doomed.triton.url and name.startswith(f"{world.model}.versions."):
             os.kill(_pid(doomed), signal.SIGKILL)
-        return load_store(triton, *args, **kwargs)
+        return load(triton, name, *args, **kwargs)
 
-    monkeypatch.setattr(steps, "load_store", killed_between_the_members_and_the_entry)
+    monkeypatch.setattr(Triton, "load", killed_between_the_members_and_the_entry)
     world.register_release(factor=2.0)
     report = world.deploy()
     monkeypatch.undo()

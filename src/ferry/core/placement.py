@@ -108,8 +108,14 @@ def load_store(triton: Triton, model: str, config: model_config_pb2.ModelConfig,
     store with its steps sent to them."""
     for member in members:
         triton.load(member.name, member.override())
+    triton.load(store_name(model, version), store_override(config, model, version, members))
+
+
+def store_override(config: model_config_pb2.ModelConfig, model: str, version: int, members: list[MemberStore]) -> str:
+    """The config override version ``version``'s store loads with (a release's entry: its steps sent to the
+    member stores)."""
     pinned = entry_store_config(config, model, version, members) if members else store_config(config, model, version)
-    triton.load(store_name(model, version), to_override_json(pinned))
+    return to_override_json(pinned)
 
 
 def retire(triton: Triton, model: str) -> None:

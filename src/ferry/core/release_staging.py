@@ -51,8 +51,8 @@ def with_members(ferry: Services, snapshot: Snapshot, candidate: Candidate, alia
     members = [_stage_member(ferry, snapshot, ref) for ref in refs]
     if recorded and [m.sha256 for m in members] != [m.sha256 for m in recorded]:
         raise ReleaseRefused(f"the members staged for '{snapshot.model}' v{candidate.version} are not the files its "
-                           f"release recorded ({labels(recorded)})",
-                           "move the changed member versions out of the repository and deploy again")
+                             f"release recorded ({labels(recorded)})",
+                             "move the changed member versions out of the repository and deploy again")
     if not recorded and manifest is not None:
         record = manifest.model_copy(update={"members": members})
         atomic_write(entry_dir.version_dir(candidate.version) / MANIFEST, record.model_dump_json(indent=1).encode())
@@ -69,8 +69,8 @@ def resolve_members(ferry: Services, entry: str, config: model_config_pb2.ModelC
             raise StepFailed(Step.MATERIALIZE, f"the ensemble '{entry}' names itself as a step")
         if _deployed_alone(ferry.model_dir(name)):
             raise ReleaseRefused(f"'{name}', a member of '{entry}', is deployed on its own (it has a current.json)",
-                               f"a model is either a member of releases or deployed alone: retire '{name}' first, "
-                               "or name a copy of it in the ensemble")
+                                 f"a model is either a member of releases or deployed alone: retire '{name}' "
+                                 "first, or name a copy of it in the ensemble")
         if pinned > 0:
             refs.append(staging.resolve(ferry, ferry.model_dir(name), None, pinned))
         elif alias is not None:

@@ -35,9 +35,9 @@ from ferry.core.model_config import (
     signature_changes,
 )
 from ferry.core.placement import (
-    load_store,
     loaded_after_load,
     pin_after_commit,
+    store_override,
 )
 from ferry.core.records import (
     Candidate,
@@ -55,7 +55,6 @@ from ferry.core.smoke import SMOKE_FILE, load_sample, output_problems, synthetic
 from ferry.core.triton import Triton, placement
 
 T = TypeVar("T")
-
 
 
 def as_step_failure(step: Step, error: BaseException) -> StepFailed:
@@ -129,8 +128,8 @@ def materialize(ferry: Services, snapshot: Snapshot, alias: str | None = None, v
     """
     model_dir = ferry.model_dir(snapshot.model)
     if snapshot.current is None and (releases := release.release_of(model_dir, snapshot.model)):
-        raise ReleaseRefused(f"'{snapshot.model}' is a member of the release {releases}, which pins its "
-                                     "version", "deploy a new release of its entry model instead")
+        raise ReleaseRefused(f"'{snapshot.model}' is a member of the release {releases}, which pins its version",
+                             "deploy a new release of its entry model instead")
     ref = staging.resolve(ferry, model_dir, alias, version)
     if ref.version == snapshot.active_version and snapshot.current is not None:
         active = Candidate(
@@ -214,7 +213,8 @@ def _load_on(triton: Triton, model: str, config: model_config_pb2.ModelConfig, c
     for member in members:
         _load_one(functools.partial(triton.load, member.name, member.override()),
                   f"member '{member.model}' v{member.version}")
-    _load_one(lambda: load_store(triton, model, config, candidate.version, members), f"v{candidate.version}")
+    override = store_override(config, model, candidate.version, members)
+    _load_one(functools.partial(triton.load, store_name(model, candidate.version), override), f"v{candidate.version}")
 
 
 def _load_one(load: Callable[[], None], what: str) -> None:

@@ -70,8 +70,10 @@ def undo(ferry: Services, snapshot: Snapshot, failure: Failure, candidate: int |
     # candidate's load, Triton keeps the active version's running instance instead of re-creating it.
     if (active := snapshot.active_version) is not None:
         attempt("checked the store's link", lambda: model_dir.ensure_store_link(active))
-    tried, names = release.members_of(model_dir, candidate), release.member_models(model_dir, candidate)
-    stale = release.stale_stores(model_dir, snapshot.model, tried, snapshot.current.members if snapshot.current else [])
+    names = release.member_models(model_dir, candidate)  # a release: the members its config names
+    active_members = snapshot.current.members if snapshot.current else []
+    stale = attempt("found the failed release's member stores", lambda: release.stale_stores(
+        model_dir, snapshot.model, release.members_of(model_dir, candidate), active_members)) if names else []
     attempt("asked Triton to serve only the active version",
             lambda: serve_only_active(fleet, snapshot, model_dir, stale))
     wanted = [snapshot.current.active_version] if snapshot.current else []
