@@ -343,3 +343,32 @@ def test_the_dags_tasks_and_the_mlflow_plugin_deploy_a_release(released: Release
     metrics = released.cli("metrics")
     for member in (SCALE, SCORE):
         assert f'ferry_release_member{{member="{member}",model="{ENTRY}",version="1"}} 1.0' in metrics.stdout
+
+
+def test_a_canary_bakes_the_whole_pipeline_and_no_answer_mixes_its_members(released: ReleaseWorld) -> None:
+    from ferry.core.records import RolloutPlan
+    from ferry.core.runner import Runner
+    from ferry.core.services import Services
+    from ferry.core.target import Target
+
+    if read_current(released.model_dir) is None:
+        released.register_release()
+        assert released.deploy().outcome == "committed"
+    attempts = len(read_history(released.model_dir)) + 1
+    before = {m.model: m.version for m in read_current(released.model_dir).members}
+    versions = released.register_release(factor=5.0)
+    with running_gateway(released) as gateway, Load(gateway.url, gateway.grpc, released.settings.triton_url) as load:
+        load.wait_for(20)
+        baking = Services(released.settings.with_overrides(
+            gateways=gateway.url, gate_interval_s=1.0, gate_min_requests=20, gate_latency_slack_ms=50.0))
+        plan = RolloutPlan(mode="canary", bake_s=4, canary_percent=50)
+        report = Runner(baking, ENTRY).deploy(Target.of_alias("champion", rollout=plan))
+        load.wait_for(20)
+    assert report.outcome == "committed", report.error
+    assert report.gate and report.gate[-1].verdict == "pass" and report.gate[-1].candidate.requests >= 20
+    assert_release_invariants(released, attempts)
+    old, new = (before[SCALE], before[SCORE]), (versions[SCALE], versions[SCORE])
+    assert not [a for a in load.answers if a.pair is None], "a request failed during the canary"
+    seen = Counter((a.via, a.pair) for a in load.answers)
+    assert set(pair for _, pair in seen) <= {old, new}, f"a mix of members: {seen}"
+    assert seen[("gateway http", new)] and seen[("gateway http", old)], seen
