@@ -240,6 +240,13 @@ def test_a_member_that_cannot_load_rolls_the_release_back_naming_it(released: Re
     for member in before.members:
         assert client.get_model_version(member.model, str(member.version)).tags["ferry.status"] == "serving"
         assert int(client.get_model_version_by_alias(member.model, "serving").version) == member.version
+    serving = before.members[0]
+    client.set_model_version_tag(serving.model, str(serving.version), "ferry.status", "retired")  # MLflow drifted
+    client.delete_model_version_tag(SCORE, str(versions[SCORE]), "ferry.status")
+    synced = released.cli("sync")  # every model, members included
+    assert synced.returncode == 0, synced.stdout + synced.stderr
+    assert client.get_model_version(serving.model, str(serving.version)).tags["ferry.status"] == "serving"
+    assert client.get_model_version(SCORE, str(versions[SCORE])).tags["ferry.status"] == "refused"
     again = released.cli("rollback", ENTRY, "--to", str(versions[ENTRY]))  # refused before anything is touched
     assert again.returncode == 2 and "failed its last deploy" in again.stderr, again.stderr
     assert_release_invariants(released, attempts + 1)

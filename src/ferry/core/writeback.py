@@ -128,6 +128,28 @@ def member_plans(model_dir: ModelDir, report: DeployReport) -> list[Plan]:
             for m in report.members if m.version not in pinned_versions(model_dir, m.model)]
 
 
+def member_plans_from_state(model_dir: ModelDir, current: CurrentState | None,
+                            history: list[DeployReport]) -> list[Plan]:
+    """What the members of a release must say, from current.json and the history: the committed release's
+    member versions serve; a member version only ever seen in rolled-back releases, that nothing committed
+    pins, is refused."""
+    plans: dict[str, Plan] = {}
+    if current is not None:
+        for member in current.members:
+            plans[member.model] = Plan(member.model, kept=sorted(pinned_versions(model_dir, member.model,
+                                                                                 besides=model_dir.model)),
+                                       serving=Mark(member.version, SERVING, current.deploy_id,
+                                                    current.updated_at_utc))
+    served = {(m.model, m.version) for r in history if r.outcome == Outcome.COMMITTED and r.current
+              for m in r.current.members}
+    for report in history:
+        if report.outcome == Outcome.ROLLED_BACK:
+            for plan in member_plans(model_dir, report):
+                marks = [m for m in plan.marks if (plan.model, m.version) not in served]
+                plans.setdefault(plan.model, Plan(plan.model)).marks += marks
+    return list(plans.values())
+
+
 def plan_from_state(model: str, current: CurrentState | None, history: list[DeployReport]) -> Plan:
     """The marks current.json and the history imply: the committed version serves; every other version
     ferry decided on is retired (it served, and a later commit replaced it) or refused (its last attempt
@@ -289,7 +311,13 @@ def sync(settings: Settings, registry: Registry, model_dir: ModelDir) -> SyncRes
         return SyncResult(model=model_dir.model, warnings=["FERRY_SERVING_ALIAS is empty: write-back is off"])
     began = time.perf_counter()
     current = read_current(model_dir)
-    result = _apply(settings, registry, plan_from_state(model_dir.model, current, read_attempts(model_dir)))
+    history = read_attempts(model_dir)
+    result = _apply(settings, registry, plan_from_state(model_dir.model, current, history))
+    for plan in member_plans_from_state(model_dir, current, history) if not result.unavailable else []:
+        told = _apply(settings, registry, plan)
+        result.changes += [f"{plan.model} {change}" for change in told.changes]
+        result.warnings += told.warnings
+        result.unavailable, result.refused = result.unavailable or told.unavailable, result.refused + told.refused
     _append(model_dir, WriteBackRecord(deploy_id=current.deploy_id if current else "", model=model_dir.model,
                                        by="sync", at_utc=utc_stamp(), seconds=round(time.perf_counter() - began, 4),
                                        told=result.in_sync, warnings=result.warnings))
