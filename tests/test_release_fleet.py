@@ -64,7 +64,8 @@ def test_a_replica_killed_in_a_releases_load_rolls_back_the_other_and_reconcile_
     assert reconciled.returncode == 0, reconciled.stdout + reconciled.stderr
     actions = {r["model"]: (r["action"], r["detail"]) for r in json.loads(reconciled.stdout)}
     assert actions[world.model][0] == actions[ENTRY][0] == "loaded", actions
-    assert actions["killed_scale"] == ("in place", f"a member of '{world.model}' (v1): reconciled with its release")
+    assert actions["killed_scale"] == (
+        "in place", f"a member of '{world.model}' (which pins killed_scale v1): reconciled with its release")
     assert_release_invariants(world, None, entry=world.model)
     assert_release_invariants(fleet_release, len(read_history(fleet_release.model_dir)))
     assert len(read_history(world.model_dir)) == 2

@@ -63,7 +63,7 @@ def test_what_committed_releases_pin_and_what_goes_stale(tmp_path: Path) -> None
     anchor = ModelDir(tmp_path, "pipe")
     assert release.pinned_versions(anchor, "pre") == {1: ["other"], 2: ["pipe"]}
     assert release.pinned_versions(anchor, "cls", besides="pipe") == {2: ["other"]}
-    assert release.release_of(anchor, "pre") == "'other' (v1), 'pipe' (v2)"
+    assert release.release_of(anchor, "pre") == "'other' (which pins pre v1), 'pipe' (which pins pre v2)"
     assert release.release_of(anchor, "nobody") is None
     before = [ReleaseMember(model="pre", version=2), ReleaseMember(model="cls", version=2)]
     after = [ReleaseMember(model="pre", version=3), ReleaseMember(model="cls", version=3)]
@@ -72,12 +72,32 @@ def test_what_committed_releases_pin_and_what_goes_stale(tmp_path: Path) -> None
     assert release.stale_stores(anchor, "pipe", before, before) == []
 
 
-def test_a_damaged_current_json_of_another_model_does_not_hide_the_others(tmp_path: Path) -> None:
+def test_an_unreadable_current_json_of_another_entry_pins_any_version(tmp_path: Path) -> None:
     _commit(tmp_path, "pipe", [("pre", 2)])
     broken = ModelDir(tmp_path, "broken")
     broken.ensure()
     broken.current_path.write_text("{not json")
-    assert release.pinned_versions(ModelDir(tmp_path, "pipe"), "pre") == {2: ["pipe"]}
+    anchor = ModelDir(tmp_path, "pipe")
+    assert release.pinned_versions(anchor, "pre") == {2: ["pipe"], release.ANY_VERSION: ["broken"]}
+    # nothing of pre is unloaded on the unreadable entry's account
+    assert release.stale_stores(anchor, "pipe", [ReleaseMember(model="pre", version=2)], []) == []
+
+
+def test_a_release_being_deployed_pins_its_candidate_members(tmp_path: Path) -> None:
+    from ferry.core.journal import Journal
+    from ferry.core.records import Candidate, JournalRecord, Kind, Owner
+
+    _commit(tmp_path, "pipe", [("pre", 2)])
+    other = ModelDir(tmp_path, "other")
+    other.ensure()
+    candidate = Candidate(model="other", version=1, run_id="r", alias=None, sha256="s", size_bytes=0,
+                          config_pbtxt="", members=[ReleaseMember(model="pre", version=3)])
+    Journal.create(other, JournalRecord(model="other", kind=Kind.DEPLOY, target="@c", who="t", started_at_utc="x",
+                                        owner=Owner(via="cli", host="h", pid=1), candidate=candidate))
+    anchor = ModelDir(tmp_path, "pipe")
+    assert release.pinned_versions(anchor, "pre") == {2: ["pipe"], 3: ["other"]}
+    moving_on = [ReleaseMember(model="pre", version=3)]
+    assert release.stale_stores(anchor, "pipe", moving_on, []) == []  # the other deploy's candidate stays
 
 
 def test_missing_members_are_the_ones_a_replica_does_not_hold_ready() -> None:

@@ -12,8 +12,8 @@ from ferry.core.fleet import Fleet
 from ferry.core.journal import read_journal
 from ferry.core.lock import holding
 from ferry.core.model_config import to_pbtxt
-from ferry.core.placement import held_versions, pin, retire, serving_problems, wait_serving
-from ferry.core.release import missing_members, release_of
+from ferry.core.placement import held_versions, pin, retire, serving_problems, unload_members, wait_serving
+from ferry.core.release import ANY_VERSION, missing_members, pinned_versions, release_of
 from ferry.core.repository import ModelDir
 from ferry.core.services import Services
 from ferry.core.triton import Placement, RepositoryIndex, placement
@@ -54,9 +54,8 @@ def reconcile(ferry: Services, model: str) -> Reconciled:
 
 def _reconcile(ferry: Services, model_dir: ModelDir) -> Reconciled:
     current = read_current(model_dir)
-    if current is None and (releases := release_of(model_dir, model_dir.model)):
-        return Reconciled(model=model_dir.model, active_version=None, action="in place",
-                          detail=f"a member of {releases}: reconciled with its release")
+    if current is None and (pins := pinned_versions(model_dir, model_dir.model)):
+        return _reconcile_member(ferry, model_dir, pins)
     version = current.active_version if current else None
     wanted = [version] if version is not None else []
     held = held_versions(current)
@@ -92,6 +91,25 @@ def _reconcile(ferry: Services, model_dir: ModelDir) -> Reconciled:
     _, after = wait_serving(target, model_dir.model, wanted, timeout_s=ferry.settings.ready_timeout_s,
                             held=held)
     return _result(model_dir, version, "loaded", {**states, **after, **failed}, wanted)
+
+
+def _reconcile_member(ferry: Services, model_dir: ModelDir, pins: dict[int, list[str]]) -> Reconciled:
+    """A member of releases: its entries' reconcile loads what they pin; here, what no release pins any more
+    (a stale store an unreachable replica kept) is unloaded."""
+    member = model_dir.model
+    releases = release_of(model_dir, member)
+    if ANY_VERSION in pins:
+        return Reconciled(model=member, active_version=None, action="in place",
+                          detail=f"a member of {releases}: left as it is")
+    fleet = ferry.fleet()
+    holds = fleet.settled(lambda triton: triton.placement(member).store)
+    stale = sorted({v for held in holds.values() if not isinstance(held, FerryError) for v in held} - set(pins))
+    if not stale:
+        return Reconciled(model=member, active_version=None, action="in place",
+                          detail=f"a member of {releases}: reconciled with its release")
+    fleet.settled(lambda triton: unload_members(triton, [(member, v) for v in stale]))
+    return Reconciled(model=member, active_version=None, action="unloaded",
+                      detail=f"a member of {releases}: unloaded v{', v'.join(map(str, stale))}, which no release pins")
 
 
 def _index_of(index: RepositoryIndex | FerryError) -> RepositoryIndex:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from ferry.core.current import read_current
 from ferry.core.errors import FerryError, InvalidInput, StepFailed
 from ferry.core.front import store_config, store_name
+from ferry.core.journal import read_journal
 from ferry.core.model_config import model_config_pb2, to_override_json
 from ferry.core.records import QuarantineReason, ReleaseMember, Step
 from ferry.core.repository import STATE_DIR, ModelDir
@@ -46,7 +47,8 @@ def member_pins(config: model_config_pb2.ModelConfig) -> list[MemberKey]:
         pinned = int(step.model_version)
         if pins.setdefault(step.model_name, pinned) != pinned:
             raise StepFailed(Step.MATERIALIZE, f"the ensemble's steps pin '{step.model_name}' at two versions "
-                             f"({pins[step.model_name]} and {pinned})", "a release runs one version of each member")
+                             f"({pins[step.model_name]} and {pinned})",
+                             "a release runs one version of each member: give every step of it the same model_version")
     return list(pins.items())
 
 
@@ -104,41 +106,55 @@ def entry_store_config(config: model_config_pb2.ModelConfig, model: str, version
     return pinned
 
 
+ANY_VERSION = -1  # in pinned_versions: an entry whose files cannot be read, which may pin any version (keep all)
+
+
 def pinned_versions(repository: ModelDir, member: str, besides: str | None = None) -> dict[int, list[str]]:
-    """Each version of ``member`` that a committed release pins, and the entry models that pin it (but
-    ``besides``, whose commit is being changed)."""
+    """Each version of ``member`` that a release pins, and the entry models that pin it: committed (their
+    current.json) or being deployed (their journal's candidate), but ``besides``, whose own state the caller
+    is changing. An entry whose current.json or journal cannot be read pins ANY_VERSION: nothing of the
+    member is unloaded or quarantined on its account (fail closed)."""
     pins: dict[int, list[str]] = {}
-    for current_path in sorted((repository.repository / STATE_DIR).glob("*/current.json")):
-        entry = current_path.parent.name
-        if entry == besides:
+    for state_dir in sorted((repository.repository / STATE_DIR).iterdir()) \
+            if (repository.repository / STATE_DIR).is_dir() else []:
+        entry = state_dir.name
+        has_state = (state_dir / "current.json").exists() or (state_dir / "journal.json").exists()
+        if entry == besides or not has_state:
             continue
         try:
-            current = read_current(ModelDir(repository.repository, entry))
-        except (FerryError, ValueError):
-            continue  # another model's damaged file is its own deploy's to report
-        for pinned in current.members if current else []:
-            if pinned.model == member:
+            entry_dir = ModelDir(repository.repository, entry)
+            current, journal = read_current(entry_dir), read_journal(entry_dir)
+        except (FerryError, OSError, ValueError):
+            pins.setdefault(ANY_VERSION, []).append(entry)
+            continue
+        claimed = journal.record.candidate.members if journal and journal.record.candidate else []
+        for pinned in [*(current.members if current else []), *claimed]:
+            if pinned.model == member and entry not in pins.get(pinned.version, []):
                 pins.setdefault(pinned.version, []).append(entry)
     return pins
 
 
 def stale_stores(repository: ModelDir, entry: str, before: list[ReleaseMember],
                  after: list[ReleaseMember]) -> list[MemberKey]:
-    """The member stores ``entry`` pinned before and no longer does, that no other committed release pins."""
+    """The member stores ``entry`` pinned before and no longer does, that no other release pins (committed or
+    being deployed)."""
     kept = set(keys(after))
     stale = []
     for model, version in keys(before):
-        if (model, version) not in kept and version not in pinned_versions(repository, model, besides=entry):
+        pins = pinned_versions(repository, model, besides=entry)
+        if (model, version) not in kept and version not in pins and ANY_VERSION not in pins:
             stale.append((model, version))
     return stale
 
 
 def release_of(repository: ModelDir, model: str) -> str | None:
-    """The committed releases ``model`` is a member of, as one phrase (None: of none)."""
+    """The releases ``model`` is a member of (committed or being deployed), as one phrase (None: of none)."""
     pins = pinned_versions(repository, model)
     if not pins:
         return None
-    return ", ".join(f"'{entry}' (v{version})" for version, entries in sorted(pins.items()) for entry in entries)
+    return ", ".join(f"'{entry}' (unreadable: it may pin any version)" if version == ANY_VERSION
+                     else f"'{entry}' (which pins {model} v{version})"
+                     for version, entries in sorted(pins.items()) for entry in entries)
 
 
 # ---------------------------------------------------------------- the undo
@@ -159,22 +175,26 @@ def member_models(model_dir: ModelDir, version: int | None) -> list[str]:
         return []
 
 
-def quarantine_staged(model_dir: ModelDir, names: list[str], reason: QuarantineReason) -> list[str]:
-    """Quarantine what a failed release staged of its members ``names`` (what this deploy staged, and that no
-    committed release pins), and drop the links of member stores nothing pins any more."""
+def quarantine_staged(model_dir: ModelDir, names: list[str], active: list[ReleaseMember],
+                      reason: QuarantineReason) -> list[str]:
+    """Quarantine what a failed release staged of its members ``names``: the versions this deploy staged that
+    neither the restored release (``active``) nor any other release pins; and drop the links of member stores
+    nothing pins any more."""
     moved = []
     for name in names:
         member_dir = ModelDir(model_dir.repository, name)
-        pinned = pinned_versions(model_dir, name)
+        pins = pinned_versions(model_dir, name, besides=model_dir.model)
+        keep = set(pins) | {m.version for m in active if m.model == name}
         folders = dict(member_dir.staging_dirs(reason.deploy_id))
         for folder in member_dir.path.glob("[0-9]*"):
             manifest = member_dir.read_manifest(int(folder.name)) if folder.name.isdigit() else None
-            if manifest is not None and manifest.deploy_id == reason.deploy_id and manifest.version not in pinned:
+            if manifest is not None and manifest.deploy_id == reason.deploy_id and manifest.version not in keep:
                 folders[folder] = manifest.version
         for folder, member_version in folders.items():
             copy = reason.model_copy(update={"model": name, "version": member_version})
             moved.append(str(member_dir.quarantine(folder, copy)))
-        member_dir.drop_store_links(sorted(pinned))
+        if ANY_VERSION not in pins:
+            member_dir.drop_store_links(sorted(keep))
     return moved
 
 

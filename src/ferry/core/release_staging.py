@@ -30,10 +30,11 @@ def with_members(ferry: Services, snapshot: Snapshot, candidate: Candidate, alia
     """The candidate with its release's members, each staged (or verified again) as a version of its own
     model; the candidate unchanged if it is no release. Raises StepFailed for a member that cannot be staged
     (the undo quarantines what this deploy staged) and InvalidInput for a release named inconsistently."""
-    config = from_pbtxt(candidate.config_pbtxt)
+    entry_dir = ferry.model_dir(snapshot.model)
+    # The manifest's config names the members (config.pbtxt, which an active candidate carries, their stores).
+    config = entry_dir.version_config(candidate.version) or from_pbtxt(candidate.config_pbtxt)
     if not is_entry(config):
         return candidate
-    entry_dir = ferry.model_dir(snapshot.model)
     manifest = entry_dir.read_manifest(candidate.version)
     recorded = manifest.members if manifest is not None else []
     if recorded and alias is None:
@@ -49,10 +50,11 @@ def with_members(ferry: Services, snapshot: Snapshot, candidate: Candidate, alia
     if candidate.already_active and not candidate.revalidate:
         return candidate.model_copy(update={"members": recorded})
     members = [_stage_member(ferry, snapshot, ref) for ref in refs]
-    if recorded and [m.sha256 for m in members] != [m.sha256 for m in recorded]:
-        raise ReleaseRefused(f"the members staged for '{snapshot.model}' v{candidate.version} are not the files its "
-                             f"release recorded ({labels(recorded)})",
-                             "move the changed member versions out of the repository and deploy again")
+    changed = [m for m, was in zip(members, recorded, strict=False) if m.sha256 != was.sha256]
+    if recorded and changed:
+        raise ReleaseRefused(f"the files of {labels(changed)} are not the ones the release '{snapshot.model}' "
+                             f"v{candidate.version} recorded", "move the changed member versions out of the "
+                             "repository (ferry stages them again from MLflow) and deploy again")
     if not recorded and manifest is not None:
         record = manifest.model_copy(update={"members": members})
         atomic_write(entry_dir.version_dir(candidate.version) / MANIFEST, record.model_dump_json(indent=1).encode())
@@ -64,9 +66,17 @@ def resolve_members(ferry: Services, entry: str, config: model_config_pb2.ModelC
     """The version of each member the entry's config names: the one its step pins, else the deploy's alias'."""
     refs = []
     for name, pinned in member_pins(config):
-        check_model_name(name)
+        try:
+            check_model_name(name)
+        except InvalidInput as error:
+            raise StepFailed(Step.MATERIALIZE, f"the ensemble's step names the model {name!r}: {error.message}",
+                             "name registered models in the ensemble's steps") from None
         if name == entry:
-            raise StepFailed(Step.MATERIALIZE, f"the ensemble '{entry}' names itself as a step")
+            raise StepFailed(Step.MATERIALIZE, f"the ensemble '{entry}' names itself as a step",
+                             "its steps name the models it runs, never itself")
+        if pinned < 1 and pinned != -1:
+            raise StepFailed(Step.MATERIALIZE, f"the ensemble's step '{name}' pins model_version {pinned}",
+                             "pin a version (1 or more), or -1 for the member's version under the deploy's alias")
         if _deployed_alone(ferry.model_dir(name)):
             raise ReleaseRefused(f"'{name}', a member of '{entry}', is deployed on its own (it has a current.json)",
                                  f"a model is either a member of releases or deployed alone: retire '{name}' "
@@ -134,8 +144,8 @@ def end_to_end(members: list[ReleaseMember], call: Callable[[], T]) -> T:
         return call()
     except StepFailed as error:
         raise StepFailed(error.step, f"the release end to end ({labels(members)}, each of which passed its own "
-                         f"smoke): {error.message}", error.hint or "the members do not fit together: register "
-                         "members that do (or the entry's smoke.json for the new pipeline)",
+                         f"smoke): {error.message}", "the members do not fit together: register members that do (or "
+                         "the entry's golden outputs in its smoke.json, if the new pipeline is right)",
                          retryable=error.retryable, detail=error.detail) from error
 
 

@@ -25,7 +25,8 @@ from ferry.core.fleet import Fleet
 from ferry.core.front import front_config, front_files, store_config, store_name
 from ferry.core.journal import Journal
 from ferry.core.model_config import from_pbtxt, model_config_pb2, to_override_json
-from ferry.core.records import Candidate, RolloutPlan, RolloutState, Snapshot, Step, utc_stamp
+from ferry.core.records import Candidate, RolloutPlan, RolloutState, Snapshot, Step, Strategy, utc_stamp
+from ferry.core.release_staging import ReleaseRefused
 from ferry.core.repository import ModelDir
 from ferry.core.services import Services
 from ferry.core.triton import Triton
@@ -45,6 +46,16 @@ def check_can_roll(snapshot: Snapshot, batch: str) -> None:
                            "replica by replica (a replica would answer with another release than its neighbour)",
                            "deploy it without --strategy rolling")
     batches(snapshot.replica_urls or [], batch)
+
+
+def check_candidate(strategy: Strategy, candidate: Candidate) -> Candidate:
+    """The candidate materialize produced, refused (as rejected: the version is not at fault) if it is a release
+    and the deploy asked to roll."""
+    if strategy == "rolling" and candidate.members:
+        raise ReleaseRefused(f"v{candidate.version} of '{candidate.model}' is a release, which is switched beside "
+                             "what serves, never replica by replica (a replica would answer with another release "
+                             "than its neighbour)", "deploy it without --strategy rolling")
+    return candidate
 
 
 def batches(urls: list[str], batch: str) -> list[list[str]]:
@@ -83,9 +94,6 @@ def roll(ferry: Services, journal: Journal, candidate: Candidate, prove: Prove,
     record = journal.record
     snapshot = record.snapshot
     assert snapshot is not None and snapshot.active_version is not None, "a rolling deploy replaces an active version"
-    if candidate.members:
-        raise StepFailed(Step.LOAD, f"v{candidate.version} is a release, which is switched beside what serves, "
-                         "never replica by replica", "deploy it without --strategy rolling")
     model_dir = ferry.model_dir(snapshot.model)
     fleet = ferry.fleet(snapshot.replica_urls)
     config = from_pbtxt(candidate.config_pbtxt)

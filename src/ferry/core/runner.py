@@ -147,8 +147,8 @@ class Runner(Baking):
         if step == Step.MATERIALIZE:
             if record.alias is not None:
                 self._timed(journal, REGISTRY, lambda: self.ferry.registry)  # MLflow's client, if still starting
-            action = lambda: steps.materialize(  # noqa: E731
-                self.ferry, snapshot, record.alias, record.version, record.allow_signature_change)
+            action = lambda: rolling.check_candidate(record.strategy, steps.materialize(  # noqa: E731
+                self.ferry, snapshot, record.alias, record.version, record.allow_signature_change))
         elif step == Step.BAKE:
             action = lambda: self._bake(journal)  # noqa: E731
         elif step == Step.LOAD and record.strategy == "rolling" and record.candidate is not None \
@@ -212,7 +212,8 @@ class Runner(Baking):
         journal.update(step=Step.ROLLBACK, failure=failure)
         self.emit(Step.ROLLBACK, "start", 0.0, "")
         began = time.perf_counter()
-        undone = undoing.undo(self.ferry, snapshot, failure, staged, record.swapped, record.batch)
+        members = record.candidate.members if record.candidate else None
+        undone = undoing.undo(self.ferry, snapshot, failure, staged, record.swapped, record.batch, members)
         record.steps[Step.ROLLBACK] = round(time.perf_counter() - began, 4)
         detail = "; ".join(undone.problems) or f"serving {undone.serving or 'nothing'}"
         self.emit(Step.ROLLBACK, "ok" if undone.verified else "failed", record.steps[Step.ROLLBACK], detail)
@@ -292,7 +293,11 @@ class Runner(Baking):
         warm = None if candidate.rolled else next((v for v in held if v != candidate.version), None)
         loaded = placement.loaded_after_load(record.snapshot, candidate)
         before = record.snapshot.current.members if record.snapshot.current else []
-        stale = release.stale_stores(self.model_dir, self.model, before, candidate.members)
+        try:  # after the commit point: what cannot be read is drift for reconcile, never a reason to undo
+            stale = release.stale_stores(self.model_dir, self.model, before, candidate.members)
+        except (FerryError, OSError) as error:
+            stale = []
+            report.warnings.append(f"the previous release's member stores stay loaded: {error} (run `ferry reconcile`)")
         report.warnings += placement.pin_after_commit(self.model_dir, candidate, fleet, warm, loaded, stale)
         _, states = placement.wait_serving(fleet, self.model, [candidate.version], held=held)
         report.warnings += [f"{problem} (drift: run `ferry reconcile`)"

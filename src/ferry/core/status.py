@@ -15,7 +15,7 @@ from ferry.core.front import legacy_store_name
 from ferry.core.journal import read_journal, unfinished_error
 from ferry.core.model_config import config_digest, signature_changes, to_pbtxt
 from ferry.core.records import CurrentState, ReleaseMember
-from ferry.core.release import missing_members, pinned_versions, release_of
+from ferry.core.release import ANY_VERSION, missing_members, pinned_versions, release_of
 from ferry.core.repository import STATE_DIR, ModelDir
 from ferry.core.triton import RepositoryIndex, VersionState, placement, store_states
 
@@ -77,7 +77,7 @@ def model_status(repository: Path, fleet: Fleet, model: str,
     members = report.current.members if report.current else []
     if report.current is None and not report.current_error:
         report.member_of = release_of(model_dir, model)
-    pinned = sorted(pinned_versions(model_dir, model)) if report.member_of else []
+    pinned = sorted(v for v in pinned_versions(model_dir, model) if v != ANY_VERSION) if report.member_of else []
     for url, entry in (index if index is not None else replica_indexes(fleet)).items():
         replica = _replica(url, entry, model, None if report.current_error else committed)
         if not isinstance(entry, FerryError):
@@ -120,8 +120,8 @@ def _release_drift(replica: ReplicaStatus, index: RepositoryIndex, members: list
     if pinned:
         held = placement(index, model).store
         replica.serving, replica.held = held, held
-        replica.drift = None if set(pinned) <= set(held) else \
-            f"the committed releases pin v{', v'.join(map(str, pinned))}, Triton holds {held or 'nothing'}"
+        replica.drift = None if set(held) == set(pinned) else \
+            f"its releases pin v{', v'.join(map(str, pinned))}, Triton holds {held or 'nothing'}"
     elif missing := missing_members(index, members):
         lacks = f"lacks the release's {', '.join(missing)}"
         replica.drift = f"{replica.drift}; {lacks}" if replica.drift else lacks

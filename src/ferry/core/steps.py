@@ -154,7 +154,7 @@ def _staged(version: int, stage: Callable[[], Candidate]) -> Candidate:
     try:
         return stage()
     except (staging.ForeignVersion, ReleaseRefused):
-        raise  # refused before anything was touched: not a failed step, nothing to roll back
+        raise  # refused, not a failed step: nothing was loaded, and what was staged stays staged, unserved
     except Exception as error:  # whatever else stops a staging is a failed step, undone
         if not_the_versions_fault(error):
             raise  # stage kept nothing: rejected, not held against the version
@@ -343,15 +343,17 @@ def commit(ferry: Services, snapshot: Snapshot, candidate: Candidate) -> tuple[C
         sha256=candidate.sha256, deploy_id=snapshot.deploy_id, previous_warm_until_utc=warm_until,
         config_sha256=config_digest(candidate.config_pbtxt), members=candidate.members,
     )
+    stale = release.stale_stores(model_dir, snapshot.model, before, candidate.members)  # before the commit point
     try:
         model_dir.make_durable(candidate.version)  # the files current.json will name survive a machine crash
+        for member in candidate.members:
+            ModelDir(model_dir.repository, member.model).make_durable(member.version)
         write_current(model_dir, state)
     except OSError as error:
         raise StepFailed(Step.COMMIT, f"cannot write {model_dir.current_path}: {error}") from error
     remove_rollout(model_dir)  # after current.json: the candidate is the active version now
     warm = snapshot.active_version if warm_until and not candidate.rolled else None  # no room: it swapped out
     loaded = loaded_after_load(snapshot, candidate)
-    stale = release.stale_stores(model_dir, snapshot.model, before, candidate.members)
     return state, pin_after_commit(model_dir, candidate, fleet_of(ferry, snapshot), warm, loaded, stale)
 
 

@@ -94,7 +94,7 @@ def layout(tree: dict[str, int], folder: str) -> Layout:
                          "log the whole Triton model directory: config.pbtxt and one numbered version folder")
     numbered = sorted({name.split("/", 1)[0] for name in inside if "/" in name and name.split("/", 1)[0].isdigit()})
     if len(numbered) > 1:
-        raise too_many_folders(where, numbered)
+        raise wrong_folder_count(where, numbered)
     version_folder = numbered[0] if numbered else ""  # none: an ensemble, whose (empty) folder MLflow does not keep
     beside = sorted(name for name in inside if name not in (CONFIG, SMOKE_FILE)
                     and not (numbered and name.startswith(f"{version_folder}/"))
@@ -110,7 +110,7 @@ def layout(tree: dict[str, int], folder: str) -> Layout:
     return Layout(folder, version_folder, files, smoke)
 
 
-def too_many_folders(where: str, numbered: list[str]) -> StepFailed:
+def wrong_folder_count(where: str, numbered: list[str]) -> StepFailed:
     return StepFailed(Step.MATERIALIZE, f"{where} holds {len(numbered)} numbered version folders "
                       f"({', '.join(numbered) or 'none'}); a model version is exactly one",
                       "log one version folder per MLflow version (ferry stages it as the version's number)")
@@ -141,7 +141,7 @@ def read_config(artifacts: Artifacts, where: Layout, scratch: Path) -> model_con
     config.ClearField("version_policy")
     config.ClearField("name")
     if not where.version_folder and config.platform != "ensemble":
-        raise too_many_folders(where.folder or "the artifact root", [])
+        raise wrong_folder_count(where.folder or "the artifact root", [])
     return config
 
 

@@ -3,6 +3,7 @@ active version (and, for a release, its members) again. Best effort: every actio
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -10,7 +11,7 @@ from ferry.core import release, rolling
 from ferry.core.current import restore_current
 from ferry.core.errors import FerryError
 from ferry.core.placement import serve_only_active, serving_problems, wait_serving
-from ferry.core.records import Failure, QuarantineReason, RollbackReport, Snapshot, Step, utc_stamp
+from ferry.core.records import Failure, QuarantineReason, ReleaseMember, RollbackReport, Snapshot, Step, utc_stamp
 from ferry.core.repository import ModelDir
 from ferry.core.rollout import remove_rollout
 from ferry.core.services import Services
@@ -31,13 +32,15 @@ def _quarantine_failed(model_dir: ModelDir, snapshot: Snapshot, candidate: int |
 
 
 def undo(ferry: Services, snapshot: Snapshot, failure: Failure, candidate: int | None,
-         swapped: list[str] | None = None, batch: str = "1") -> RollbackReport:
+         swapped: list[str] | None = None, batch: str = "1",
+         members: list[ReleaseMember] | None = None) -> RollbackReport:
     """Restore the snapshot's state, quarantine the failed version, and make Triton serve the active one.
 
     ``candidate`` is the version materialize produced (staged or reused), None if it produced none;
     what this deploy left half-staged is found by its deploy id. ``swapped``: the replicas a rolling deploy
-    swapped to the candidate, put back batch by batch (drained first) before anything else. Best effort:
-    every action is tried even if an earlier one failed, and the report says what worked.
+    swapped to the candidate, put back batch by batch (drained first) before anything else. ``members``: a
+    release's, as the journal's candidate recorded them (else read from the candidate's manifest). Best
+    effort: every action is tried even if an earlier one failed, and the report says what worked.
     """
     model_dir = ferry.model_dir(snapshot.model)
     actions: list[str] = []
@@ -70,10 +73,16 @@ def undo(ferry: Services, snapshot: Snapshot, failure: Failure, candidate: int |
     # candidate's load, Triton keeps the active version's running instance instead of re-creating it.
     if (active := snapshot.active_version) is not None:
         attempt("checked the store's link", lambda: model_dir.ensure_store_link(active))
-    names = release.member_models(model_dir, candidate)  # a release: the members its config names
+    tried = members or release.members_of(model_dir, candidate)
+    names = list(dict.fromkeys([m.model for m in tried] + release.member_models(model_dir, candidate)))
     active_members = snapshot.current.members if snapshot.current else []
     stale = attempt("found the failed release's member stores", lambda: release.stale_stores(
-        model_dir, snapshot.model, release.members_of(model_dir, candidate), active_members)) if names else []
+        model_dir, snapshot.model, tried, active_members)) if names else []
+    if failure.step == Step.LOAD:  # a member whose initialize hangs holds its stub: never one that serves
+        for model, version in stale or []:
+            folder = ModelDir(model_dir.repository, model).version_dir(version)
+            attempt(f"stopped the backend stubs of member '{model}' v{version}",
+                    functools.partial(stop_stubs_of, folder))
     attempt("asked Triton to serve only the active version",
             lambda: serve_only_active(fleet, snapshot, model_dir, stale))
     wanted = [snapshot.current.active_version] if snapshot.current else []
@@ -87,7 +96,8 @@ def undo(ferry: Services, snapshot: Snapshot, failure: Failure, candidate: int |
                           lambda: _quarantine_failed(model_dir, snapshot, candidate, reason))
     if names:
         quarantined = (quarantined or []) + (attempt("quarantined the members the release staged",
-                                                     lambda: release.quarantine_staged(model_dir, names, reason)) or [])
+                                                     lambda: release.quarantine_staged(
+                                                         model_dir, names, active_members, reason)) or [])
     if ferry.settings.quarantine_keep > 0:
         attempt("pruned the files of older quarantined versions",
                 lambda: model_dir.prune_quarantine(ferry.settings.quarantine_keep))

@@ -26,6 +26,7 @@ import json
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pydantic import BaseModel, computed_field
 
@@ -34,7 +35,7 @@ from ferry.core.current import read_attempts, read_current, read_records
 from ferry.core.errors import FerryError, MlflowDown, MlflowRefused, one_line
 from ferry.core.fsutil import append_line
 from ferry.core.mlflow_write import MlflowWriter, connect
-from ferry.core.records import CurrentState, DeployReport, Outcome, WriteBackRecord, utc_stamp
+from ferry.core.records import CurrentState, DeployReport, Kind, Outcome, WriteBackRecord, utc_stamp
 from ferry.core.registry import Registry
 from ferry.core.release import pinned_versions
 from ferry.core.repository import ModelDir
@@ -76,6 +77,7 @@ class Plan:
     serving: Mark | None = None
     marks: list[Mark] = field(default_factory=list)
     kept: list[int] = field(default_factory=list)  # versions left tagged serving (another release pins them)
+    alias: bool = True  # move the serving alias to ``serving`` (False: another pinned version shares the model)
 
 
 class SyncResult(BaseModel):
@@ -112,20 +114,27 @@ def plan_for_report(report: DeployReport) -> Plan:
 
 
 def member_plans(model_dir: ModelDir, report: DeployReport) -> list[Plan]:
-    """A release's members, each a model of its own in MLflow: a committed release's member versions serve
-    (other versions that a committed release still pins stay tagged serving); a failed release's member
-    versions that nothing committed pins are refused, with the release's reason."""
+    """A release's members, each a model of its own in MLflow. A committed release's member versions serve; the
+    member's @serving alias moves only while no other release pins another version of it (one alias cannot
+    name two). A failed release's member versions that it staged, and that the undo quarantined, are refused
+    with the release's reason (a reused version keeps what it had)."""
     if report.outcome in (Outcome.COMMITTED, Outcome.NOOP) and report.current is not None:
         current = report.current
-        return [Plan(m.model, serving=Mark(m.version, SERVING, current.deploy_id, current.updated_at_utc),
-                     kept=sorted(pinned_versions(model_dir, m.model, besides=model_dir.model)))
-                for m in current.members]
-    if report.outcome != Outcome.ROLLED_BACK:
+        plans = []
+        for member in current.members:
+            others = sorted(v for v in pinned_versions(model_dir, member.model, besides=model_dir.model)
+                            if v != member.version)
+            plans.append(Plan(member.model, serving=Mark(member.version, SERVING, current.deploy_id,
+                                                         current.updated_at_utc), kept=others, alias=not others))
+        return plans
+    if report.outcome != Outcome.ROLLED_BACK or report.rollback is None:
         return []
+    quarantined = {(Path(folder).parent.parent.name, Path(folder).name.split(".", 1)[0])
+                   for folder in report.rollback.quarantined}
     reason = f"release {report.model} v{report.version}: {report.error or ''}"
     return [Plan(m.model, marks=[Mark(m.version, REFUSED, report.deploy_id, report.finished_at_utc,
                                       report.failed_step or "", reason)])
-            for m in report.members if m.version not in pinned_versions(model_dir, m.model)]
+            for m in report.members if (m.model, str(m.version)) in quarantined]
 
 
 def member_plans_from_state(model_dir: ModelDir, current: CurrentState | None,
@@ -135,11 +144,9 @@ def member_plans_from_state(model_dir: ModelDir, current: CurrentState | None,
     pins, is refused."""
     plans: dict[str, Plan] = {}
     if current is not None:
-        for member in current.members:
-            plans[member.model] = Plan(member.model, kept=sorted(pinned_versions(model_dir, member.model,
-                                                                                 besides=model_dir.model)),
-                                       serving=Mark(member.version, SERVING, current.deploy_id,
-                                                    current.updated_at_utc))
+        committed = DeployReport(deploy_id=current.deploy_id, model=model_dir.model, kind=Kind.DEPLOY, target="",
+                                 outcome=Outcome.COMMITTED, current=current)
+        plans = {plan.model: plan for plan in member_plans(model_dir, committed)}
     served = {(m.model, m.version) for r in history if r.outcome == Outcome.COMMITTED and r.current
               for m in r.current.members}
     for report in history:
@@ -254,8 +261,10 @@ def _apply(settings: Settings, registry: Registry, plan: Plan) -> SyncResult:
             return result
         writer = _Writer(mlflow, plan.model, time.monotonic() + _BUDGET_CALLS * settings.writeback_timeout_s)
         try:
-            if plan.serving is not None:
+            if plan.serving is not None and plan.alias:
                 writer.serve(plan.serving, settings.serving_alias, [m.version for m in plan.marks] + plan.kept)
+            elif plan.serving is not None:
+                writer.mark(plan.serving)
             for mark in plan.marks:
                 writer.mark(mark)
         finally:
