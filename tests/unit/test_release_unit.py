@@ -114,3 +114,38 @@ def test_an_ensemble_may_come_without_its_empty_version_folder() -> None:
     assert where.version_folder == "" and where.files == {} and where.smoke == "pipe/smoke.json"
     with pytest.raises(StepFailed, match="2 numbered version folders"):
         triton_flavor.layout({"pipe/config.pbtxt": 1, "pipe/1/a": 1, "pipe/2/b": 1}, "pipe")
+
+
+def _report(outcome: str, members: list[tuple[str, int]], quarantined: list[str] | None = None,
+            current: CurrentState | None = None):
+    from ferry.core.records import DeployReport, Kind, RollbackReport
+
+    rollback = RollbackReport(actions=[], quarantined=quarantined or [], verified=True, serving=[], problems=[])
+    return DeployReport(deploy_id="d-new", model="pipe", kind=Kind.DEPLOY, target="@c", outcome=outcome, version=2,
+                        error="member 'cls' v3: differs", failed_step="smoke", current=current,
+                        rollback=rollback if outcome == "rolled_back" else None,
+                        members=[ReleaseMember(model=m, version=v) for m, v in members])
+
+
+def test_a_failed_release_refuses_only_the_member_versions_it_staged(tmp_path: Path) -> None:
+    from ferry.core.writeback import member_plans
+
+    _commit(tmp_path, "pipe", [("pre", 2), ("cls", 2)])
+    anchor = ModelDir(tmp_path, "pipe")
+    staged = [str(tmp_path / ".ferry" / "cls" / "quarantine" / "3.failed_20260101T000000")]
+    plans = member_plans(anchor, _report("rolled_back", [("pre", 2), ("cls", 3)], staged))
+    assert [(p.model, [(m.version, m.status) for m in p.marks]) for p in plans] == [("cls", [(3, "refused")])]
+    assert "release pipe v2: member 'cls' v3" in plans[0].marks[0].error
+
+
+def test_a_committed_release_moves_a_members_alias_only_while_it_pins_the_one_version(tmp_path: Path) -> None:
+    from ferry.core.writeback import member_plans
+
+    _commit(tmp_path, "other", [("pre", 1)])
+    anchor = ModelDir(tmp_path, "pipe")
+    current = CurrentState(active_version=2, run_id="r", alias="c", updated_at_utc="20260101T000000", model="pipe",
+                           sha256="s", deploy_id="d-new", members=[ReleaseMember(model="pre", version=2),
+                                                                     ReleaseMember(model="cls", version=2)])
+    plans = {p.model: p for p in member_plans(anchor, _report("committed", [], current=current))}
+    assert plans["pre"].serving.version == 2 and plans["pre"].kept == [1] and not plans["pre"].alias
+    assert plans["cls"].serving.version == 2 and plans["cls"].alias

@@ -74,7 +74,8 @@ def undo(ferry: Services, snapshot: Snapshot, failure: Failure, candidate: int |
     if (active := snapshot.active_version) is not None:
         attempt("checked the store's link", lambda: model_dir.ensure_store_link(active))
     tried = members or release.members_of(model_dir, candidate)
-    names = list(dict.fromkeys([m.model for m in tried] + release.member_models(model_dir, candidate)))
+    entry = candidate if candidate is not None else failure.version  # a reused entry whose members failed to stage
+    names = list(dict.fromkeys([m.model for m in tried] + release.member_models(model_dir, entry)))
     active_members = snapshot.current.members if snapshot.current else []
     stale = attempt("found the failed release's member stores", lambda: release.stale_stores(
         model_dir, snapshot.model, tried, active_members)) if names else []
