@@ -13,8 +13,9 @@ from ferry.core.model_config import from_pbtxt, model_config_pb2, to_override_js
 from ferry.core.records import Candidate, CurrentState, ReleaseMember, Snapshot, parse_utc_stamp, utc_stamp
 from ferry.core.release import MemberKey, MemberStore, entry_store_config, member_stores
 from ferry.core.repository import ModelDir
-from ferry.core.triton import Placement, Triton
+from ferry.core.triton import READY, UNLOADING, Placement, Triton
 
+DRAIN_S = 10.0  # how long an unloading entry store may take to finish its requests before its members go
 Loaded = dict[str, list[int]]  # each replica (its URL) and the versions whose stores it holds
 
 
@@ -87,19 +88,32 @@ def serve(triton: Triton, model: str, config: model_config_pb2.ModelConfig, vers
         loaded, legacy = where.store, legacy or bool(where.legacy)
     load_store(triton, model, config, version, members or [])
     triton.load(model, to_override_json(front_config(config, model, version)), front_files(model, version))
-    for old in sorted(set(loaded) - set(keep)):
-        triton.unload(store_name(model, old))
+    old_stores = [store_name(model, old) for old in sorted(set(loaded) - set(keep))]
+    for old_store in old_stores:
+        triton.unload(old_store)
     if legacy:
         with contextlib.suppress(TritonError):  # Triton refuses to unload a model it does not have
             triton.unload(legacy_store_name(model))
-    unload_members(triton, stale or [])
+    unload_members(triton, stale or [], old_stores)
 
 
-def unload_members(triton: Triton, stale: list[MemberKey]) -> None:
-    """Unload member stores no committed release pins any more (after the front that used them moved)."""
+def unload_members(triton: Triton, stale: list[MemberKey], draining: list[str] | None = None) -> None:
+    """Unload member stores no release pins any more, once the entry stores that ran them (``draining``, being
+    unloaded) have finished the requests they had in flight: those requests still run their member stores."""
+    if stale and draining:
+        wait_unloaded(triton, draining)
     for member, version in stale:
         with contextlib.suppress(TritonError):  # not loaded there (a replica that restarted): nothing to drain
             triton.unload(store_name(member, version))
+
+
+def wait_unloaded(triton: Triton, names: list[str], timeout_s: float = DRAIN_S) -> None:
+    """Until Triton holds none of ``names`` ready or unloading (Triton unloads a model once its requests in
+    flight end), or ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while any(v.state in (READY, UNLOADING) for name, versions in triton.index().items() if name in names
+              for v in versions) and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 def load_store(triton: Triton, model: str, config: model_config_pb2.ModelConfig, version: int,
@@ -139,8 +153,9 @@ def serve_only_active(fleet: Fleet, snapshot: Snapshot, model_dir: ModelDir,
     config.pbtxt holds the active version's config (the commit wrote it; the undo restored it first).
     ``stale``: the member stores a failed release loaded, unloaded last."""
     def retire_all(triton: Triton) -> None:
+        stores = [store_name(snapshot.model, v) for v in triton.placement(snapshot.model).store] if stale else []
         retire(triton, snapshot.model)
-        unload_members(triton, stale or [])
+        unload_members(triton, stale or [], stores)
 
     if snapshot.current is None:
         fleet.each(retire_all)

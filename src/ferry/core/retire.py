@@ -17,6 +17,7 @@ from pydantic import BaseModel
 
 from ferry.core.current import read_current
 from ferry.core.errors import FerryError, InvalidInput
+from ferry.core.front import store_name
 from ferry.core.fsutil import atomic_write, fsync_dir
 from ferry.core.journal import read_journal, unfinished_error
 from ferry.core.lock import current_user, holding
@@ -102,8 +103,9 @@ def _unload(ferry: Services, retired: Retired, members: list[MemberKey]) -> None
                                 f"(run `ferry reconcile {model}`)")
         return
     def unload(triton: Triton) -> None:
+        stores = [store_name(model, v) for v in triton.placement(model).store] if members else []
         retire_from(triton, model)
-        unload_members(triton, members)
+        unload_members(triton, members, stores)
 
     unloaded = fleet.settled(unload)
     _, states = wait_serving(fleet, model, [])

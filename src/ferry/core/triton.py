@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 # The header that carries the key of Triton's restricted model-control API (load, unload, repository index).
 API_KEY_HEADER = "ferry-api-key"
 READY = "READY"
+UNLOADING = "UNLOADING"  # a model Triton is unloading: its requests in flight still run
 T = TypeVar("T")
 
 
