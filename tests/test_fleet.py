@@ -150,16 +150,10 @@ def test_the_dag_steps_run_on_every_replica(tmp_path: Path, replicas: int) -> No
 
 
 def test_demo_fleet_tells_its_story(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
     from conftest import ROOT, _free_port_block
+    from support.processes import run_demo
 
-    env = {**os.environ, "FERRY_DEMO_DIR": str(tmp_path / "demo"), "FERRY_DEMO_PORT": str(_free_port_block(9)),
-           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    result = subprocess.run(["bash", str(ROOT / "scripts" / "demo_fleet.sh")], env=env, capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = run_demo(ROOT / "scripts" / "demo_fleet.sh", tmp_path / "demo", _free_port_block(9))
     out = result.stdout
     assert out.count("Triton ready at") == 4 and out.count("Triton stopped") == 3
     assert "committed iris v1 (was nothing)" in out

@@ -9,7 +9,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +22,8 @@ from release import pipeline_config, register_release
 from sklearn.datasets import load_iris
 from tritonclient.utils import InferenceServerException
 
-from conftest import World, assert_invariants, assert_replica_invariants, make_settings
+from conftest import World, assert_invariants, assert_replica_invariants
+from ferry.core.config import Settings
 from ferry.core.current import read_current, read_history
 from ferry.core.errors import InvalidInput
 from ferry.core.front import store_name
@@ -30,7 +31,6 @@ from ferry.core.release import pinned_versions
 from ferry.core.repository import ModelDir
 from ferry.core.retire import retire
 from ferry.publish import log_triton_model, register_version
-from ferry.runtime import server
 from support.gateway import TOKEN, auth, running_gateway
 
 PREFIX = "rel"
@@ -51,13 +51,8 @@ class ReleaseWorld(World):
 
 
 @pytest.fixture(scope="module")
-def released(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReleaseWorld]:
-    settings = make_settings(tmp_path_factory.mktemp("release"))
-    server.up(settings)
-    try:
-        yield ReleaseWorld(settings, model=ENTRY)
-    finally:
-        server.down(settings, grace_s=0)
+def released(triton_settings: Settings) -> ReleaseWorld:
+    return ReleaseWorld(triton_settings, model=ENTRY)
 
 
 def assert_release_invariants(world: ReleaseWorld, attempts: int | None, entry: str = ENTRY) -> None:
@@ -131,21 +126,20 @@ class Load:
         self.answers: list[Answer] = []
         self.stop = threading.Event()
         bearer = {"Authorization": f"Bearer {TOKEN}"}
-        self.workers = [
-            threading.Thread(target=_http_load, args=(gateway_url, bearer, self.stop, self.answers, "gateway http")),
-            threading.Thread(target=_grpc_load, args=(gateway_grpc, self.stop, self.answers)),
-            threading.Thread(target=_http_load, args=(triton_url, {}, self.stop, self.answers, "triton http")),
-        ]
+        self.clients = [(_http_load, (gateway_url, bearer, self.stop, self.answers, "gateway http")),
+                        (_grpc_load, (gateway_grpc, self.stop, self.answers)),
+                        (_http_load, (triton_url, {}, self.stop, self.answers, "triton http"))]
+        self.pool = ThreadPoolExecutor(len(self.clients))
 
     def __enter__(self) -> Load:
-        for worker in self.workers:
-            worker.start()
+        self.running = [self.pool.submit(client, *args) for client, args in self.clients]
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop.set()
-        for worker in self.workers:
-            worker.join(timeout=60)
+        self.pool.shutdown(wait=True)
+        for client in self.running:
+            client.result()  # a client that died says why
 
     def wait_for(self, count: int, timeout_s: float = 30) -> None:
         """Until ``count`` more answers than now (so that every client has been answered across a switch)."""
@@ -301,17 +295,10 @@ def test_a_member_two_releases_pin_stays_loaded_for_the_one_that_still_pins_it(r
 
 
 def test_demo_release_tells_its_story(tmp_path: Path) -> None:
-    import os
-    import subprocess
-    import sys
-
     from conftest import ROOT, _free_port_block
+    from support.processes import run_demo
 
-    env = {**os.environ, "FERRY_DEMO_DIR": str(tmp_path / "demo"), "FERRY_DEMO_PORT": str(_free_port_block(3)),
-           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    result = subprocess.run(["bash", str(ROOT / "scripts" / "demo_release.sh")], env=env, capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = run_demo(ROOT / "scripts" / "demo_release.sh", tmp_path / "demo", _free_port_block(3))
     out = result.stdout
     answers = [line for line in out.splitlines() if line.startswith("iris_pipeline answers")]
     assert [line.rsplit("computed by ", 1)[1] for line in answers] == [

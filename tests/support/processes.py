@@ -46,3 +46,15 @@ def stop_group(process: subprocess.Popen[bytes] | None, grace_s: float) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(10)
+
+
+def run_demo(script: Path, folder: Path, first_port: int, timeout_s: float = 600) -> subprocess.CompletedProcess[str]:
+    """A `make demo-*` script as a user runs it (this Python's `ferry` on PATH), its files under ``folder``,
+    its servers' ports from ``first_port``; refuses a demo that did not end well, with the end of its output."""
+    import sys
+
+    env = {**os.environ, "FERRY_DEMO_DIR": str(folder), "FERRY_DEMO_PORT": str(first_port),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    result = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=timeout_s)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
