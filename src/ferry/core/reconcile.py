@@ -13,7 +13,7 @@ from ferry.core.journal import read_journal
 from ferry.core.lock import holding
 from ferry.core.model_config import to_pbtxt
 from ferry.core.placement import held_versions, pin, retire, serving_problems, unload_members, wait_serving
-from ferry.core.release import ANY_VERSION, missing_members, pinned_versions, release_of
+from ferry.core.release import ANY_VERSION, describe_pins, missing_members, pinned_versions
 from ferry.core.repository import ModelDir
 from ferry.core.services import Services
 from ferry.core.triton import Placement, RepositoryIndex, placement
@@ -97,7 +97,7 @@ def _reconcile_member(ferry: Services, model_dir: ModelDir, pins: dict[int, list
     """A member of releases: its entries' reconcile loads what they pin; here, what no release pins any more
     (a stale store an unreachable replica kept) is unloaded."""
     member = model_dir.model
-    releases = release_of(model_dir, member)
+    releases = describe_pins(member, pins)
     if ANY_VERSION in pins:
         return Reconciled(model=member, active_version=None, action="in place",
                           detail=f"a member of {releases}: left as it is")

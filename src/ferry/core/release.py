@@ -149,7 +149,11 @@ def stale_stores(repository: ModelDir, entry: str, before: list[ReleaseMember],
 
 def release_of(repository: ModelDir, model: str) -> str | None:
     """The releases ``model`` is a member of (committed or being deployed), as one phrase (None: of none)."""
-    pins = pinned_versions(repository, model)
+    return describe_pins(model, pinned_versions(repository, model))
+
+
+def describe_pins(model: str, pins: dict[int, list[str]]) -> str | None:
+    """What :func:`pinned_versions` found, as one phrase (None: nothing pins ``model``)."""
     if not pins:
         return None
     return ", ".join(f"'{entry}' (unreadable: it may pin any version)" if version == ANY_VERSION

@@ -94,8 +94,7 @@ def resolve_members(ferry: Services, entry: str, config: model_config_pb2.ModelC
 
 def _stage_member(ferry: Services, snapshot: Snapshot, ref: VersionRef) -> ReleaseMember:
     member_dir = ferry.model_dir(ref.model)
-    alone = Snapshot(model=ref.model, deploy_id=snapshot.deploy_id, started_at_utc=snapshot.started_at_utc,
-                     current=None, config_text=None, triton_ready=[])
+    alone = _alone(snapshot, ref.model)
     try:
         if member_dir.version_dir(ref.version).exists():
             staged = staging.reuse(member_dir, ref, alone, allow_signature_change=True)
@@ -113,6 +112,12 @@ def _stage_member(ferry: Services, snapshot: Snapshot, ref: VersionRef) -> Relea
                          config_sha256=config_digest(staged.config_pbtxt))
 
 
+def _alone(snapshot: Snapshot, member: str) -> Snapshot:
+    """A member as a deploy of its own would see it: nothing committed of its own, the release's replicas."""
+    return Snapshot(model=member, deploy_id=snapshot.deploy_id, started_at_utc=snapshot.started_at_utc,
+                    current=None, config_text=None, triton_ready=[], replicas=snapshot.replicas)
+
+
 def _of_member(error: StepFailed, model: str, version: int) -> StepFailed:
     """A member's failure, as the release's: the step, with the member it failed on named first."""
     return StepFailed(error.step, f"member '{model}' v{version}: {error.message}", error.hint,
@@ -124,10 +129,9 @@ def member_candidate(ferry: Services, snapshot: Snapshot, member: ReleaseMember)
     config = ferry.model_dir(member.model).version_config(member.version)
     if config is None:
         raise StepFailed(Step.SMOKE, f"member '{member.model}' v{member.version} has lost its manifest")
-    alone = Snapshot(model=member.model, deploy_id=snapshot.deploy_id, started_at_utc=snapshot.started_at_utc,
-                     current=None, config_text=None, triton_ready=[], replicas=snapshot.replicas)
-    return alone, Candidate(model=member.model, version=member.version, run_id=member.run_id, alias=None,
-                            sha256=member.sha256, size_bytes=0, config_pbtxt=to_pbtxt(config))
+    candidate = Candidate(model=member.model, version=member.version, run_id=member.run_id, alias=None,
+                          sha256=member.sha256, size_bytes=0, config_pbtxt=to_pbtxt(config))
+    return _alone(snapshot, member.model), candidate
 
 
 def as_member(member: ReleaseMember, call: Callable[[], T]) -> T:

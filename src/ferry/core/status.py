@@ -15,7 +15,7 @@ from ferry.core.front import legacy_store_name
 from ferry.core.journal import read_journal, unfinished_error
 from ferry.core.model_config import config_digest, signature_changes, to_pbtxt
 from ferry.core.records import CurrentState, ReleaseMember
-from ferry.core.release import ANY_VERSION, missing_members, pinned_versions, release_of
+from ferry.core.release import ANY_VERSION, describe_pins, missing_members, pinned_versions
 from ferry.core.repository import STATE_DIR, ModelDir
 from ferry.core.triton import RepositoryIndex, VersionState, placement, store_states
 
@@ -75,9 +75,9 @@ def model_status(repository: Path, fleet: Fleet, model: str,
         report.current_error = str(error)
     committed = [report.current.active_version] if report.current else None
     members = report.current.members if report.current else []
-    if report.current is None and not report.current_error:
-        report.member_of = release_of(model_dir, model)
-    pinned = sorted(v for v in pinned_versions(model_dir, model) if v != ANY_VERSION) if report.member_of else []
+    pins = pinned_versions(model_dir, model) if report.current is None and not report.current_error else {}
+    report.member_of = describe_pins(model, pins)
+    pinned = sorted(v for v in pins if v != ANY_VERSION)
     for url, entry in (index if index is not None else replica_indexes(fleet)).items():
         replica = _replica(url, entry, model, None if report.current_error else committed)
         if not isinstance(entry, FerryError):

@@ -280,6 +280,16 @@ def _apply(settings: Settings, registry: Registry, plan: Plan) -> SyncResult:
     return result
 
 
+def _apply_members(settings: Settings, registry: Registry, plans: list[Plan], result: SyncResult) -> None:
+    """A release's member plans, each applied to its own model, told into the entry's ``result`` (nothing once
+    MLflow did not answer for the entry)."""
+    for plan in plans if not result.unavailable else []:
+        told = _apply(settings, registry, plan)
+        result.changes += [f"{plan.model} {change}" for change in told.changes]
+        result.warnings += told.warnings
+        result.unavailable, result.refused = result.unavailable or told.unavailable, result.refused + told.refused
+
+
 def _uri(settings: Settings, registry: Registry) -> str:
     return getattr(registry, "tracking_uri", "") or settings.tracking_uri
 
@@ -299,10 +309,7 @@ def tell(settings: Settings, registry: Callable[[], Registry], model_dir: ModelD
     try:
         client = registry()
         result = _apply(settings, client, plan_for_report(report))
-        for plan in member_plans(model_dir, report) if not result.unavailable else []:
-            told = _apply(settings, client, plan)
-            result.warnings += told.warnings
-            result.unavailable, result.refused = result.unavailable or told.unavailable, result.refused + told.refused
+        _apply_members(settings, client, member_plans(model_dir, report), result)
     except FerryError as error:  # MLflow's client could not even start
         result = SyncResult(model=report.model, unavailable=True, warnings=[
             f"MLflow was not told of the outcome: {error} (run `ferry sync {report.model}`)"])
@@ -322,11 +329,7 @@ def sync(settings: Settings, registry: Registry, model_dir: ModelDir) -> SyncRes
     current = read_current(model_dir)
     history = read_attempts(model_dir)
     result = _apply(settings, registry, plan_from_state(model_dir.model, current, history))
-    for plan in member_plans_from_state(model_dir, current, history) if not result.unavailable else []:
-        told = _apply(settings, registry, plan)
-        result.changes += [f"{plan.model} {change}" for change in told.changes]
-        result.warnings += told.warnings
-        result.unavailable, result.refused = result.unavailable or told.unavailable, result.refused + told.refused
+    _apply_members(settings, registry, member_plans_from_state(model_dir, current, history), result)
     _append(model_dir, WriteBackRecord(deploy_id=current.deploy_id if current else "", model=model_dir.model,
                                        by="sync", at_utc=utc_stamp(), seconds=round(time.perf_counter() - began, 4),
                                        told=result.in_sync, warnings=result.warnings))
