@@ -9,6 +9,10 @@ what clients that call Triton directly, naming no version, get while ferry deplo
        perf <protocol> c<1|4> added p50 ms: X           gateway p50 - direct p50 (p99 likewise)
        perf front overhead <protocol> c<1|4> throughput ratio: X   front / store by version
        gateway cpu ratio <protocol>: X                  gateway CPU s per request / Triton CPU s per request
+   and, beside them, a bare forwarder (bench/bare_forwarder.py: the gateway's HTTP server and upstream pool, a
+   bare grpc.aio pass-through; no guard, routing or metrics) in front of the store, the floor of a Python hop:
+       perf bare forwarder <protocol> c<1|4> throughput ratio: X   bare forwarder / store by version
+       bare forwarder cpu ratio <protocol>: X           its CPU s per request / Triton CPU s per request
    CPU is read from /proc/<pid>/stat (utime + stime; Triton with its backend stubs) around each gateway run,
    requests from Triton's statistics of the store.
 2. Isolation. While ferry deploys a good version, an output-shape break, a golden-mismatch break and a rollback,
@@ -180,9 +184,9 @@ def throughput_rounds(targets: list[Target], world: World, pids: dict[str, int],
             spent = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
             f = figures[target.key]
             f.runs.append(run)
-            if target.name == "gateway":
-                f.cpu_ratio.append(spent["gateway"] / max(spent["triton"], 1e-9))
-                f.gateway_us.append(spent["gateway"] / requests * 1e6)
+            if target.name in ("gateway", "bare"):  # the hop's CPU, the gateway's or the bare forwarder's
+                f.cpu_ratio.append(spent[target.name] / max(spent["triton"], 1e-9))
+                f.gateway_us.append(spent[target.name] / requests * 1e6)
             f.triton_us.append(spent["triton"] / requests * 1e6)
         print(f"round {i + 1}/{args.rounds} measured", file=sys.stderr)
     return figures
@@ -193,7 +197,7 @@ def report_throughput(figures: dict[str, Figures]) -> None:
         parts = [f"c{c} {f.median('rate', c):.0f} infer/s p50 {f.median('p50', c):.3f} ms "
                  f"p99 {f.median('p99', c):.3f} ms" for c in CONCURRENCIES]
         print(f"{key:13s} " + "; ".join(parts) + f"; triton CPU us per request {statistics.median(f.triton_us):.0f}"
-              + (f", gateway {statistics.median(f.gateway_us):.0f}" if f.gateway_us else ""))
+              + (f", hop {statistics.median(f.gateway_us):.0f}" if f.gateway_us else ""))
     for protocol in PROTOCOLS:
         direct, gateway, store = (figures[f"{protocol} {name}"] for name in ("direct", "gateway", "store"))
         for c in CONCURRENCIES:
@@ -208,6 +212,14 @@ def report_throughput(figures: dict[str, Figures]) -> None:
                   f"{direct.median('p50', c) - store.median('p50', c):.3f}")
     for protocol in PROTOCOLS:
         print(f"gateway cpu ratio {protocol}: {statistics.median(figures[f'{protocol} gateway'].cpu_ratio):.3f}")
+    for protocol in PROTOCOLS:  # the floor of a Python hop: bench/bare_forwarder.py, against the store it calls
+        bare, store = figures.get(f"{protocol} bare"), figures[f"{protocol} store"]
+        if bare is None:
+            continue
+        for c in CONCURRENCIES:
+            print(f"perf bare forwarder {protocol} c{c} throughput ratio: "
+                  f"{bare.median('rate', c) / store.median('rate', c):.3f}")
+        print(f"bare forwarder cpu ratio {protocol}: {statistics.median(bare.cpu_ratio):.3f}")
 
 
 def profile_gateway(pid: int, port: int, seconds: float) -> None:
@@ -439,6 +451,14 @@ def start_gateway(world: World) -> tuple[subprocess.Popen, int]:
     return gateway_overhead.start_gateway(world, [sys.executable, "-m", "ferry", "gateway"])
 
 
+def start_bare_forwarder(world: World) -> tuple[subprocess.Popen, int]:
+    """bench/bare_forwarder.py in front of the same Triton: the floor of a Python hop, measured beside the gateway."""
+    settings = world.settings
+    return gateway_overhead.start_gateway(world, [sys.executable, str(Path(__file__).parent / "bare_forwarder.py"),
+                                                  "--triton", settings.triton.host_port,
+                                                  "--triton-grpc", settings.triton_grpc.host_port])
+
+
 def register_all(world: World) -> dict[str, int]:
     """v1 (committed first), then the plan's versions, registered without moving the alias."""
     uri = world.settings.tracking_uri
@@ -448,13 +468,16 @@ def register_all(world: World) -> dict[str, int]:
     return versions
 
 
-def targets(world: World, gateway_port: int, version: int) -> list[Target]:
+def targets(world: World, gateway_port: int, version: int, bare_port: int | None) -> list[Target]:
     triton, grpc_port = world.settings.triton.host_port, world.settings.triton_grpc.host_port
     found = []
     for protocol, direct in (("http", triton), ("grpc", grpc_port)):
         gateway = f"127.0.0.1:{gateway_port + (protocol == 'grpc')}"
         found += [Target("direct", protocol, direct, MODEL), Target("gateway", protocol, gateway, MODEL),
                   Target("store", protocol, direct, store_name(MODEL, version), str(version))]
+        if bare_port is not None:  # the bare forwarder passes the store's path on as it came
+            found.append(Target("bare", protocol, f"127.0.0.1:{bare_port + (protocol == 'grpc')}",
+                                store_name(MODEL, version), str(version)))
     return found
 
 
@@ -464,6 +487,8 @@ def main() -> None:
     parser.add_argument("--interval-ms", type=int, default=800, help="perf_analyzer's measurement window")
     parser.add_argument("--skip-isolation", action="store_true", help="measure throughput only")
     parser.add_argument("--skip-throughput", action="store_true", help="run the isolation check only")
+    parser.add_argument("--skip-bare", action="store_true",
+                        help="do not measure the bare forwarder (bench/bare_forwarder.py) beside the gateway")
     parser.add_argument("--profile", type=float, default=0, metavar="SECONDS",
                         help="py-spy the gateway for SECONDS under perf_analyzer at concurrency 4, per protocol")
     parser.add_argument("--direct-model", default=MODEL, help="the name the isolation check's direct clients call "
@@ -477,22 +502,28 @@ def main() -> None:
         world = World(make_settings(folder / "ferry"))
         versions = register_all(world)
         triton = server.up(world.settings)
-        gateway = None
+        hops: list[subprocess.Popen] = []
         try:
             assert world.deploy().outcome == "committed"
             gateway, port = start_gateway(world)
+            hops.append(gateway)
             pids = {"triton": triton.pid, "gateway": gateway.pid}
             if args.profile:
                 profile_gateway(gateway.pid, port, args.profile)
             if not args.skip_throughput:
-                figures = throughput_rounds(targets(world, port, versions["first"]), world, pids, args, folder)
-                report_throughput(figures)
+                bare_port = None
+                if not args.skip_bare:
+                    bare, bare_port = start_bare_forwarder(world)
+                    hops.append(bare)
+                    pids["bare"] = bare.pid
+                found = targets(world, port, versions["first"], bare_port)
+                report_throughput(throughput_rounds(found, world, pids, args, folder))
             if not args.skip_isolation:
                 isolation(world, versions, args.direct_model, folder)
         finally:
-            if gateway is not None:
-                gateway.terminate()
-                gateway.wait(timeout=10)
+            for hop in hops:
+                hop.terminate()
+                hop.wait(timeout=10)
             server.down(world.settings)
 
 

@@ -115,10 +115,12 @@ def test_every_kind_of_gateway_refusal_has_its_status() -> None:
 
 def test_error_classes_outside_the_tree_are_only_the_known_refinements() -> None:
     """Refinements of a tree class kept beside the code that raises them (each a subclass of one in the tree), and
-    two signals that never leave their module: the balancer's failed connection (an OSError, so that the callers'
-    ``except OSError`` turns it into BackendDown) and the JSON decoder's refusal of NaN and Infinity."""
+    three signals that never leave their module: the balancer's failed connection (an OSError, so that the callers'
+    ``except OSError`` turns it into BackendDown), the HTTP server's refusal from inside a parser callback (it stops
+    the parser) and the JSON decoder's refusal of NaN and Infinity."""
     assert _error_classes_outside_the_tree() == [
         "src/ferry/adapters/gateway/balancer.py: ConnectFailed(ConnectionError)",
+        "src/ferry/adapters/gateway/http_server.py: _Refused(Exception)",
         "src/ferry/adapters/gateway/wording.py: UnknownModelError(NotServed)",
         "src/ferry/adapters/gateway/wording.py: UnknownVersionError(NotServed)",
         "src/ferry/adapters/inference/guard.py: _NotJson(ValueError)",

@@ -1,14 +1,16 @@
 """``ferry gateway``: production traffic to the version current.json commits, and to nothing else.
 
-An adapter (uvicorn, FastAPI, grpc.aio) over :mod:`ferry.adapters.inference.routing`. Every request is routed
-afresh, so a commit takes effect from the next request on, without a restart; the answer names the version
-that served it (the ``X-Ferry-Model-Version`` header, gRPC trailing metadata of the same name). A client may
-name a version only if it is the committed one.
+An adapter (its own HTTP/1.1 server, FastAPI, grpc.aio) over :mod:`ferry.adapters.inference.routing`. Every
+request is routed afresh, so a commit takes effect from the next request on, without a restart; the answer names
+the version that served it (the ``X-Ferry-Model-Version`` header, gRPC trailing metadata of the same name). A
+client may name a version only if it is the committed one.
 
-KServe v2 over HTTP is a plain ASGI handler (:mod:`.kserve_http`) over a pool of kept-alive connections
+KServe v2 over HTTP is answered by :mod:`.kserve_http`, called by the gateway's HTTP server (:mod:`.http_server`:
+httptools, one write per answer) with each request read whole, over a pool of kept-alive connections
 (:mod:`.upstream`) per Triton replica, balanced (:mod:`.balancer`); KServe v2 over gRPC is a grpc.aio server in the
 same event loop (:mod:`.kserve_grpc`), over a channel per replica. Both check every inference against the model's
-config first (:mod:`.guard`). The rest (/predict, /healthz, /readyz, /metrics) is FastAPI.
+config first (:mod:`.guard`). The rest (/predict, /healthz, /readyz, /metrics) is FastAPI, which the server calls as
+an ASGI application.
 
 Draining: Triton unloads a retired version only once the requests it is running have finished. A
 request routed to the old version just before a commit can still reach Triton after the version is
@@ -38,7 +40,9 @@ from contextlib import asynccontextmanager
 from typing import TypeVar
 
 import numpy as np
-from fastapi import FastAPI, Request, Response
+import uvloop
+from fastapi import FastAPI, Response
+from fastapi import Request as FastApiRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -46,6 +50,8 @@ from starlette.exceptions import HTTPException
 from starlette.types import Receive, Scope, Send
 
 from ferry.adapters.gateway.balancer import LAST_REPLICA, HttpBalancer
+from ferry.adapters.gateway.http_server import Answer as ServerAnswer
+from ferry.adapters.gateway.http_server import HttpServer, Limits, Request, asgi_responder
 from ferry.adapters.gateway.kserve_grpc import KServeGrpc
 from ferry.adapters.gateway.kserve_http import KServeHttp, answered_version, served_by, triton_failure
 from ferry.adapters.gateway.metrics import Metrics
@@ -62,6 +68,7 @@ from ferry.core.errors import (
     BodyTimeout,
     FerryError,
     GatewayError,
+    InvalidInput,
     NotServed,
     TooLarge,
     Unauthorized,
@@ -101,7 +108,7 @@ class Gateway:
         self.app = _admin_app(self)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v2") and scope["path"][3:4] in ("", "/"):
+        if scope["type"] == "http" and is_v2(scope["path"]):
             await self.http(scope, receive, send)
         else:
             await self.app(scope, receive, send)
@@ -248,7 +255,7 @@ def _outputs(answer: bytes) -> dict:
     return values
 
 
-async def _predict(gateway: Gateway, model: str, request: Request) -> tuple[Route | None, Response]:
+async def _predict(gateway: Gateway, model: str, request: FastApiRequest) -> tuple[Route | None, Response]:
     """/predict: the same body decoder and input check as KServe's infer (:mod:`.body`), then Triton."""
     gateway.check_token(request.headers.get("authorization", "").encode())
     gateway.route(model)  # an unknown model is a 404 whatever the body holds
@@ -291,7 +298,7 @@ def _admin_app(gateway: Gateway) -> FastAPI:
     app = FastAPI(title="ferry gateway", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
 
     @app.post("/predict/{model}")
-    async def predict(model: str, request: Request) -> Response:
+    async def predict(model: str, request: FastApiRequest) -> Response:
         """``{"inputs": {name: nested list}}`` in, ``{"model", "version", "outputs": {name: nested list}}`` out."""
         began, route = time.perf_counter(), None
         try:
@@ -326,7 +333,7 @@ def _error_handlers(app: FastAPI) -> None:
     """Every answer that is not a success is ``{"error": "..."}``, FastAPI's own 404, 405 and 422 included."""
 
     @app.exception_handler(HTTPException)
-    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+    async def http_error(request: FastApiRequest, error: HTTPException) -> JSONResponse:
         message = {404: f"the gateway serves no {request.url.path[:200]!r}",
                    405: f"{request.url.path[:200]!r} does not take {request.method}"}.get(error.status_code,
                                                                                    str(error.detail))
@@ -335,20 +342,41 @@ def _error_handlers(app: FastAPI) -> None:
         return response
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+    async def invalid(request: FastApiRequest, error: RequestValidationError) -> JSONResponse:
         return _error(400, f"the request is not valid: {str(error.errors())[:300]}")
 
     @app.exception_handler(Exception)
-    async def unexpected(request: Request, error: Exception) -> JSONResponse:
+    async def unexpected(request: FastApiRequest, error: Exception) -> JSONResponse:
         return _error(502, f"the gateway failed: {type(error).__name__}: {error}")
 
 
 def serve(settings: Settings, host: str, port: int, grpc_port: int | None = None, token: str | None = None,
           max_elements: int | None = None, body_timeout_s: float = BODY_TIMEOUT_S) -> None:
-    """Run the gateway (what ``ferry gateway`` does): HTTP on ``port``, gRPC on ``grpc_port`` (0: none)."""
-    import uvicorn
-
+    """Run the gateway (what ``ferry gateway`` does): HTTP on ``port``, gRPC on ``grpc_port`` (0: none), in one
+    uvloop event loop, until SIGTERM or SIGINT."""
     gateway = Gateway(settings, token=settings.gateway_token if token is None else token, grpc_port=grpc_port,
                       max_elements=max_elements, host=host, body_timeout_s=body_timeout_s)
-    uvicorn.run(gateway, host=host, port=port, log_level="warning", access_log=False, loop="uvloop",
-                http="httptools", proxy_headers=False, server_header=False)
+    admin = asgi_responder(gateway.app, (host, port))
+
+    async def respond(request: Request) -> ServerAnswer:
+        if not is_v2(request.path):
+            return await admin(request)
+        answer = await gateway.http.respond(request.method, request.path, dict(request.headers),
+                                            lambda: _whole(request.body))
+        return ServerAnswer(answer.status, answer.head(), answer.body)
+
+    server = HttpServer(respond, Limits(gateway.max_body_bytes, body_timeout_s))
+    try:
+        uvloop.run(server.serve(host, port, gateway.start, gateway.stop))
+    except OSError as error:
+        raise InvalidInput(f"the gateway cannot listen on {host}:{port}: {error.strerror or error}",
+                           "give another --port (or --grpc-port), or stop what holds it") from None
+
+
+async def _whole(body: bytes) -> bytes:
+    return body  # the gateway's own server reads a request whole, within its limits, before it answers
+
+
+def is_v2(path: str) -> bool:
+    """A KServe v2 path (/v2, /v2/...): the protocol handler's, not FastAPI's."""
+    return path.startswith("/v2") and path[3:4] in ("", "/")

@@ -40,7 +40,7 @@ from typing import Any, Generic, TypeVar
 from prometheus_client import CollectorRegistry
 
 from ferry.adapters.gateway.replica_metrics import ReplicaMetrics
-from ferry.adapters.gateway.upstream import Reply, UpstreamPool, _Connection
+from ferry.adapters.gateway.upstream import Reply, UpstreamConnection, UpstreamPool
 from ferry.adapters.inference.routing import Router
 from ferry.core.config import Endpoint, ReplicaSource, Settings
 from ferry.core.errors import FerryError
@@ -332,20 +332,14 @@ class _ReplicaPool(UpstreamPool):
         super().__init__(host, port, timeout_s)
         self.connect_timeout_s = connect_timeout_s
 
-    async def _connection(self) -> tuple[_Connection, bool]:
-        while self._idle:
-            connection = self._idle.pop()
-            if not connection.closed:
-                return connection, True
-        loop = asyncio.get_running_loop()
+    async def connect(self) -> UpstreamConnection:
         try:
             async with asyncio.timeout(self.connect_timeout_s):
-                _, connection = await loop.create_connection(_Connection, self.host, self.port)
+                return await super().connect()
         except OSError as error:  # TimeoutError is one
             reason = f"no connection within {self.connect_timeout_s:g} s" if isinstance(error, TimeoutError) \
                 else f"{type(error).__name__}: {error}"
             raise ConnectFailed(f"cannot connect to {self.host}:{self.port}: {reason}") from None
-        return connection, False
 
 
 @dataclass(eq=False)

@@ -3,7 +3,7 @@ version only: ServerLive, ServerReady, ServerMetadata, ModelReady, ModelMetadata
 ModelInfer (any other method: UNIMPLEMENTED). Refusals of model names and versions are worded as Triton words them
 (:mod:`.wording`).
 
-A grpc.aio server in the gateway's own event loop (uvicorn's uvloop), forwarding to Triton's gRPC ports over one
+A grpc.aio server in the gateway's own event loop (uvloop), forwarding to Triton's gRPC ports over one
 grpc.aio channel per replica, balanced (:mod:`.grpc_balancer`). Handlers take and return serialized messages: a
 request is parsed once (for routing and the guard) and forwarded as the bytes the client sent with the committed
 version appended (in protobuf the last value of a field wins, and ``version`` is field 2 of every request forwarded

@@ -11,7 +11,8 @@
 
 A path that names a version is served only if it names the committed version; refusals of model names and
 versions are worded as Triton words them (:mod:`.wording`). Every error is ``{"error": "..."}``, which
-tritonclient decodes. A plain ASGI handler: FastAPI's routing and request
+tritonclient decodes. :meth:`KServeHttp.respond` is what the gateway's HTTP server (:mod:`.http_server`) calls, with
+the request read whole; the same handler is an ASGI application too. No FastAPI here: its routing and request
 objects cost more than forwarding itself. During a bake, an inference that names no version may be answered
 by a canary (``X-Ferry-Canary: 1``) or copied to a shadow candidate (:mod:`.shadow`).
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -98,6 +100,15 @@ class Answer:
     def error(cls, status: int, message: str, route: Route | None = None) -> Answer:
         return cls(status, error_body(message), [JSON_TYPE], route)
 
+    def head(self) -> list[tuple[bytes, bytes]]:
+        """Its headers, with those that name the version that answered (and a canary's answer as such)."""
+        if self.route is None:
+            return self.headers
+        named = [(VERSION_HEADER, str(self.route.version).encode())]
+        if self.route.role == CANDIDATE:
+            named.append((CANARY_HEADER, b"1"))
+        return self.headers + named
+
 
 @dataclass(frozen=True)
 class V2Path:
@@ -143,39 +154,43 @@ class KServeHttp:
         self.gateway = gateway
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The same, as an ASGI application (the in-process tests call the gateway so)."""
+        headers = dict(scope["headers"])
+        answer = await self.respond(scope["method"], scope["path"], headers,
+                                    lambda: self.gateway.read_body(receive, headers.get(b"content-length")))
+        await send({"type": "http.response.start", "status": answer.status,
+                    "headers": [*answer.head(), (b"content-length", b"%d" % len(answer.body))]})
+        await send({"type": "http.response.body", "body": answer.body})
+
+    async def respond(self, method: str, path: str, headers: dict[bytes, bytes],
+                      body: Callable[[], Awaitable[bytes]]) -> Answer:
+        """The answer to a /v2 request (``headers``: lower-case names; ``body`` reads the request's body)."""
         began = time.perf_counter()
-        asked = parse_v2_path(scope["path"])
+        asked = parse_v2_path(path)
         try:
-            answer = await self._answer(asked, scope, receive)
+            answer = await self._answer(asked, method, path, headers, body)
         except FerryError as error:
             answer = Answer.error(status_of(error), str(error), route_of(error))
         except Exception as error:  # a bug: still the protocol's error body, and the process serves on
             answer = Answer.error(502, f"the gateway failed: {type(error).__name__}: {error}")
-        headers = answer.headers
-        headers.append((b"content-length", b"%d" % len(answer.body)))  # else uvicorn sends it chunked
-        if answer.route is not None:
-            headers.append((VERSION_HEADER, str(answer.route.version).encode()))
-            if answer.route.role == CANDIDATE:
-                headers.append((CANARY_HEADER, b"1"))
-        await send({"type": "http.response.start", "status": answer.status, "headers": headers})
-        await send({"type": "http.response.body", "body": answer.body})
         if asked is not None and asked.endpoint == "infer":
             self.gateway.metrics.count(answer.route, answer.status, began)
+        return answer
 
-    async def _answer(self, asked: V2Path | None, scope: Scope, receive: Receive) -> Answer:
+    async def _answer(self, asked: V2Path | None, method: str, path: str, headers: dict[bytes, bytes],
+                      body: Callable[[], Awaitable[bytes]]) -> Answer:
         if asked is None:
-            return Answer.error(404, f"the gateway serves no {scope['path'][:200]!r}: it serves KServe v2 inference, "
+            return Answer.error(404, f"the gateway serves no {path[:200]!r}: it serves KServe v2 inference, "
                                      "health, metadata and config (model control goes through ferry)")
-        if scope["method"] != asked.method:
-            answer = Answer.error(405, f"{scope['path'][:200]!r} takes {asked.method}, not {scope['method'][:10]}")
+        if method != asked.method:
+            answer = Answer.error(405, f"{path[:200]!r} takes {asked.method}, not {method[:10]}")
             answer.headers.append((b"allow", asked.method.encode()))
             return answer
         if asked.endpoint in ("server", "live", "ready"):
             return await self._server(asked.endpoint)
-        headers = dict(scope["headers"])
         self.gateway.check_token(headers.get(b"authorization", b""))
         if asked.endpoint == "infer":
-            return await self._infer(asked, headers, receive)
+            return await self._infer(asked, headers, body)
         if asked.endpoint == "model_ready":
             return await self._model_ready(asked)
         if asked.endpoint == "stats":
@@ -197,11 +212,11 @@ class KServeHttp:
         metadata["extensions"] = [e for e in metadata.get("extensions", []) if e in SERVED_EXTENSIONS]
         return Answer(200, json.dumps(metadata).encode(), [JSON_TYPE])
 
-    async def _infer(self, asked: V2Path, headers: dict[bytes, bytes], receive: Receive) -> Answer:
+    async def _infer(self, asked: V2Path, headers: dict[bytes, bytes],
+                     read_body: Callable[[], Awaitable[bytes]]) -> Answer:
         gateway = self.gateway
         gateway.route(asked.model, asked.version)  # an unknown model or version is a 404 whatever the body holds
-        body = await gateway.read_body(receive, headers.get(b"content-length"))
-        body = decode_body(body, headers.get(b"content-encoding"), gateway.max_body_bytes)
+        body = decode_body(await read_body(), headers.get(b"content-encoding"), gateway.max_body_bytes)
         request = guard.parse_infer(body, headers.get(BINARY_HEADER))
         passed = [(name, headers[name]) for name in _PASSED_REQUEST if name in headers]
         shadow = self.shadowed()
