@@ -161,7 +161,7 @@ def server_commands(runs: int) -> tuple[dict[str, float], list[str], tuple[int, 
     try:
         with mlflow_server(home, settings.tracking_uri) as tracking_url:
             env = {**os.environ, "FERRY_HOME": str(settings.home), "FERRY_REPOSITORY": str(settings.repository),
-                   "FERRY_TRITON_URL": settings.triton_url, "MLFLOW_TRACKING_URI": tracking_url}
+                   "FERRY_TRITON_URL": settings.triton.urls, "MLFLOW_TRACKING_URI": tracking_url}
             with_write_back = deploy_overheads(env, tracking_url, runs)
             imported = mlflow_imported(env, tracking_url)
             told = write_backs_told(settings)

@@ -131,7 +131,7 @@ def warm_rollbacks(settings, model_bytes: bytes, sample: dict, golden: dict, rou
         committed = deploy(ferry, MODEL, alias="champion")
         assert committed.outcome == "committed", committed.error
         previous = committed.current.previous_version
-        probe = Triton(ferry.settings.triton_url, api_key=ferry.settings.model_control_key())
+        probe = Triton(ferry.settings.triton.urls, api_key=ferry.settings.model_control_key())
         serving_at: list[float] = []
 
         def watch(previous: int = previous, probe: Triton = probe, serving_at: list[float] = serving_at) -> None:

@@ -140,7 +140,7 @@ def cpu_seconds(pid: int) -> float:
 
 def store_requests(world: World) -> int:
     """Successful inferences the version stores have run, every version together (Triton's statistics)."""
-    reply = httpx.get(f"{world.settings.triton.url}/v2/models/stats", timeout=10)
+    reply = httpx.get(f"{world.settings.triton.endpoint.url}/v2/models/stats", timeout=10)
     reply.raise_for_status()
     return sum(s["inference_stats"]["success"]["count"] for s in reply.json()["model_stats"]
                if (parse_store_name(s["name"]) or ("", 0))[0] == MODEL)
@@ -277,10 +277,10 @@ class DirectClients:
     def _loop(self, protocol: str) -> None:
         # One client per thread: a tritonclient.http client is bound to the thread that made it.
         if protocol == "http":
-            client, module = triton_http.InferenceServerClient(self.world.settings.triton.host_port,
+            client, module = triton_http.InferenceServerClient(self.world.settings.triton.endpoint.host_port,
                                                                network_timeout=10), triton_http
         else:
-            client, module = triton_grpc.InferenceServerClient(self.world.settings.triton_grpc.host_port), triton_grpc
+            client, module = triton_grpc.InferenceServerClient(self.world.settings.triton.grpc.host_port), triton_grpc
         while not self.stop.is_set():
             tensor = module.InferInput("X", list(SAMPLE.shape), "FP32")
             tensor.set_data_from_numpy(SAMPLE)
@@ -348,8 +348,8 @@ def exported_answers(protocol: str, export: Path) -> list[tuple[str, float, np.n
 @contextmanager
 def load_during(world: World, model: str, folder: Path) -> Iterator[tuple[DirectClients, list[PerfLoop]]]:
     clients = DirectClients(world, model)
-    loops = [PerfLoop(world.settings.triton.host_port, "http", model, folder),
-             PerfLoop(world.settings.triton_grpc.host_port, "grpc", model, folder)]
+    loops = [PerfLoop(world.settings.triton.endpoint.host_port, "http", model, folder),
+             PerfLoop(world.settings.triton.grpc.host_port, "grpc", model, folder)]
     threads = clients.start() + [loop.start() for loop in loops]
     try:
         time.sleep(3)
@@ -455,8 +455,8 @@ def start_bare_forwarder(world: World) -> tuple[subprocess.Popen, int]:
     """bench/bare_forwarder.py in front of the same Triton: the floor of a Python hop, measured beside the gateway."""
     settings = world.settings
     return gateway_overhead.start_gateway(world, [sys.executable, str(Path(__file__).parent / "bare_forwarder.py"),
-                                                  "--triton", settings.triton.host_port,
-                                                  "--triton-grpc", settings.triton_grpc.host_port])
+                                                  "--triton", settings.triton.endpoint.host_port,
+                                                  "--triton-grpc", settings.triton.grpc.host_port])
 
 
 def register_all(world: World) -> dict[str, int]:
@@ -469,7 +469,7 @@ def register_all(world: World) -> dict[str, int]:
 
 
 def targets(world: World, gateway_port: int, version: int, bare_port: int | None) -> list[Target]:
-    triton, grpc_port = world.settings.triton.host_port, world.settings.triton_grpc.host_port
+    triton, grpc_port = world.settings.triton.endpoint.host_port, world.settings.triton.grpc.host_port
     found = []
     for protocol, direct in (("http", triton), ("grpc", grpc_port)):
         gateway = f"127.0.0.1:{gateway_port + (protocol == 'grpc')}"

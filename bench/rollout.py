@@ -106,7 +106,7 @@ def shadow_latency(world: World, gateway: str, port: int, args: argparse.Namespa
                     _, latencies = measure(target, args.seconds, 1)
                     p50s[target.protocol][arm].append(percentile(latencies, 50))
                 beside = candidate if arm == "shadow" else None
-                latencies = asyncio.run(_triton_alone(world.settings.triton_url, beside, args.seconds))
+                latencies = asyncio.run(_triton_alone(world.settings.triton.urls, beside, args.seconds))
                 p50s["triton"][arm].append(percentile(latencies, 50))
         _set_rollout(path, state)
         mirrored = _shadow_counts(world, gateway, candidate)

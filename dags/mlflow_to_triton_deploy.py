@@ -93,9 +93,10 @@ with DAG(
     catchup=False,
     doc_md=__doc__,
     params={
-        "model": Param(settings.default_model, description="Registered model name in MLflow (and in Triton)",
+        "model": Param(settings.deploy.default_model, description="Registered model name in MLflow (and in Triton)",
                        **name_schema),
-        "alias": Param(settings.default_alias, description="MLflow alias naming the version to deploy", **name_schema),
+        "alias": Param(settings.deploy.default_alias, description="MLflow alias naming the version to deploy",
+                       **name_schema),
         "bake": Param("", type="string", pattern=r"^(\d+(\.\d+)?[smh]?)?$",
                       description="Bake on live traffic this long before the commit (5m); empty: no bake"),
         "mode": Param("canary", enum=["canary", "shadow"], description="canary: the candidate answers a share; "
@@ -121,7 +122,7 @@ with DAG(
     steps = [PythonOperator(task_id=name, python_callable=step(name), **retry_dependencies) for name in STEPS]
     # A sensor in reschedule mode: each look is a short task run, and no worker waits through the bake.
     steps.append(PythonSensor(task_id="triton_bake", python_callable=bake, mode="reschedule",
-                              poke_interval=settings.gate_interval_s, timeout=24 * 3600, **retry_dependencies))
+                              poke_interval=settings.bake.interval_s, timeout=24 * 3600, **retry_dependencies))
     commit = PythonOperator(task_id="commit_current", python_callable=step("commit_current"), **retry_dependencies)
     rollback = PythonOperator(task_id="rollback_minimal", python_callable=rollback_minimal, op_kwargs=names,
                               trigger_rule=TriggerRule.ONE_FAILED)

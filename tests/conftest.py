@@ -218,9 +218,9 @@ class World:
         s = self.settings
         return {
             "FERRY_HOME": str(s.home), "FERRY_REPOSITORY": str(s.repository), "MLFLOW_TRACKING_URI": s.tracking_uri,
-            "FERRY_TRITON_URL": s.triton_url, "FERRY_LOAD_TIMEOUT_S": str(s.load_timeout_s),
-            **({"FERRY_TRITON_API_KEY": s.triton_api_key} if s.triton_api_key else {}),
-            **({"FERRY_PYTHON_RUNNER": str(s.python_runner)} if s.python_runner else {}),
+            "FERRY_TRITON_URL": s.triton.urls, "FERRY_LOAD_TIMEOUT_S": str(s.triton.load_timeout_s),
+            **({"FERRY_TRITON_API_KEY": s.triton.api_key} if s.triton.api_key else {}),
+            **({"FERRY_PYTHON_RUNNER": str(s.triton.python_runner)} if s.triton.python_runner else {}),
         }
 
 
@@ -237,7 +237,7 @@ def world(tmp_path: Path):
 def replica_settings(settings: Settings) -> list[Settings]:
     """One Settings per replica of a fleet world, as `ferry triton up` on each of its hosts would have."""
     return [settings.with_overrides(home=settings.home / f"replica-{i}", triton_url=url)
-            for i, url in enumerate(settings.triton_url.split(","))]
+            for i, url in enumerate(settings.triton.urls.split(","))]
 
 
 def start_fleet(tmp_path: Path, replicas: int, faulty: int | None = None, **overrides) -> World:

@@ -208,7 +208,7 @@ def test_an_unavailable_triton_is_retried_until_it_answers(airflow: LocalAirflow
         triton.up(settings)
     assert airflow.wait_finished(run, RUN_TIMEOUT_S) == "success", airflow.task_states(run)
     assert airflow.task_instances(run)["snapshot_current"]["try_number"] >= 2
-    assert f"Triton at {settings.triton_url} is not reachable" in airflow.task_log(run, "snapshot_current", 1)
+    assert f"Triton at {settings.triton.urls} is not reachable" in airflow.task_log(run, "snapshot_current", 1)
     [record] = read_history(world.model_dir)
     assert record["outcome"] == "committed"
     assert_invariants(world, attempts=1)

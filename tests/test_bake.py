@@ -343,7 +343,7 @@ def test_a_canary_three_times_slower_under_load_is_rolled_back_on_latency(stage:
     assert report.outcome == "rolled_back" and report.failed_step == "bake", report.error
     assert "p95" in report.error and "error ratio" not in report.error, report.error
     last = report.gate[-1]
-    assert last.candidate.p95_s > stage.world.settings.gate_latency_factor * last.active.p95_s, last
+    assert last.candidate.p95_s > stage.world.settings.bake.latency_factor * last.active.p95_s, last
     assert all(s.ok for s in traffic.sent), "the slow candidate answered every request, slowly"
     assert_settled(stage, traffic, active, report.version)
 

@@ -71,7 +71,7 @@ def publish(world: World, model: str, model_bytes: bytes, sample: dict[str, np.n
 def clients(world: World, through: Running | None = None) -> list[tuple[str, Callable]]:
     """Infer over HTTP and gRPC on Triton itself (or ``through`` the gateway): {output: object array of bytes}."""
     http_at, grpc_at = (through.host_port, through.grpc) if through else \
-        (world.settings.triton.host_port, world.settings.triton_grpc.host_port)
+        (world.settings.triton.endpoint.host_port, world.settings.triton.grpc.host_port)
     http = httpclient.InferenceServerClient(http_at, network_timeout=30)
     grpc = grpcclient.InferenceServerClient(grpc_at)
     headers = {"authorization": f"Bearer {TOKEN}"} if through else None

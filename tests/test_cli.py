@@ -80,7 +80,7 @@ def test_demo_tells_the_whole_story(tmp_path: Path) -> None:
     from conftest import make_settings
 
     settings = make_settings(tmp_path)
-    env = {**os.environ, "FERRY_HOME": str(tmp_path / "demo"), "FERRY_TRITON_URL": settings.triton_url,
+    env = {**os.environ, "FERRY_HOME": str(tmp_path / "demo"), "FERRY_TRITON_URL": settings.triton.urls,
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     result = subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh")], env=env, capture_output=True, text=True,
                             timeout=300)

@@ -38,7 +38,7 @@ def test_a_good_deploy_is_served_by_every_replica(fleet: World) -> None:
 def test_a_candidate_that_fails_on_one_replica_is_rolled_back_on_all(tmp_path: Path) -> None:
     world = start_fleet(tmp_path, 3, faulty=2, python_runner=FAKES / "fake_faulty_replica_runner.py")
     try:
-        faulty = world.settings.triton_url.split(",")[2]
+        faulty = world.settings.triton.urls.split(",")[2]
         world.register()
         first = world.deploy()
         assert first.outcome == "rolled_back" and first.failed_replica == faulty  # even v1 cannot run there
@@ -64,7 +64,7 @@ def test_a_replica_killed_during_the_load_rolls_back_the_others_and_reconcile_br
         killer.join()
         assert report.outcome == "rolled_back" and report.failed_step == "load"
         assert report.failed_replica == doomed.triton.url
-        survivor = world.settings.triton_url.split(",")[0]
+        survivor = world.settings.triton.urls.split(",")[0]
         assert report.rollback.replicas[survivor] == [1]
         assert any(doomed.triton.url in problem for problem in report.rollback.problems)
         server.down(doomed, grace_s=0)
@@ -115,13 +115,13 @@ def test_reconcile_every_keeps_a_restarted_replica_serving(fleet: World) -> None
     finally:
         watcher.send_signal(signal.SIGINT)
         # A load under way finishes first (at most FERRY_LOAD_TIMEOUT_S, 30 s here); then the loop stops.
-        output, _ = watcher.communicate(timeout=30 + fleet.settings.load_timeout_s)
+        output, _ = watcher.communicate(timeout=30 + fleet.settings.triton.load_timeout_s)
     assert watcher.returncode == 0 and "loaded" in output, output
     assert_invariants(fleet, attempts=1)
 
 
 def test_a_dns_name_is_resolved_to_its_replicas(world: World) -> None:
-    port = world.settings.triton.port
+    port = world.settings.triton.endpoint.port
     world.register()
     by_name = world.cli("deploy", "iris", "--alias", "champion", FERRY_TRITON_URL=f"dns+http://localhost:{port}")
     assert by_name.returncode == 0, by_name.stderr
@@ -166,7 +166,7 @@ def _triton_successes(settings, version: int) -> float:
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = httpx.get(settings.triton_metrics_url, timeout=5).text
+    text = httpx.get(settings.triton.metrics_url, timeout=5).text
     return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
                if sample.name.startswith("nv_inference_request_success")
                and sample.labels.get("model") == store_name("iris", version)

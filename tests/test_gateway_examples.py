@@ -84,7 +84,7 @@ def simple(world: World) -> Iterator[tuple[World, Running]]:
 
 def addresses(world: World, gateway: Running) -> dict[str, tuple[str, str]]:
     """HTTP and gRPC addresses (host:port) of the gateway and of Triton itself."""
-    triton = world.settings.triton_url.removeprefix("http://")
+    triton = world.settings.triton.urls.removeprefix("http://")
     host, port = triton.rsplit(":", 1)
     return {"gateway": (gateway.host_port, gateway.grpc), "triton": (triton, f"{host}:{int(port) + 1}")}
 

@@ -316,7 +316,7 @@ def bad_answers(answers: list[tuple[str, object]]) -> list[tuple[str, object]]:
 
 def assert_still_serving(world: World, gateway: Running, session: httpx.Client, channel: grpc.Channel) -> None:
     assert gateway.process.poll() is None, "the gateway process is gone"
-    assert httpx.get(f"{world.settings.triton_url}/v2/health/live", timeout=5).status_code == 200, "Triton is down"
+    assert httpx.get(f"{world.settings.triton.urls}/v2/health/live", timeout=5).status_code == 200, "Triton is down"
     assert world.ferry.triton.ready_versions("iris") == [1], "Triton does not serve the committed version alone"
     good = session.post("/v2/models/iris/infer", json=KSERVE_BODY, headers={"authorization": f"Bearer {TOKEN}"})
     assert good.status_code == 200 and good.headers["x-ferry-model-version"] == "1", good.text

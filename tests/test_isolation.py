@@ -52,7 +52,7 @@ class DirectClients:
         if protocol == "http":
             client, module = triton_http.InferenceServerClient(endpoint.host_port, network_timeout=10), triton_http
         else:
-            client, module = triton_grpc.InferenceServerClient(self.world.settings.triton_grpc.host_port), triton_grpc
+            client, module = triton_grpc.InferenceServerClient(self.world.settings.triton.grpc.host_port), triton_grpc
         while not self.stop.is_set():
             tensor = module.InferInput("X", list(SAMPLE.shape), "FP32")
             tensor.set_data_from_numpy(SAMPLE)
@@ -144,7 +144,7 @@ def test_the_front_is_what_clients_see(world: World) -> None:
     version named by a direct client is refused by Triton."""
     world.register()
     world.deploy()
-    client = triton_http.InferenceServerClient(world.settings.triton.host_port)
+    client = triton_http.InferenceServerClient(world.settings.triton.endpoint.host_port)
     metadata = client.get_model_metadata(world.model)
     assert metadata["versions"] == ["1"] and metadata["platform"] == "ensemble"
     assert [i["name"] for i in metadata["inputs"]] == ["X"]

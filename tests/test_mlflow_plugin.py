@@ -41,7 +41,7 @@ def last_line(process: subprocess.CompletedProcess) -> str:
 
 def test_the_mlflow_command_line_deploys_through_ferry(world: World, tmp_path: Path) -> None:
     world.register()
-    url = world.settings.triton_url
+    url = world.settings.triton.urls
     created = deployments(world, "create", "-t", "ferry", "--name", "iris", "-m", "models:/iris@champion",
                           "-C", f"triton_url={url}", "-C", "load_timeout_s=30", drop=("FERRY_TRITON_URL",))
     assert created.returncode == 0, created.stderr

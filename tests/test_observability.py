@@ -108,7 +108,7 @@ def _wait(what: str, check, timeout_s: float = 60.0):
 def prometheus(world: World, tmp_path: Path):
     """A real Prometheus scraping this world's Triton and `ferry exporter` every second, with ferry's rules."""
     exporter_port, prometheus_port = _free_port_block(1), _free_port_block(1)
-    triton_metrics = urllib.parse.urlsplit(world.settings.triton_metrics_url).netloc
+    triton_metrics = urllib.parse.urlsplit(world.settings.triton.metrics_url).netloc
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(path) for path in RULES],

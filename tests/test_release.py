@@ -165,7 +165,7 @@ def test_a_release_switches_as_one_under_load_and_never_answers_with_a_mix(relea
     assert [(m.model, m.version) for m in first.members] == [(SCALE, 1), (SCORE, 1)]
     assert {"load", "ready", "smoke"} <= set(first.steps) and first.steps.get("smoke", 0) > 0
     assert_release_invariants(released, attempts=1)
-    with running_gateway(released) as gateway, Load(gateway.url, gateway.grpc, released.settings.triton_url) as load:
+    with running_gateway(released) as gateway, Load(gateway.url, gateway.grpc, released.settings.triton.urls) as load:
         load.wait_for(30)
         released.register_release(factor=2.0)
         good = released.deploy()
@@ -273,7 +273,7 @@ def test_a_member_two_releases_pin_stays_loaded_for_the_one_that_still_pins_it(r
     moved = released.deploy()
     assert moved.outcome == "committed", moved.error
     assert all(pinned[m.model] != m.version for m in moved.members)
-    triton = httpx.post(f"{released.settings.triton_url}/v2/models/{other.model}/infer", json=BODY, timeout=10)
+    triton = httpx.post(f"{released.settings.triton.urls}/v2/models/{other.model}/infer", json=BODY, timeout=10)
     assert triton.status_code == 200, triton.text
     outputs = {o["name"]: o["data"] for o in triton.json()["outputs"]}
     assert member_pair(outputs) == (pinned[SCALE], pinned[SCORE]), "the other release lost its members"
@@ -351,7 +351,7 @@ def test_a_canary_bakes_the_whole_pipeline_and_no_answer_mixes_its_members(relea
     attempts = len(read_history(released.model_dir)) + 1
     before = {m.model: m.version for m in read_current(released.model_dir).members}
     versions = released.register_release(factor=5.0)
-    with running_gateway(released) as gateway, Load(gateway.url, gateway.grpc, released.settings.triton_url) as load:
+    with running_gateway(released) as gateway, Load(gateway.url, gateway.grpc, released.settings.triton.urls) as load:
         load.wait_for(20)
         baking = Services(released.settings.with_overrides(
             gateways=gateway.url, gate_interval_s=1.0, gate_min_requests=20, gate_latency_slack_ms=50.0))

@@ -55,7 +55,7 @@ def test_a_replica_killed_in_a_releases_load_rolls_back_the_other_and_reconcile_
     assert report.outcome == "rolled_back" and report.failed_step == "load", report.error
     assert report.failed_replica == doomed.triton.url
     assert read_current(world.model_dir) == before
-    survivor = world.settings.triton_url.split(",")[0]
+    survivor = world.settings.triton.urls.split(",")[0]
     assert report.rollback.replicas[survivor] == [before.active_version]
 
     server.down(doomed, grace_s=0)

@@ -85,8 +85,8 @@ def test_a_failure_in_the_last_batch_puts_the_swapped_batches_back(tmp_path: Pat
         world.register()
         assert world.deploy().outcome == "committed"
         world.register(trees=3)
-        faulty = world.settings.triton_url.split(",")[2]
-        position = sorted(world.settings.triton_url.split(",")).index(faulty) + 1
+        faulty = world.settings.triton.urls.split(",")[2]
+        position = sorted(world.settings.triton.urls.split(",")).index(faulty) + 1
         with Watch(world) as watch:
             report = _rolling(world, python_runner=FAKES / "fake_faulty_replica_runner.py")
         assert (report.outcome, report.failed_step, report.failed_replica) == ("rolled_back", "smoke", faulty)
@@ -182,7 +182,7 @@ def test_a_candidate_failing_live_traffic_in_batch_two_is_caught_by_its_bake(tmp
         world.register()
         assert world.deploy().outcome == "committed"
         world.register(trees=3)
-        urls = world.settings.triton_url.split(",")
+        urls = world.settings.triton.urls.split(",")
         position = sorted(urls).index(urls[1]) + 1
         outside: list[tuple[float, int, str | None]] = []  # (began, status, version) of rows outside the sample
         stop = threading.Event()

@@ -41,7 +41,7 @@ def test_up_is_idempotent_and_down_stops_everything(tmp_path: Path) -> None:
 
 
 def test_up_refuses_a_port_another_server_holds(world: World, tmp_path: Path) -> None:
-    intruder = make_settings(tmp_path / "other").with_overrides(triton_url=world.settings.triton_url)
+    intruder = make_settings(tmp_path / "other").with_overrides(triton_url=world.settings.triton.urls)
     with pytest.raises(FerryError, match="another server already answers"):
         server.up(intruder)
 
@@ -53,7 +53,7 @@ def test_model_control_needs_the_key_and_every_port_is_on_loopback(world: World)
     world.register()
     assert world.deploy().outcome == "committed"  # ferry sends the key
 
-    keyless = Triton(settings.triton_url)
+    keyless = Triton(settings.triton.urls)
     with pytest.raises(TritonError, match="FERRY_TRITON_API_KEY") as refused:
         keyless.unload(world.model)
     assert "restricted" in refused.value.message or "authorized" in refused.value.message.lower()
@@ -63,7 +63,7 @@ def test_model_control_needs_the_key_and_every_port_is_on_loopback(world: World)
     assert world.ferry.triton.ready_versions(world.model) == [1]
 
     listening = _listening_addresses()
-    ports = (settings.triton_http_port, settings.triton_http_port + 1, settings.triton_http_port + 2)
+    ports = (settings.triton.endpoint.port, settings.triton.endpoint.port + 1, settings.triton.endpoint.port + 2)
     assert all(port in listening and listening[port].is_loopback for port in ports), listening
 
 
@@ -110,7 +110,7 @@ def test_signature_mismatch_names_each_difference(world: World) -> None:
 
 def test_settings_come_from_the_environment_and_refuse_bad_values(tmp_path: Path) -> None:
     settings = load_settings({"FERRY_HOME": str(tmp_path), "FERRY_LOAD_TIMEOUT_S": "7", "FERRY_RUNTIME": "onnxruntime"})
-    assert settings.repository == tmp_path / "repository" and settings.load_timeout_s == 7.0
+    assert settings.repository == tmp_path / "repository" and settings.triton.load_timeout_s == 7.0
     assert settings.tracking_uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
     with pytest.raises(FerryError, match="FERRY_RUNTIME"):
         load_settings({"FERRY_HOME": str(tmp_path), "FERRY_RUNTIME": "tensorrt"})

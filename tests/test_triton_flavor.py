@@ -37,7 +37,7 @@ def flavor(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonWorld]:
 
 
 def triton_config(world: World, name: str) -> dict:
-    reply = httpx.get(f"{world.settings.triton_url}/v2/models/{name}/config", timeout=10)
+    reply = httpx.get(f"{world.settings.triton.urls}/v2/models/{name}/config", timeout=10)
     assert reply.status_code == 200, reply.text
     return reply.json()
 
@@ -204,7 +204,7 @@ def test_a_fleet_of_two_commits_a_config_change_on_both(tmp_path: Path) -> None:
         report = flavor.deploy()
         assert report.outcome == "committed" and report.version == 2, report.error
         for replica in replica_settings(world.settings):
-            reply = httpx.get(f"{replica.triton_url}/v2/models/{store_name(MODEL, 2)}/config", timeout=10,
+            reply = httpx.get(f"{replica.triton.urls}/v2/models/{store_name(MODEL, 2)}/config", timeout=10,
                               headers={API_KEY_HEADER: "fleet-key"})
             assert reply.status_code == 200, reply.text
             assert reply.json()["max_batch_size"] == 8 and instances(reply.json()) == 2

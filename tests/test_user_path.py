@@ -420,7 +420,7 @@ def test_replicas_started_with_their_own_ferry_home_share_the_repositorys_key(tm
             started = subprocess.run(
                 [sys.executable, "-m", "ferry", "triton", "up"], capture_output=True, text=True, timeout=120,
                 env={**env, "FERRY_HOME": str(replica.home), "FERRY_REPOSITORY": str(settings.repository),
-                     "FERRY_TRITON_URL": replica.triton_url})
+                     "FERRY_TRITON_URL": replica.triton.urls})
             assert started.returncode == 0, started.stderr
         key_file = settings.repository / ".ferry" / "triton-api-key"
         assert key_file.stat().st_mode & 0o777 == 0o600

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -288,7 +287,7 @@ def test_in_flight_sums_the_gauge_of_every_gateway_for_the_replicas_asked(
         replica.mode = "hang"
         registry = CollectorRegistry()
         pool = HttpBalancer(_settings(tmp_path, replica.url, timeout_s=0.5), registry, **FAST)
-        settings = replace(_settings(tmp_path, replica.url), gateways=",".join(url for url, _ in gateways))
+        settings = _settings(tmp_path, replica.url).with_overrides(gateways=",".join(url for url, _ in gateways))
         try:
             call = asyncio.create_task(pool.request("POST", "/v2/models/m/infer"))
             await _until(lambda: pool.replicas[0].in_flight == 1)
@@ -300,7 +299,7 @@ def test_in_flight_sums_the_gauge_of_every_gateway_for_the_replicas_asked(
                 await call
             gateways[0][1][0] = generate_latest(registry)
             assert await asyncio.to_thread(in_flight, settings, [replica.url]) == 1  # the other's still out
-            down = replace(settings, gateways=f"{settings.gateways},http://127.0.0.1:1")
+            down = settings.with_overrides(gateways=f"{settings.bake.gateways},http://127.0.0.1:1")
             assert await asyncio.to_thread(in_flight, down, [replica.url]) is None  # a gateway did not answer
         finally:
             pool.close()

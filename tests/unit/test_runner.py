@@ -283,12 +283,11 @@ def test_a_second_runner_cannot_take_a_model_in_flight(bench: Bench) -> None:
 
 
 def test_a_warm_previous_version_is_kept_for_its_window_then_reconcile_lets_it_go(bench: Bench) -> None:
-    import dataclasses
 
     from ferry.core.current import write_current
     from ferry.core.reconcile import reconcile
 
-    bench.settings = dataclasses.replace(bench.settings, keep_previous_s=600)
+    bench.settings = bench.settings.with_overrides(keep_previous_s=600)
     bench.registry.add("iris", "champion")
     bench.deploy()
     bench.registry.add("iris", "champion")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ferry.core.config import Endpoint, load_settings, parse_endpoint
+from ferry.core.config import Endpoint, Settings, load_settings, parse_endpoint
 from ferry.core.current import read_history
 from ferry.core.errors import InvalidInput
 from ferry.core.model_config import NotOnnx, read_onnx_signature, shape_fits
@@ -23,8 +23,8 @@ from ferry.core.repository import ModelDir
 def test_a_triton_url_is_parsed_the_same_everywhere(url: str, endpoint: Endpoint) -> None:
     assert parse_endpoint(url) == endpoint
     settings = load_settings({"FERRY_TRITON_URL": url, "FERRY_HOME": "/tmp/x"})
-    assert settings.triton == endpoint and settings.triton_http_port == endpoint.port
-    assert settings.triton_metrics_url == f"{endpoint.with_port(endpoint.port + 2).url}/metrics"
+    assert settings.triton.endpoint == endpoint
+    assert settings.triton.metrics_url == f"{endpoint.with_port(endpoint.port + 2).url}/metrics"
 
 
 @pytest.mark.parametrize(("url", "message"), [
@@ -42,8 +42,10 @@ def test_a_triton_url_ferry_cannot_use_is_refused_with_the_reason(url: str, mess
 
 @pytest.mark.parametrize(("variable", "value", "message"), [
     ("FERRY_GATEWAY_PORT", "99999", "is not a TCP port"),
-    ("FERRY_LOAD_TIMEOUT_S", "soon", "is not a valid float"),
-    ("FERRY_RUNTIME", "tensorrt", "unknown runtime"),
+    ("FERRY_LOAD_TIMEOUT_S", "soon", "FERRY_LOAD_TIMEOUT_S=soon is not a number"),
+    ("FERRY_QUARANTINE_KEEP", "1.5", "is not a whole number"),
+    ("FERRY_RUNTIME", "tensorrt", "unknown runtime .*onnxruntime"),
+    ("FERRY_GATEWAY_MAX_BODY_BYTES", "0", "must be more than 0"),
     ("FERRY_LOAD_TIMEOUT_S", "0", "must be more than 0"),
     ("FERRY_WATCH_PORT", "70000", "is not a TCP port"),
     ("FERRY_TRITON_TIMEOUT_S", "inf", "is not a finite number"),
@@ -70,6 +72,35 @@ def test_settings_changed_in_code_are_checked_as_loaded_ones_are(change: dict[st
     settings = load_settings({"FERRY_HOME": "/tmp/x"})
     with pytest.raises(InvalidInput, match=message):
         settings.with_overrides(**change)
+
+
+def test_settings_are_grouped_and_every_way_of_making_them_agrees(tmp_path: Path) -> None:
+    config = tmp_path / "ferry.toml"
+    config.write_text('[ferry]\nload_timeout_s = 7\n\n[ferry.gateway]\nport = 9090\ntoken = "t"\n')
+    loaded = load_settings({"FERRY_HOME": "/tmp/x", "FERRY_CONFIG": str(config), "FERRY_GATE_FAILURES": "4"})
+    assert (loaded.triton.load_timeout_s, loaded.gateway.port, loaded.gateway.token) == (7.0, 9090, "t")
+    assert loaded.bake.failures == 4 and loaded.bake.min_requests == 100, "a group keeps the defaults not given"
+    by_group = Settings(home="/tmp/x", repository="/tmp/x/repository", tracking_uri=loaded.tracking_uri,
+                        triton={"load_timeout_s": 7}, gateway={"port": 9090, "token": "t"}, bake={"failures": 4})
+    assert by_group == loaded == Settings(**loaded.flat())
+    assert loaded.with_overrides(gateway_port=9091).gateway == loaded.gateway.model_copy(update={"port": 9091})
+
+
+def test_a_setting_ferry_does_not_know_is_refused_however_it_comes(tmp_path: Path) -> None:
+    settings = load_settings({"FERRY_HOME": "/tmp/x"})
+    with pytest.raises(InvalidInput, match="unknown settings \\['gateway_prot'\\]"):
+        settings.with_overrides(gateway_prot=1)
+    with pytest.raises(InvalidInput, match="unknown setting 'prot'"):
+        Settings(home="/tmp/x", repository="/tmp/r", tracking_uri="sqlite://", gateway={"prot": 1})
+    config = tmp_path / "ferry.toml"
+    config.write_text("[ferry.gateway]\nprot = 1\n")
+    with pytest.raises(InvalidInput, match="unknown setting 'prot'"):
+        load_settings({"FERRY_HOME": "/tmp/x", "FERRY_CONFIG": str(config)})
+
+
+def test_an_empty_path_variable_is_an_unset_one() -> None:
+    settings = load_settings({"FERRY_HOME": "/tmp/x", "FERRY_PYTHON_RUNNER": "", "FERRY_WATCH_SECRET_FILE": ""})
+    assert settings.triton.python_runner is None and settings.watch.secret_file is None
 
 
 @pytest.mark.parametrize("name", ["../etc", "a/b", "..", "", ".hidden", "x" * 200, "a..b", "iris\n", "iris\r"])

@@ -41,9 +41,9 @@ def watch_command(
     from ferry.core.config import check_port, parse_duration
 
     settings = cli.current_settings()
-    host = host or settings.watch_host
-    port = cli.guarded(lambda: check_port(port or settings.watch_port, "port"))
-    poll_s = cli.guarded(lambda: parse_duration(poll, "--poll")) if poll else settings.watch_poll_s
+    host = host or settings.watch.host
+    port = cli.guarded(lambda: check_port(port or settings.watch.port, "port"))
+    poll_s = cli.guarded(lambda: parse_duration(poll, "--poll")) if poll else settings.watch.poll_s
     watched = cli.guarded(lambda: watch.watched_aliases(settings, aliases))
     cli.guarded(lambda: _check_free(host, port))
     cli.out.print(_banner(settings, host, port, watched, poll_s))
@@ -63,7 +63,7 @@ def _check_free(host: str, port: int) -> None:
 def _banner(settings: Settings, host: str, port: int, aliases: tuple[str, ...], poll_s: float) -> str:
     from ferry.adapters.watch import WEBHOOK_PATH, secret_path
 
-    via = f"Airflow DAG runs at {settings.airflow_url}" if settings.airflow_url else "ferry's own deploy, here"
+    via = f"Airflow DAG runs at {settings.airflow.url}" if settings.airflow.url else "ferry's own deploy, here"
     host = f"[{host}]" if ":" in host else host
     secret = secret_path(settings)
     receiving = (f"webhooks at http://{host}:{port}{WEBHOOK_PATH}" if secret.exists()
@@ -86,7 +86,7 @@ def register_command(
     from ferry.adapters.watch import WEBHOOK_PATH, register_webhook
 
     settings = cli.current_settings()
-    url = url or f"http://{settings.watch_host}:{settings.watch_port}{WEBHOOK_PATH}"
+    url = url or f"http://{settings.watch.host}:{settings.watch.port}{WEBHOOK_PATH}"
     result = cli.guarded(lambda: register_webhook(settings, url, name, new_secret, test))
     if as_json:
         cli.print_json(vars(result))
@@ -122,7 +122,7 @@ def sync_command(
     for name in names:
         model_dir = ferry.model_dir(name)
         try:
-            with holding(model_dir, settings.lock_wait_s):  # no commit can happen between reading and writing
+            with holding(model_dir, settings.deploy.lock_wait_s):  # no commit can happen between reading and writing
                 results.append(writeback.sync(settings, cli.guarded(lambda: ferry.registry), model_dir))
         except Busy as busy:
             results.append(writeback.SyncResult(model=name, skipped=f"{busy.message}: its own write-back will "

@@ -42,17 +42,17 @@ def gateway_command(
         from ferry.adapters.gateway.app import serve
     except ImportError as error:
         needs_extra("gateway", "gateway", error)
-    from ferry.core.config import check_port
-
-    settings = current_settings()
-    host, port = host or settings.gateway_host, guarded(lambda: check_port(port or settings.gateway_port, "port"))
-    grpc_port = grpc_port or settings.gateway_grpc_port
+    given = current_settings()
+    settings = guarded(lambda: given.with_overrides(gateway_host=host or given.gateway.host,
+                                                    gateway_port=port or given.gateway.port,
+                                                    gateway_grpc_port=grpc_port or given.gateway.grpc_port))
+    host, port, grpc_port = settings.gateway.host, settings.gateway.port, settings.gateway.grpc_port
     if grpc_port == port:
         fail(InvalidInput(f"the gRPC port {grpc_port} is the HTTP port", "give --grpc-port another port"))
     grpc = f" and gRPC {host}:{grpc_port}" if grpc_port else ""
-    out.print(f"ferry gateway on http://{host}:{port}{grpc} -> Triton {settings.triton.url}"
-              f"{' (bearer token required)' if settings.gateway_token else ''}")
-    serve(settings, host, port, grpc_port=grpc_port, body_timeout_s=settings.gateway_body_timeout_s)
+    out.print(f"ferry gateway on http://{host}:{port}{grpc} -> Triton {settings.triton.endpoint.url}"
+              f"{' (bearer token required)' if settings.gateway.token else ''}")
+    serve(settings)
 
 
 def exporter_command(

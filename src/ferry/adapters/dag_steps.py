@@ -42,7 +42,7 @@ def snapshot_current(ferry: Services, model: str, alias: str, rollout: dict | No
     target = Target.of_alias(alias, rollout=plan, allow_signature_change=allow_signature_change, strategy=strategy,
                              batch=batch)
     runner = _runner(ferry, model)
-    with holding(runner.model_dir, max(ferry.settings.lock_wait_s, SNAPSHOT_LOCK_WAIT_S)):
+    with holding(runner.model_dir, max(ferry.settings.deploy.lock_wait_s, SNAPSHOT_LOCK_WAIT_S)):
         journal = runner.begin(target)
     snapshot = journal.record.snapshot
     return {"model": runner.model, "deploy_id": journal.deploy_id,

@@ -20,7 +20,7 @@ import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mlflow.deployments import BaseDeploymentClient, PredictionsResponse
 from mlflow.protos.databricks_pb2 import (
@@ -33,7 +33,7 @@ from mlflow.protos.databricks_pb2 import (
 
 from ferry.adapters.mlflow_predict import predict_committed, refused
 from ferry.adapters.mlflow_uris import URI_FORMS, mlflow_errors, target_of
-from ferry.core.config import Settings, load_settings
+from ferry.core.config import FLAT_NAMES, Settings, load_settings
 from ferry.core.current import read_current
 from ferry.core.errors import FerryError
 from ferry.core.events import RECORDED, EventHandler
@@ -46,15 +46,12 @@ from ferry.core.status import ModelStatus, list_models, model_status, replica_in
 from ferry.core.summary import failure_reason
 from ferry.core.target import Target
 
-if TYPE_CHECKING:
-    pass
-
 _logger = logging.getLogger(__name__)
 
 TARGET = "ferry"
 FLAVOR = "onnx"
 FLAVORS = (FLAVOR, "triton")  # model.onnx with its smoke.json, or a Triton model directory (any backend)
-SETTING_KEYS = tuple(sorted(field.name for field in dataclasses.fields(Settings)))
+SETTING_KEYS = tuple(sorted(FLAT_NAMES))
 # force: models:/m/N, deploy the version even though its last deploy failed; allow_signature_change: a version whose
 # inputs or outputs differ from the active version's (it breaks their clients)
 # strategy: beside or rolling; batch: rolling, replicas per batch (1, 2, 25%)

@@ -76,9 +76,8 @@ def _infer(ferry: Services, route: Route, document: dict[str, Any]) -> dict[str,
     from ferry.adapters.inference import guard
     from ferry.adapters.inference.body import check_rows, predict_infer
 
-    max_elements = getattr(ferry.settings, "gateway_max_elements", 0) or guard.DEFAULT_MAX_ELEMENTS
     request = predict_infer(document, route)
-    guard.check_infer(request, route, max_elements)
+    guard.check_infer(request, route, ferry.settings.gateway.max_elements)
     check_rows(request)
     tensors = request.document["inputs"]
     arrays = {t["name"]: np.asarray(t["data"], dtype=triton_to_np_dtype(t["datatype"])).reshape(t["shape"])

@@ -97,13 +97,13 @@ def plan_adoption(ferry: Services, model: str, version: int | None = None) -> Ad
 def adopt(ferry: Services, model: str, version: int | None = None) -> AdoptionPlan:
     """Carry out the plan, under the model's lock; Triton is not touched."""
     model_dir = ferry.model_dir(model)
-    with holding(model_dir, ferry.settings.lock_wait_s):
+    with holding(model_dir, ferry.settings.deploy.lock_wait_s):
         if (journal := read_journal(model_dir)) is not None:
             raise unfinished_error(model_dir, journal)
         plan = plan_adoption(ferry, model, version)
         for finding in plan.versions:
             if finding.trusted:
-                _write_manifest(model_dir, finding, ferry.settings.runtime)
+                _write_manifest(model_dir, finding, ferry.settings.triton.runtime)
         for name in plan.failed_dirs:
             _quarantine_failed_dir(model_dir, name)
         _pin_config(model_dir, plan.active_version)

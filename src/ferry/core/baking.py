@@ -77,7 +77,7 @@ class Baking:
         journal.update(gate=[*record.gate, evaluation])
         self.emit(GATE, evaluation.verdict, elapsed, "; ".join(evaluation.reasons) or _describe_figures(evaluation))
         ended = elapsed >= record.rollout.bake_s
-        failure = rollout.decide(record.gate, self.ferry.settings.gate_failures, record.candidate.version, ended)
+        failure = rollout.decide(record.gate, self.ferry.settings.bake.failures, record.candidate.version, ended)
         if failure is not None:
             raise failure
         return ended
@@ -121,7 +121,7 @@ class Baking:
     def _gate_until_decided(self, journal: Journal) -> None:
         settings, plan = self.ferry.settings, journal.record.rollout
         assert plan is not None
-        next_check = time.monotonic() + min(settings.gate_interval_s, plan.bake_s)
+        next_check = time.monotonic() + min(settings.bake.interval_s, plan.bake_s)
         while True:
             time.sleep(0.2)
             if time.monotonic() < next_check and not self.model_dir.rollout_control_path.exists():
@@ -129,4 +129,4 @@ class Baking:
             if self.bake_check(journal):
                 return
             remaining = plan.bake_s - (time.time() - (journal.record.bake_started_unix or 0))
-            next_check = time.monotonic() + max(0.2, min(settings.gate_interval_s, remaining))
+            next_check = time.monotonic() + max(0.2, min(settings.bake.interval_s, remaining))

@@ -1,9 +1,13 @@
-"""Settings: embedded defaults, overridden by a TOML file (FERRY_CONFIG) and then by FERRY_* variables."""
+"""Settings: embedded defaults, overridden by a TOML file (FERRY_CONFIG) and then by FERRY_* variables.
+
+The settings are grouped (``settings.triton.load_timeout_s``, ``settings.gateway.port``, ...); each field is also
+known by its flat name, the ``FERRY_<NAME>`` variable and TOML key (``load_timeout_s``), given once as its alias.
+They are validated in one place, the models below, whichever way they are made: loaded, changed with
+:meth:`Settings.with_overrides`, or built by a test or a library call.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import os
 import re
 import tomllib
@@ -11,12 +15,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ferry.core.errors import InvalidInput
 
-RUNTIMES = ("python", "onnxruntime")
 DEFAULT_TRITON_PORT = 8000
 
 
@@ -85,7 +90,7 @@ def parse_replica_sources(raw: str) -> tuple[ReplicaSource, ...]:
 
 
 def parse_duration(text: str, what: str) -> float:
-    """Seconds from ``30s``, ``5m``, ``1h`` or a plain number of seconds."""
+    """Positive from ``30s``, ``5m``, ``1h`` or a plain number of seconds."""
     units = {"s": 1, "m": 60, "h": 3600}
     number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "s")
     try:
@@ -108,116 +113,206 @@ def default_home() -> Path:
     return Path(state) / "ferry"
 
 
-# The settings whose numbers have bounds, and the bounds (every float must also be finite).
-_NUMBER_RANGES: tuple[tuple[tuple[str, ...], Callable[[float], bool], str], ...] = (
-    (("triton_timeout_s", "load_timeout_s", "ready_timeout_s", "writeback_timeout_s", "gateway_body_timeout_s",
-      "gate_interval_s", "max_artifact_mb", "gate_latency_factor"), lambda v: v > 0, "more than 0"),
-    (("lock_wait_s", "drain_timeout_s", "keep_previous_s", "quarantine_keep", "rtol", "atol", "watch_poll_s",
-      "gate_error_margin", "gate_latency_slack_ms", "gate_failures", "gate_min_requests"),
-     lambda v: v >= 0, "0 or more"),
-    (("gate_max_error_ratio", "gate_min_agreement"), lambda v: 0 <= v <= 1, "from 0 to 1"),
-)
+def _bounded(fits: Callable[[Any], bool], wanted: str) -> AfterValidator:
+    def check(value: Any) -> Any:
+        if not fits(value):
+            raise ValueError(wanted)
+        return value
+    return AfterValidator(check)
 
 
-@dataclass(frozen=True)
-class Settings:
-    home: Path
-    repository: Path
-    tracking_uri: str
-    triton_url: str = "http://127.0.0.1:8000"
-    triton_grpc_port: int = 0
-    triton_metrics_port: int = 0
-    runtime: str = "python"
-    python_runner: Path | None = None
-    triton_api_key: str = ""  # the key Triton's model-control API wants (default: the one `ferry triton up` made)
-    triton_timeout_s: float = 10.0
-    load_timeout_s: float = 120.0
-    ready_timeout_s: float = 30.0
-    max_artifact_mb: float = 1024.0
-    lock_wait_s: float = 0.0
-    drain_timeout_s: float = 30.0  # a rolling deploy waits this long at most for the gateways to drain a batch
-    keep_previous_s: float = 0.0  # after a commit the previous version stays loaded this long (a fast rollback)
-    quarantine_keep: int = 0  # keep the files of this many newest failed versions per model (0: all); reasons always
-    prometheus_url: str = ""  # where `ferry status` reads live latency and failures (none: Triton's metrics)
-    gateway_host: str = "127.0.0.1"
-    gateway_port: int = 8080
-    gateway_token: str = ""  # a bearer token the gateway requires on inference requests (none: open)
-    gateway_grpc_port: int = 0  # KServe v2 gRPC port of `ferry gateway` (0: HTTP only)
-    gateway_max_elements: int = 16 * 1024 * 1024  # elements one inference request may declare
-    gateway_body_timeout_s: float = 30.0  # a request body that takes longer to arrive gets a 408
-    default_model: str = "iris"  # the DAG's default params
-    default_alias: str = "champion"
-    rtol: float = 1e-4
-    atol: float = 1e-5
-    # The MLflow loop (ferry.core.writeback, ferry watch).
-    serving_alias: str = "serving"  # the alias ferry moves to the committed version ("" : no write-back)
-    writeback_timeout_s: float = 3.0  # each write-back call to MLflow (no retries): a rollback must stay fast
-    watch_aliases: str = ""  # comma-separated aliases `ferry watch` deploys when they move (default: default_alias)
-    watch_host: str = "127.0.0.1"
-    watch_port: int = 8090
-    watch_secret_file: Path | None = None  # the webhook's HMAC secret (default: $FERRY_HOME/watch/webhook-secret)
-    watch_poll_s: float = 0.0  # `ferry watch` polls MLflow's aliases every N seconds (0: webhooks only)
-    airflow_url: str = ""  # set: `ferry watch` starts the DAG through Airflow's REST API; else deploys itself
-    airflow_username: str = "admin"
-    airflow_password: str = ""  # for POST /auth/token (none: no token is asked for)
-    airflow_dag_id: str = "mlflow_to_triton_deploy"
-    # The bake (ferry.core.rollout): the gate that proves a candidate on live traffic before the commit.
-    gateways: str = ""  # comma-separated gateway URLs whose counters the gate sums (default: the local one)
-    gate_interval_s: float = 10.0  # one evaluation every this many seconds
-    gate_failures: int = 2  # consecutive failed evaluations that roll back at once
-    gate_min_requests: int = 100  # fewer candidate requests than this: no verdict (inconclusive at the end)
-    gate_max_error_ratio: float = 0.01  # the candidate's error ratio may reach max(active's + margin, this)
-    gate_error_margin: float = 0.005
-    gate_latency_factor: float = 1.25  # the candidate's p95 may reach factor x active's + slack
-    gate_latency_slack_ms: float = 2.0
-    gate_min_agreement: float = 0.99  # shadow: the share of mirrored requests whose outputs must agree
+_Finite = Field(allow_inf_nan=False)
+Positive = Annotated[float, _Finite, _bounded(lambda v: v > 0, "must be more than 0")]
+NonNegative = Annotated[float, _Finite, _bounded(lambda v: v >= 0, "must be 0 or more")]
+Count = Annotated[int, _bounded(lambda v: v >= 0, "must be 0 or more")]
+Ratio = Annotated[float, _Finite, _bounded(lambda v: 0 <= v <= 1, "must be from 0 to 1")]
+Port = Annotated[int, _bounded(lambda v: 0 < v < 65536, "is not a TCP port: give a number from 1 to 65535")]
+OptionalPort = Annotated[int, _bounded(lambda v: 0 <= v < 65536, "is not a TCP port: give a number from 1 to 65535")]
+UserPath = Annotated[Path, AfterValidator(lambda path: path.expanduser())]
 
-    def __post_init__(self) -> None:
-        """Checked however the settings were made (load_settings, with_overrides, a test, a library call), so
-        that a bad value is refused before anything runs."""
-        if self.runtime not in RUNTIMES:
-            raise InvalidInput(f"unknown runtime {self.runtime!r}", f"set FERRY_RUNTIME to one of {RUNTIMES}")
-        parse_replica_sources(self.triton_url)
-        if self.gateway_max_elements < 1:
-            raise InvalidInput(f"FERRY_GATEWAY_MAX_ELEMENTS={self.gateway_max_elements} lets no request through",
-                               "give a positive number of elements (default 16777216)")
-        for name in ("gateway_port", "gateway_grpc_port", "triton_grpc_port", "triton_metrics_port", "watch_port"):
-            if getattr(self, name):
-                check_port(getattr(self, name), f"FERRY_{name.upper()}")
-        for name, value in vars(self).items():
-            if isinstance(value, float) and not math.isfinite(value):
-                raise InvalidInput(f"FERRY_{name.upper()}={value} is not a finite number", "give a number")
-        for names, fits, wanted in _NUMBER_RANGES:
-            for name in names:
-                if not fits(getattr(self, name)):
-                    raise InvalidInput(f"FERRY_{name.upper()}={getattr(self, name)} must be {wanted}",
-                                       f"set a number {wanted}, or unset it for the default")
+
+class _Group(BaseModel):
+    """A group of settings; each field's alias is its flat name (FERRY_<ALIAS>, the TOML key)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_by_name=True, validate_by_alias=True)
+
+
+class TritonSettings(_Group):
+    """The Triton servers ferry deploys to, and how long it waits for them."""
+
+    urls: str = Field("http://127.0.0.1:8000", alias="triton_url")  # one URL, a comma-separated list, dns+http://
+    grpc_port: OptionalPort = Field(0, alias="triton_grpc_port")  # 0: the HTTP port + 1
+    metrics_port: OptionalPort = Field(0, alias="triton_metrics_port")  # 0: the HTTP port + 2
+    runtime: Literal["python", "onnxruntime"] = "python"
+    python_runner: UserPath | None = None
+    api_key: str = Field("", alias="triton_api_key")  # the model-control key (default: the one `ferry triton up` made)
+    timeout_s: Positive = Field(10.0, alias="triton_timeout_s")
+    load_timeout_s: Positive = 120.0
+    ready_timeout_s: Positive = 30.0
+
+    @field_validator("urls")
+    @classmethod
+    def _parses(cls, urls: str) -> str:
+        parse_replica_sources(urls)  # raises InvalidInput, with the reason and the fix
+        return urls
 
     @cached_property
-    def replica_sources(self) -> tuple[ReplicaSource, ...]:
-        return parse_replica_sources(self.triton_url)
+    def sources(self) -> tuple[ReplicaSource, ...]:
+        return parse_replica_sources(self.urls)
 
     @property
-    def triton(self) -> Endpoint:
+    def endpoint(self) -> Endpoint:
         """The first replica's address: the server `ferry triton up` starts, and the one a single-server setup uses."""
-        return self.replica_sources[0].endpoint
+        return self.sources[0].endpoint
 
     @property
-    def triton_http_port(self) -> int:
-        return self.triton.port
+    def grpc(self) -> Endpoint:
+        return self.endpoint.with_port(self.grpc_port or self.endpoint.port + 1)
 
     @property
-    def triton_grpc(self) -> Endpoint:
-        return self.triton.with_port(self.triton_grpc_port or self.triton.port + 1)
+    def metrics_url(self) -> str:
+        return f"{self.endpoint.with_port(self.metrics_port or self.endpoint.port + 2).url}/metrics"
 
-    @property
-    def triton_metrics_url(self) -> str:
-        port = self.triton_metrics_port or self.triton.port + 2
-        return f"{self.triton.with_port(port).url}/metrics"
+
+class DeploySettings(_Group):
+    """The transaction: what it accepts, how it waits, what it keeps, and the smoke's tolerance."""
+
+    max_artifact_mb: Positive = 1024.0
+    lock_wait_s: NonNegative = 0.0
+    drain_timeout_s: NonNegative = 30.0  # a rolling deploy waits this long at most for the gateways to drain a batch
+    keep_previous_s: NonNegative = 0.0  # after a commit the previous version stays loaded this long (a fast rollback)
+    quarantine_keep: Count = 0  # keep the files of this many newest failed versions per model (0: all)
+    rtol: NonNegative = 1e-4
+    atol: NonNegative = 1e-5
+    default_model: str = "iris"  # the DAG's default params
+    default_alias: str = "champion"
 
     @property
     def max_artifact_bytes(self) -> int:
         return int(self.max_artifact_mb * 1024 * 1024)
+
+
+class GatewaySettings(_Group):
+    """`ferry gateway`: where it listens and what it lets through."""
+
+    host: str = Field("127.0.0.1", alias="gateway_host")
+    port: Port = Field(8080, alias="gateway_port")
+    token: str = Field("", alias="gateway_token")  # a bearer token required on inference requests (none: open)
+    grpc_port: OptionalPort = Field(0, alias="gateway_grpc_port")  # KServe v2 gRPC (0: HTTP only)
+    max_elements: Annotated[int, _bounded(lambda v: v >= 1, "lets no request through: give a positive number")] = \
+        Field(16 * 1024 * 1024, alias="gateway_max_elements")  # elements one inference request may declare
+    max_body_bytes: Annotated[int, _bounded(lambda v: v >= 1, "must be more than 0")] = \
+        Field(16 * 1024 * 1024, alias="gateway_max_body_bytes")  # a larger request body gets a 413
+    body_timeout_s: Positive = Field(30.0, alias="gateway_body_timeout_s")  # a slower request body gets a 408
+
+
+class MlflowSettings(_Group):
+    """The write-back to MLflow after a commit (ferry.core.writeback)."""
+
+    serving_alias: str = "serving"  # the alias ferry moves to the committed version ("": no write-back)
+    writeback_timeout_s: Positive = 3.0  # each write-back call (no retries): a rollback must stay fast
+
+
+class WatchSettings(_Group):
+    """`ferry watch`: the webhook receiver and the poller."""
+
+    aliases: str = Field("", alias="watch_aliases")  # comma-separated aliases it deploys (default: default_alias)
+    host: str = Field("127.0.0.1", alias="watch_host")
+    port: Port = Field(8090, alias="watch_port")
+    secret_file: UserPath | None = Field(None, alias="watch_secret_file")  # default: $FERRY_HOME/watch/webhook-secret
+    poll_s: NonNegative = Field(0.0, alias="watch_poll_s")  # poll MLflow's aliases every N seconds (0: webhooks only)
+
+
+class AirflowSettings(_Group):
+    """Set: `ferry watch` starts the DAG through Airflow's REST API; else it deploys itself."""
+
+    url: str = Field("", alias="airflow_url")
+    username: str = Field("admin", alias="airflow_username")
+    password: str = Field("", alias="airflow_password")  # for POST /auth/token (none: no token is asked for)
+    dag_id: str = Field("mlflow_to_triton_deploy", alias="airflow_dag_id")
+
+
+class BakeSettings(_Group):
+    """The bake (ferry.core.rollout): the gate that proves a candidate on live traffic before the commit."""
+
+    gateways: str = ""  # comma-separated gateway URLs whose counters the gate sums (default: the local one)
+    interval_s: Positive = Field(10.0, alias="gate_interval_s")  # one evaluation every this many seconds
+    failures: Count = Field(2, alias="gate_failures")  # consecutive failed evaluations that roll back at once
+    min_requests: Count = Field(100, alias="gate_min_requests")  # fewer candidate requests: no verdict
+    max_error_ratio: Ratio = Field(0.01, alias="gate_max_error_ratio")  # may reach max(active's + margin, this)
+    error_margin: NonNegative = Field(0.005, alias="gate_error_margin")
+    latency_factor: Positive = Field(1.25, alias="gate_latency_factor")  # p95 may reach factor x active's + slack
+    latency_slack_ms: NonNegative = Field(2.0, alias="gate_latency_slack_ms")
+    min_agreement: Ratio = Field(0.99, alias="gate_min_agreement")  # shadow: mirrored requests that must agree
+
+
+_GROUPS: dict[str, type[_Group]] = {
+    "triton": TritonSettings, "deploy": DeploySettings, "gateway": GatewaySettings, "mlflow": MlflowSettings,
+    "watch": WatchSettings, "airflow": AirflowSettings, "bake": BakeSettings,
+}
+# Every flat name (FERRY_<NAME>, the TOML key) and where it lives: (group, field); the top-level ones: (None, name).
+FLAT_NAMES: dict[str, tuple[str | None, str]] = {
+    **{name: (None, name) for name in ("home", "repository", "tracking_uri", "prometheus_url")},
+    **{info.alias or field: (group, field) for group, model in _GROUPS.items()
+       for field, info in model.model_fields.items()},
+}
+
+
+class Settings(BaseModel):
+    """All of ferry's settings: where its state lives, and one group per part (see the module's docstring)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    home: UserPath
+    repository: UserPath
+    tracking_uri: str
+    prometheus_url: str = ""  # where `ferry status` reads live latency and failures (none: Triton's metrics)
+    triton: TritonSettings = Field(default_factory=TritonSettings)
+    deploy: DeploySettings = Field(default_factory=DeploySettings)
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
+    watch: WatchSettings = Field(default_factory=WatchSettings)
+    airflow: AirflowSettings = Field(default_factory=AirflowSettings)
+    bake: BakeSettings = Field(default_factory=BakeSettings)
+
+    def __init__(self, **values: Any) -> None:
+        """Flat names (``triton_url=...``), groups (``triton={...}``) or both; a bad value is an InvalidInput."""
+        try:
+            super().__init__(**values)
+        except ValidationError as error:
+            raise _refusal(error) from None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _group_flat_names(cls, values: Any) -> Any:
+        if not isinstance(values, dict):
+            return values
+        grouped: dict[str, Any] = {}
+        for whole in _GROUPS:  # a group given whole
+            if (given := values.get(whole)) is not None:
+                grouped[whole] = given.model_dump() if isinstance(given, _Group) else given
+        for name, value in values.items():  # flat names, over the groups given whole
+            group, field = FLAT_NAMES.get(name, (None, name))
+            if group is None:
+                if name not in _GROUPS:
+                    grouped[name] = value
+            elif isinstance(members := grouped.setdefault(group, {}), dict):
+                grouped[group] = {**members, field: value}
+        return grouped
+
+    def flat(self) -> dict[str, Any]:
+        """Every setting by its flat name, as with_overrides and the FERRY_* variables take them."""
+        values: dict[str, Any] = {}
+        for name, (group, field) in FLAT_NAMES.items():
+            values[name] = getattr(getattr(self, group) if group else self, field)
+        return values
+
+    def with_overrides(self, **changes: Any) -> Settings:
+        """These settings with some changed, by flat name (``load_timeout_s=5``), validated as loaded ones are."""
+        unknown = set(changes) - set(FLAT_NAMES)
+        if unknown:
+            raise InvalidInput(f"unknown settings {sorted(unknown)}", f"known settings: {sorted(FLAT_NAMES)}")
+        return Settings(**{**self.flat(), **changes})
 
     @property
     def triton_dir(self) -> Path:
@@ -233,8 +328,8 @@ class Settings:
     def model_control_key(self) -> str:
         """FERRY_TRITON_API_KEY if set, else the key of the Triton that `ferry triton up` started, else none
         (``$FERRY_HOME/triton/api-key`` is where a `ferry triton up` before the repository's key kept it)."""
-        if self.triton_api_key:
-            return self.triton_api_key
+        if self.triton.api_key:
+            return self.triton.api_key
         for path in (self.triton_api_key_file, self.triton_dir / "api-key"):
             try:
                 return path.read_text().strip()
@@ -242,27 +337,32 @@ class Settings:
                 continue
         return ""
 
-    def with_overrides(self, **changes: Any) -> Settings:
-        return dataclasses.replace(self, **changes)
+
+_PARSE_FAILURES = {"float_parsing": "is not a number", "float_type": "is not a number",
+                   "int_parsing": "is not a whole number", "int_type": "is not a whole number",
+                   "int_from_float": "is not a whole number", "finite_number": "is not a finite number",
+                   "string_type": "is not text", "path_type": "is not a path"}
 
 
-# FERRY_<NAME> variables and TOML keys map onto these fields.
-_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
-
-
-def _coerce(name: str, raw: Any) -> Any:
-    kind = _FIELDS[name].type
-    try:
-        if "Path" in str(kind):
-            return Path(str(raw)).expanduser()
-        if kind == "float":
-            return float(raw)
-        if kind == "int":
-            return int(raw)
-        return str(raw)
-    except ValueError:
-        raise InvalidInput(f"setting {name} = {raw!r} is not a valid {kind}",
-                           "fix the FERRY_* variable or config file") from None
+def _refusal(error: ValidationError) -> InvalidInput:
+    """The first problem pydantic found, named by its FERRY_* variable, with what to do."""
+    problem = error.errors()[0]
+    location = [str(part) for part in problem["loc"]]
+    name = location[-1] if location else "?"
+    if len(location) > 1 and location[0] in _GROUPS:  # a group's field, by alias or by field name
+        fields = _GROUPS[location[0]].model_fields
+        name = (fields[name].alias or name) if name in fields else name
+    variable, value = f"FERRY_{name.upper()}", problem.get("input")
+    kind = problem["type"]
+    if kind == "extra_forbidden":
+        return InvalidInput(f"unknown setting {name!r}", f"known settings: {sorted(FLAT_NAMES)}")
+    if kind == "missing":
+        return InvalidInput(f"the setting {name} is missing", f"set {variable}")
+    if kind == "literal_error":
+        return InvalidInput(f"unknown {name} {value!r}", f"set {variable} to one of {problem['ctx']['expected']}")
+    wanted = str(problem["ctx"]["error"]) if kind == "value_error" else _PARSE_FAILURES.get(kind, problem["msg"])
+    return InvalidInput(f"{variable}={value} {wanted}", f"fix {variable} (or its key in FERRY_CONFIG), "
+                        "or unset it for the default")
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
@@ -274,14 +374,18 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             values.update(tomllib.loads(Path(config_file).read_text()).get("ferry", {}))
         except (OSError, tomllib.TOMLDecodeError) as error:
             raise InvalidInput(f"cannot read config file {config_file}: {error}", "fix or unset FERRY_CONFIG") from None
-    for name in _FIELDS:
+    for name in FLAT_NAMES:
         if f"FERRY_{name.upper()}" in env:
             values[name] = env[f"FERRY_{name.upper()}"]
-    unknown = set(values) - set(_FIELDS)
+    unknown = {name for name, value in values.items()
+               if name not in FLAT_NAMES and not (name in _GROUPS and isinstance(value, dict))}  # [ferry.gateway]
     if unknown:
-        raise InvalidInput(f"unknown settings {sorted(unknown)}", f"known settings: {sorted(_FIELDS)}")
-    typed = {name: _coerce(name, raw) for name, raw in values.items()}
-    home = typed.pop("home", None) or default_home()
-    typed.setdefault("repository", home / "repository")
-    typed.setdefault("tracking_uri", env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}")
-    return Settings(home=home, **typed)
+        raise InvalidInput(f"unknown settings {sorted(unknown)}", f"known settings: {sorted(FLAT_NAMES)}, or a "
+                           f"table [ferry.<group>] of one of {sorted(_GROUPS)}")
+    home = Path(str(values.pop("home", "") or default_home())).expanduser()
+    values.setdefault("repository", home / "repository")
+    values.setdefault("tracking_uri", env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}")
+    for optional in ("python_runner", "watch_secret_file"):
+        if values.get(optional) == "":
+            values[optional] = None  # an empty variable is an unset one
+    return Settings(home=home, **values)

@@ -116,6 +116,6 @@ def connect(settings: Settings, registry: Registry) -> MlflowWriter | None:
     """The MLflow the registry reads, for writing; None for a registry that is not MLflow's (a unit-test fake)."""
     uri = getattr(registry, "tracking_uri", "") or settings.tracking_uri
     if uri.startswith(("http://", "https://")):
-        return _RestMlflow(uri, settings.writeback_timeout_s)
+        return _RestMlflow(uri, settings.mlflow.writeback_timeout_s)
     client = getattr(registry, "client", None)
     return _ClientMlflow(client) if client is not None else None

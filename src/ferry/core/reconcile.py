@@ -88,7 +88,7 @@ def _reconcile(ferry: Services, model_dir: ModelDir) -> Reconciled:
     target = astray if astray.replicas else fleet
     warm = next((v for v in held if v != version), None)
     failed = pin(model_dir, to_pbtxt(config), version, target, warm, members=members)
-    _, after = wait_serving(target, model_dir.model, wanted, timeout_s=ferry.settings.ready_timeout_s,
+    _, after = wait_serving(target, model_dir.model, wanted, timeout_s=ferry.settings.triton.ready_timeout_s,
                             held=held)
     return _result(model_dir, version, "loaded", {**states, **after, **failed}, wanted)
 

@@ -61,7 +61,7 @@ def retire(ferry: Services, model: str) -> Retired:
     model_dir = ferry.model_dir(model)
     if not model_dir.exists():
         return Retired(model=model, version=None, verified=True)
-    with holding(model_dir, ferry.settings.lock_wait_s):
+    with holding(model_dir, ferry.settings.deploy.lock_wait_s):
         journal = read_journal(model_dir)
         if journal is not None:
             raise unfinished_error(model_dir, journal)

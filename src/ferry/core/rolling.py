@@ -199,7 +199,7 @@ def wait_drained(ferry: Services, replicas: list[str]) -> None:
     """Until no gateway has a request in flight to ``replicas`` (at most FERRY_DRAIN_TIMEOUT_S; at once when no
     gateway answers: then no gateway sends them anything)."""
     time.sleep(DRAIN_NOTICE_S)
-    deadline = time.monotonic() + ferry.settings.drain_timeout_s
+    deadline = time.monotonic() + ferry.settings.deploy.drain_timeout_s
     while time.monotonic() < deadline:
         busy = rollout.in_flight(ferry.settings, replicas)
         if not busy:

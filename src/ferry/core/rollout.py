@@ -106,8 +106,8 @@ def read_counts(settings: Settings, model: str) -> Counts:
 
 
 def gateway_urls(settings: Settings) -> list[str]:
-    listed = [u.strip() for u in settings.gateways.split(",") if u.strip()]
-    return listed or [f"http://{settings.gateway_host}:{settings.gateway_port}"]
+    listed = [u.strip() for u in settings.bake.gateways.split(",") if u.strip()]
+    return listed or [f"http://{settings.gateway.host}:{settings.gateway.port}"]
 
 
 SAMPLE = re.compile(r'^(?P<name>ferry_gateway_[a-z_]+)\{(?P<labels>[^}]*)\} (?P<value>\S+)')
@@ -183,23 +183,23 @@ def _p95(now: Tally | None, start: Tally | None) -> float | None:
 def evaluate(settings: Settings, active: GateFigures, candidate: GateFigures, elapsed_s: float,
              shadow: bool) -> GateEvaluation:
     reasons = []
-    if candidate.requests < settings.gate_min_requests:
-        reasons.append(f"{candidate.requests} candidate requests so far, the gate needs {settings.gate_min_requests}")
+    if candidate.requests < settings.bake.min_requests:
+        reasons.append(f"{candidate.requests} candidate requests so far, the gate needs {settings.bake.min_requests}")
         return GateEvaluation(at_utc=utc_stamp(), elapsed_s=round(elapsed_s, 2), verdict="waiting", reasons=reasons,
                               active=active, candidate=candidate)
-    allowed = max(active.error_ratio + settings.gate_error_margin, settings.gate_max_error_ratio)
+    allowed = max(active.error_ratio + settings.bake.error_margin, settings.bake.max_error_ratio)
     if candidate.error_ratio > allowed:
         reasons.append(f"error ratio {candidate.error_ratio:.2%} over {allowed:.2%} "
                        f"(active {active.error_ratio:.2%})")
     if candidate.p95_s is not None and active.p95_s is not None:
-        limit = settings.gate_latency_factor * active.p95_s + settings.gate_latency_slack_ms / 1000
+        limit = settings.bake.latency_factor * active.p95_s + settings.bake.latency_slack_ms / 1000
         if candidate.p95_s > limit:
             reasons.append(f"p95 {candidate.p95_s * 1000:.1f} ms over {limit * 1000:.1f} ms "
                            f"(active {active.p95_s * 1000:.1f} ms)")
     agreement = candidate.agreement
-    if shadow and agreement is not None and agreement < settings.gate_min_agreement:
+    if shadow and agreement is not None and agreement < settings.bake.min_agreement:
         reasons.append(f"outputs agree with the active version's {agreement:.1%} of the time, "
-                       f"under {settings.gate_min_agreement:.0%}")
+                       f"under {settings.bake.min_agreement:.0%}")
     return GateEvaluation(at_utc=utc_stamp(), elapsed_s=round(elapsed_s, 2), verdict="fail" if reasons else "pass",
                           reasons=reasons, active=active, candidate=candidate)
 

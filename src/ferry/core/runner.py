@@ -66,10 +66,10 @@ class Runner(Baking):
         model that MLflow does not know leaves nothing behind, not even a record.
         """
         fresh = not self.model_dir.exists()
-        if target.kind == Kind.DEPLOY or self.ferry.settings.serving_alias:
+        if target.kind == Kind.DEPLOY or self.ferry.settings.mlflow.serving_alias:
             self.ferry.start_registry()  # MLflow's client starts while the snapshot runs (the write-back needs it too)
         try:
-            with holding(self.model_dir, self.ferry.settings.lock_wait_s):
+            with holding(self.model_dir, self.ferry.settings.deploy.lock_wait_s):
                 journal = self.begin(target)
                 report = self._run_to_end(journal)
                 return report

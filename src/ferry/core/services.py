@@ -28,7 +28,7 @@ class Services:
         """The replicas at ``urls`` (a deploy's, from its snapshot), else those FERRY_TRITON_URL names now."""
         if self.given_replicas is not None:
             return Fleet([r for r in self.given_replicas if urls is None or r.url in urls])
-        endpoints = [parse_endpoint(url) for url in urls] if urls else resolve_replicas(self.settings.replica_sources)
+        endpoints = [parse_endpoint(url) for url in urls] if urls else resolve_replicas(self.settings.triton.sources)
         if not endpoints:
             raise InvalidInput("no Triton replica to act on", "set FERRY_TRITON_URL")
         return Fleet([self._client(endpoint) for endpoint in endpoints])
@@ -36,8 +36,8 @@ class Services:
     def _client(self, endpoint: Endpoint) -> Triton:
         if endpoint.url not in self._clients:
             s = self.settings
-            self._clients[endpoint.url] = Triton(endpoint.url, timeout_s=s.triton_timeout_s,
-                                                 load_timeout_s=s.load_timeout_s, api_key=s.model_control_key())
+            self._clients[endpoint.url] = Triton(endpoint.url, timeout_s=s.triton.timeout_s,
+                                                 load_timeout_s=s.triton.load_timeout_s, api_key=s.model_control_key())
         return self._clients[endpoint.url]
 
     @property

@@ -139,7 +139,8 @@ def stage(ferry: Services, model_dir: ModelDir, ref: VersionRef, snapshot: Snaps
         config_text = to_pbtxt(config)
         manifest = Manifest(
             model=ref.model, version=ref.version, run_id=ref.run_id, source=ref.source, sha256=digest,
-            size_bytes=size, deploy_id=snapshot.deploy_id, staged_at_utc=utc_stamp(), runtime=ferry.settings.runtime,
+            size_bytes=size, deploy_id=snapshot.deploy_id, staged_at_utc=utc_stamp(),
+            runtime=ferry.settings.triton.runtime,
             flavor="triton" if directory else "onnx", config_pbtxt=config_text,
             config_sha256=config_digest(config_text), files=files,
         )
@@ -166,7 +167,7 @@ def stage(ferry: Services, model_dir: ModelDir, ref: VersionRef, snapshot: Snaps
 
 
 def _check_onnx_listing(ferry: Services, ref: VersionRef, sizes: dict[str, int]) -> None:
-    limit = ferry.settings.max_artifact_bytes
+    limit = ferry.settings.deploy.max_artifact_bytes
     if "model.onnx" not in sizes:
         raise StepFailed(Step.MATERIALIZE, f"version {ref.version} has neither model.onnx nor a Triton model "
                          f"directory at {ref.artifact_uri}",
@@ -182,7 +183,7 @@ def _fill_from_directory(ferry: Services, artifacts: Artifacts, staging: Path,
     scratch = staging / ".artifacts"
     folder = triton_flavor.model_folder(artifacts, sizes, scratch)
     where = triton_flavor.layout({**sizes, **artifacts.tree(folder)}, folder)
-    triton_flavor.check_tree_limit(where, ferry.settings.max_artifact_bytes)
+    triton_flavor.check_tree_limit(where, ferry.settings.deploy.max_artifact_bytes)
     config = triton_flavor.read_config(artifacts, where, scratch)
     if where.smoke is not None:
         os.rename(artifacts.download(where.smoke, scratch), staging / SMOKE_FILE)
@@ -193,16 +194,16 @@ def _fill_from_directory(ferry: Services, artifacts: Artifacts, staging: Path,
 def _fill_staging(ferry: Services, artifacts: Artifacts, model_dir: ModelDir, staging: Path, snapshot: Snapshot,
                   sizes: dict[str, int]) -> tuple[model_config_pb2.ModelConfig, int, str]:
     """Download and check the version's files and add the runner; the config, model size and sha256."""
-    limit = ferry.settings.max_artifact_bytes
+    limit = ferry.settings.deploy.max_artifact_bytes
     wanted = ["model.onnx"] + ([SMOKE_FILE] if SMOKE_FILE in sizes else [])
     with ThreadPoolExecutor(len(wanted)) as pool:  # each download is a round trip to the artifact store
         onnx_path, *_ = pool.map(lambda name: artifacts.download(name, staging), wanted)
     size = onnx_path.stat().st_size
     if size > limit:
         raise StepFailed(Step.MATERIALIZE, f"model.onnx is {size} bytes, over the limit of {limit}")
-    config = _verify_onnx(onnx_path, model_dir, snapshot, ferry.settings.runtime)
-    if ferry.settings.runtime == "python":
-        runner = ferry.settings.python_runner or importlib.resources.files("ferry.runtime") / "onnx_runner.py"
+    config = _verify_onnx(onnx_path, model_dir, snapshot, ferry.settings.triton.runtime)
+    if ferry.settings.triton.runtime == "python":
+        runner = ferry.settings.triton.python_runner or importlib.resources.files("ferry.runtime") / "onnx_runner.py"
         shutil.copyfile(str(runner), staging / "model.py")
         # Compiled now, so that the backend stub (same Python) has no bytecode to write into the live
         # version directory: a change there makes Triton re-create every loaded version on the next load.

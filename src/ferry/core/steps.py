@@ -232,7 +232,7 @@ def _load_one(load: Callable[[], None], what: str) -> None:
 def wait_ready(ferry: Services, snapshot: Snapshot, candidate: Candidate) -> None:
     if not needs_validation(candidate):
         return
-    timeout_s = ferry.settings.ready_timeout_s
+    timeout_s = ferry.settings.triton.ready_timeout_s
 
     def ready_on(triton: Triton) -> None:
         for member in candidate.members:
@@ -291,8 +291,8 @@ def smoke_check(ferry: Services, snapshot: Snapshot,
     sample_path = ferry.model_dir(snapshot.model).version_dir(candidate.version) / SMOKE_FILE
     sample = load_sample(sample_path) if sample_path.exists() else synthetic_sample(signature)
     datatypes = {t.name: t.datatype for t in signature.inputs}
-    rtol = sample.rtol if sample.rtol is not None else ferry.settings.rtol
-    atol = sample.atol if sample.atol is not None else ferry.settings.atol
+    rtol = sample.rtol if sample.rtol is not None else ferry.settings.deploy.rtol
+    atol = sample.atol if sample.atol is not None else ferry.settings.deploy.atol
 
     def smoke_on(triton: Triton) -> dict[str, list[int]]:
         try:
@@ -314,7 +314,7 @@ def smoke_check(ferry: Services, snapshot: Snapshot,
 def prove_on(ferry: Services, snapshot: Snapshot, candidate: Candidate) -> Callable[[Triton], None]:
     """Ready and smoke on one replica: how a rolling deploy proves each replica it swaps."""
     smoke_on, _ = smoke_check(ferry, snapshot, candidate)
-    store, timeout_s = store_name(snapshot.model, candidate.version), ferry.settings.ready_timeout_s
+    store, timeout_s = store_name(snapshot.model, candidate.version), ferry.settings.triton.ready_timeout_s
 
     def prove(triton: Triton) -> None:
         _wait_ready_on(triton, store, candidate.version, timeout_s)
@@ -334,7 +334,7 @@ def commit(ferry: Services, snapshot: Snapshot, candidate: Candidate) -> tuple[C
         pinned = pin_after_commit(model_dir, candidate, fleet_of(ferry, snapshot)) if candidate.revalidate else []
         return snapshot.current, pinned
     before = snapshot.current.members if snapshot.current else []
-    keep_s = 0 if candidate.members or before else ferry.settings.keep_previous_s  # a release keeps no warm copy
+    keep_s = 0 if candidate.members or before else ferry.settings.deploy.keep_previous_s  # a release keeps no warm copy
     warm_until = utc_stamp(dt.datetime.now(dt.UTC) + dt.timedelta(seconds=keep_s)) \
         if keep_s > 0 and snapshot.active_version is not None else None
     state = CurrentState(

@@ -99,8 +99,8 @@ def undo(ferry: Services, snapshot: Snapshot, failure: Failure, candidate: int |
         quarantined = (quarantined or []) + (attempt("quarantined the members the release staged",
                                                      lambda: release.quarantine_staged(
                                                          model_dir, names, active_members, reason)) or [])
-    if ferry.settings.quarantine_keep > 0:
+    if ferry.settings.deploy.quarantine_keep > 0:
         attempt("pruned the files of older quarantined versions",
-                lambda: model_dir.prune_quarantine(ferry.settings.quarantine_keep))
+                lambda: model_dir.prune_quarantine(ferry.settings.deploy.quarantine_keep))
     return RollbackReport(actions=actions, quarantined=quarantined or [], verified=verified, serving=serving,
                           problems=problems, replicas=replicas)

@@ -12,9 +12,9 @@ What MLflow shows afterwards (the tags of each version ferry decided on, and one
     ferry.updated_at_utc  when (compact UTC, as in current.json)
     ferry.failed_step     refused only: the step that caught it
     ferry.error           refused only: why, one line of at most ERROR_CHARS characters
-    @<serving alias>      the committed version (Settings.serving_alias, "serving" by default)
+    @<serving alias>      the committed version (settings.mlflow.serving_alias, "serving" by default)
 
-Every call to MLflow made here has its own short timeout and no retries (Settings.writeback_timeout_s), and
+Every call to MLflow made here has its own short timeout and no retries (settings.mlflow.writeback_timeout_s), and
 the first one that finds MLflow unreachable ends the write-back: going back to a kept version must stay
 fast while MLflow is down. :func:`sync` computes the same state from current.json and the history and
 applies what differs, so it repairs a write-back that failed and changes nothing when run again.
@@ -259,10 +259,10 @@ def _apply(settings: Settings, registry: Registry, plan: Plan) -> SyncResult:
         mlflow = connect(settings, registry)
         if mlflow is None:
             return result
-        writer = _Writer(mlflow, plan.model, time.monotonic() + _BUDGET_CALLS * settings.writeback_timeout_s)
+        writer = _Writer(mlflow, plan.model, time.monotonic() + _BUDGET_CALLS * settings.mlflow.writeback_timeout_s)
         try:
             if plan.serving is not None and plan.alias:
-                writer.serve(plan.serving, settings.serving_alias, [m.version for m in plan.marks] + plan.kept)
+                writer.serve(plan.serving, settings.mlflow.serving_alias, [m.version for m in plan.marks] + plan.kept)
             elif plan.serving is not None:
                 writer.mark(plan.serving)
             for mark in plan.marks:
@@ -299,7 +299,7 @@ def _uri(settings: Settings, registry: Registry) -> str:
 
 def due(settings: Settings, report: DeployReport) -> bool:
     """Whether MLflow is to be told of ``report``: write-back is on, and the attempt was decided."""
-    return bool(settings.serving_alias) and report.outcome != Outcome.REJECTED
+    return bool(settings.mlflow.serving_alias) and report.outcome != Outcome.REJECTED
 
 
 def tell(settings: Settings, registry: Callable[[], Registry], model_dir: ModelDir,
@@ -323,7 +323,7 @@ def tell(settings: Settings, registry: Callable[[], Registry], model_dir: ModelD
 def sync(settings: Settings, registry: Registry, model_dir: ModelDir) -> SyncResult:
     """Write to MLflow what current.json and the history say (the caller holds the model's lock, so that
     no commit happens in between); only what differs is written, so running it again changes nothing."""
-    if not settings.serving_alias:
+    if not settings.mlflow.serving_alias:
         return SyncResult(model=model_dir.model, warnings=["FERRY_SERVING_ALIAS is empty: write-back is off"])
     began = time.perf_counter()
     current = read_current(model_dir)

@@ -19,7 +19,7 @@ TIMEOUT_S = 3.0
 def live_figures(settings: Settings, model: str, version: int) -> LiveFigures:
     if settings.prometheus_url:
         return from_prometheus(settings.prometheus_url, model, version)
-    return from_triton(settings.triton_metrics_url, model, version)
+    return from_triton(settings.triton.metrics_url, model, version)
 
 
 def from_prometheus(prometheus_url: str, model: str, version: int) -> LiveFigures:

@@ -74,8 +74,8 @@ def _backend_dir(settings: Settings) -> Path:
 
 
 def _ports(settings: Settings) -> tuple[int, int, int]:
-    http = settings.triton.port
-    return http, settings.triton_grpc.port, int(settings.triton_metrics_url.rsplit(":", 1)[1].split("/")[0])
+    http = settings.triton.endpoint.port
+    return http, settings.triton.grpc.port, int(settings.triton.metrics_url.rsplit(":", 1)[1].split("/")[0])
 
 
 def shm_prefix(settings: Settings) -> str:
@@ -86,7 +86,7 @@ def command(settings: Settings, api_key: str) -> list[str]:
     """The server's command line: every port on the host of FERRY_TRITON_URL (loopback by default),
     and model control (load, unload, repository index) only for requests that carry ``api_key``."""
     http, grpc, metrics = _ports(settings)
-    host = settings.triton.host
+    host = settings.triton.endpoint.host
     return [
         str(_wheel_root() / "bin" / "tritonserver"),
         f"--model-repository={settings.repository.resolve()}",
@@ -112,8 +112,8 @@ def _api_key(settings: Settings) -> str:
     """FERRY_TRITON_API_KEY, else the repository's key (``<repository>/.ferry/triton-api-key``, 0600), made by
     the first `ferry triton up` on the repository: replicas that share a repository share the key, and so
     does every controller that deploys to them."""
-    if settings.triton_api_key:
-        return settings.triton_api_key
+    if settings.triton.api_key:
+        return settings.triton.api_key
     try:
         return settings.triton_api_key_file.read_text().strip()
     except FileNotFoundError:
@@ -183,7 +183,7 @@ def _read_pid(settings: Settings) -> int | None:
 
 def _is_ready(settings: Settings) -> bool:
     try:
-        with urllib.request.urlopen(f"{settings.triton.url}/v2/health/ready", timeout=1) as reply:
+        with urllib.request.urlopen(f"{settings.triton.endpoint.url}/v2/health/ready", timeout=1) as reply:
             return reply.status == 200
     except OSError:
         return False
@@ -193,8 +193,8 @@ def status(settings: Settings) -> ServerStatus:
     pid = _read_pid(settings)
     running = _alive(pid)
     return ServerStatus(
-        running=running, ready=_is_ready(settings), pid=pid if running else None, url=settings.triton.url,
-        metrics_url=settings.triton_metrics_url, log=str(log_file(settings)), repository=str(settings.repository),
+        running=running, ready=_is_ready(settings), pid=pid if running else None, url=settings.triton.endpoint.url,
+        metrics_url=settings.triton.metrics_url, log=str(log_file(settings)), repository=str(settings.repository),
     )
 
 
@@ -222,8 +222,8 @@ def _port_in_use(host: str, port: int) -> bool:
 def _check_ports(settings: Settings) -> None:
     """Every port the server needs must be free: Triton reports ready on HTTP, then dies on a taken metrics port."""
     for name, port in zip(("HTTP", "gRPC", "metrics"), _ports(settings), strict=False):
-        if _port_in_use(settings.triton.host, port):
-            raise InvalidInput(f"port {port} on {settings.triton.host} ({name}, for Triton) is in use",
+        if _port_in_use(settings.triton.endpoint.host, port):
+            raise InvalidInput(f"port {port} on {settings.triton.endpoint.host} ({name}, for Triton) is in use",
                                "stop what listens there, or point FERRY_TRITON_URL (and FERRY_TRITON_GRPC_PORT, "
                                "FERRY_TRITON_METRICS_PORT) at free ports")
 
@@ -234,7 +234,7 @@ def up(settings: Settings, wait_s: float = 60.0) -> ServerStatus:
     if current.running and current.ready:
         return current
     if _is_ready(settings):
-        raise InvalidInput(f"another server already answers at {settings.triton.url}",
+        raise InvalidInput(f"another server already answers at {settings.triton.endpoint.url}",
                            "stop it, or point FERRY_TRITON_URL at a free port")
     _check_ports(settings)
     settings.repository.mkdir(parents=True, exist_ok=True)
@@ -243,7 +243,7 @@ def up(settings: Settings, wait_s: float = 60.0) -> ServerStatus:
     with open(log_file(settings), "ab") as log:
         process = subprocess.Popen(command(settings, _api_key(settings)), env=environment(), stdout=log,
                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-    _pid_file(settings).write_text(json.dumps({"pid": process.pid, "url": settings.triton.url}))
+    _pid_file(settings).write_text(json.dumps({"pid": process.pid, "url": settings.triton.endpoint.url}))
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -286,7 +286,7 @@ def _wait_ports_free(settings: Settings, timeout_s: float = 5.0) -> None:
     """Until the stopped server's ports can be bound again (a killed server's sockets close a moment after it
     is reaped), so that `ferry triton down` then `up` does not find its own ports taken."""
     deadline = time.monotonic() + timeout_s
-    while any(_port_in_use(settings.triton.host, port) for port in _ports(settings)):
+    while any(_port_in_use(settings.triton.endpoint.host, port) for port in _ports(settings)):
         if time.monotonic() > deadline:
             return  # up() then says which port is taken, and by what hint
         time.sleep(0.05)

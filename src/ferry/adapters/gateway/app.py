@@ -76,30 +76,21 @@ from ferry.core.errors import (
 from ferry.core.smoke import bytes_to_json
 from ferry.core.status import list_models
 
-BODY_TIMEOUT_S = 30.0  # a client that stalls sending its body gets a 408, not a handler waiting for ever
-
 T = TypeVar("T")
 
 
 class Gateway:
     """The ASGI application: KServe v2 (HTTP here, gRPC beside it in the same loop), the rest in FastAPI."""
 
-    def __init__(self, settings: Settings, token: str = "", max_body_bytes: int = 16 * 1024 * 1024,
-                 grpc_port: int | None = None, max_elements: int | None = None, host: str | None = None,
-                 body_timeout_s: float = BODY_TIMEOUT_S) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.router = Router(settings.repository)
         self.metrics = Metrics()
-        self.token = token.encode()
-        self.max_body_bytes = max_body_bytes
-        self.body_timeout_s = body_timeout_s
-        # Explicit arguments win; else the settings (once Settings carries them); else the defaults.
-        if grpc_port is None:
-            grpc_port = getattr(settings, "gateway_grpc_port", 0)
-        if max_elements is None:
-            max_elements = getattr(settings, "gateway_max_elements", 0) or guard.DEFAULT_MAX_ELEMENTS
-        self.grpc_port, self.max_elements = grpc_port, max_elements
-        self.host = host or settings.gateway_host
+        limits = settings.gateway
+        self.token = limits.token.encode()
+        self.max_body_bytes, self.max_elements, self.body_timeout_s = (limits.max_body_bytes, limits.max_elements,
+                                                                       limits.body_timeout_s)
+        self.host, self.grpc_port = limits.host, limits.grpc_port
         self.triton = HttpBalancer(settings, self.metrics.registry, self.router)  # over every replica
         self.cache: dict[tuple[str, str, int], bytes] = {}  # (what, model, version) -> metadata or config answer
         self.http = KServeHttp(self)
@@ -215,7 +206,7 @@ class Gateway:
         try:
             return await self.triton.request(method, path, body, headers)
         except (OSError, TimeoutError) as error:
-            raise BackendDown(f"Triton at {self.settings.triton_url} did not answer: {type(error).__name__} {error}",
+            raise BackendDown(f"Triton at {self.settings.triton.urls} did not answer: {type(error).__name__} {error}",
                               "check that Triton runs") from None
 
     async def start(self) -> None:
@@ -350,12 +341,11 @@ def _error_handlers(app: FastAPI) -> None:
         return _error(502, f"the gateway failed: {type(error).__name__}: {error}")
 
 
-def serve(settings: Settings, host: str, port: int, grpc_port: int | None = None, token: str | None = None,
-          max_elements: int | None = None, body_timeout_s: float = BODY_TIMEOUT_S) -> None:
-    """Run the gateway (what ``ferry gateway`` does): HTTP on ``port``, gRPC on ``grpc_port`` (0: none), in one
-    uvloop event loop, until SIGTERM or SIGINT."""
-    gateway = Gateway(settings, token=settings.gateway_token if token is None else token, grpc_port=grpc_port,
-                      max_elements=max_elements, host=host, body_timeout_s=body_timeout_s)
+def serve(settings: Settings) -> None:
+    """Run the gateway (what ``ferry gateway`` does): HTTP and, if its port is set, gRPC, as ``settings.gateway``
+    says, in one uvloop event loop, until SIGTERM or SIGINT."""
+    gateway = Gateway(settings)
+    host, port = settings.gateway.host, settings.gateway.port
     admin = asgi_responder(gateway.app, (host, port))
 
     async def respond(request: Request) -> ServerAnswer:
@@ -365,7 +355,7 @@ def serve(settings: Settings, host: str, port: int, grpc_port: int | None = None
                                             lambda: _whole(request.body))
         return ServerAnswer(answer.status, answer.head(), answer.body)
 
-    server = HttpServer(respond, Limits(gateway.max_body_bytes, body_timeout_s))
+    server = HttpServer(respond, Limits(gateway.max_body_bytes, gateway.body_timeout_s))
     try:
         uvloop.run(server.serve(host, port, gateway.start, gateway.stop))
     except OSError as error:

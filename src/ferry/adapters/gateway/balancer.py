@@ -119,11 +119,11 @@ class Balancer(Generic[C]):
                  *, probe_interval_s: float = PROBE_INTERVAL_S, probe_timeout_s: float = PROBE_TIMEOUT_S,
                  refresh_s: float = REFRESH_S, resolve: Resolve = resolve_replicas) -> None:
         self.settings, self.router = settings, router
-        self.timeout_s = settings.triton_timeout_s
+        self.timeout_s = settings.triton.timeout_s
         self.probe_interval_s, self.probe_timeout_s, self.refresh_s = probe_interval_s, probe_timeout_s, refresh_s
         self.metrics = ReplicaMetrics.of(registry)
         self._resolve = resolve
-        self._sources = settings.replica_sources
+        self._sources = settings.triton.sources
         self._retried = self.metrics.retried.labels(self.protocol)
         self.replicas: list[Replica[C]] = []
         self.leaving: set[Replica[C]] = set()  # dropped by a DNS refresh, their calls not all answered yet
@@ -166,7 +166,7 @@ class Balancer(Generic[C]):
             if self.replicas:
                 raise ConnectFailed("every Triton replica is draining for a rolling deploy (rollout.json's "
                                     "'draining'): none takes a new call")
-            raise ConnectFailed(f"no Triton replica is known (FERRY_TRITON_URL={self.settings.triton_url})")
+            raise ConnectFailed(f"no Triton replica is known (FERRY_TRITON_URL={self.settings.triton.urls})")
         try:
             return await self._send(first, send)
         except Exception as error:  # re-raised unless the replica was unreachable

@@ -74,7 +74,7 @@ class GrpcBalancer(Balancer[_GrpcClient]):
                  options: Sequence[tuple[str, Any]] = (), **tuning: Any) -> None:
         super().__init__(settings, registry, router, **tuning)
         self.options = [*CHANNEL_OPTIONS, *options]
-        self.grpc_port = settings.triton_grpc_port
+        self.grpc_port = settings.triton.grpc_port
         self._closing: set[asyncio.Task] = set()
         self.resolve_now()
 

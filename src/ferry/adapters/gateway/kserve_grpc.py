@@ -130,8 +130,8 @@ class KServeGrpc:
     def __init__(self, gateway: DataPlane, host: str, port: int) -> None:
         self.gateway = gateway
         self.address = Endpoint(host, port).host_port
-        self.timeout_s = gateway.settings.triton_timeout_s
-        self.triton_address = gateway.settings.triton_grpc.host_port
+        self.timeout_s = gateway.settings.triton.timeout_s
+        self.triton_address = gateway.settings.triton.grpc.host_port
         self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", gateway.max_body_bytes),
                                                ("grpc.max_send_message_length", MAX_MESSAGE)])
         methods: dict[str, tuple[Callable[[bytes, grpc.aio.ServicerContext], Awaitable[Result]], bool]] = {

@@ -101,7 +101,7 @@ class Shadow:
         metrics = self.gateway.metrics
         metrics.count(candidate, status, began, protocol)
         try:
-            async with asyncio.timeout(self.gateway.settings.triton_timeout_s + 5):
+            async with asyncio.timeout(self.gateway.settings.triton.timeout_s + 5):
                 active = await answered
             expected = active() if active is not None else None
         except TimeoutError:
@@ -112,7 +112,7 @@ class Shadow:
         if expected is None:
             return  # the request failed: nothing to compare with (its error is counted as its own)
         settings = self.gateway.settings
-        agreed = outputs is not None and outputs_agree(expected, outputs, settings.rtol, settings.atol)
+        agreed = outputs is not None and outputs_agree(expected, outputs, settings.deploy.rtol, settings.deploy.atol)
         metrics.compared(candidate, ERROR if outputs is None else AGREE if agreed else DISAGREE)
 
     async def close(self) -> None:

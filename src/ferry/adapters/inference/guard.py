@@ -28,7 +28,6 @@ from ferry.adapters.inference.routing import Route
 from ferry.core.errors import BadRequest
 from ferry.core.model_config import TensorSpec, shape_fits
 
-DEFAULT_MAX_ELEMENTS = 16 * 1024 * 1024
 ELEMENTS_SETTING = "FERRY_GATEWAY_MAX_ELEMENTS"
 KSERVE_HINT = 'send {"inputs": [{"name", "shape", "datatype", "data"}]} (KServe v2)'
 

@@ -32,9 +32,9 @@ class AirflowDeployer:
                  stopping: threading.Event | None = None, registry: Registry | None = None) -> None:
         import requests
 
-        self.url = settings.airflow_url.rstrip("/")
-        self.dag_id = settings.airflow_dag_id
-        self.username, self.password = settings.airflow_username, settings.airflow_password
+        self.url = settings.airflow.url.rstrip("/")
+        self.dag_id = settings.airflow.dag_id
+        self.username, self.password = settings.airflow.username, settings.airflow.password
         self.follow_s, self.poll_s = follow_s, poll_s
         self.stopping = stopping or threading.Event()
         self.registry = MlflowRegistry(settings, registry)

@@ -14,12 +14,13 @@ from ferry.core.repository import check_name
 
 def watched_aliases(settings: Settings, override: str | None = None) -> tuple[str, ...]:
     """FERRY_WATCH_ALIASES (or ``override``), default the DAG's default alias; never the serving alias."""
-    raw = override if override is not None else settings.watch_aliases
-    aliases = tuple(dict.fromkeys(a.strip() for a in (raw or settings.default_alias).split(",") if a.strip()))
+    raw = override if override is not None else settings.watch.aliases
+    aliases = tuple(dict.fromkeys(a.strip() for a in (raw or settings.deploy.default_alias).split(",") if a.strip()))
     for alias in aliases:
         check_name("alias", alias)
-    if settings.serving_alias and settings.serving_alias in aliases:
-        raise InvalidInput(f"the watched aliases {list(aliases)} include @{settings.serving_alias}, the alias ferry "
+    serving = settings.mlflow.serving_alias
+    if serving and serving in aliases:
+        raise InvalidInput(f"the watched aliases {list(aliases)} include @{serving}, the alias ferry "
                            "moves itself after each commit: each commit would start another deploy",
                            "watch the aliases people move (FERRY_WATCH_ALIASES, e.g. 'champion')")
     if not aliases:
@@ -28,7 +29,7 @@ def watched_aliases(settings: Settings, override: str | None = None) -> tuple[st
 
 
 def secret_path(settings: Settings) -> Path:
-    return settings.watch_secret_file or settings.home / "watch" / "webhook-secret"
+    return settings.watch.secret_file or settings.home / "watch" / "webhook-secret"
 
 
 def seen_path(settings: Settings) -> Path:

@@ -29,7 +29,7 @@ from ferry.core.errors import DeliveryRefused
 
 
 def default_deployer(settings: Settings) -> Deployer:
-    return AirflowDeployer(settings) if settings.airflow_url else LocalDeployer(settings)
+    return AirflowDeployer(settings) if settings.airflow.url else LocalDeployer(settings)
 
 
 class Watch:
@@ -49,7 +49,7 @@ class Watch:
         if isinstance(self.dispatcher.deployer, AirflowDeployer):
             self.dispatcher.deployer.stopping = self.dispatcher.stopping
         self.seen = Seen(seen_path(settings))
-        interval = settings.watch_poll_s if poll_s is None else poll_s
+        interval = settings.watch.poll_s if poll_s is None else poll_s
         self.poller = Poller(settings, self.aliases, self.seen, self.dispatcher, self.metrics, interval,
                              read_aliases or mlflow_aliases(settings)) if interval > 0 else None
         self._poll_thread: threading.Thread | None = None
@@ -77,7 +77,7 @@ class Watch:
         if event != ALIAS_CREATED:
             return _ignored(f"event '{shown(event)}' is not acted on (only {ALIAS_CREATED})")
         move = alias_move(data)
-        if move.alias == self.settings.serving_alias:
+        if move.alias == self.settings.mlflow.serving_alias:
             return _ignored(f"@{move.alias} is the alias ferry moves itself")
         if move.alias not in self.aliases:
             return _ignored(f"@{move.alias} is not watched (watched: {', '.join(self.aliases)})")
