@@ -16,7 +16,8 @@ import argparse
 import grpc
 import uvloop
 
-from ferry.adapters.gateway.http_server import Answer, HttpServer, Limits, Request
+from ferry.adapters.gateway.http_server import HttpServer
+from ferry.adapters.gateway.http_wire import Answer, Limits, Request
 from ferry.adapters.gateway.upstream import UpstreamPool
 
 PASSED = (b"content-type", b"inference-header-content-length")

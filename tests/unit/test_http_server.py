@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import struct
 import threading
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -17,17 +19,31 @@ import pytest
 from fastapi import FastAPI
 from fastapi import Request as FastApiRequest
 
-from ferry.adapters.gateway.http_server import Answer, HttpServer, Limits, Request, asgi_responder
+from ferry.adapters.gateway.http_server import HttpServer, asgi_responder
+from ferry.adapters.gateway.http_wire import Answer, Limits, Request
 
 MAX_BODY = 1000
 BODY_TIMEOUT_S = 0.5
 
 
+CALLS: dict[str, int] = {}  # answers the echo handler started, per path
+CANCELLED: list[str] = []  # paths whose handler was cancelled
+
+
 async def echo(request: Request) -> Answer:
+    CALLS[request.path] = CALLS.get(request.path, 0) + 1
     if request.path == "/fail":
         raise RuntimeError("a handler's bug")
     if request.path == "/slow":
         await asyncio.sleep(0.2)
+    if request.path == "/big":
+        return Answer(200, [], b"x" * 1024 * 1024)
+    if request.path.startswith("/hang"):
+        try:
+            await asyncio.sleep(3)
+        except asyncio.CancelledError:
+            CANCELLED.append(request.path)
+            raise
     document = {"method": request.method, "path": request.path, "query": request.query.decode(),
                 "body": request.body.decode(errors="replace"), "headers": {k.decode(): v.decode()
                                                                           for k, v in request.headers}}
@@ -164,3 +180,94 @@ def test_the_asgi_bridge_answers_as_the_application_does() -> None:
         assert failed.status_code == 500 and failed.text == "Internal Server Error"  # what Starlette answers
     finally:
         running.stop()
+
+
+def test_a_head_answer_has_no_body_and_the_connection_serves_on(served: Served) -> None:
+    with socket.create_connection(("127.0.0.1", served.port), timeout=5) as connection:
+        connection.sendall(b"HEAD /x HTTP/1.1\r\nHost: a\r\n\r\n"
+                           b"GET /y HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    head, rest = answer.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200 OK") and b"content-length: " in head and b"date: " in head
+    assert rest.startswith(b"HTTP/1.1 200 OK"), "the HEAD answer carried a body"
+    assert b'"path": "/y"' in rest
+
+
+def test_a_refusal_after_pipelined_requests_comes_after_their_answers(served: Served) -> None:
+    answer = served.raw(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\nGARBAGE\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 OK") and b'"path": "/slow"' in answer
+    assert b"HTTP/1.1 400 Bad Request" in answer.split(b'"path": "/slow"', 1)[1]
+    after_close = served.raw(b"GET /slow HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\nGARBAGE")
+    assert after_close.startswith(b"HTTP/1.1 200 OK") and after_close.count(b"HTTP/1.1") == 1, "data after close"
+
+
+def test_a_chunked_bodys_trailer_never_becomes_a_header(served: Served) -> None:
+    request = (b"POST /x HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer real\r\nTransfer-Encoding: chunked\r\n"
+               b"Connection: close\r\n\r\n3\r\nabc\r\n0\r\nAuthorization: Bearer smuggled\r\n\r\n")
+    echoed = json.loads(served.raw(request).split(b"\r\n\r\n", 1)[1])
+    assert echoed["body"] == "abc" and echoed["headers"]["authorization"] == "Bearer real"
+
+
+def test_a_header_that_never_ends_is_refused_as_it_grows(served: Served) -> None:
+    with socket.create_connection(("127.0.0.1", served.port), timeout=5) as connection:
+        connection.sendall(b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: ")
+        for _ in range(4):
+            connection.sendall(b"a" * 32 * 1024)  # no end of line: httptools would buffer it whole
+        assert connection.recv(65536).startswith(b"HTTP/1.1 431 ")
+    many = b"GET / HTTP/1.1\r\nHost: a\r\n" + b"a: \r\n" * 500 + b"\r\n"
+    assert served.raw(many).startswith(b"HTTP/1.1 431 ")
+
+
+@pytest.mark.parametrize(("request_bytes", "status"), [
+    (b"GET / HTTP/1.1\r\n\r\n", b"400"),  # HTTP/1.1 without Host
+    (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", b"505"),
+])
+def test_requests_outside_http_1_1_are_refused(served: Served, request_bytes: bytes, status: bytes) -> None:
+    assert served.raw(request_bytes).startswith(b"HTTP/1.1 " + status)
+
+
+def test_an_http_1_0_client_is_told_its_connection_is_kept(served: Served) -> None:
+    with socket.create_connection(("127.0.0.1", served.port), timeout=5) as connection:
+        connection.sendall(b"GET /x HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        assert b"connection: keep-alive" in connection.recv(65536)
+
+
+def test_a_client_that_reads_nothing_gets_no_more_answers_computed(served: Served) -> None:
+    CALLS.pop("/big", None)
+    with socket.create_connection(("127.0.0.1", served.port), timeout=5) as connection:
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        connection.sendall(b"GET /big HTTP/1.1\r\nHost: a\r\n\r\n" * 100)
+        time.sleep(1.0)  # 100 MB of answers asked for; the server must wait for the client to read
+        assert CALLS["/big"] < 10, f"{CALLS['/big']} answers of 1 MB computed for a client that reads none"
+
+
+def test_a_client_that_goes_away_cancels_its_request(served: Served) -> None:
+    CANCELLED.clear()
+    connection = socket.create_connection(("127.0.0.1", served.port), timeout=5)
+    connection.sendall(b"GET /hang-gone HTTP/1.1\r\nHost: a\r\n\r\n")
+    time.sleep(0.3)
+    connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    connection.close()  # a reset, as a client's timeout or a killed client sends
+    deadline = time.monotonic() + 2
+    while not CANCELLED and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert CANCELLED == ["/hang-gone"]
+
+
+def test_shutdown_lets_a_request_still_arriving_finish() -> None:
+    running = Served(HttpServer(echo, Limits(MAX_BODY, BODY_TIMEOUT_S * 4)))
+    with socket.create_connection(("127.0.0.1", running.port), timeout=5) as connection:
+        connection.sendall(b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhal")
+        while not running.server.connections:
+            time.sleep(0.01)
+        stopping = threading.Thread(target=running.stop)
+        stopping.start()
+        time.sleep(0.2)
+        connection.sendall(b"f!")
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    stopping.join(timeout=15)
+    assert answer.startswith(b"HTTP/1.1 200 OK") and b"connection: close" in answer and b'"body": "half!"' in answer

@@ -50,8 +50,9 @@ from starlette.exceptions import HTTPException
 from starlette.types import Receive, Scope, Send
 
 from ferry.adapters.gateway.balancer import LAST_REPLICA, HttpBalancer
-from ferry.adapters.gateway.http_server import Answer as ServerAnswer
-from ferry.adapters.gateway.http_server import HttpServer, Limits, Request, asgi_responder
+from ferry.adapters.gateway.http_server import HttpServer, asgi_responder
+from ferry.adapters.gateway.http_wire import Answer as ServerAnswer
+from ferry.adapters.gateway.http_wire import Limits, Request
 from ferry.adapters.gateway.kserve_grpc import KServeGrpc
 from ferry.adapters.gateway.kserve_http import KServeHttp, answered_version, served_by, triton_failure
 from ferry.adapters.gateway.metrics import Metrics
