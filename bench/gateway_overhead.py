@@ -205,9 +205,9 @@ def _frame(frame: str) -> str:
 
 
 def targets(world: World, gateways: dict[str, int]) -> list[Target]:
-    triton = world.settings
-    found = [Target("direct", "http", f"{triton.triton_url}/v2/models/iris/versions/1/infer"),
-             Target("direct", "grpc", triton.triton_grpc.host_port)]
+    triton = world.settings.triton
+    found = [Target("direct", "http", f"{triton.endpoint.url}/v2/models/iris/versions/1/infer"),
+             Target("direct", "grpc", triton.grpc.host_port)]
     for name, port in gateways.items():
         found += [Target(name, "http", f"http://127.0.0.1:{port}/v2/models/iris/infer"),
                   Target(name, "grpc", f"127.0.0.1:{port + 1}")]

@@ -146,7 +146,7 @@ def test_an_unreachable_triton_is_a_retryable_failure(dag_world: World, tmp_path
     from ferry.adapters import dag_steps as orchestration
     from ferry.core.errors import FerryError
 
-    unreachable = Services(dag_world.settings.with_overrides(triton_url=make_settings(tmp_path).triton_url))
+    unreachable = Services(dag_world.settings.with_overrides(triton_url=make_settings(tmp_path).triton.urls))
     with pytest.raises(FerryError) as error:
         orchestration.snapshot_current(unreachable, "iris", "champion")
     assert error.value.retryable and not dag_world.model_dir.journal_path.exists()
@@ -155,7 +155,7 @@ def test_an_unreachable_triton_is_a_retryable_failure(dag_world: World, tmp_path
 def test_demo_airflow_triggers_the_dag_through_the_rest_api(tmp_path: Path) -> None:
     from conftest import make_settings
 
-    env = {**os.environ, "FERRY_HOME": str(tmp_path / "demo"), "FERRY_TRITON_URL": make_settings(tmp_path).triton_url}
+    env = {**os.environ, "FERRY_HOME": str(tmp_path / "demo"), "FERRY_TRITON_URL": make_settings(tmp_path).triton.urls}
     for name in [n for n in env if n.startswith("AIRFLOW")]:  # the demo brings its own Airflow
         del env[name]
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "demo_airflow.py")], env=env,

@@ -124,7 +124,7 @@ def test_triton_not_running_is_rejected_and_nothing_changes(world: World, tmp_pa
     world.register()
     world.deploy()
     before = world.current_bytes()
-    unreachable = world.settings.with_overrides(triton_url=make_settings(tmp_path).triton_url)
+    unreachable = world.settings.with_overrides(triton_url=make_settings(tmp_path).triton.urls)
     report = deploy(Services(unreachable), world.model, alias="champion")
     assert report.outcome == "rejected"
     assert "not reachable" in report.error and "ferry triton up" in report.hint

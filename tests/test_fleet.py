@@ -63,14 +63,14 @@ def test_a_replica_killed_during_the_load_rolls_back_the_others_and_reconcile_br
         report = world.deploy()
         killer.join()
         assert report.outcome == "rolled_back" and report.failed_step == "load"
-        assert report.failed_replica == doomed.triton.url
+        assert report.failed_replica == doomed.triton.endpoint.url
         survivor = world.settings.triton.urls.split(",")[0]
         assert report.rollback.replicas[survivor] == [1]
-        assert any(doomed.triton.url in problem for problem in report.rollback.problems)
+        assert any(doomed.triton.endpoint.url in problem for problem in report.rollback.problems)
         server.down(doomed, grace_s=0)
         server.up(doomed)
         result = reconcile(world.ferry, "iris")
-        assert result.action == "loaded" and result.replicas == {survivor: [1], doomed.triton.url: [1]}
+        assert result.action == "loaded" and result.replicas == {survivor: [1], doomed.triton.endpoint.url: [1]}
         assert [r.ready_versions("iris") for r in world.ferry.fleet().replicas] == [[1], [1]]
     finally:
         stop_fleet(world)
@@ -84,7 +84,7 @@ def test_an_unreachable_replica_rejects_the_deploy_and_changes_nothing(fleet: Wo
     down = replica_settings(fleet.settings)[1]
     server.down(down, grace_s=0)
     result = fleet.cli("deploy", "iris", "--alias", "champion")
-    assert result.returncode == 3 and f"on replica {down.triton.url}" in result.stderr
+    assert result.returncode == 3 and f"on replica {down.triton.endpoint.url}" in result.stderr
     assert fleet.current_bytes() == before
     assert not fleet.model_dir.version_dir(2).exists(), "nothing was staged"
     status = fleet.cli("status", "iris")
@@ -219,14 +219,15 @@ def test_the_gateway_balances_over_the_replicas_through_a_killed_replica_and_a_d
         def gateway_metric(name: str, **labels: str) -> float:
             return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
-        doomed = replicas[0].triton.url
+        doomed = replicas[0].triton.endpoint.url
         ejected = sum(gateway_metric("ferry_gateway_replica_ejections_total", replica=doomed, protocol=p, reason=r)
                       for p in ("http", "grpc") for r in ("connect", "probe"))
         assert ejected >= 2, "the killed replica was not taken out of both protocols' balancing"
-        assert all(gateway_metric("ferry_gateway_replica_up", replica=r.triton.url, protocol=p) == 1
+        assert all(gateway_metric("ferry_gateway_replica_up", replica=r.triton.endpoint.url, protocol=p) == 1
                    for r in replicas for p in ("http", "grpc")), "a replica was not admitted again"
-        sent = {r.triton.url: sum(gateway_metric("ferry_gateway_replica_requests_total", replica=r.triton.url,
-                                                 protocol=p) for p in ("http", "grpc")) for r in replicas}
+        urls = [r.triton.endpoint.url for r in replicas]
+        sent = {url: sum(gateway_metric("ferry_gateway_replica_requests_total", replica=url, protocol=p)
+                         for p in ("http", "grpc")) for url in urls}
         assert all(count > sum(sent.values()) / 10 for count in sent.values()), f"the load was not spread: {sent}"
         served_v2 = [_triton_successes(r, 2) for r in replicas]
         assert all(count > 20 for count in served_v2), f"each replica's Triton ran v2 {served_v2} times"

@@ -91,7 +91,7 @@ def test_a_full_disk_during_materialize_is_reported_and_cleaned_up(serving_v1: W
 
 def test_an_unreachable_mlflow_is_rejected_and_nothing_changes(serving_v1: World, tmp_path: Path) -> None:
     world, before = serving_v1, serving_v1.current_bytes()
-    closed_port = make_settings(tmp_path).triton_url.rsplit(":", 1)[1]
+    closed_port = make_settings(tmp_path).triton.urls.rsplit(":", 1)[1]
     report = deploy(Services(world.settings.with_overrides(tracking_uri=f"http://127.0.0.1:{closed_port}")),
                     world.model, alias="champion")
     assert report.outcome == "rejected"

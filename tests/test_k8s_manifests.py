@@ -24,7 +24,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from ferry.core.config import Settings, load_settings, parse_duration, parse_replica_sources
+from ferry.core.config import FLAT_NAMES, Settings, load_settings, parse_duration, parse_replica_sources
 from ferry.core.triton import API_KEY_HEADER
 from ferry.runtime import server
 
@@ -442,7 +442,7 @@ def gateway_problems(objects: list[Obj]) -> list[str]:
 
 def settings_problems(objects: list[Obj]) -> list[str]:
     """Every FERRY_* name is a real setting, the values load, and every $(VAR) in args is defined."""
-    problems, fields = [], {f"FERRY_{name.upper()}" for name in Settings.__dataclass_fields__}
+    problems, fields = [], {f"FERRY_{name.upper()}" for name in FLAT_NAMES}
     data = settings_data(objects)
     unknown = sorted(k for k in data if k.startswith("FERRY_") and k not in fields)
     if unknown:

@@ -44,7 +44,7 @@ def test_a_replica_killed_in_a_releases_load_rolls_back_the_other_and_reconcile_
     load = Triton.load
 
     def killed_between_the_members_and_the_entry(triton: Triton, name: str, *args, **kwargs):  # a node lost
-        if triton.url == doomed.triton.url and name.startswith(f"{world.model}.versions."):
+        if triton.url == doomed.triton.endpoint.url and name.startswith(f"{world.model}.versions."):
             os.kill(_pid(doomed), signal.SIGKILL)
         return load(triton, name, *args, **kwargs)
 
@@ -53,7 +53,7 @@ def test_a_replica_killed_in_a_releases_load_rolls_back_the_other_and_reconcile_
     report = world.deploy()
     monkeypatch.undo()
     assert report.outcome == "rolled_back" and report.failed_step == "load", report.error
-    assert report.failed_replica == doomed.triton.url
+    assert report.failed_replica == doomed.triton.endpoint.url
     assert read_current(world.model_dir) == before
     survivor = world.settings.triton.urls.split(",")[0]
     assert report.rollback.replicas[survivor] == [before.active_version]

@@ -139,7 +139,7 @@ def test_a_replica_killed_mid_batch_rolls_back_the_others_and_reconcile_brings_i
         world.register()
         assert world.deploy().outcome == "committed"
         world.register(trees=3)
-        by_url = {r.triton.url: r for r in replica_settings(world.settings)}
+        by_url = {r.triton.endpoint.url: r for r in replica_settings(world.settings)}
         doomed = sorted(by_url)[1]  # batch 2
 
         def kill_in_batch_two() -> None:

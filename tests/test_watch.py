@@ -440,7 +440,7 @@ def register_versions(settings: Settings, model: str, count: int, alias: str) ->
 
 
 def test_demo_watch_tells_the_story(tmp_path: Path) -> None:
-    env = {**os.environ, "FERRY_HOME": str(tmp_path / "demo"), "FERRY_TRITON_URL": make_settings(tmp_path).triton_url}
+    env = {**os.environ, "FERRY_HOME": str(tmp_path / "demo"), "FERRY_TRITON_URL": make_settings(tmp_path).triton.urls}
     env.pop("MLFLOW_TRACKING_URI", None)
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "demo_watch.py")], env=env, capture_output=True,
                             text=True, timeout=600)
