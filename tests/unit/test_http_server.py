@@ -153,8 +153,8 @@ def test_shutdown_lets_a_request_in_flight_finish() -> None:
     answers: list[httpx.Response] = []
     caller = threading.Thread(target=lambda: answers.append(httpx.get(f"{running.url}/slow", timeout=5)))
     caller.start()
-    while not running.server.connections:
-        pass
+    while not any(connection.worker for connection in list(running.server.connections)):
+        time.sleep(0.01)  # the request is being answered
     running.stop()
     caller.join(timeout=5)
     assert answers and answers[0].status_code == 200 and answers[0].headers["connection"] == "close"

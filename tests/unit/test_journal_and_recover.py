@@ -12,6 +12,7 @@ from ferry.core.errors import InvalidInput
 from ferry.core.journal import read_journal
 from ferry.core.records import Outcome, Step
 from ferry.core.runner import Runner
+from ferry.core.services import Services
 from ferry.core.target import Target
 from unit.fakes import tiny_onnx, write_version_files
 from unit.support import Bench
@@ -108,3 +109,12 @@ def test_a_deploy_stopped_after_its_commit_point_is_finished(bench: Bench, monke
     assert report.outcome == Outcome.COMMITTED and report.recovered_by
     assert bench.triton.ready_versions("iris") == [2]
     bench.check_invariants(attempts=2)
+
+
+def test_a_deploy_refused_for_one_in_progress_answers_without_starting_mlflows_client(bench: Bench) -> None:
+    bench.registry.add("iris", "champion")
+    Runner(bench.ferry, "iris", via="airflow").begin(Target.of_alias("champion"))  # an Airflow run deploying
+    services = Services(bench.settings, given_replicas=[bench.triton])  # MLflow's own client, started on demand
+    report = Runner(services, "iris").deploy(Target.of_alias("champion"))
+    assert report.outcome == Outcome.REJECTED and "is in progress (an Airflow run)" in report.error
+    assert services._registry_future is None, "importing mlflow (seconds) for a deploy refused at once"

@@ -66,13 +66,9 @@ class Runner(Baking):
         model that MLflow does not know leaves nothing behind, not even a record.
         """
         fresh = not self.model_dir.exists()
-        if target.kind == Kind.DEPLOY or self.ferry.settings.mlflow.serving_alias:
-            self.ferry.start_registry()  # MLflow's client starts while the snapshot runs (the write-back needs it too)
         try:
             with holding(self.model_dir, self.ferry.settings.deploy.lock_wait_s):
-                journal = self.begin(target)
-                report = self._run_to_end(journal)
-                return report
+                return self._run_to_end(self.begin(target))
         except FerryError as error:
             if isinstance(error, NoSuchModel) and fresh:
                 shutil.rmtree(self.model_dir.state_dir, ignore_errors=True)
@@ -116,6 +112,10 @@ class Runner(Baking):
                                allow_signature_change=target.allow_signature_change, strategy=target.strategy,
                                batch=target.batch)
         journal = Journal.create(self.model_dir, record)
+        if target.kind == Kind.DEPLOY or self.ferry.settings.mlflow.serving_alias:
+            # MLflow's client starts while the snapshot runs (the write-back needs it too), once the model is
+            # claimed: a deploy refused as busy or unfinished answers at once, without importing mlflow.
+            self.ferry.start_registry()
         try:
             snapshot = self._timed(journal, Step.SNAPSHOT, lambda: steps.take_snapshot(self.ferry, self.model))
         except BaseException:
