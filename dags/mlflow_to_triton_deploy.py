@@ -44,7 +44,7 @@ def rollout_plan(bake: str, mode: str, percent: float) -> dict | None:
     """The run's bake params as ferry's rollout plan (none when ``bake`` is empty)."""
     if not bake:
         return None
-    from ferry.core.config import parse_duration
+    from ferry.core.addresses import parse_duration
 
     share = {"canary_percent": percent} if mode == "canary" else {"mirror_percent": percent}
     return {"mode": mode, "bake_s": parse_duration(bake, "bake"), **share}

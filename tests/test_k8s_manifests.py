@@ -24,7 +24,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from ferry.core.config import FLAT_NAMES, Settings, load_settings, parse_duration, parse_replica_sources
+from ferry.core.addresses import parse_duration, parse_replica_sources
+from ferry.core.config import FLAT_NAMES, Settings, load_settings
 from ferry.core.triton import API_KEY_HEADER
 from ferry.runtime import server
 

@@ -114,7 +114,7 @@ def test_settings_come_from_the_environment_and_refuse_bad_values(tmp_path: Path
     assert settings.tracking_uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
     with pytest.raises(FerryError, match="FERRY_RUNTIME"):
         load_settings({"FERRY_HOME": str(tmp_path), "FERRY_RUNTIME": "tensorrt"})
-    with pytest.raises(FerryError, match="FERRY_LOAD_TIMEOUT_S=soon is not a number"):
+    with pytest.raises(FerryError, match="FERRY_LOAD_TIMEOUT_S='soon' is not a number"):
         load_settings({"FERRY_HOME": str(tmp_path), "FERRY_LOAD_TIMEOUT_S": "soon"})
 
 

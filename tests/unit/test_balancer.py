@@ -16,7 +16,8 @@ from tritonclient.grpc import service_pb2
 from ferry.adapters.gateway import balancer
 from ferry.adapters.gateway.balancer import ConnectFailed, HttpBalancer
 from ferry.adapters.gateway.grpc_balancer import SERVICE, GrpcBalancer, connection_failed
-from ferry.core.config import Endpoint, Settings
+from ferry.core.addresses import Endpoint
+from ferry.core.config import Settings
 from ferry.core.errors import Unavailable
 
 FAST = {"probe_interval_s": 0.05, "probe_timeout_s": 0.5}

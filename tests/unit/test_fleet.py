@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ferry.core.config import Endpoint, ReplicaSource, parse_replica_sources
+from ferry.core.addresses import Endpoint, ReplicaSource, parse_replica_sources
 from ferry.core.current import read_current
 from ferry.core.errors import TritonError
 from ferry.core.fleet import resolve_replicas

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from ferry.core.config import Endpoint, Settings, load_settings, parse_endpoint
+from ferry.core.addresses import Endpoint, parse_endpoint
+from ferry.core.config import GatewaySettings, Settings, load_settings
 from ferry.core.current import read_history
 from ferry.core.errors import InvalidInput
 from ferry.core.model_config import NotOnnx, read_onnx_signature, shape_fits
@@ -42,10 +43,12 @@ def test_a_triton_url_ferry_cannot_use_is_refused_with_the_reason(url: str, mess
 
 @pytest.mark.parametrize(("variable", "value", "message"), [
     ("FERRY_GATEWAY_PORT", "99999", "is not a TCP port"),
-    ("FERRY_LOAD_TIMEOUT_S", "soon", "FERRY_LOAD_TIMEOUT_S=soon is not a number"),
+    ("FERRY_LOAD_TIMEOUT_S", "soon", "FERRY_LOAD_TIMEOUT_S='soon' is not a number"),
+    ("FERRY_LOAD_TIMEOUT_S", "", "FERRY_LOAD_TIMEOUT_S='' is not a number"),
+    ("FERRY_GATEWAY_MAX_BODY_BYTES", str(2**31), "must be from 1 to 2147483647"),
     ("FERRY_QUARANTINE_KEEP", "1.5", "is not a whole number"),
     ("FERRY_RUNTIME", "tensorrt", "unknown runtime .*onnxruntime"),
-    ("FERRY_GATEWAY_MAX_BODY_BYTES", "0", "must be more than 0"),
+    ("FERRY_GATEWAY_MAX_BODY_BYTES", "0", "must be from 1 to 2147483647"),
     ("FERRY_LOAD_TIMEOUT_S", "0", "must be more than 0"),
     ("FERRY_WATCH_PORT", "70000", "is not a TCP port"),
     ("FERRY_TRITON_TIMEOUT_S", "inf", "is not a finite number"),
@@ -98,9 +101,36 @@ def test_a_setting_ferry_does_not_know_is_refused_however_it_comes(tmp_path: Pat
         load_settings({"FERRY_HOME": "/tmp/x", "FERRY_CONFIG": str(config)})
 
 
-def test_an_empty_path_variable_is_an_unset_one() -> None:
+def test_an_empty_path_is_an_unset_one_however_it_is_given(tmp_path: Path) -> None:
     settings = load_settings({"FERRY_HOME": "/tmp/x", "FERRY_PYTHON_RUNNER": "", "FERRY_WATCH_SECRET_FILE": ""})
     assert settings.triton.python_runner is None and settings.watch.secret_file is None
+    assert settings.with_overrides(python_runner="/r.py").with_overrides(python_runner="").triton.python_runner is None
+    config = tmp_path / "ferry.toml"
+    config.write_text('[ferry.triton]\npython_runner = ""\n')
+    assert load_settings({"FERRY_HOME": "/tmp/x", "FERRY_CONFIG": str(config)}).triton.python_runner is None
+
+
+def test_a_group_table_takes_flat_names_and_a_variable_still_wins(tmp_path: Path) -> None:
+    config = tmp_path / "ferry.toml"
+    config.write_text('[ferry.gateway]\ngateway_port = 9000\ngateway_token = 12345\n')
+    loaded = load_settings({"FERRY_HOME": "/tmp/x", "FERRY_CONFIG": str(config), "FERRY_GATEWAY_PORT": "9100"})
+    assert (loaded.gateway.port, loaded.gateway.token) == (9100, "12345"), "a TOML number is text where text is wanted"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("[ferry.gateway]\nload_timeout_s = 5\n", "'load_timeout_s' is not one of \\[ferry.gateway\\]'s"),
+    ("ferry = 5\n", "'ferry' is not a table"),
+])
+def test_a_config_file_in_the_wrong_shape_is_refused_saying_where(tmp_path: Path, text: str, message: str) -> None:
+    config = tmp_path / "ferry.toml"
+    config.write_text(text)
+    with pytest.raises(InvalidInput, match=message):
+        load_settings({"FERRY_HOME": "/tmp/x", "FERRY_CONFIG": str(config)})
+
+
+def test_a_group_made_alone_is_checked_as_the_whole_settings_are() -> None:
+    with pytest.raises(InvalidInput, match="FERRY_GATEWAY_PORT=0 is not a TCP port"):
+        GatewaySettings(port=0)
 
 
 @pytest.mark.parametrize("name", ["../etc", "a/b", "..", "", ".hidden", "x" * 200, "a..b", "iris\n", "iris\r"])

@@ -114,7 +114,7 @@ def _strategy(name: str) -> Strategy:
 
 def _rollout_plan(shadow: str | None, canary: float | None, bake: str | None, mirror: float,
                   rolling: bool = False) -> RolloutPlan | None:
-    from ferry.core.config import parse_duration
+    from ferry.core.addresses import parse_duration
     from ferry.core.errors import InvalidInput
     from ferry.core.records import RolloutPlan
 
@@ -223,7 +223,7 @@ def reconcile_command(
     as_json: bool = JsonOption,
 ) -> None:
     """Make every Triton replica serve exactly what current.json commits (after a restart, or on a new replica)."""
-    from ferry.core.config import parse_duration
+    from ferry.core.addresses import parse_duration
     from ferry.core.reconcile import reconcile
     from ferry.core.services import Services
     from ferry.core.status import list_models

@@ -38,7 +38,7 @@ def watch_command(
         from ferry.adapters import watch
     except ImportError as error:
         cli.needs_extra("gateway", "watch", error)
-    from ferry.core.config import check_port, parse_duration
+    from ferry.core.addresses import check_port, parse_duration
 
     settings = cli.current_settings()
     host = host or settings.watch.host

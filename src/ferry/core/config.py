@@ -9,103 +9,25 @@ They are validated in one place, the models below, whichever way they are made: 
 from __future__ import annotations
 
 import os
-import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from ferry.core.addresses import Endpoint, ReplicaSource, parse_replica_sources
 from ferry.core.errors import InvalidInput
-
-DEFAULT_TRITON_PORT = 8000
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """A Triton server's HTTP address: the one parse of FERRY_TRITON_URL every module uses."""
-
-    host: str
-    port: int
-
-    @property
-    def host_port(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host_port}"
-
-    def with_port(self, port: int) -> Endpoint:
-        return Endpoint(self.host, port)
-
-
-_HOST = re.compile(r"[A-Za-z0-9_.-]+|[0-9A-Fa-f:.]+")  # a name, an IPv4 or an IPv6 address
-
-
-def parse_endpoint(raw: str, setting: str = "FERRY_TRITON_URL") -> Endpoint:
-    """``http://host[:port]`` (port 8000 when none is given); anything else is refused with the reason."""
-    hint = f"set {setting} to http://HOST:PORT"
-    parts = urlsplit(raw.strip() if "://" in raw else f"http://{raw.strip()}")
-    if parts.scheme != "http":
-        tls = ("; for TLS, put Triton's port behind a sidecar or keep it on a private network (ferry sends the "
-               "model-control key with every load, so it refuses to fall back to plain http silently)")
-        raise InvalidInput(f"{setting}={raw!r} uses {parts.scheme}://, which ferry does not speak to Triton",
-                           hint + (tls if parts.scheme == "https" else ""))
-    try:
-        port = parts.port
-    except ValueError:
-        raise InvalidInput(f"{setting}={raw!r} has no valid port (1-65535)", hint) from None
-    if not parts.hostname or parts.path.strip("/") or parts.query or parts.fragment or parts.username \
-            or not _HOST.fullmatch(parts.hostname):
-        raise InvalidInput(f"{setting}={raw!r} is not a plain http://HOST:PORT address", hint)
-    return Endpoint(parts.hostname, port or DEFAULT_TRITON_PORT)
-
-
-@dataclass(frozen=True)
-class ReplicaSource:
-    """One entry of FERRY_TRITON_URL: a server, or (``dns``) a name whose every address is a replica."""
-
-    endpoint: Endpoint
-    dns: bool = False
-
-    def __str__(self) -> str:
-        return f"dns+{self.endpoint.url}" if self.dns else self.endpoint.url
-
-
-def parse_replica_sources(raw: str) -> tuple[ReplicaSource, ...]:
-    """FERRY_TRITON_URL: one URL or a comma-separated list; ``dns+http://name:port`` is resolved at each use."""
-    entries = [entry.strip() for entry in raw.split(",") if entry.strip()]
-    if not entries:
-        raise InvalidInput("FERRY_TRITON_URL is empty", "set it to http://HOST:PORT, a list of them, or dns+http://NAME:PORT")
-    sources = []
-    for entry in entries:
-        dns = entry.startswith("dns+")
-        sources.append(ReplicaSource(parse_endpoint(entry.removeprefix("dns+")), dns))
-    return tuple(dict.fromkeys(sources))  # the same replica listed twice is one replica
-
-
-def parse_duration(text: str, what: str) -> float:
-    """Positive from ``30s``, ``5m``, ``1h`` or a plain number of seconds."""
-    units = {"s": 1, "m": 60, "h": 3600}
-    number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "s")
-    try:
-        seconds = float(number) * units[unit]
-    except ValueError:
-        seconds = -1.0
-    if not 0 < seconds < 366 * 86400:
-        raise InvalidInput(f"{what} {text!r} is not a duration", "write it as 30s, 5m or 1h")
-    return seconds
-
-
-def check_port(port: int, what: str) -> int:
-    if not 0 < port < 65536:
-        raise InvalidInput(f"{what} {port} is not a TCP port", "give a number from 1 to 65535")
-    return port
 
 
 def default_home() -> Path:
@@ -127,14 +49,23 @@ NonNegative = Annotated[float, _Finite, _bounded(lambda v: v >= 0, "must be 0 or
 Count = Annotated[int, _bounded(lambda v: v >= 0, "must be 0 or more")]
 Ratio = Annotated[float, _Finite, _bounded(lambda v: 0 <= v <= 1, "must be from 0 to 1")]
 Port = Annotated[int, _bounded(lambda v: 0 < v < 65536, "is not a TCP port: give a number from 1 to 65535")]
-OptionalPort = Annotated[int, _bounded(lambda v: 0 <= v < 65536, "is not a TCP port: give a number from 1 to 65535")]
+OptionalPort = Annotated[int, _bounded(lambda v: 0 <= v < 65536,
+                                        "is not a TCP port: give a number from 1 to 65535, or 0 for none")]
 UserPath = Annotated[Path, AfterValidator(lambda path: path.expanduser())]
+OptionalPath = Annotated[UserPath | None, BeforeValidator(lambda v: None if v == "" else v)]  # "": unset
 
 
 class _Group(BaseModel):
     """A group of settings; each field's alias is its flat name (FERRY_<ALIAS>, the TOML key)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", validate_by_name=True, validate_by_alias=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_by_name=True, validate_by_alias=True,
+                              coerce_numbers_to_str=True)  # a TOML number where text is wanted: gateway_token = 1
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as error:
+            raise _refusal(error, type(self)) from None
 
 
 class TritonSettings(_Group):
@@ -144,7 +75,7 @@ class TritonSettings(_Group):
     grpc_port: OptionalPort = Field(0, alias="triton_grpc_port")  # 0: the HTTP port + 1
     metrics_port: OptionalPort = Field(0, alias="triton_metrics_port")  # 0: the HTTP port + 2
     runtime: Literal["python", "onnxruntime"] = "python"
-    python_runner: UserPath | None = None
+    python_runner: OptionalPath = None
     api_key: str = Field("", alias="triton_api_key")  # the model-control key (default: the one `ferry triton up` made)
     timeout_s: Positive = Field(10.0, alias="triton_timeout_s")
     load_timeout_s: Positive = 120.0
@@ -201,7 +132,7 @@ class GatewaySettings(_Group):
     grpc_port: OptionalPort = Field(0, alias="gateway_grpc_port")  # KServe v2 gRPC (0: HTTP only)
     max_elements: Annotated[int, _bounded(lambda v: v >= 1, "lets no request through: give a positive number")] = \
         Field(16 * 1024 * 1024, alias="gateway_max_elements")  # elements one inference request may declare
-    max_body_bytes: Annotated[int, _bounded(lambda v: v >= 1, "must be more than 0")] = \
+    max_body_bytes: Annotated[int, _bounded(lambda v: 0 < v < 2**31, "must be from 1 to 2147483647")] = \
         Field(16 * 1024 * 1024, alias="gateway_max_body_bytes")  # a larger request body gets a 413
     body_timeout_s: Positive = Field(30.0, alias="gateway_body_timeout_s")  # a slower request body gets a 408
 
@@ -219,7 +150,7 @@ class WatchSettings(_Group):
     aliases: str = Field("", alias="watch_aliases")  # comma-separated aliases it deploys (default: default_alias)
     host: str = Field("127.0.0.1", alias="watch_host")
     port: Port = Field(8090, alias="watch_port")
-    secret_file: UserPath | None = Field(None, alias="watch_secret_file")  # default: $FERRY_HOME/watch/webhook-secret
+    secret_file: OptionalPath = Field(None, alias="watch_secret_file")  # default: $FERRY_HOME/watch/webhook-secret
     poll_s: NonNegative = Field(0.0, alias="watch_poll_s")  # poll MLflow's aliases every N seconds (0: webhooks only)
 
 
@@ -261,7 +192,7 @@ FLAT_NAMES: dict[str, tuple[str | None, str]] = {
 class Settings(BaseModel):
     """All of ferry's settings: where its state lives, and one group per part (see the module's docstring)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", coerce_numbers_to_str=True)
 
     home: UserPath
     repository: UserPath
@@ -288,9 +219,14 @@ class Settings(BaseModel):
         if not isinstance(values, dict):
             return values
         grouped: dict[str, Any] = {}
-        for whole in _GROUPS:  # a group given whole
-            if (given := values.get(whole)) is not None:
-                grouped[whole] = given.model_dump() if isinstance(given, _Group) else given
+        for whole in _GROUPS:  # a group given whole, by its fields' names or flat names
+            if isinstance(given := values.get(whole), _Group):
+                grouped[whole] = given.model_dump()
+            elif isinstance(given, dict):
+                grouped[whole] = {_field_in(whole, name): value for name, value in given.items()}
+            elif given is not None:
+                raise InvalidInput(f"the settings group {whole!r} is {given!r}, not a table of settings",
+                                   f"give [ferry.{whole}] as a table, or its settings by their flat names")
         for name, value in values.items():  # flat names, over the groups given whole
             group, field = FLAT_NAMES.get(name, (None, name))
             if group is None:
@@ -338,22 +274,34 @@ class Settings(BaseModel):
         return ""
 
 
+def _field_in(group: str, name: str) -> str:
+    """A group's field by its own name or by its flat name."""
+    return FLAT_NAMES[name][1] if FLAT_NAMES.get(name, (None, ""))[0] == group else name
+
+
 _PARSE_FAILURES = {"float_parsing": "is not a number", "float_type": "is not a number",
                    "int_parsing": "is not a whole number", "int_type": "is not a whole number",
                    "int_from_float": "is not a whole number", "finite_number": "is not a finite number",
                    "string_type": "is not text", "path_type": "is not a path"}
 
 
-def _refusal(error: ValidationError) -> InvalidInput:
+def _refusal(error: ValidationError, group: type[_Group] | None = None) -> InvalidInput:
     """The first problem pydantic found, named by its FERRY_* variable, with what to do."""
     problem = error.errors()[0]
     location = [str(part) for part in problem["loc"]]
     name = location[-1] if location else "?"
-    if len(location) > 1 and location[0] in _GROUPS:  # a group's field, by alias or by field name
-        fields = _GROUPS[location[0]].model_fields
-        name = (fields[name].alias or name) if name in fields else name
+    if len(location) > 1 and location[0] in _GROUPS:
+        group = _GROUPS[location[0]]
+    if group is not None and name in group.model_fields:  # a group's field, by its flat name
+        name = group.model_fields[name].alias or name
     variable, value = f"FERRY_{name.upper()}", problem.get("input")
+    shown = repr(value) if isinstance(value, str) else value
     kind = problem["type"]
+    if kind == "extra_forbidden" and name in FLAT_NAMES:
+        given_in = next((table for table, model in _GROUPS.items() if model is group), "?")
+        belongs = f"[ferry.{FLAT_NAMES[name][0]}]" if FLAT_NAMES[name][0] else "[ferry]"
+        return InvalidInput(f"the setting {name!r} is not one of [ferry.{given_in}]'s",
+                            f"give it in {belongs}, or by its flat name in [ferry]")
     if kind == "extra_forbidden":
         return InvalidInput(f"unknown setting {name!r}", f"known settings: {sorted(FLAT_NAMES)}")
     if kind == "missing":
@@ -361,7 +309,7 @@ def _refusal(error: ValidationError) -> InvalidInput:
     if kind == "literal_error":
         return InvalidInput(f"unknown {name} {value!r}", f"set {variable} to one of {problem['ctx']['expected']}")
     wanted = str(problem["ctx"]["error"]) if kind == "value_error" else _PARSE_FAILURES.get(kind, problem["msg"])
-    return InvalidInput(f"{variable}={value} {wanted}", f"fix {variable} (or its key in FERRY_CONFIG), "
+    return InvalidInput(f"{variable}={shown} {wanted}", f"fix {variable} (or its key in FERRY_CONFIG), "
                         "or unset it for the default")
 
 
@@ -371,9 +319,12 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     config_file = env.get("FERRY_CONFIG")
     if config_file:
         try:
-            values.update(tomllib.loads(Path(config_file).read_text()).get("ferry", {}))
+            table = tomllib.loads(Path(config_file).read_text()).get("ferry", {})
         except (OSError, tomllib.TOMLDecodeError) as error:
             raise InvalidInput(f"cannot read config file {config_file}: {error}", "fix or unset FERRY_CONFIG") from None
+        if not isinstance(table, dict):
+            raise InvalidInput(f"config file {config_file}: 'ferry' is not a table", "write the settings under [ferry]")
+        values.update(table)
     for name in FLAT_NAMES:
         if f"FERRY_{name.upper()}" in env:
             values[name] = env[f"FERRY_{name.upper()}"]
@@ -385,7 +336,4 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     home = Path(str(values.pop("home", "") or default_home())).expanduser()
     values.setdefault("repository", home / "repository")
     values.setdefault("tracking_uri", env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}")
-    for optional in ("python_runner", "watch_secret_file"):
-        if values.get(optional) == "":
-            values[optional] = None  # an empty variable is an unset one
     return Settings(home=home, **values)

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import TypeVar
 
-from ferry.core.config import Endpoint, ReplicaSource
+from ferry.core.addresses import Endpoint, ReplicaSource
 from ferry.core.errors import FerryError, ReplicaFailed, StepFailed, Unavailable
 from ferry.core.triton import Triton
 

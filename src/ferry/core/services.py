@@ -6,7 +6,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from ferry.core.config import Endpoint, Settings, parse_endpoint
+from ferry.core.addresses import Endpoint, parse_endpoint
+from ferry.core.config import Settings
 from ferry.core.errors import InvalidInput
 from ferry.core.fleet import Fleet, resolve_replicas
 from ferry.core.registry import Registry

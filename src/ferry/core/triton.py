@@ -17,7 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ferry.core.config import Endpoint, parse_endpoint
+from ferry.core.addresses import Endpoint, parse_endpoint
 from ferry.core.errors import TritonError, TritonTimeout, one_line
 from ferry.core.front import legacy_store_name, parse_store_name
 

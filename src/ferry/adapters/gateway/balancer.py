@@ -42,7 +42,8 @@ from prometheus_client import CollectorRegistry
 from ferry.adapters.gateway.replica_metrics import ReplicaMetrics
 from ferry.adapters.gateway.upstream import Reply, UpstreamConnection, UpstreamPool
 from ferry.adapters.inference.routing import Router
-from ferry.core.config import Endpoint, ReplicaSource, Settings
+from ferry.core.addresses import Endpoint, ReplicaSource
+from ferry.core.config import Settings
 from ferry.core.errors import FerryError
 from ferry.core.fleet import resolve_replicas
 from ferry.core.front import store_name

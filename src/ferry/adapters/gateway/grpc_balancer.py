@@ -24,7 +24,8 @@ from tritonclient.grpc import service_pb2
 
 from ferry.adapters.gateway.balancer import Balancer, ConnectFailed, Replica
 from ferry.adapters.inference.routing import Router
-from ferry.core.config import Endpoint, Settings
+from ferry.core.addresses import Endpoint
+from ferry.core.config import Settings
 
 SERVICE = "inference.GRPCInferenceService"
 MAX_MESSAGE = 2**31 - 1

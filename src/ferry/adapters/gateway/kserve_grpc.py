@@ -34,7 +34,7 @@ from ferry.adapters.gateway.shadow import Outputs, Shadowed, grpc_outputs, http_
 from ferry.adapters.gateway.wording import UnknownModelError, UnknownVersionError, version_number
 from ferry.adapters.inference import guard
 from ferry.adapters.inference.routing import CANDIDATE, Route
-from ferry.core.config import Endpoint
+from ferry.core.addresses import Endpoint
 from ferry.core.errors import BadRequest, FerryError, InvalidInput
 
 if TYPE_CHECKING:
