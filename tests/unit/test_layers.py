@@ -86,6 +86,17 @@ def test_no_module_of_ferry_is_over_400_lines() -> None:
     assert long == {}, "split these into modules a reader can hold in mind"
 
 
+def test_every_catch_all_says_which_boundary_it_guards() -> None:
+    """`except Exception` only where a boundary must not die, each with a comment saying which."""
+    silent = []
+    for path in sorted((ROOT / "src" / "ferry").rglob("*.py")):
+        lines = path.read_text().splitlines()
+        for number, line in enumerate(lines, 1):
+            if "except Exception" in line and "#" not in line and not lines[number - 2].strip().startswith("#"):
+                silent.append(f"{path.relative_to(ROOT)}:{number}")
+    assert silent == [], "say which boundary each of these guards, or catch what can happen there"
+
+
 def _error_classes_outside_the_tree() -> list[str]:
     """Exception classes defined in src/ferry anywhere but core/errors.py (docs/design.md: one error tree)."""
     import ast

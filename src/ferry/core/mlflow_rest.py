@@ -262,7 +262,7 @@ class S3Store(ArtifactStore):
     def sizes(self) -> dict[str, int]:
         try:
             found = self.client.list_objects_v2(Bucket=self.bucket, Prefix=f"{self.prefix}/", Delimiter="/")
-        except Exception as error:
+        except Exception as error:  # boto3's boundary: whatever it raises becomes ferry's
             raise self._fail(f"listing {self.uri}", error) from None
         return {Path(o["Key"]).name: int(o["Size"]) for o in found.get("Contents", [])}
 
@@ -275,7 +275,7 @@ class S3Store(ArtifactStore):
         while True:
             try:
                 page = self.client.list_objects_v2(Bucket=self.bucket, Prefix=below, **more)
-            except Exception as error:
+            except Exception as error:  # boto3's boundary: whatever it raises becomes ferry's
                 raise self._fail(f"listing {self.uri}/{folder}", error) from None
             for entry in page.get("Contents", []):
                 key, size = str(entry["Key"]), int(entry["Size"])
@@ -290,7 +290,7 @@ class S3Store(ArtifactStore):
         try:
             body: BinaryIO = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
             return body
-        except Exception as error:
+        except Exception as error:  # boto3's boundary: whatever it raises becomes ferry's
             raise self._fail(f"downloading {name} of {self.uri}", error) from None
 
 

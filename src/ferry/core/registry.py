@@ -68,7 +68,7 @@ class Registry:
             return None
         try:
             self.client.get_registered_model(model)
-        except Exception as lookup:
+        except Exception as lookup:  # MLflow's boundary: whatever its client raises
             if getattr(lookup, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
                 return NoSuchModel(f"no model named '{model}' in MLflow at {self.tracking_uri}",
                                    "check the name, or register the model first")
@@ -86,7 +86,7 @@ class Registry:
     def _aliases(self, model: str) -> dict[str, int]:
         try:
             return {alias: int(v) for alias, v in self.client.get_registered_model(model).aliases.items()}
-        except Exception as error:
+        except Exception as error:  # MLflow's boundary: whatever its client raises
             raise self._unknown_model(model, error) or self.fail(f"reading registered model '{model}'", error) from None
 
     def _rest_ref(self, model: str, alias: str | None, version: int | None) -> VersionRef:
@@ -111,7 +111,7 @@ class Registry:
             return self._rest_ref(model, alias, None)
         try:
             return self._ref(self.client.get_model_version_by_alias(model, alias), alias)
-        except Exception as error:
+        except Exception as error:  # MLflow's boundary: whatever its client raises
             if getattr(error, "error_code", "") != "INVALID_PARAMETER_VALUE":
                 raise self._unknown_model(model, error) or self.fail(f"resolving '{model}@{alias}'", error) from None
         known = ", ".join(f"{a} -> v{v}" for a, v in sorted(self._aliases(model).items())) or "none"
@@ -122,7 +122,7 @@ class Registry:
             return self._rest_ref(model, alias, version)
         try:
             return self._ref(self.client.get_model_version(model, str(version)), alias)
-        except Exception as error:
+        except Exception as error:  # MLflow's boundary: whatever its client raises
             raise self._unknown_model(model, error) or self.fail(f"reading version {version} of '{model}'",
                                                                  error) from None
 
@@ -131,7 +131,7 @@ class Registry:
 
         try:
             repository = get_artifact_repository(uri, self.tracking_uri, self.tracking_uri)
-        except Exception as error:
+        except Exception as error:  # MLflow's boundary: whatever its client raises
             raise self.fail(f"opening the artifacts at {uri}", error) from None
         return Artifacts(self, ref, uri, repository)
 
@@ -191,7 +191,7 @@ class Artifacts:
             assert self.repository is not None, "a folder without MLflow's repository lists itself (RestArtifacts)"
             try:
                 listing = self.repository.list_artifacts()
-            except Exception as error:
+            except Exception as error:  # MLflow's boundary: whatever its client raises
                 raise self.registry.fail(f"listing the artifacts of {self.uri}", error) from None
             self._sizes = {Path(f.path).name: (f.file_size or 0) for f in listing if not f.is_dir}
         return self._sizes
@@ -226,7 +226,7 @@ class Artifacts:
             here = pending.pop()
             try:
                 listing = self.repository.list_artifacts(here or None)
-            except Exception as error:
+            except Exception as error:  # MLflow's boundary: whatever its client raises
                 raise self.registry.fail(f"listing {here or 'the artifacts'} of {self.uri}", error) from None
             for entry in listing:
                 path = artifact_path(str(entry.path), self.uri)
@@ -267,7 +267,7 @@ class Artifacts:
         try:
             path = Path(self.repository.download_artifacts(  # type: ignore[no-untyped-call]  # MLflow: unannotated
                 name, dst_path=str(destination)))
-        except Exception as error:
+        except Exception as error:  # MLflow's boundary: whatever its client raises
             if full := disk_full(error):
                 raise full from error
             raise self.registry.fail(f"downloading {name} of {self.uri}", error) from None
