@@ -167,6 +167,10 @@ def test_the_asgi_bridge_answers_as_the_application_does() -> None:
     async def predict(model: str, request: FastApiRequest) -> dict:
         return {"model": model, "body": (await request.body()).decode(), "q": request.query_params.get("q")}
 
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
     @app.get("/boom")
     async def boom() -> dict:
         raise RuntimeError("inside the application")
@@ -176,6 +180,8 @@ def test_the_asgi_bridge_answers_as_the_application_does() -> None:
         answer = httpx.post(f"{running.url}/predict/iris?q=1", content=b"rows", timeout=5)
         assert answer.status_code == 200 and answer.json() == {"model": "iris", "body": "rows", "q": "1"}
         assert httpx.get(f"{running.url}/nowhere", timeout=5).status_code == 404
+        head = httpx.head(f"{running.url}/health", timeout=5)
+        assert head.status_code == 200 and head.content == b"" and int(head.headers["content-length"]) > 0
         failed = httpx.get(f"{running.url}/boom", timeout=5)
         assert failed.status_code == 500 and failed.text == "Internal Server Error"  # what Starlette answers
     finally:

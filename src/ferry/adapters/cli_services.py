@@ -52,7 +52,7 @@ def gateway_command(
     grpc = f" and gRPC {host}:{grpc_port}" if grpc_port else ""
     out.print(f"ferry gateway on http://{host}:{port}{grpc} -> Triton {settings.triton.endpoint.url}"
               f"{' (bearer token required)' if settings.gateway.token else ''}")
-    serve(settings)
+    guarded(lambda: serve(settings))
 
 
 def exporter_command(

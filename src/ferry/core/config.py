@@ -52,6 +52,7 @@ Port = Annotated[int, _bounded(lambda v: 0 < v < 65536, "is not a TCP port: give
 OptionalPort = Annotated[int, _bounded(lambda v: 0 <= v < 65536,
                                         "is not a TCP port: give a number from 1 to 65535, or 0 for none")]
 UserPath = Annotated[Path, AfterValidator(lambda path: path.expanduser())]
+Host = Annotated[str, _bounded(lambda v: bool(v.strip()), "is empty: give a host name or address")]
 OptionalPath = Annotated[UserPath | None, BeforeValidator(lambda v: None if v == "" else v)]  # "": unset
 
 
@@ -126,7 +127,7 @@ class DeploySettings(_Group):
 class GatewaySettings(_Group):
     """`ferry gateway`: where it listens and what it lets through."""
 
-    host: str = Field("127.0.0.1", alias="gateway_host")
+    host: Host = Field("127.0.0.1", alias="gateway_host")
     port: Port = Field(8080, alias="gateway_port")
     token: str = Field("", alias="gateway_token")  # a bearer token required on inference requests (none: open)
     grpc_port: OptionalPort = Field(0, alias="gateway_grpc_port")  # KServe v2 gRPC (0: HTTP only)
@@ -148,7 +149,7 @@ class WatchSettings(_Group):
     """`ferry watch`: the webhook receiver and the poller."""
 
     aliases: str = Field("", alias="watch_aliases")  # comma-separated aliases it deploys (default: default_alias)
-    host: str = Field("127.0.0.1", alias="watch_host")
+    host: Host = Field("127.0.0.1", alias="watch_host")
     port: Port = Field(8090, alias="watch_port")
     secret_file: OptionalPath = Field(None, alias="watch_secret_file")  # default: $FERRY_HOME/watch/webhook-secret
     poll_s: NonNegative = Field(0.0, alias="watch_poll_s")  # poll MLflow's aliases every N seconds (0: webhooks only)
@@ -223,7 +224,7 @@ class Settings(BaseModel):
             if isinstance(given := values.get(whole), _Group):
                 grouped[whole] = given.model_dump()
             elif isinstance(given, dict):
-                grouped[whole] = {_field_in(whole, name): value for name, value in given.items()}
+                grouped[whole] = _by_field(whole, given)
             elif given is not None:
                 raise InvalidInput(f"the settings group {whole!r} is {given!r}, not a table of settings",
                                    f"give [ferry.{whole}] as a table, or its settings by their flat names")
@@ -279,6 +280,20 @@ def _field_in(group: str, name: str) -> str:
     return FLAT_NAMES[name][1] if FLAT_NAMES.get(name, (None, ""))[0] == group else name
 
 
+def _by_field(group: str, given: dict[str, Any]) -> dict[str, Any]:
+    """A group's table by field name; a field given twice (by both its names), or as true/false, is refused."""
+    fields: dict[str, Any] = {}
+    for name, value in given.items():
+        field = _field_in(group, name)
+        if isinstance(value, bool):  # TOML's true/false would pass as 1/0 where a number is wanted
+            raise InvalidInput(f"[ferry.{group}] {name} = {str(value).lower()} is not a setting's value",
+                               "give a number or text")
+        if field in fields:
+            raise InvalidInput(f"[ferry.{group}] gives {field!r} twice", f"keep one of {name!r} and {field!r}")
+        fields[field] = value
+    return fields
+
+
 _PARSE_FAILURES = {"float_parsing": "is not a number", "float_type": "is not a number",
                    "int_parsing": "is not a whole number", "int_type": "is not a whole number",
                    "int_from_float": "is not a whole number", "finite_number": "is not a finite number",
@@ -297,11 +312,14 @@ def _refusal(error: ValidationError, group: type[_Group] | None = None) -> Inval
     variable, value = f"FERRY_{name.upper()}", problem.get("input")
     shown = repr(value) if isinstance(value, str) else value
     kind = problem["type"]
-    if kind == "extra_forbidden" and name in FLAT_NAMES:
+    if kind == "extra_forbidden" and group is not None:
         given_in = next((table for table, model in _GROUPS.items() if model is group), "?")
-        belongs = f"[ferry.{FLAT_NAMES[name][0]}]" if FLAT_NAMES[name][0] else "[ferry]"
-        return InvalidInput(f"the setting {name!r} is not one of [ferry.{given_in}]'s",
-                            f"give it in {belongs}, or by its flat name in [ferry]")
+        homes = {f"[ferry.{table}]" for table, model in _GROUPS.items() if name in model.model_fields}
+        if name in FLAT_NAMES:
+            homes.add(f"[ferry.{FLAT_NAMES[name][0]}]" if FLAT_NAMES[name][0] else "[ferry]")
+        known = sorted(group.model_fields)
+        where = f"it is a setting of {', '.join(sorted(homes))}" if homes else f"known in it: {known}"
+        return InvalidInput(f"[ferry.{given_in}] has no setting {name!r}", where)
     if kind == "extra_forbidden":
         return InvalidInput(f"unknown setting {name!r}", f"known settings: {sorted(FLAT_NAMES)}")
     if kind == "missing":
@@ -320,7 +338,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     if config_file:
         try:
             table = tomllib.loads(Path(config_file).read_text()).get("ferry", {})
-        except (OSError, tomllib.TOMLDecodeError) as error:
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
             raise InvalidInput(f"cannot read config file {config_file}: {error}", "fix or unset FERRY_CONFIG") from None
         if not isinstance(table, dict):
             raise InvalidInput(f"config file {config_file}: 'ferry' is not a table", "write the settings under [ferry]")
@@ -328,8 +346,14 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     for name in FLAT_NAMES:
         if f"FERRY_{name.upper()}" in env:
             values[name] = env[f"FERRY_{name.upper()}"]
-    unknown = {name for name, value in values.items()
-               if name not in FLAT_NAMES and not (name in _GROUPS and isinstance(value, dict))}  # [ferry.gateway]
+    for name, value in values.items():
+        if name in _GROUPS and not isinstance(value, dict):
+            raise InvalidInput(f"{name} = {value!r} in {config_file}: {name} is a group of settings",
+                               f"give it as a table [ferry.{name}], or its settings by their flat names")
+        if isinstance(value, bool):  # TOML's true/false would pass as 1/0 where a number is wanted
+            raise InvalidInput(f"{name} = {str(value).lower()} in {config_file} is not a setting's value",
+                               "give a number or text")
+    unknown = {name for name in values if name not in FLAT_NAMES and name not in _GROUPS}  # [ferry.gateway]
     if unknown:
         raise InvalidInput(f"unknown settings {sorted(unknown)}", f"known settings: {sorted(FLAT_NAMES)}, or a "
                            f"table [ferry.<group>] of one of {sorted(_GROUPS)}")

@@ -361,7 +361,8 @@ def serve(settings: Settings) -> None:
         uvloop.run(server.serve(host, port, gateway.start, gateway.stop))
     except OSError as error:
         raise InvalidInput(f"the gateway cannot listen on {host}:{port}: {error.strerror or error}",
-                           "give another --port (or --grpc-port), or stop what holds it") from None
+                           "give another --port or --host (FERRY_GATEWAY_PORT, FERRY_GATEWAY_HOST), or stop what "
+                           "holds the port") from None
 
 
 async def _whole(body: bytes) -> bytes:

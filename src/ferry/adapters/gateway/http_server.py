@@ -339,9 +339,11 @@ def asgi_responder(app: ASGIApp, server: tuple[str, int]) -> Responder:
     """An ASGI application answering a whole :class:`Request` (an answer's body chunks are joined)."""
 
     async def respond(request: Request) -> Answer:
+        # A HEAD is answered as its GET (the server sends the head alone): FastAPI's routes know GET only.
         scope: dict[str, Any] = {
             "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": request.http_version,
-            "method": request.method, "scheme": "http", "path": request.path, "raw_path": request.raw_path,
+            "method": "GET" if request.method == "HEAD" else request.method, "scheme": "http",
+            "path": request.path, "raw_path": request.raw_path,
             "query_string": request.query, "root_path": "", "headers": request.headers, "server": server,
             "client": request.client, "state": {}}
         answer, chunks, sent = Answer(500), [], asyncio.Event()

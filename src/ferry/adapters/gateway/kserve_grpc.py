@@ -133,7 +133,8 @@ class KServeGrpc:
         self.timeout_s = gateway.settings.triton.timeout_s
         self.triton_address = gateway.settings.triton.grpc.host_port
         self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", gateway.max_body_bytes),
-                                               ("grpc.max_send_message_length", MAX_MESSAGE)])
+                                               ("grpc.max_send_message_length", MAX_MESSAGE),
+                                               ("grpc.so_reuseport", 0)])  # a port in use is refused, not shared
         methods: dict[str, tuple[Callable[[bytes, grpc.aio.ServicerContext], Awaitable[Result]], bool]] = {
             "ServerLive": (self.server_live, False), "ServerReady": (self.server_ready, False),
             "ServerMetadata": (self.server_metadata, False), "ModelReady": (self.model_ready, False),
