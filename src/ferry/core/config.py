@@ -226,9 +226,10 @@ class Settings(BaseModel):
             elif isinstance(given, dict):
                 grouped[whole] = _by_field(whole, given)
             elif given is not None:
-                raise InvalidInput(f"the settings group {whole!r} is {given!r}, not a table of settings",
-                                   f"give [ferry.{whole}] as a table, or its settings by their flat names")
+                raise InvalidInput(f"{whole} = {given!r}: {whole} is a group of settings",
+                                   f"give it as a table [ferry.{whole}], or its settings by their flat names")
         for name, value in values.items():  # flat names, over the groups given whole
+            _refuse_true_or_false(name, value, " (by its flat name)")
             group, field = FLAT_NAMES.get(name, (None, name))
             if group is None:
                 if name not in _GROUPS:
@@ -280,14 +281,18 @@ def _field_in(group: str, name: str) -> str:
     return FLAT_NAMES[name][1] if FLAT_NAMES.get(name, (None, ""))[0] == group else name
 
 
+def _refuse_true_or_false(name: str, value: Any, where: str = "") -> None:
+    """No setting is a true/false: TOML's would pass as 1/0 where a number is wanted."""
+    if isinstance(value, bool):
+        raise InvalidInput(f"{name} = {str(value).lower()}{where} is not a setting's value", "give a number or text")
+
+
 def _by_field(group: str, given: dict[str, Any]) -> dict[str, Any]:
     """A group's table by field name; a field given twice (by both its names), or as true/false, is refused."""
     fields: dict[str, Any] = {}
     for name, value in given.items():
         field = _field_in(group, name)
-        if isinstance(value, bool):  # TOML's true/false would pass as 1/0 where a number is wanted
-            raise InvalidInput(f"[ferry.{group}] {name} = {str(value).lower()} is not a setting's value",
-                               "give a number or text")
+        _refuse_true_or_false(f"[ferry.{group}] {name}", value)
         if field in fields:
             raise InvalidInput(f"[ferry.{group}] gives {field!r} twice", f"keep one of {name!r} and {field!r}")
         fields[field] = value
@@ -346,13 +351,6 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     for name in FLAT_NAMES:
         if f"FERRY_{name.upper()}" in env:
             values[name] = env[f"FERRY_{name.upper()}"]
-    for name, value in values.items():
-        if name in _GROUPS and not isinstance(value, dict):
-            raise InvalidInput(f"{name} = {value!r} in {config_file}: {name} is a group of settings",
-                               f"give it as a table [ferry.{name}], or its settings by their flat names")
-        if isinstance(value, bool):  # TOML's true/false would pass as 1/0 where a number is wanted
-            raise InvalidInput(f"{name} = {str(value).lower()} in {config_file} is not a setting's value",
-                               "give a number or text")
     unknown = {name for name in values if name not in FLAT_NAMES and name not in _GROUPS}  # [ferry.gateway]
     if unknown:
         raise InvalidInput(f"unknown settings {sorted(unknown)}", f"known settings: {sorted(FLAT_NAMES)}, or a "

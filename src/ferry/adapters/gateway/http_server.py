@@ -145,15 +145,16 @@ class _Connection(asyncio.Protocol):
         version = self.parser.get_http_version()
         if version not in ("1.0", "1.1"):
             raise _Refused(error_answer(505, f"HTTP/{version} is not served here: send HTTP/1.1"))
-        names = {name for name, _ in self.headers}
-        if version == "1.1" and b"host" not in names:
-            raise _Refused(error_answer(400, "an HTTP/1.1 request needs a Host header"))
-        limit = self.server.limits.max_body_bytes
-        for name, value in self.headers:
+        limit, host, expects = self.server.limits.max_body_bytes, False, False
+        for name, value in self.headers:  # one pass: the head's checks run on every request
             if name == b"content-length" and value.isdigit() and int(value) > limit:
                 raise _Refused(error_answer(413, f"the body is {int(value)} bytes, over the gateway's limit of "
                                                  f"{limit}: split the request"))
-        if (b"expect", b"100-continue") in ((name, value.lower()) for name, value in self.headers):
+            host = host or name == b"host"
+            expects = expects or (name == b"expect" and value.lower() == b"100-continue")
+        if version == "1.1" and not host:
+            raise _Refused(error_answer(400, "an HTTP/1.1 request needs a Host header"))
+        if expects:
             if self.worker is None and not self.ready:
                 self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             else:
