@@ -277,3 +277,17 @@ def test_shutdown_lets_a_request_still_arriving_finish() -> None:
             answer += chunk
     stopping.join(timeout=15)
     assert answer.startswith(b"HTTP/1.1 200 OK") and b"connection: close" in answer and b'"body": "half!"' in answer
+
+
+def test_a_request_still_arriving_when_the_grace_ends_gets_a_503(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ferry.adapters.gateway import http_server
+
+    monkeypatch.setattr(http_server, "SHUTDOWN_GRACE_S", 0.3)
+    running = Served(HttpServer(echo, Limits(MAX_BODY, BODY_TIMEOUT_S * 10)))
+    with socket.create_connection(("127.0.0.1", running.port), timeout=5) as connection:
+        connection.sendall(b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 50\r\n\r\nslow")
+        while not any(c.in_message for c in list(running.server.connections)):
+            time.sleep(0.01)
+        running.stop()
+        answer = connection.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 503 ") and b"shutting down" in answer and b"connection: close" in answer

@@ -333,6 +333,10 @@ class HttpServer:
         while any(c.busy for c in self.connections) and loop.time() < deadline:
             await asyncio.sleep(0.02)
         for connection in list(self.connections):
+            if connection.in_message and connection.worker is None and not connection.closing:
+                # a request still arriving at the end of the grace: a status, so the client can tell it from a crash
+                answer = error_answer(503, "the gateway is shutting down: send the request again")
+                connection.transport.write(head(answer, keep_alive=False) + answer.body)
             connection._close()
 
 
